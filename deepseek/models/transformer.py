@@ -1,0 +1,208 @@
+"""The MoE language model, top to bottom: embedding -> blocks (attention, dense or MoE FFN) -> norm -> head.
+
+Legend: B batch, T tokens, S keys, D model width, V vocabulary, E experts.
+The model targets one device; parallelism, quantization and serving are applied from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deepseek.models.config import ModelConfig
+from deepseek.nn import Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding, SwiGLU
+from deepseek.nn.sparse_attention import local_global_mask
+
+
+@dataclass
+class RouterStats:
+    """Routing of the last forward: ``tokens_per_expert`` is [n_moe_layers, E] (counts of token-expert pairs)."""
+
+    tokens_per_expert: torch.Tensor
+    aux_loss: Optional[torch.Tensor] = None
+
+    @property
+    def load_fraction(self) -> torch.Tensor:
+        """Share of each layer's routed pairs that went to each expert: [n_moe_layers, E], rows sum to 1."""
+        return self.tokens_per_expert / self.tokens_per_expert.sum(dim=-1, keepdim=True).clamp_min(1)
+
+    @property
+    def max_over_mean(self) -> torch.Tensor:
+        """Per layer, the busiest expert's load over the mean load (1.0 = perfectly balanced)."""
+        mean = self.tokens_per_expert.mean(dim=-1).clamp_min(1e-9)
+        return self.tokens_per_expert.max(dim=-1).values / mean
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.attention_bias,
+                              cfg.qk_norm, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if layer < cfg.first_k_dense:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        else:
+            self.ffn = MoE(cfg.d_model, cfg.n_routed_experts, cfg.moe_ffn_dim, cfg.top_k, cfg.router,
+                           cfg.n_shared_experts, cfg.shared_ffn_dim, cfg.shared_expert_gate, cfg.norm_topk_prob,
+                           cfg.routed_scaling_factor, cfg.aux_loss_coef, cfg.bias_update_speed)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x_BTD = x_BTD + self.dropout(self.attn(self.attn_norm(x_BTD), inputs, self.layer))
+        return x_BTD + self.dropout(self.ffn(self.ffn_norm(x_BTD)))
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only transformer with Mixture-of-Experts feed-forward layers.
+
+    ``model(ids_BT)`` returns logits [B, T, V]. Options: ``cache`` (a :class:`KVCache`, for incremental
+    decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``return_router_stats``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up, std=std)
+                nn.init.normal_(module.down, std=std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                module.expert_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, ids_BT: torch.Tensor, *, cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None, return_router_stats: bool = False):
+        if ids_BT.dim() != 2:
+            raise ValueError(f"expected token ids of shape [batch, tokens], got {tuple(ids_BT.shape)}")
+        inputs = self._attention_inputs(ids_BT, cache, attention_mask)
+        x_BTD = self.embed(ids_BT)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x_BTD = checkpoint(block, x_BTD, inputs, use_reentrant=False)
+            else:
+                x_BTD = block(x_BTD, inputs)
+        if cache is not None:
+            cache.advance(ids_BT.shape[1])
+        x_BTD = self.norm(x_BTD)
+        logits_BTV = F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
+        if self.training:
+            self._accumulate_expert_load()
+        if return_router_stats:
+            return logits_BTV, self.router_stats()
+        return logits_BTV
+
+    def _attention_inputs(self, ids_BT, cache, attention_mask) -> AttentionInputs:
+        cfg = self.config
+        B, T = ids_BT.shape
+        device = ids_BT.device
+        sparse = cfg.attention == "sparse"
+        valid_BT = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+        extra = dict(window=cfg.window, n_global=cfg.n_global_tokens, cache=cache)
+
+        if cache is None:
+            if valid_BT is None:
+                positions = torch.arange(T, device=device).expand(B, T)
+                cos, sin = self._rope(positions)
+                return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
+            positions = (valid_BT.long().cumsum(1) - 1).clamp_min(0)
+            slots = torch.arange(T, device=device)
+            mask = self._mask(positions, slots, positions, slots, valid_BT)
+            cos, sin = self._rope(positions)
+            return AttentionInputs(cos, sin, mask=mask, **extra)
+
+        if cache.batch_size != B:
+            raise ValueError(f"KV cache holds {cache.batch_size} sequences, input has {B}")
+        start = cache.pos
+        positions = cache.reserve(valid_BT, T)
+        cos, sin = self._rope(positions)
+        if not cache.has_padding and start == 0 and T > 1:
+            return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
+        if not cache.has_padding and T == 1 and not sparse:
+            return AttentionInputs(cos, sin, **extra)  # one new token sees every cached slot
+        end = start + T
+        mask = self._mask(positions, torch.arange(start, end, device=device), cache.slot_position[:, :end],
+                          torch.arange(end, device=device), cache.slot_valid[:, :end])
+        return AttentionInputs(cos, sin, mask=mask, **extra)
+
+    def _mask(self, q_pos_BT, q_slot_T, k_pos_BS, k_slot_S, k_valid_BS) -> torch.Tensor:
+        """[B, 1, T, S] bool: causal by slot, padding excluded, the sparse pattern by position."""
+        cfg = self.config
+        mask = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & k_valid_BS[:, None, :]
+        if cfg.attention == "sparse":
+            mask &= local_global_mask(q_pos_BT, k_pos_BS, cfg.window, cfg.n_global_tokens)
+        # Every query sees at least itself, so padding rows stay finite (their outputs are never used).
+        mask |= k_slot_S[None, None, :] == q_slot_T[None, :, None]
+        return mask.unsqueeze(1)
+
+    def _rope(self, positions_BT: torch.Tensor):
+        # Host sync, but once per forward and only to turn an index error into a clear message.
+        if int(positions_BT.max()) >= self.config.max_seq_len:
+            raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len} of this model")
+        return self.rope(positions_BT)
+
+    # -- routing statistics and balancing ----------------------------------------------------------
+
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def router_stats(self) -> Optional[RouterStats]:
+        """Routing of the last forward (None for a model without MoE layers or before any forward)."""
+        routers = self.routers()
+        if not routers or routers[0].last_tokens_per_expert is None:
+            return None
+        counts = torch.stack([r.last_tokens_per_expert for r in routers])
+        return RouterStats(counts, self.aux_loss())
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the routers' load-balancing losses from the last training forward (None if disabled)."""
+        losses = [r.aux_loss for r in self.routers() if r.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    @torch.no_grad()
+    def _accumulate_expert_load(self) -> None:
+        # Done here, not in the router, so that a checkpointed block's recomputation does not count twice.
+        for router in self.routers():
+            if router.last_tokens_per_expert is not None:
+                router.load_accum += router.last_tokens_per_expert
+
+    # -- sizes -------------------------------------------------------------------------------------
+
+    def num_parameters(self, active: bool = False, embedding: bool = True) -> int:
+        """Parameter count; ``active`` counts only top_k of the routed experts (per-token compute)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if not embedding and name == "embed.weight":
+                continue
+            n = p.numel()
+            if active and (name.endswith("experts.gate_up") or name.endswith("experts.down")):
+                n = n * self.config.top_k // self.config.n_routed_experts
+            total += n
+        return total

@@ -1,0 +1,19 @@
+"""Building blocks of the MoE transformer, one small module each."""
+
+from deepseek.nn.attention import Attention, AttentionInputs
+from deepseek.nn.kv_cache import KVCache
+from deepseek.nn.mlp import SwiGLU
+from deepseek.nn.moe import GroupedExperts, MoE, Router, load_balancing_loss, update_router_biases
+from deepseek.nn.norm import RMSNorm
+from deepseek.nn.rope import RotaryEmbedding, apply_rotary
+from deepseek.nn.sparse_attention import (
+    blocked_local_global_attention,
+    dense_local_global_attention,
+    local_global_mask,
+)
+
+__all__ = [
+    "Attention", "AttentionInputs", "GroupedExperts", "KVCache", "MoE", "RMSNorm", "Router", "RotaryEmbedding",
+    "SwiGLU", "apply_rotary", "blocked_local_global_attention", "dense_local_global_attention",
+    "load_balancing_loss", "local_global_mask", "update_router_biases",
+]

@@ -1,0 +1,76 @@
+"""Grouped-query attention (Ainslie et al., 2023) with rotary embeddings, via F.scaled_dot_product_attention.
+
+Legend: B batch, T new tokens, S keys (cache + new), H query heads, Hkv key/value heads, Dh head dim.
+SDPA picks the flash / memory-efficient kernels where the hardware has them (the CPU flash kernel
+included), so the dense causal path never materialises a [T, T] score matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek.nn.kv_cache import KVCache
+from deepseek.nn.norm import RMSNorm
+from deepseek.nn.rope import apply_rotary
+from deepseek.nn.sparse_attention import blocked_local_global_attention
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer needs to attend, computed once per model forward.
+
+    ``mask`` ([B, 1, T, S] bool) is None when ``is_causal`` or ``blocked_sparse`` covers the pattern.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    is_causal: bool = False
+    blocked_sparse: bool = False
+    window: int = 0
+    n_global: int = 0
+    cache: Optional[KVCache] = None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with ``n_kv_heads`` shared key/value heads."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
+                 qk_norm: bool = False, norm_eps: float = 1e-5):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs, layer: int) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k = self.k(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), inputs.cos, inputs.sin)
+        k = apply_rotary(k.transpose(1, 2), inputs.cos, inputs.sin)
+        gqa = self.n_kv_heads != self.n_heads
+
+        if inputs.blocked_sparse:
+            # Long prefill or training with the sparse pattern: attend among the new tokens only.
+            out = blocked_local_global_attention(q, k, v, inputs.window, inputs.n_global)
+            if inputs.cache is not None:
+                inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
+        else:
+            if inputs.cache is not None:
+                k, v = inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal,
+                                                 enable_gqa=gqa)
+        return self.o(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,75 @@
+"""A static key/value cache for batched incremental decoding.
+
+Buffers are allocated once for ``max_len`` slots, so decoding never reallocates. All sequences in a
+batch write to the same slot each step; prompts of different lengths are left-padded, and the
+padding slots are marked invalid so attention never reads them. Each sequence keeps its own count
+of real tokens, which gives its rotary positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values for every layer: ``k[layer]`` is [B, Hkv, max_len, Dh]."""
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.pos = 0  # the next slot to write, shared by the whole batch
+        self.slot_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.slot_position = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens so far
+        self.has_padding = False
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> "KVCache":
+        """A cache shaped for ``model`` (a ``CausalLM``), in the dtype of its weights unless given."""
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim,
+                   dtype=dtype or param.dtype, device=param.device)
+
+    def reserve(self, valid_BT: torch.Tensor | None, n_new: int) -> torch.Tensor:
+        """Claim the next ``n_new`` slots; returns the rotary positions [B, n_new] of the new tokens.
+
+        ``valid_BT`` marks real tokens (False for left padding); ``None`` means all are real.
+        """
+        start, end = self.pos, self.pos + n_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens needed, {self.max_len} slots allocated")
+        if valid_BT is None:
+            valid_BT = torch.ones(self.batch_size, n_new, dtype=torch.bool, device=self.slot_valid.device)
+        else:
+            self.has_padding = self.has_padding or not bool(valid_BT.all())
+        positions_BT = self.n_tokens[:, None] + valid_BT.long().cumsum(1) - 1
+        positions_BT = positions_BT.clamp_min(0)
+        self.slot_valid[:, start:end] = valid_BT
+        self.slot_position[:, start:end] = positions_BT
+        self.n_tokens += valid_BT.sum(1)
+        return positions_BT
+
+    def write(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of ``layer`` and return all keys/values so far [B, Hkv, S, Dh]."""
+        start, end = self.pos, self.pos + k_BHTD.shape[2]
+        self.k[layer, :, :, start:end] = k_BHTD
+        self.v[layer, :, :, start:end] = v_BHTD
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n_new: int) -> None:
+        """Called once per model forward, after every layer has written."""
+        self.pos += n_new
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows in ``keep`` (index tensor), e.g. after some sequences finished."""
+        self.k = self.k[:, keep]
+        self.v = self.v[:, keep]
+        self.slot_valid = self.slot_valid[keep]
+        self.slot_position = self.slot_position[keep]
+        self.n_tokens = self.n_tokens[keep]
+        self.batch_size = int(keep.numel())

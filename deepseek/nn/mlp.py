@@ -1,0 +1,18 @@
+"""SwiGLU feed-forward (Shazeer, 2020): ``down(silu(gate(x)) * up(x))``."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP; used for the dense layers and the shared experts."""
+
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, ffn_dim, bias=False)
+        self.up = nn.Linear(d_model, ffn_dim, bias=False)
+        self.down = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
