@@ -6,12 +6,13 @@ import sys
 
 import typer
 
-from deepseek.cli import convert, generate
+from deepseek.cli import convert, generate, init
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
-convert.register(app)
+init.register(app)
 generate.register(app)
+convert.register(app)
 
 
 def main() -> None:

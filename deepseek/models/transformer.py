@@ -65,7 +65,8 @@ class MoETransformer(nn.Module):
     """Decoder-only transformer with Mixture-of-Experts feed-forward layers.
 
     ``model(ids_BT)`` returns logits [B, T, V]. Options: ``cache`` (a :class:`KVCache`, for incremental
-    decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``return_router_stats``.
+    decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``return_router_stats`` (returns
+    ``(logits, RouterStats)``), ``logits_to_keep`` (compute logits for the last n positions only).
     """
 
     def __init__(self, config: ModelConfig):
@@ -99,7 +100,8 @@ class MoETransformer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, ids_BT: torch.Tensor, *, cache: Optional[KVCache] = None,
-                attention_mask: Optional[torch.Tensor] = None, return_router_stats: bool = False):
+                attention_mask: Optional[torch.Tensor] = None, return_router_stats: bool = False,
+                logits_to_keep: int = 0):
         if ids_BT.dim() != 2:
             raise ValueError(f"expected token ids of shape [batch, tokens], got {tuple(ids_BT.shape)}")
         inputs = self._attention_inputs(ids_BT, cache, attention_mask)
@@ -111,6 +113,8 @@ class MoETransformer(nn.Module):
                 x_BTD = block(x_BTD, inputs)
         if cache is not None:
             cache.advance(ids_BT.shape[1])
+        if logits_to_keep > 0:  # generation only needs the last position: skip the head elsewhere
+            x_BTD = x_BTD[:, -logits_to_keep:]
         x_BTD = self.norm(x_BTD)
         logits_BTV = F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
         if self.training:

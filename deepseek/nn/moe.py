@@ -19,6 +19,8 @@ from torch import nn
 from deepseek.nn.mlp import SwiGLU
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# Below this many (token, expert) pairs, inference on CPU visits the chosen experts directly (decoding).
+FEW_PAIRS = 64
 
 
 class Router(nn.Module):
@@ -46,7 +48,8 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns routing weights [N, K] (fp32) and expert indices [N, K]."""
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        with torch.autocast(x_ND.device.type, enabled=False):  # autocast would run the linear in bf16
+            logits_NE = F.linear(x_ND.float(), self.weight.float())
         if self.kind == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
             weights_NK, experts_NK = scores_NE.topk(self.top_k, dim=-1)
@@ -88,9 +91,11 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 def grouped_matmul(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times ``w[e]``, for every expert, in one call: [M, O]."""
-    if _HAS_GROUPED_MM:
+    # torch._grouped_mm needs 16-byte aligned rows: I and O times the element size a multiple of 16.
+    aligned = (x_MI.shape[-1] * x_MI.element_size()) % 16 == 0 and (w_EIO.shape[-1] * w_EIO.element_size()) % 16 == 0
+    if _HAS_GROUPED_MM and aligned:
         return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E)
-    # Fallback for torch builds without grouped_mm: a loop over experts (host sync for the sizes).
+    # Fallback for torch builds without grouped_mm or odd widths: a loop over experts (host sync for the sizes).
     bounds = [0] + offsets_E.tolist()
     return torch.cat([x_MI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
@@ -107,6 +112,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         N, D = x_ND.shape
         K = experts_NK.shape[1]
+        if N * K <= FEW_PAIRS and x_ND.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._forward_few_tokens(x_ND, weights_NK, experts_NK)
         flat_experts = experts_NK.flatten()
         order = flat_experts.argsort(stable=True)  # (token, expert) pairs grouped by expert
         token_of_pair = order // K
@@ -122,6 +129,28 @@ class GroupedExperts(nn.Module):
         y_sorted = grouped_matmul(F.silu(gate) * up, self.down.to(dtype), offsets)
         y_sorted = y_sorted * weights_NK.flatten()[order].unsqueeze(-1).to(dtype)
         return torch.zeros(N, D, dtype=dtype, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
+
+    def _forward_few_tokens(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        """Decoding path: visit only the experts that were chosen.
+
+        With a handful of tokens, the sort and the grouped matmul (whose CPU kernel walks every expert,
+        empty or not) cost more than the arithmetic. Reading the choices on the host is free on CPU.
+        """
+        dtype = _autocast_dtype(x_ND) or x_ND.dtype
+        x = x_ND.to(dtype)
+        out = torch.zeros_like(x)
+        pairs: dict[int, list[int]] = {}
+        for pair, expert in enumerate(experts_NK.flatten().tolist()):
+            pairs.setdefault(expert, []).append(pair)
+        K = experts_NK.shape[1]
+        flat_weights = weights_NK.flatten()
+        for expert, pair_list in pairs.items():
+            pair_idx = torch.tensor(pair_list, device=x.device)
+            token_idx = pair_idx // K
+            gate, up = (x[token_idx] @ self.gate_up[expert].to(dtype)).split(self.ffn_dim, dim=-1)
+            y = (F.silu(gate) * up) @ self.down[expert].to(dtype)
+            out.index_add_(0, token_idx, y * flat_weights[pair_idx].unsqueeze(-1).to(dtype))
+        return out
 
     def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Slow, obviously correct: a loop over experts, each applied to the tokens that chose it."""

@@ -1,0 +1,24 @@
+"""DeepSeek Framework: build, train, compress, export and serve Mixture-of-Experts language models.
+
+    import deepseek as ds
+    model = ds.MoETransformer(ds.preset("tiny"))
+    ds.save(model, ds.byte_tokenizer(), "my-model")
+    model, tokenizer = ds.load("my-model")
+    print(ds.generate(model, tokenizer, "def main():", max_new_tokens=32).text)
+"""
+
+from deepseek.compile import jit
+from deepseek.config import ConfigError
+from deepseek.data import byte_tokenizer
+from deepseek.generate import GenerationOutput, SamplingParams, generate, generate_stream, pipeline, stream
+from deepseek.models import PRESETS, ModelConfig, MoETransformer, RouterStats, preset
+from deepseek.models.directory import ModelDirectoryError, load, save
+from deepseek.nn import KVCache, update_router_biases
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "GenerationOutput", "KVCache", "SamplingParams", "generate", "generate_stream", "pipeline",
+    "stream", "ModelConfig", "ModelDirectoryError", "MoETransformer", "PRESETS", "RouterStats",
+    "byte_tokenizer", "jit", "load", "preset", "save", "update_router_biases",
+]

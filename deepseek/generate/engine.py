@@ -1,0 +1,208 @@
+"""The generation engine: batched prompts, static KV cache, per-sequence sampling, stops, streaming.
+
+One engine for every caller (``ds generate``, ``ds.pipeline``, the server). Prompts of different
+lengths are left-padded into one batch and prefilled in a single forward; then each step feeds one
+token per live sequence. Finished sequences leave the batch (their cache rows are dropped), so a
+long request does not keep paying for short ones that are done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional, Sequence, Union
+
+import torch
+from tokenizers import Tokenizer
+
+from deepseek.data.tokenizer import BOS, EOS, PAD
+from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deepseek.generate.params import SamplingParams
+from deepseek.generate.sampling import Sampler
+from deepseek.nn.kv_cache import KVCache
+
+Prompt = Union[str, Sequence[int]]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationOutput:
+    """One finished sequence: the completion text (stop string excluded) and its token ids."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StreamEvent:
+    """A piece of output for prompt ``index``; the last event of a sequence has ``finish_reason`` set."""
+
+    index: int
+    delta: str
+    token_id: Optional[int] = None
+    finish_reason: Optional[FinishReason] = None
+
+
+@dataclass
+class _Sequence:
+    params: SamplingParams
+    stop_ids: set[int]
+    detok: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    prompt_tokens: int
+    max_new: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt (strings are encoded; id lists pass through). Empty prompts get BOS."""
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            bos = tokenizer.token_to_id(BOS)
+            if bos is None:
+                raise ValueError(f"prompt {i} is empty and the tokenizer has no {BOS} token to start from")
+            ids = [bos]
+        encoded.append(ids)
+    return encoded
+
+
+def _as_params(params, n: int, overrides: dict) -> list[SamplingParams]:
+    if params is None:
+        params = SamplingParams.from_dict(overrides)
+    elif overrides:
+        raise TypeError("pass sampling options either as `params` or as keyword arguments, not both")
+    if isinstance(params, dict):
+        params = SamplingParams.from_dict(params)
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = [p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p) for p in params]
+    if len(params) != n:
+        raise ValueError(f"{len(params)} sampling params for {n} prompts")
+    return params
+
+
+def generate_stream(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+                    params: Union[SamplingParams, dict, Sequence[SamplingParams], None] = None,
+                    **options) -> Iterator[StreamEvent]:
+    """Generate for a batch of prompts, yielding text deltas as they are decided.
+
+    ``params`` is one :class:`SamplingParams` for all prompts or one per prompt; sampling options may
+    instead be given as keyword arguments (``max_new_tokens=32, temperature=0.8, stop=["\\n\\n"]``).
+    """
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        raise TypeError("generate_stream takes a list of prompts; use stream() for one prompt")
+    params_list = _as_params(params, len(prompts), options)
+    yield from _decode(model, tokenizer, encode_prompts(tokenizer, prompts), params_list)
+
+
+@torch.inference_mode()
+def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamEvent]:
+    config = model.config
+    device = next(model.parameters()).device
+    batch = len(prompt_ids)
+    if batch == 0:
+        return
+    longest = max(map(len, prompt_ids))
+    room = config.max_seq_len - longest
+    if room < 1:
+        raise ValueError(f"prompt of {longest} tokens leaves no room under max_seq_len={config.max_seq_len}")
+    eos = tokenizer.token_to_id(EOS)
+    seqs = []
+    for ids, p in zip(prompt_ids, params):
+        stop_ids = set(p.stop_token_ids) | ({eos} if eos is not None and not p.ignore_eos else set())
+        seqs.append(_Sequence(p, stop_ids, IncrementalDetokenizer(tokenizer), StopStringMatcher(p.stop),
+                              len(ids), min(p.max_new_tokens, room)))
+    max_new = max(s.max_new for s in seqs)
+
+    pad_id = tokenizer.token_to_id(PAD) or 0
+    ids_BT = torch.full((batch, longest), pad_id, dtype=torch.long)
+    valid_BT = torch.zeros(batch, longest, dtype=torch.bool)
+    for row, ids in enumerate(prompt_ids):
+        ids_BT[row, longest - len(ids):] = torch.tensor(ids)
+        valid_BT[row, longest - len(ids):] = True
+    ids_BT, valid_BT = ids_BT.to(device), valid_BT.to(device)
+    if int(ids_BT.max()) >= config.vocab_size or int(ids_BT.min()) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
+
+    cache = KVCache.for_model(model, batch, longest + max_new)
+    sampler = Sampler(params, config.vocab_size, device)
+    sampler.observe(ids_BT, valid_BT)
+    mask = None if bool(valid_BT.all()) else valid_BT
+    logits_BV = model(ids_BT, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
+    live = list(range(batch))  # prompt index of each row of the running batch
+
+    while live:
+        next_ids = sampler(logits_BV)
+        keep_rows = []
+        for row, token in enumerate(next_ids.tolist()):
+            index = live[row]
+            seq = seqs[index]
+            seq.token_ids.append(token)
+            event = _advance(seq, token)
+            event.index = index
+            yield event
+            if event.finish_reason is None:
+                keep_rows.append(row)
+        if len(keep_rows) < len(live):
+            if not keep_rows:
+                return
+            keep = torch.tensor(keep_rows, device=device)
+            cache.select(keep)
+            sampler.select(keep)
+            next_ids = next_ids[keep]
+            live = [live[r] for r in keep_rows]
+        sampler.observe(next_ids.unsqueeze(1))
+        logits_BV = model(next_ids.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
+
+
+def _advance(seq: _Sequence, token: int) -> StreamEvent:
+    """Account for one new token of ``seq``: its text delta and whether the sequence is finished."""
+    if token in seq.stop_ids:
+        text, _ = seq.matcher.feed(seq.detok.flush())
+        return StreamEvent(-1, text + seq.matcher.finish(), token, "stop")
+    text, stopped = seq.matcher.feed(seq.detok.push(token))
+    if stopped:
+        return StreamEvent(-1, text, token, "stop")
+    if len(seq.token_ids) >= seq.max_new:
+        more, _ = seq.matcher.feed(seq.detok.flush())
+        return StreamEvent(-1, text + more + seq.matcher.finish(), token, "length")
+    return StreamEvent(-1, text, token)
+
+
+def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Union[Prompt, Sequence[Prompt]],
+             params: Union[SamplingParams, dict, Sequence[SamplingParams], None] = None,
+             **options) -> Union[GenerationOutput, list[GenerationOutput]]:
+    """Generate completions. One prompt (a string) gives one output; a list gives a list.
+
+    >>> out = generate(model, tokenizer, "def add(a, b):", max_new_tokens=32, stop=["\\n\\n"])
+    >>> out.text, out.finish_reason
+    """
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+    batch = [prompts] if single else list(prompts)
+    texts = [""] * len(batch)
+    tokens: list[list[int]] = [[] for _ in batch]
+    reasons: list[Optional[FinishReason]] = [None] * len(batch)
+    encoded = encode_prompts(tokenizer, batch)
+    for event in _decode(model, tokenizer, encoded, _as_params(params, len(batch), options)):
+        texts[event.index] += event.delta
+        if event.token_id is not None:
+            tokens[event.index].append(event.token_id)
+        if event.finish_reason:
+            reasons[event.index] = event.finish_reason
+    outputs = [GenerationOutput(t, ids, r or "length", len(e)) for t, ids, r, e in zip(texts, tokens, reasons, encoded)]
+    return outputs[0] if single else outputs
+
+
+def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: Prompt,
+           params: Union[SamplingParams, dict, None] = None, **options) -> Iterator[str]:
+    """Text deltas of one completion as they are generated; joined they equal ``generate(...).text``."""
+    for event in _decode(model, tokenizer, encode_prompts(tokenizer, [prompt]), _as_params(params, 1, options)):
+        if event.delta:
+            yield event.delta

@@ -1,0 +1,102 @@
+"""Choosing the next token from logits, one row per sequence, each row with its own parameters.
+
+Legend: B sequences, V vocabulary. Everything is vectorised over rows except the random draws, which
+use one generator per sequence so that a seeded request gives the same tokens whatever else is in
+the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from deepseek.generate.params import SamplingParams
+
+
+class Sampler:
+    """Per-row sampling state for a batch: parameters as tensors, seen-token masks, generators."""
+
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str = "cpu"):
+        self.params = list(params)
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+        self.all_greedy = all(p.greedy for p in params)
+        self.any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.any_top_k = any(p.top_k > 0 for p in params)
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        # Tokens in each row's context, for the repetition penalty (a mask, so no history gathering).
+        self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device) if self.any_penalty else None
+        self.generators = [self._generator(p.seed) for p in params]
+
+    def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
+
+    def observe(self, ids_BT: torch.Tensor, valid_BT: Optional[torch.Tensor] = None) -> None:
+        """Record tokens (prompt or generated) as seen, for the repetition penalty; padding excluded."""
+        if self.seen is None:
+            return
+        ids = ids_BT.clamp(0, self.vocab_size - 1)
+        if valid_BT is None:
+            self.seen.scatter_(1, ids, True)
+            return
+        counts = torch.zeros_like(self.seen, dtype=torch.int32).scatter_add_(1, ids, valid_BT.to(torch.int32))
+        self.seen |= counts > 0
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows in ``keep`` (after other sequences finished)."""
+        rows = keep.tolist()
+        self.params = [self.params[i] for i in rows]
+        self.generators = [self.generators[i] for i in rows]
+        self.temperature, self.top_k = self.temperature[keep], self.top_k[keep]
+        self.top_p, self.penalty = self.top_p[keep], self.penalty[keep]
+        if self.seen is not None:
+            self.seen = self.seen[keep]
+
+    def __call__(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        """The next token of every row: [B] int64."""
+        logits = logits_BV[:, : self.vocab_size].float()
+        if self.seen is not None:
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        greedy_choice = logits.argmax(dim=-1)
+        logits = logits / self.temperature.clamp_min(1e-5)
+        if self.any_top_k:
+            logits = _filter_top_k(logits, self.top_k)
+        probs = logits.softmax(dim=-1)
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        if self.any_top_p:
+            sorted_probs = _filter_top_p(sorted_probs, self.top_p)
+        cdf = sorted_probs.cumsum(dim=-1)
+        u = self._uniform(len(self.params)).unsqueeze(1) * cdf[:, -1:]
+        index = torch.searchsorted(cdf, u).clamp_max(cdf.shape[1] - 1)
+        sampled = sorted_ids.gather(1, index).squeeze(1)
+        return torch.where(self.temperature.squeeze(1) == 0, greedy_choice, sampled)
+
+    def _uniform(self, n: int) -> torch.Tensor:
+        draws = [torch.rand((), generator=g, device=self.device) if g is not None else torch.rand((), device=self.device)
+                 for g in self.generators[:n]]
+        return torch.stack(draws)
+
+
+def _filter_top_k(logits_BV: torch.Tensor, top_k_B: torch.Tensor) -> torch.Tensor:
+    """Keep each row's ``top_k`` largest logits (rows with top_k == 0 keep all)."""
+    k = torch.where(top_k_B > 0, top_k_B, logits_BV.shape[1]).clamp_max(logits_BV.shape[1])
+    kth = logits_BV.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+    return logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+
+
+def _filter_top_p(sorted_probs_BV: torch.Tensor, top_p_B1: torch.Tensor) -> torch.Tensor:
+    """Nucleus filter on probabilities sorted in descending order: keep the smallest prefix reaching ``top_p``."""
+    before = sorted_probs_BV.cumsum(dim=-1) - sorted_probs_BV  # mass strictly before each token
+    return sorted_probs_BV.masked_fill(before >= top_p_B1, 0.0)
