@@ -151,7 +151,7 @@ def load_config(path: str | Path) -> ModelConfig:
     data = read_json(file)
     if not isinstance(data, dict):
         raise ModelDirectoryError(f"{file} is corrupt: expected a JSON object")
-    fmt = data.pop("format", FORMAT)
+    fmt = data.pop("format", None if "model_type" in data else FORMAT)  # a Hugging Face config has no format
     version = data.pop("format_version", FORMAT_VERSION)
     if fmt != FORMAT:
         hint = " (a Hugging Face model? import it with `ds convert --from-hf`)" if "model_type" in data else ""

@@ -57,7 +57,7 @@ class Router(nn.Module):
             scores_NE = logits_NE.sigmoid()
             _, experts_NK = (scores_NE + self.expert_bias).topk(self.top_k, dim=-1)
             weights_NK = scores_NE.gather(1, experts_NK)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # with k = 1 this makes the weight 1, as in Mixtral
             weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_NK = weights_NK * self.scaling
 
