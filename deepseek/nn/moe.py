@@ -43,7 +43,7 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_experts))
         # Tokens routed to each expert since the last bias update (training only; not checkpointed).
         self.register_buffer("load_accum", torch.zeros(n_experts), persistent=False)
-        self.last_tokens_per_expert: Optional[torch.Tensor] = None
+        self._last_experts: Optional[torch.Tensor] = None
         self.aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +61,21 @@ class Router(nn.Module):
             weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_NK = weights_NK * self.scaling
 
-        tokens_per_expert = torch.zeros(self.n_experts, device=x_ND.device).index_add_(
-            0, experts_NK.flatten(), torch.ones(experts_NK.numel(), device=x_ND.device))
-        self.last_tokens_per_expert = tokens_per_expert
+        self._last_experts = experts_NK  # counted lazily: decoding never pays for statistics nobody reads
         self.aux_loss = None
         if self.aux_loss_coef > 0 and self.training:
-            self.aux_loss = self.aux_loss_coef * load_balancing_loss(scores_NE, tokens_per_expert, self.top_k)
+            self.aux_loss = self.aux_loss_coef * load_balancing_loss(scores_NE, self.last_tokens_per_expert,
+                                                                     self.top_k)
         return weights_NK, experts_NK
+
+    @property
+    def last_tokens_per_expert(self) -> Optional[torch.Tensor]:
+        """How many of the last forward's (token, expert) pairs went to each expert: [E] float."""
+        if self._last_experts is None:
+            return None
+        flat = self._last_experts.flatten()
+        return torch.zeros(self.n_experts, device=flat.device).index_add_(
+            0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
 def load_balancing_loss(scores_NE: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -89,11 +97,47 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
+if _HAS_GROUPED_MM:
+    # torch.compile cannot trace torch._grouped_mm in fp32 (its meta function accepts bf16 only), so under
+    # compile the same kernel runs as an opaque custom op with an explicit backward. Eager calls
+    # torch._grouped_mm directly and keeps its built-in autograd.
+    @torch.library.custom_op("deepseek::grouped_mm", mutates_args=())
+    def _grouped_mm_op(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E)
+
+    @_grouped_mm_op.register_fake
+    def _(x_MI, w_EIO, offsets_E):
+        return x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
+
+    @torch.library.custom_op("deepseek::grouped_mm_backward", mutates_args=())
+    def _grouped_mm_backward_op(grad_MO: torch.Tensor, x_MI: torch.Tensor, w_EIO: torch.Tensor,
+                                offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_x = torch._grouped_mm(grad_MO, w_EIO.transpose(-2, -1), offs=offsets_E)
+        grad_w = torch._grouped_mm(x_MI.t(), grad_MO, offs=offsets_E)  # [E, I, O]; zeros for empty groups
+        return grad_x, grad_w
+
+    @_grouped_mm_backward_op.register_fake
+    def _(grad_MO, x_MI, w_EIO, offsets_E):
+        return torch.empty_like(x_MI), torch.empty_like(w_EIO)
+
+    def _grouped_mm_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_backward(ctx, grad_MO):
+        x_MI, w_EIO, offsets_E = ctx.saved_tensors
+        grad_x, grad_w = _grouped_mm_backward_op(grad_MO.contiguous(), x_MI, w_EIO, offsets_E)
+        return grad_x, grad_w, None
+
+    _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
 def grouped_matmul(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times ``w[e]``, for every expert, in one call: [M, O]."""
     # torch._grouped_mm needs 16-byte aligned rows: I and O times the element size a multiple of 16.
     aligned = (x_MI.shape[-1] * x_MI.element_size()) % 16 == 0 and (w_EIO.shape[-1] * w_EIO.element_size()) % 16 == 0
     if _HAS_GROUPED_MM and aligned:
+        if torch.compiler.is_compiling():
+            return _grouped_mm_op(x_MI, w_EIO, offsets_E)
         return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E)
     # Fallback for torch builds without grouped_mm or odd widths: a loop over experts (host sync for the sizes).
     bounds = [0] + offsets_E.tolist()
@@ -131,26 +175,32 @@ class GroupedExperts(nn.Module):
         return torch.zeros(N, D, dtype=dtype, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
 
     def _forward_few_tokens(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
-        """Decoding path: visit only the experts that were chosen.
+        """Decoding path: the same sorted dispatch, with the grouping done on the host.
 
-        With a handful of tokens, the sort and the grouped matmul (whose CPU kernel walks every expert,
-        empty or not) cost more than the arithmetic. Reading the choices on the host is free on CPU.
+        With a handful of tokens the device-side sort and the grouped matmul (whose CPU kernel walks
+        every expert, empty or not, reading each offset back) cost more than the arithmetic; reading
+        the choices on the host is free on CPU, and then only the chosen experts are visited.
         """
-        dtype = _autocast_dtype(x_ND) or x_ND.dtype
-        x = x_ND.to(dtype)
-        out = torch.zeros_like(x)
-        pairs: dict[int, list[int]] = {}
-        for pair, expert in enumerate(experts_NK.flatten().tolist()):
-            pairs.setdefault(expert, []).append(pair)
         K = experts_NK.shape[1]
-        flat_weights = weights_NK.flatten()
-        for expert, pair_list in pairs.items():
-            pair_idx = torch.tensor(pair_list, device=x.device)
-            token_idx = pair_idx // K
-            gate, up = (x[token_idx] @ self.gate_up[expert].to(dtype)).split(self.ffn_dim, dim=-1)
-            y = (F.silu(gate) * up) @ self.down[expert].to(dtype)
-            out.index_add_(0, token_idx, y * flat_weights[pair_idx].unsqueeze(-1).to(dtype))
-        return out
+        choices = experts_NK.flatten().tolist()
+        order = sorted(range(len(choices)), key=choices.__getitem__)
+        order_t = torch.tensor(order, device=x_ND.device)
+        token_of_pair = order_t // K
+        dtype = _autocast_dtype(x_ND) or x_ND.dtype
+        x_sorted = x_ND[token_of_pair].to(dtype)
+        y_sorted = torch.empty_like(x_sorted)
+        start = 0
+        while start < len(order):
+            expert = choices[order[start]]
+            end = start + 1
+            while end < len(order) and choices[order[end]] == expert:
+                end += 1
+            gate_up = x_sorted[start:end] @ self.gate_up[expert].to(dtype)
+            hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
+            torch.matmul(hidden, self.down[expert].to(dtype), out=y_sorted[start:end])
+            start = end
+        y_sorted.mul_(weights_NK.flatten()[order_t].unsqueeze(-1).to(dtype))
+        return x_sorted.new_zeros(x_ND.shape).index_add_(0, token_of_pair, y_sorted)
 
     def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Slow, obviously correct: a loop over experts, each applied to the tokens that chose it."""
