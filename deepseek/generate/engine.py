@@ -9,11 +9,12 @@ long request does not keep paying for short ones that are done.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional, Sequence, Union
+from typing import Callable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from tokenizers import Tokenizer
 
+from deepseek.compile import jit
 from deepseek.data.tokenizer import BOS, EOS, PAD
 from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deepseek.generate.params import SamplingParams
@@ -90,20 +91,37 @@ def _as_params(params, n: int, overrides: dict) -> list[SamplingParams]:
 
 def generate_stream(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                     params: Union[SamplingParams, dict, Sequence[SamplingParams], None] = None,
-                    **options) -> Iterator[StreamEvent]:
+                    compile: bool = False, **options) -> Iterator[StreamEvent]:
     """Generate for a batch of prompts, yielding text deltas as they are decided.
 
     ``params`` is one :class:`SamplingParams` for all prompts or one per prompt; sampling options may
     instead be given as keyword arguments (``max_new_tokens=32, temperature=0.8, stop=["\\n\\n"]``).
+    ``compile=True`` runs the decoding step through ``torch.compile`` (static shapes, compiled once per
+    model and batch size; the first call pays the compilation).
     """
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         raise TypeError("generate_stream takes a list of prompts; use stream() for one prompt")
     params_list = _as_params(params, len(prompts), options)
-    yield from _decode(model, tokenizer, encode_prompts(tokenizer, prompts), params_list)
+    yield from _decode(model, tokenizer, encode_prompts(tokenizer, prompts), params_list, compile)
+
+
+def _decode_step(model: torch.nn.Module, compiled: bool) -> Callable:
+    """One decoding step: eager, or compiled once per model (static shapes; falls back to eager).
+
+    The compiled step is kept on the model, so later generate calls reuse the compilation.
+    """
+    if not compiled:
+        return lambda ids, cache: model(ids, cache=cache, logits_to_keep=1)
+    step = getattr(model, "_ds_compiled_decode_step", None)
+    if step is None:
+        step = jit(lambda ids, cache: model(ids, cache=cache, logits_to_keep=1))
+        model._ds_compiled_decode_step = step
+    return step
 
 
 @torch.inference_mode()
-def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamEvent]:
+def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: list[SamplingParams],
+            compiled: bool = False) -> Iterator[StreamEvent]:
     config = model.config
     device = next(model.parameters()).device
     batch = len(prompt_ids)
@@ -131,35 +149,39 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
     if int(ids_BT.max()) >= config.vocab_size or int(ids_BT.min()) < 0:
         raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
 
-    cache = KVCache.for_model(model, batch, longest + max_new)
+    # A compiled step needs fixed shapes: a static cache, and finished rows stay in the batch (ignored).
+    cache = KVCache.for_model(model, batch, longest + max_new, static=compiled)
     sampler = Sampler(params, config.vocab_size, device)
     sampler.observe(ids_BT, valid_BT)
     mask = None if bool(valid_BT.all()) else valid_BT
     logits_BV = model(ids_BT, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
+    step = _decode_step(model, compiled)
     live = list(range(batch))  # prompt index of each row of the running batch
+    alive = [True] * batch
 
-    while live:
+    while True:
         next_ids = sampler(logits_BV)
-        keep_rows = []
         for row, token in enumerate(next_ids.tolist()):
-            index = live[row]
-            seq = seqs[index]
+            if not alive[row]:
+                continue
+            seq = seqs[live[row]]
             seq.token_ids.append(token)
             event = _advance(seq, token)
-            event.index = index
+            event.index = live[row]
             yield event
-            if event.finish_reason is None:
-                keep_rows.append(row)
-        if len(keep_rows) < len(live):
-            if not keep_rows:
-                return
+            alive[row] = event.finish_reason is None
+        if not any(alive):
+            return
+        if not compiled and not all(alive):  # eager: drop finished rows, later steps get cheaper
+            keep_rows = [row for row, ok in enumerate(alive) if ok]
             keep = torch.tensor(keep_rows, device=device)
             cache.select(keep)
             sampler.select(keep)
             next_ids = next_ids[keep]
             live = [live[r] for r in keep_rows]
+            alive = [True] * len(keep_rows)
         sampler.observe(next_ids.unsqueeze(1))
-        logits_BV = model(next_ids.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
+        logits_BV = step(next_ids.unsqueeze(1), cache)[:, -1]
 
 
 def _advance(seq: _Sequence, token: int) -> StreamEvent:
@@ -178,7 +200,7 @@ def _advance(seq: _Sequence, token: int) -> StreamEvent:
 
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Union[Prompt, Sequence[Prompt]],
              params: Union[SamplingParams, dict, Sequence[SamplingParams], None] = None,
-             **options) -> Union[GenerationOutput, list[GenerationOutput]]:
+             compile: bool = False, **options) -> Union[GenerationOutput, list[GenerationOutput]]:
     """Generate completions. One prompt (a string) gives one output; a list gives a list.
 
     >>> out = generate(model, tokenizer, "def add(a, b):", max_new_tokens=32, stop=["\\n\\n"])
@@ -190,7 +212,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Union[Prompt
     tokens: list[list[int]] = [[] for _ in batch]
     reasons: list[Optional[FinishReason]] = [None] * len(batch)
     encoded = encode_prompts(tokenizer, batch)
-    for event in _decode(model, tokenizer, encoded, _as_params(params, len(batch), options)):
+    for event in _decode(model, tokenizer, encoded, _as_params(params, len(batch), options), compile):
         texts[event.index] += event.delta
         if event.token_id is not None:
             tokens[event.index].append(event.token_id)
@@ -201,8 +223,9 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Union[Prompt
 
 
 def stream(model: torch.nn.Module, tokenizer: Tokenizer, prompt: Prompt,
-           params: Union[SamplingParams, dict, None] = None, **options) -> Iterator[str]:
+           params: Union[SamplingParams, dict, None] = None, compile: bool = False, **options) -> Iterator[str]:
     """Text deltas of one completion as they are generated; joined they equal ``generate(...).text``."""
-    for event in _decode(model, tokenizer, encode_prompts(tokenizer, [prompt]), _as_params(params, 1, options)):
+    for event in _decode(model, tokenizer, encode_prompts(tokenizer, [prompt]), _as_params(params, 1, options),
+                         compile):
         if event.delta:
             yield event.delta

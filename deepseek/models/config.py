@@ -100,7 +100,7 @@ PRESETS: dict[str, dict] = {
     ),
     # The anchor of our benchmarks: the tiny Mixtral measured in shared/reference/cpu-baseline.md.
     "mixtral-tiny": dict(
-        vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, max_seq_len=2048,
+        vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=2048,
         moe_ffn_dim=512, n_routed_experts=8, top_k=2, router="softmax",
     ),
     # GPU sizes, DeepSeek-V3 shaped (sigmoid router, fine-grained experts, shared expert, dense first layer).

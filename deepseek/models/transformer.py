@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deepseek.models.config import ModelConfig
 from deepseek.nn import Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding, SwiGLU
+from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.sparse_attention import local_global_mask
 
 
@@ -101,7 +102,12 @@ class MoETransformer(nn.Module):
 
     def forward(self, ids_BT: torch.Tensor, *, cache: Optional[KVCache] = None,
                 attention_mask: Optional[torch.Tensor] = None, return_router_stats: bool = False,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, targets: Optional[torch.Tensor] = None):
+        """Logits [B, T, V]; with ``targets`` [B, T] (-100 = ignore) the mean next-token cross-entropy instead.
+
+        The ``targets`` path never materialises the logits (see :func:`deepseek.nn.loss.linear_cross_entropy`):
+        the same loss and gradients as ``F.cross_entropy(logits.flatten(0, 1), targets.flatten())``, faster.
+        """
         if ids_BT.dim() != 2:
             raise ValueError(f"expected token ids of shape [batch, tokens], got {tuple(ids_BT.shape)}")
         inputs = self._attention_inputs(ids_BT, cache, attention_mask)
@@ -116,12 +122,16 @@ class MoETransformer(nn.Module):
         if logits_to_keep > 0:  # generation only needs the last position: skip the head elsewhere
             x_BTD = x_BTD[:, -logits_to_keep:]
         x_BTD = self.norm(x_BTD)
-        logits_BTV = F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
+        if targets is not None:
+            head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            out = linear_cross_entropy(x_BTD.flatten(0, 1), head_VD, targets.flatten())
+        else:
+            out = F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
         if self.training:
             self._accumulate_expert_load()
         if return_router_stats:
-            return logits_BTV, self.router_stats()
-        return logits_BTV
+            return out, self.router_stats()
+        return out
 
     def _attention_inputs(self, ids_BT, cache, attention_mask) -> AttentionInputs:
         cfg = self.config
@@ -134,19 +144,26 @@ class MoETransformer(nn.Module):
         if cache is None:
             if valid_BT is None:
                 positions = torch.arange(T, device=device).expand(B, T)
-                cos, sin = self._rope(positions)
+                cos, sin = self._rope(positions, T)
                 return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
             positions = (valid_BT.long().cumsum(1) - 1).clamp_min(0)
             slots = torch.arange(T, device=device)
             mask = self._mask(positions, slots, positions, slots, valid_BT)
-            cos, sin = self._rope(positions)
+            cos, sin = self._rope(positions, T)
             return AttentionInputs(cos, sin, mask=mask, **extra)
 
         if cache.batch_size != B:
             raise ValueError(f"KV cache holds {cache.batch_size} sequences, input has {B}")
+        if cache.static:  # fixed shapes, no host values: what a compiled decoding step needs
+            positions, slots = cache.reserve_static(valid_BT, T)
+            mask = self._mask(positions, slots, cache.slot_position, cache.all_slots, cache.slot_valid)
+            cos, sin = self.rope(positions)
+            return AttentionInputs(cos, sin, mask=mask, **extra)
         start = cache.pos
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len} of this model")
         positions = cache.reserve(valid_BT, T)
-        cos, sin = self._rope(positions)
+        cos, sin = self.rope(positions)
         if not cache.has_padding and start == 0 and T > 1:
             return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
         if not cache.has_padding and T == 1 and not sparse:
@@ -166,9 +183,9 @@ class MoETransformer(nn.Module):
         mask |= k_slot_S[None, None, :] == q_slot_T[None, :, None]
         return mask.unsqueeze(1)
 
-    def _rope(self, positions_BT: torch.Tensor):
-        # Host sync, but once per forward and only to turn an index error into a clear message.
-        if int(positions_BT.max()) >= self.config.max_seq_len:
+    def _rope(self, positions_BT: torch.Tensor, n_slots: int):
+        # A position never exceeds its slot, so checking the slot count on the host is enough (no sync).
+        if n_slots > self.config.max_seq_len:
             raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len} of this model")
         return self.rope(positions_BT)
 

@@ -2,6 +2,7 @@
 
 from deepseek.nn.attention import Attention, AttentionInputs
 from deepseek.nn.kv_cache import KVCache
+from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.mlp import SwiGLU
 from deepseek.nn.moe import GroupedExperts, MoE, Router, load_balancing_loss, update_router_biases
 from deepseek.nn.norm import RMSNorm
@@ -15,5 +16,5 @@ from deepseek.nn.sparse_attention import (
 __all__ = [
     "Attention", "AttentionInputs", "GroupedExperts", "KVCache", "MoE", "RMSNorm", "Router", "RotaryEmbedding",
     "SwiGLU", "apply_rotary", "blocked_local_global_attention", "dense_local_global_attention",
-    "load_balancing_loss", "local_global_mask", "update_router_biases",
+    "linear_cross_entropy", "load_balancing_loss", "local_global_mask", "update_router_biases",
 ]

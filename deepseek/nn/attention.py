@@ -7,6 +7,7 @@ included), so the dense causal path never materialises a [T, T] score matrix.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,19 +59,26 @@ class Attention(nn.Module):
         v = self.v(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # Under CPU autocast, rope and attention run in fp32: torch's CPU flash-attention kernel is slower
+        # in bf16 than in fp32 at small head dims (forward+backward 1.3x slower at head_dim 32, equal at
+        # 128; docs/benchmarks.md), and upcasting q, k, v costs little next to attention itself.
+        fp32_attention = x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32_attention:
+            q, k, v = q.float(), k.float(), v.float()
         q = apply_rotary(q.transpose(1, 2), inputs.cos, inputs.sin)
         k = apply_rotary(k.transpose(1, 2), inputs.cos, inputs.sin)
         gqa = self.n_kv_heads != self.n_heads
 
-        if inputs.blocked_sparse:
-            # Long prefill or training with the sparse pattern: attend among the new tokens only.
-            out = blocked_local_global_attention(q, k, v, inputs.window, inputs.n_global)
-            if inputs.cache is not None:
-                inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
-        else:
-            if inputs.cache is not None:
-                k, v = inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal,
-                                                 enable_gqa=gqa)
+        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+            if inputs.blocked_sparse:
+                # Long prefill or training with the sparse pattern: attend among the new tokens only.
+                out = blocked_local_global_attention(q, k, v, inputs.window, inputs.n_global)
+                if inputs.cache is not None:
+                    inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
+            else:
+                if inputs.cache is not None:
+                    k, v = inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
+                    k, v = k.to(q.dtype), v.to(q.dtype)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal,
+                                                     enable_gqa=gqa)
         return self.o(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -4,6 +4,10 @@ Buffers are allocated once for ``max_len`` slots, so decoding never reallocates.
 batch write to the same slot each step; prompts of different lengths are left-padded, and the
 padding slots are marked invalid so attention never reads them. Each sequence keeps its own count
 of real tokens, which gives its rotary positions.
+
+``static=True`` keeps every shape fixed from step to step (the write position is a tensor, attention
+always spans all ``max_len`` slots under a mask), so a compiled decoding step is traced once and
+replayed, never recompiled (the approach of gpt-fast).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ class KVCache:
     """Keys and values for every layer: ``k[layer]`` is [B, Hkv, max_len, Dh]."""
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", static: bool = False):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -26,14 +30,35 @@ class KVCache:
         self.slot_position = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens so far
         self.has_padding = False
+        self.static = static
+        self.pos_tensor = torch.zeros((), dtype=torch.long, device=device)  # static mode's write position
+        self.all_slots = torch.arange(max_len, device=device)
+        self._slots: torch.Tensor | None = None  # the slots being written by the current forward (static)
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> "KVCache":
-        """A cache shaped for ``model`` (a ``CausalLM``), in the dtype of its weights unless given."""
+    def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  static: bool = False) -> "KVCache":
+        """A cache shaped for ``model`` (a ``MoETransformer``), in the dtype of its weights unless given."""
         cfg = model.config
         param = next(model.parameters())
         return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim,
-                   dtype=dtype or param.dtype, device=param.device)
+                   dtype=dtype or param.dtype, device=param.device, static=static)
+
+    def reserve_static(self, valid_BT: torch.Tensor | None, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-mode :meth:`reserve`: returns positions [B, n_new] and slots [n_new], with no host values.
+
+        The caller (the engine) is responsible for not running past ``max_len``.
+        """
+        device = self.slot_valid.device
+        slots = self.pos_tensor + torch.arange(n_new, device=device)
+        if valid_BT is None:
+            valid_BT = torch.ones(self.batch_size, n_new, dtype=torch.bool, device=device)
+        positions_BT = (self.n_tokens[:, None] + valid_BT.long().cumsum(1) - 1).clamp_min(0)
+        self.slot_valid.index_copy_(1, slots, valid_BT)
+        self.slot_position.index_copy_(1, slots, positions_BT)
+        self.n_tokens += valid_BT.sum(1)
+        self._slots = slots
+        return positions_BT, slots
 
     def reserve(self, valid_BT: torch.Tensor | None, n_new: int) -> torch.Tensor:
         """Claim the next ``n_new`` slots; returns the rotary positions [B, n_new] of the new tokens.
@@ -44,6 +69,13 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} tokens needed, {self.max_len} slots allocated")
         if valid_BT is None:
+            if not self.has_padding:
+                # Every row has seen exactly `start` tokens: positions are the slots (the decoding fast path).
+                self.slot_valid[:, start:end] = True
+                positions_BT = torch.arange(start, end, device=self.slot_valid.device).expand(self.batch_size, -1)
+                self.slot_position[:, start:end] = positions_BT
+                self.n_tokens += n_new
+                return positions_BT
             valid_BT = torch.ones(self.batch_size, n_new, dtype=torch.bool, device=self.slot_valid.device)
         else:
             self.has_padding = self.has_padding or not bool(valid_BT.all())
@@ -55,7 +87,14 @@ class KVCache:
         return positions_BT
 
     def write(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values of ``layer`` and return all keys/values so far [B, Hkv, S, Dh]."""
+        """Store the new keys/values of ``layer`` and return all keys/values so far [B, Hkv, S, Dh].
+
+        In static mode S is always ``max_len`` (unwritten slots are masked out by the caller).
+        """
+        if self.static:
+            self.k[layer].index_copy_(2, self._slots, k_BHTD)
+            self.v[layer].index_copy_(2, self._slots, v_BHTD)
+            return self.k[layer], self.v[layer]
         start, end = self.pos, self.pos + k_BHTD.shape[2]
         self.k[layer, :, :, start:end] = k_BHTD
         self.v[layer, :, :, start:end] = v_BHTD
@@ -63,6 +102,9 @@ class KVCache:
 
     def advance(self, n_new: int) -> None:
         """Called once per model forward, after every layer has written."""
+        if self.static:
+            self.pos_tensor += n_new  # no Python int changes inside a compiled step: it would recompile
+            return
         self.pos += n_new
 
     def select(self, keep: torch.Tensor) -> None:

@@ -156,7 +156,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         N, D = x_ND.shape
         K = experts_NK.shape[1]
-        if N * K <= FEW_PAIRS and x_ND.device.type == "cpu" and not torch.is_grad_enabled():
+        if (N * K <= FEW_PAIRS and x_ND.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             return self._forward_few_tokens(x_ND, weights_NK, experts_NK)
         flat_experts = experts_NK.flatten()
         order = flat_experts.argsort(stable=True)  # (token, expert) pairs grouped by expert

@@ -64,6 +64,11 @@ def blocked_local_global_attention(q_BHTD, k_BHTD, v_BHTD, window: int, n_global
     win_ok = (win_pos >= 0) & (win_pos <= q_pos) & ((q_pos - win_pos < W) | (win_pos < G))
     mask = torch.cat([glob_ok.expand(-1, W, -1), win_ok], dim=2).unsqueeze(1)  # [n, 1, W, G + 2W]
 
-    out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask,
-                                         enable_gqa=k_BHTD.shape[1] != H)
-    return out.transpose(1, 2).reshape(B, H, n_blocks * W, Dh)[:, :, :T]
+    # Blocks become the batch axis: SDPA's fused kernels (the CPU flash kernel included) take 4-D inputs
+    # only; given the 5-D blocks it falls back to the math path, which materialises every block's scores.
+    Hkv, S = k_blocks.shape[2], k_blocks.shape[3]
+    out = F.scaled_dot_product_attention(
+        q_blocks.reshape(B * n_blocks, H, W, Dh), k_blocks.reshape(B * n_blocks, Hkv, S, Dh),
+        v_blocks.reshape(B * n_blocks, Hkv, S, Dh),
+        attn_mask=mask.expand(B, -1, -1, -1, -1).reshape(B * n_blocks, 1, W, S), enable_gqa=Hkv != H)
+    return out.view(B, n_blocks, H, W, Dh).transpose(1, 2).reshape(B, H, n_blocks * W, Dh)[:, :, :T]

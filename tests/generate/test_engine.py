@@ -134,3 +134,33 @@ def test_invalid_sampling_parameters_are_rejected(tiny):
         ds.generate(model, tok, "a", temprature=0.5)
     with pytest.raises(ValueError, match="token ids"):
         ds.generate(model, tok, [[1, 2, 10_000]])
+
+
+def test_static_cache_decoding_equals_dynamic_cache(tiny):
+    # The static cache (fixed shapes, for compiled steps) gives the same logits as the growing one.
+    model, _ = tiny
+    ids = torch.randint(0, 256, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    dynamic = ds.KVCache.for_model(model, 2, 20)
+    static = ds.KVCache.for_model(model, 2, 20, static=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, cache=static, attention_mask=mask),
+                                   model(ids, cache=dynamic, attention_mask=mask))
+        token = torch.tensor([[3], [4]])
+        for _ in range(4):
+            a, b = model(token, cache=static), model(token, cache=dynamic)
+            torch.testing.assert_close(a, b)
+            token = a[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens():
+    torch.manual_seed(0)
+    model = ds.MoETransformer(ds.preset("tiny")).eval()
+    tok = ds.byte_tokenizer()
+    prompts = ["def f(x):", "ab"]
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True), SamplingParams(max_new_tokens=5, ignore_eos=True)]
+    eager = ds.generate(model, tok, prompts, params)
+    compiled = ds.generate(model, tok, prompts, params, compile=True)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert [o.finish_reason for o in compiled] == ["length", "length"]

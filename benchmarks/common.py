@@ -1,0 +1,184 @@
+"""Shared helpers for the benchmarks: interleaved timing, machine details, peak memory, tables, JSON.
+
+The host these run on is noisy (2-thread throughput can drop 2-8x for minutes), so every benchmark
+times ours and the anchor *interleaved*: round r runs every case once, in a rotating order, and
+ratios are medians of the per-round ratios, which cancels slow phases that hit both cases alike.
+
+Peak memory on CPU is measured honestly as the operating system sees it: a case runs alone in a fresh
+subprocess, which reports its RSS high-water mark (``ru_maxrss``) after the case and the RSS just before
+it (imports, model and inputs already in place); the difference is the memory the case itself needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- machine ---------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """What a reader needs to compare numbers across runs."""
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def print_machine(info: dict) -> None:
+    print(f"# {info['date']}  {info['cpu']}  cores={info['cores_visible']}  torch={info['torch']} "
+          f"({info['cpu_capability']})  threads={info['torch_threads']}  transformers={info['transformers']}")
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured matmul throughput (GFLOP/s) of n x n matrices: the ceiling MFU is quoted against."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(3):  # best of 3 short bursts: the peak the hardware can reach right now
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def time_call(fn: Callable[[], object], inner: int = 1) -> float:
+    """Seconds per call of ``fn``, averaged over ``inner`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                inner: dict[str, int] | int = 1, budget_s: Optional[float] = None) -> dict[str, list[float]]:
+    """Time every case once per round, rotating the order each round; returns seconds per call.
+
+    ``inner`` (per case or for all) averages several calls into one measurement for fast cases.
+    ``budget_s`` stops early (after at least 3 rounds) when the benchmark would take too long.
+    """
+    names = list(cases)
+    per_case_inner = inner if isinstance(inner, dict) else {n: inner for n in names}
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(time_call(cases[name], per_case_inner.get(name, 1)))
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median(xs: Iterable[float]) -> float:
+    return statistics.median(list(xs))
+
+
+def spread(xs: list[float]) -> str:
+    """``median (min-max)`` with 3 significant digits."""
+    return f"{median(xs):.4g} ({min(xs):.4g}-{max(xs):.4g})"
+
+
+def paired_ratio(num: list[float], den: list[float]) -> list[float]:
+    """Per-round ratios num[r] / den[r] of interleaved measurements."""
+    return [a / b for a, b in zip(num, den)]
+
+
+# -- peak memory -------------------------------------------------------------------------------------
+
+def rss_now_kib() -> int:
+    """Current resident set size in KiB (Linux /proc; falls back to the high-water mark)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def measure_in_subprocess(script: str, args: list[str], timeout: float = 900) -> dict:
+    """Run ``python script args`` and parse the JSON it prints on its last stdout line.
+
+    The child is expected to print ``{"rss_before_kib": ..., "peak_rss_kib": ..., ...}``; a fresh
+    process per case means the high-water mark belongs to that case alone.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+def print_table(headers: list[str], rows: list[list[object]]) -> None:
+    """A Markdown table (pastes straight into docs/benchmarks.md)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str))
+    print(f"\nwrote {path.relative_to(REPO_ROOT)}")
+    return path
+
+
+def setup_path() -> None:
+    """Let ``python benchmarks/bench_x.py`` import the package from the checkout without installing."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))

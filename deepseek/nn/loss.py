@@ -1,0 +1,85 @@
+"""Cross-entropy of a linear head without materialising the [N, V] logits.
+
+Legend: N tokens, D model width, V vocabulary, C tokens per chunk.
+
+The language-model head is a third of the FLOPs of a small MoE (V = 8192, D = 256) and its logits are
+the largest activation: [N, V] in fp32 is 64 MiB at N = 2048. The plain path writes them, reads them
+for log_softmax, writes the log-probabilities, and in backward writes a gradient of the same size,
+each a fresh allocation that the OS must page in. Here the tokens go through the head in chunks of C
+rows whose logits stay in cache; the gradient of each chunk's logits (``softmax - onehot``) is formed
+right away and turned into the gradients of ``x`` and of the head weight, so backward is a scale.
+Same FLOPs (one forward and two backward matmuls), a fraction of the memory traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_CHUNK_BYTES = 8 << 20  # fp32 logits per chunk: small enough to stay in L3, big enough for efficient matmuls
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, weight_VD, targets_N, ignore_index: int, chunk: int, dtype: torch.dtype, need_grad: bool):
+        N, V = x_ND.shape[0], weight_VD.shape[0]
+        w = weight_VD.to(dtype)
+        xc = x_ND.to(dtype)
+        valid_N = targets_N != ignore_index
+        n_valid = valid_N.sum()
+        safe_N = torch.where(valid_N, targets_N, 0)
+        loss = torch.zeros((), dtype=torch.float32, device=x_ND.device)
+        grad_x = torch.empty(x_ND.shape, dtype=dtype, device=x_ND.device) if need_grad else None
+        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=x_ND.device) if need_grad else None
+        scale = 1.0 / n_valid.clamp_min(1).float()
+        for start in range(0, N, chunk):
+            rows = slice(start, min(start + chunk, N))
+            logits_CV = (xc[rows] @ w.t()).float()
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            picked_C = logits_CV.gather(1, safe_N[rows, None]).squeeze(1)
+            loss += ((lse_C - picked_C) * valid_N[rows]).sum()
+            if need_grad:
+                # d loss / d logits = (softmax - onehot(target)) / n_valid on valid rows, 0 on ignored ones.
+                grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+                grad_CV.scatter_add_(1, safe_N[rows, None], torch.full_like(lse_C[:, None], -1.0))
+                grad_CV.mul_((valid_N[rows].float() * scale)[:, None])
+                grad_CV = grad_CV.to(dtype)
+                torch.mm(grad_CV, w, out=grad_x[rows])
+                if dtype == torch.float32:
+                    grad_w.addmm_(grad_CV.t(), xc[rows])
+                else:  # a bf16 product per chunk, accumulated in fp32
+                    grad_w += (grad_CV.t() @ xc[rows]).float()
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w)
+            ctx.dtypes = (x_ND.dtype, weight_VD.dtype)
+        # Mean over the valid targets (nan when there are none, like F.cross_entropy).
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None, None
+
+
+def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                         ignore_index: int = -100, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index)`` (mean), computed in chunks.
+
+    x: [N, D], weight: [V, D], targets: [N] (``ignore_index`` entries excluded). Under autocast the matmuls
+    run in the autocast dtype and the softmax in fp32, like the plain path. When a gradient is needed it is
+    computed during the forward (one pass over the chunks), so calling ``backward`` is cheap.
+    """
+    dtype = _autocast_dtype(x_ND) or x_ND.dtype
+    V = weight_VD.shape[0]
+    chunk = chunk_size or max(16, _CHUNK_BYTES // (4 * V))
+    need_grad = torch.is_grad_enabled() and (x_ND.requires_grad or weight_VD.requires_grad)
+    with torch.autocast(x_ND.device.type, enabled=False):  # dtypes are handled explicitly above
+        return _LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, chunk, dtype, need_grad)
