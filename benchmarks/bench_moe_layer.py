@@ -46,8 +46,8 @@ def naive_dense_moe(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:
     gates_NE = torch.zeros(x_ND.shape[0], moe.experts.n_experts).scatter(1, experts_NK, weights_NK)
     out = torch.zeros_like(x_ND)
     for e in range(moe.experts.n_experts):
-        gate, up = (x_ND @ moe.experts.gate_up[e]).split(FFN, dim=-1)
-        out += gates_NE[:, e:e + 1] * ((F.silu(gate) * up) @ moe.experts.down[e])
+        gate, up = F.linear(x_ND, moe.experts.gate_up[e]).split(FFN, dim=-1)
+        out += gates_NE[:, e:e + 1] * F.linear(F.silu(gate) * up, moe.experts.down[e])
     return out
 
 

@@ -3,8 +3,8 @@
 Kept inside benchmarks/ (rather than using deepseek.models.hf) so the benchmarks pin down precisely
 which HF modules and which experts implementation they compare against.
 
-Layouts: ours ``experts.gate_up`` [E, D, 2F] (gate columns first) and ``experts.down`` [E, F, D];
-HF ``experts.gate_up_proj`` [E, 2F, D] (gate rows first, ``chunk(2)``) and ``experts.down_proj`` [E, D, F].
+Layouts: ours ``experts.gate_up`` [E, 2F, D] (gate rows first) and ``experts.down`` [E, D, F], the same
+as HF's ``experts.gate_up_proj`` (``chunk(2)``) and ``experts.down_proj``.
 Rotary embeddings use the same "rotate half" layout, so q/k need no permutation.
 """
 
@@ -38,8 +38,8 @@ def mixtral_config(cfg: ModelConfig, n_experts: int | None = None):
 def copy_moe_into_hf(ours, hf_block) -> None:
     """Our ``deepseek.nn.MoE`` (softmax router, no shared expert) -> HF ``MixtralSparseMoeBlock``."""
     hf_block.gate.weight.copy_(ours.router.weight)
-    hf_block.experts.gate_up_proj.copy_(ours.experts.gate_up.transpose(1, 2))
-    hf_block.experts.down_proj.copy_(ours.experts.down.transpose(1, 2))
+    hf_block.experts.gate_up_proj.copy_(ours.experts.gate_up)
+    hf_block.experts.down_proj.copy_(ours.experts.down)
 
 
 def hf_moe_block(ours_moe, cfg: ModelConfig, n_experts: int):

@@ -185,7 +185,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state.update(load_file(file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelDirectoryError(f"{file} is corrupt or truncated: {exc}") from exc
-    return state
+    # safetensors hands out tensors at the file's byte offsets; SIMD kernels want 64-byte aligned data,
+    # and reductions even round differently on misaligned data, so copy those into fresh memory.
+    return {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in state.items()}
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

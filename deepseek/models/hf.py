@@ -6,14 +6,14 @@ Mixtral, Qwen2-MoE or Qwen3-MoE causal LM into a :class:`MoETransformer`.
 
 Legend: L layer, E experts, D model width, F expert width.
 
-Key layouts. Ours: ``blocks.{L}.ffn.experts.gate_up`` [E, D, 2F] (gate columns first) and
-``blocks.{L}.ffn.experts.down`` [E, F, D]. Hugging Face has two on-disk layouts of the experts:
+Key layouts. Ours: ``blocks.{L}.ffn.experts.gate_up`` [E, 2F, D] (gate rows first) and
+``blocks.{L}.ffn.experts.down`` [E, D, F]. Hugging Face has two on-disk layouts of the experts:
 
 - per expert, ``nn.Linear`` style (what ``save_pretrained`` writes, in transformers 4 and 5 alike):
   Mixtral ``model.layers.{L}.block_sparse_moe.experts.{e}.w1|w3|w2.weight`` ([F, D], [F, D], [D, F]),
   Qwen ``model.layers.{L}.mlp.experts.{e}.gate_proj|up_proj|down_proj.weight``;
 - fused (the in-memory modules of transformers 5): ``model.layers.{L}.mlp.experts.gate_up_proj``
-  [E, 2F, D] and ``...experts.down_proj`` [E, D, F].
+  [E, 2F, D] and ``...experts.down_proj`` [E, D, F], exactly ours.
 
 Both are read; the per-expert one is written, since every transformers version loads it.
 Attention needs no permutation: our RoPE uses the same "rotate half" layout.
@@ -112,12 +112,12 @@ def to_hf_state_dict(model: MoETransformer, tokenizer: Optional[Tokenizer] = Non
         for p in "qkvo":
             hf[dst + f"self_attn.{p}_proj.weight"] = ours[src + f"attn.{p}.weight"]
         hf[dst + "block_sparse_moe.gate.weight"] = ours[src + "ffn.router.weight"]
-        gate_up_EDF2, down_EFD = ours[src + "ffn.experts.gate_up"], ours[src + "ffn.experts.down"]
+        gate_up_EF2D, down_EDF = ours[src + "ffn.experts.gate_up"], ours[src + "ffn.experts.down"]
         for e in range(cfg.n_routed_experts):
             expert = dst + f"block_sparse_moe.experts.{e}."
-            hf[expert + "w1.weight"] = gate_up_EDF2[e, :, :F].T  # gate, [F, D]
-            hf[expert + "w3.weight"] = gate_up_EDF2[e, :, F:].T  # up, [F, D]
-            hf[expert + "w2.weight"] = down_EFD[e].T  # down, [D, F]
+            hf[expert + "w1.weight"] = gate_up_EF2D[e, :F]  # gate, [F, D]
+            hf[expert + "w3.weight"] = gate_up_EF2D[e, F:]  # up, [F, D]
+            hf[expert + "w2.weight"] = down_EDF[e]  # down, [D, F]
     # Our tied head shares storage with the embedding, and slices share storage with their expert
     # tensor: safetensors stores only standalone tensors, so give each its own memory.
     hf = {k: v.contiguous().clone() for k, v in hf.items()}
@@ -310,8 +310,8 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
         if m := _EXPERT.fullmatch(name):
             per_expert.setdefault(int(m[1]), {})[(int(m[2]), m[3])] = tensor
         elif m := _FUSED_EXPERTS.fullmatch(name):
-            # gate_up_proj [E, 2F, D] -> [E, D, 2F]; down_proj [E, D, F] -> [E, F, D]
-            ours[f"blocks.{m[1]}.ffn.experts.{'gate_up' if m[2] == 'gate_up_proj' else 'down'}"] = tensor.transpose(1, 2)
+            # gate_up_proj [E, 2F, D] and down_proj [E, D, F] are our layout already
+            ours[f"blocks.{m[1]}.ffn.experts.{'gate_up' if m[2] == 'gate_up_proj' else 'down'}"] = tensor
         else:
             for pattern, replacement in _RENAMES:
                 if pattern.fullmatch(name):
@@ -331,13 +331,13 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
                                     + (f"; missing experts.{_some(absent)}" if absent else "")
                                     + (f"; extra experts.{_some(extra)}" if extra else ""))
         try:
-            gate_EDF = torch.stack([parts[(e, "gate")] for e in range(E)]).transpose(1, 2)
-            up_EDF = torch.stack([parts[(e, "up")] for e in range(E)]).transpose(1, 2)
-            down_EFD = torch.stack([parts[(e, "down")] for e in range(E)]).transpose(1, 2)
-            ours[f"blocks.{layer}.ffn.experts.gate_up"] = torch.cat([gate_EDF, up_EDF], dim=-1)
+            gate_EFD = torch.stack([parts[(e, "gate")] for e in range(E)])
+            up_EFD = torch.stack([parts[(e, "up")] for e in range(E)])
+            down_EDF = torch.stack([parts[(e, "down")] for e in range(E)])
+            ours[f"blocks.{layer}.ffn.experts.gate_up"] = torch.cat([gate_EFD, up_EFD], dim=1)
         except RuntimeError as exc:  # experts of different shapes
             raise HFConversionError(f"{source}: layer {layer} experts have inconsistent shapes ({exc})") from exc
-        ours[f"blocks.{layer}.ffn.experts.down"] = down_EFD
+        ours[f"blocks.{layer}.ffn.experts.down"] = down_EDF
     for name in [k for k in ours if k.endswith(".ffn.router.weight")]:
         # Softmax routers have no balancing bias; ours keeps the buffer (zeros) for a uniform layout.
         ours[name.replace(".weight", ".expert_bias")] = torch.zeros(config.n_routed_experts,

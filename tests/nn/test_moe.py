@@ -74,8 +74,8 @@ def test_idle_experts_get_zero_grads_and_output_is_weighted_sum():
 
     # Against an explicit formula: y_n = sum_k w_nk * down_e(silu(gate_e x) * up_e x).
     def expert(e, v):
-        gate, up = (v @ experts.gate_up[e]).split(Fd, dim=-1)
-        return (F.silu(gate) * up) @ experts.down[e]
+        gate, up = (v @ experts.gate_up[e].T).split(Fd, dim=-1)
+        return (F.silu(gate) * up) @ experts.down[e].T
     manual = torch.stack([sum(weights[n, k] * expert(int(idx[n, k]), x[n]) for k in range(2)) for n in range(6)])
     torch.testing.assert_close(y, manual.detach(), atol=1e-5, rtol=1e-5)
 
