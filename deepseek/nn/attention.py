@@ -28,7 +28,11 @@ class AttentionInputs:
     ``mask`` ([B, 1, T, S] bool) is None when ``is_causal`` or ``blocked_sparse`` covers the pattern.
     """
 
-    cos: torch.Tensor
+    def __post_init__(self) -> None:
+        if self.cos.dim() == 3:  # [B, T, Dh] -> [B, 1, T, Dh], broadcast over heads
+            self.cos, self.sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
+
+    cos: torch.Tensor  # [B, 1, T, Dh]
     sin: torch.Tensor
     mask: Optional[torch.Tensor] = None
     is_causal: bool = False

@@ -10,6 +10,7 @@ back with their routing weights. Work and memory grow with N*K, not with E.
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal, Optional
 
 import torch
@@ -48,7 +49,10 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns routing weights [N, K] (fp32) and expert indices [N, K]."""
-        with torch.autocast(x_ND.device.type, enabled=False):  # autocast would run the linear in bf16
+        if torch.is_autocast_enabled(x_ND.device.type):  # autocast would run the linear in bf16
+            with torch.autocast(x_ND.device.type, enabled=False):
+                logits_NE = F.linear(x_ND.float(), self.weight.float())
+        else:
             logits_NE = F.linear(x_ND.float(), self.weight.float())
         if self.kind == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
@@ -59,7 +63,8 @@ class Router(nn.Module):
             weights_NK = scores_NE.gather(1, experts_NK)
         if self.norm_topk_prob:  # with k = 1 this makes the weight 1, as in Mixtral
             weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
-        weights_NK = weights_NK * self.scaling
+        if self.scaling != 1.0:
+            weights_NK = weights_NK * self.scaling
 
         self._last_experts = experts_NK  # counted lazily: decoding never pays for statistics nobody reads
         self.aux_loss = None
@@ -196,19 +201,25 @@ class GroupedExperts(nn.Module):
         the choices on the host is free on CPU, and then only the chosen experts are visited.
         """
         K = experts_NK.shape[1]
+        dtype = _autocast_dtype(x_ND) or x_ND.dtype
         choices = experts_NK.flatten().tolist()
+        if x_ND.shape[0] == 1:  # one token (batch-1 decoding): a weighted sum of its K experts, no sorting
+            x = x_ND.to(dtype)
+            out = None
+            for expert, weight in zip(choices, weights_NK[0].tolist()):
+                gate_up = _skinny_linear(x, self.gate_up[expert].to(dtype))
+                hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
+                y = _skinny_linear(hidden, self.down[expert].to(dtype)).mul_(weight)
+                out = y if out is None else out.add_(y)
+            return out
         order = sorted(range(len(choices)), key=choices.__getitem__)
         order_t = torch.tensor(order, device=x_ND.device)
         token_of_pair = order_t // K
-        dtype = _autocast_dtype(x_ND) or x_ND.dtype
         x_sorted = x_ND[token_of_pair].to(dtype)
         y_sorted = torch.empty_like(x_sorted)
         start = 0
-        while start < len(order):
-            expert = choices[order[start]]
-            end = start + 1
-            while end < len(order) and choices[order[end]] == expert:
-                end += 1
+        for expert, pairs in itertools.groupby(order, key=choices.__getitem__):
+            end = start + sum(1 for _ in pairs)
             gate_up = _skinny_linear(x_sorted[start:end], self.gate_up[expert].to(dtype))
             hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
             y_sorted[start:end] = _skinny_linear(hidden, self.down[expert].to(dtype))

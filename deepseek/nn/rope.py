@@ -35,8 +35,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def apply_rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys [B, H, T, Dh] by the angles of their positions."""
-    cos = cos_BTD.unsqueeze(1).to(x_BHTD.dtype)
-    sin = sin_BTD.unsqueeze(1).to(x_BHTD.dtype)
+def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys [B, H, T, Dh] by the angles of their positions.
+
+    ``cos``/``sin`` are [B, T, Dh], or already [B, 1, T, Dh] (the model prepares them once per forward,
+    so the per-layer work is only the rotation itself).
+    """
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if cos.dtype != x_BHTD.dtype:
+        cos, sin = cos.to(x_BHTD.dtype), sin.to(x_BHTD.dtype)
     return x_BHTD * cos + rotate_half(x_BHTD) * sin
