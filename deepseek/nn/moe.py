@@ -11,6 +11,7 @@ back with their routing weights. Work and memory grow with N*K, not with E.
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Literal, Optional
 
 import torch
@@ -149,16 +150,26 @@ def grouped_matmul(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     return torch.cat([x_MI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
 
+_scratch = threading.local()  # per-thread product buffer of _skinny_linear
+
+
 def _skinny_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for a handful of rows, arranged the way CPU BLAS streams the weight fastest.
 
     ``F.linear`` reads a [O, I] weight at ~8-10 GB/s for 1-8 rows; ``w @ x.T`` runs 2-4x faster for 2+
-    rows, and for a single row a broadcast multiply + row sums beats both (docs/benchmarks.md). Decoding
-    is bound by reading expert weights, so this is most of a decoding step's expert time.
+    rows, and for a single row a broadcast multiply + row sums beats both (docs/benchmarks.md). The
+    product goes into a reused per-thread buffer: a fresh weight-sized tensor per call costs page faults.
+    Decoding is bound by reading expert weights, so this is most of a decoding step's expert time.
     """
-    if x_MI.shape[0] == 1:
-        return (w_OI * x_MI).sum(dim=-1).unsqueeze(0)
-    return (w_OI @ x_MI.t()).t()
+    if x_MI.shape[0] != 1:
+        return (w_OI @ x_MI.t()).t()
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < w_OI.numel() or buffer.dtype != w_OI.dtype or buffer.device != w_OI.device:
+        with torch.inference_mode(False):  # a normal tensor may be written both in and out of inference mode
+            buffer = _scratch.buffer = torch.empty(w_OI.numel(), dtype=w_OI.dtype, device=w_OI.device)
+    product = buffer[: w_OI.numel()].view(w_OI.shape)
+    torch.mul(w_OI, x_MI, out=product)
+    return product.sum(dim=-1).unsqueeze(0)
 
 
 class GroupedExperts(nn.Module):
