@@ -209,26 +209,39 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
     config = load_config(folder)
     state = load_weights(folder)
     tokenizer = load_tokenizer(folder)
+    model = model_from_state(config, state, str(folder))
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval(), tokenizer
+
+
+def summarize_names(names: list[str], n: int = 8) -> str:
+    """The first ``n`` names, and how many there are in all when that is more."""
+    return ", ".join(names[:n]) + (f" … ({len(names)} in all)" if len(names) > n else "")
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                     error: type[Exception] = ModelDirectoryError) -> MoETransformer:
+    """A :class:`MoETransformer` holding exactly ``state`` (checked name by name and shape by shape), in eval mode.
+
+    Raises ``error`` naming ``source`` and what is missing, extra or of the wrong shape.
+    """
     with torch.device("meta"):
-        model = MoETransformer(config)
+        model = MoETransformer(config)  # no memory, no random init: every tensor comes from `state`
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ModelDirectoryError(
-            f"{folder}: weights do not match config.json"
-            + (f"; missing: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}" if missing else "")
-            + (f"; unexpected: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}" if unexpected else ""))
+        raise error(f"{source}: weights do not match config.json"
+                    + (f"; missing: {summarize_names(missing)}" if missing else "")
+                    + (f"; unexpected: {summarize_names(unexpected)}" if unexpected else ""))
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ModelDirectoryError(f"{folder}: weight {name} has shape {tuple(tensor.shape)}, "
-                                      f"config.json implies {tuple(expected[name].shape)}")
+            raise error(f"{source}: weight {name} has shape {tuple(tensor.shape)}, "
+                        f"config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict(state, assign=True)
     model.rope = type(model.rope)(config.head_dim, config.max_seq_len, config.rope_theta)  # not in the state
     for router in model.routers():
         router.load_accum = torch.zeros_like(router.expert_bias)
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def read_extra(path: str | Path, name: str) -> Optional[dict[str, Any]]:

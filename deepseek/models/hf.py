@@ -34,7 +34,8 @@ from deepseek.config import ConfigError
 from deepseek.data.tokenizer import BOS, EOS, PAD, byte_tokenizer
 from deepseek.models.config import ModelConfig
 from deepseek.models.directory import (FORMAT, ModelDirectoryError, load, load_tokenizer, load_weights, read_json,
-                                       save, save_weights, write_atomically)
+                                       save, save_weights, summarize_names, write_atomically)
+from deepseek.models.directory import model_from_state as directory_model_from_state
 from deepseek.models.transformer import MoETransformer
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -320,7 +321,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
             else:
                 unknown.append(name)
     if unknown:
-        raise HFConversionError(f"{source}: unrecognised tensors: {_some(unknown)}")
+        raise HFConversionError(f"{source}: unrecognised tensors: {summarize_names(unknown)}")
 
     E = config.n_routed_experts
     for layer, parts in sorted(per_expert.items()):
@@ -328,8 +329,8 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
         extra = [f"{e}.{p}_proj" for e, p in parts if e >= E]
         if absent or extra:
             raise HFConversionError(f"{source}: layer {layer} experts do not match num_experts={E}"
-                                    + (f"; missing experts.{_some(absent)}" if absent else "")
-                                    + (f"; extra experts.{_some(extra)}" if extra else ""))
+                                    + (f"; missing experts.{summarize_names(absent)}" if absent else "")
+                                    + (f"; extra experts.{summarize_names(extra)}" if extra else ""))
         try:
             gate_EFD = torch.stack([parts[(e, "gate")] for e in range(E)])
             up_EFD = torch.stack([parts[(e, "up")] for e in range(E)])
@@ -347,29 +348,9 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: ModelConfig,
     return {k: v.contiguous() for k, v in ours.items()}
 
 
-def _some(names: list[str], n: int = 8) -> str:
-    return ", ".join(names[:n]) + (f" … ({len(names)} in all)" if len(names) > n else "")
-
-
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str = "checkpoint") -> MoETransformer:
-    """A :class:`MoETransformer` holding exactly ``state`` (checked name by name and shape by shape), in eval mode."""
-    with torch.device("meta"):
-        model = MoETransformer(config)  # no memory, no random init: every tensor comes from `state`
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise HFConversionError(f"{source}: weights do not match config.json"
-                                + (f"; missing: {_some(missing)}" if missing else "")
-                                + (f"; unexpected: {_some(unexpected)}" if unexpected else ""))
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise HFConversionError(f"{source}: weight {name} has shape {tuple(tensor.shape)}, "
-                                    f"config.json implies {tuple(expected[name].shape)}")
-    model.load_state_dict(state, assign=True)
-    model.rope = type(model.rope)(config.head_dim, config.max_seq_len, config.rope_theta)  # not in the state
-    for router in model.routers():
-        router.load_accum = torch.zeros_like(router.expert_bias)
-    return model.eval()
+    """A :class:`MoETransformer` holding exactly ``state``; mismatches raise :class:`HFConversionError`."""
+    return directory_model_from_state(config, state, source, error=HFConversionError)
 
 
 def _hf_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
