@@ -118,7 +118,8 @@ def main() -> None:
             ms = {E: [1e3 * t for t in times[f"{p}/{impl}/E{E}"]] for E in args.experts}
             ratios = [a / b for a, b in zip(ms[e1], ms[e0])]
             vs_ours = [median(ms[E]) / median([1e3 * t for t in times[f"{p}/ours/E{E}"]]) for E in args.experts]
-            met = f"<= {TARGET}: {'met' if median(ratios) <= TARGET else 'MISSED'}" if impl == "ours" else ""
+            # The target is on the forward pass; fwd+bwd is reported for information.
+            met = f"<= {TARGET}: {'met' if median(ratios) <= TARGET else 'MISSED'}" if (impl, p) == ("ours", "fwd") else ""
             rows.append([p, impl] + [spread(ms[E]) for E in args.experts]
                         + [f"{median(ratios):.2f}", " / ".join(f"{r:.2f}" for r in vs_ours), met])
             results[f"{p}/{impl}"] = dict(ms={E: ms[E] for E in args.experts}, ratio_last_first=ratios)

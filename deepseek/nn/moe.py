@@ -124,7 +124,8 @@ if _HAS_GROUPED_MM:
 
     @_grouped_mm_backward_op.register_fake
     def _(grad_MO, x_MI, w_EIO, offsets_E):
-        return torch.empty_like(x_MI), torch.empty_like(w_EIO)
+        # The kernel returns contiguous gradients whatever the strides of its inputs (w is often a transposed view).
+        return x_MI.new_empty(x_MI.shape), w_EIO.new_empty(w_EIO.shape)
 
     def _grouped_mm_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

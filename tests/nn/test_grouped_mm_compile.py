@@ -31,3 +31,14 @@ def test_compiled_grouped_experts_fp32_match_eager():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_grouped_mm_custom_ops_pass_opcheck_with_transposed_weights():
+    # Experts pass their (out, in) weights as transposed views; fake kernels must report real strides.
+    from deepseek.nn.moe import _grouped_mm_backward_op, _grouped_mm_op
+
+    x = torch.randn(10, 8)
+    w = torch.randn(3, 16, 8).transpose(1, 2)  # [E, I, O] view of [E, O, I]
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)
+    torch.library.opcheck(_grouped_mm_op, (x, w, offsets))
+    torch.library.opcheck(_grouped_mm_backward_op, (torch.randn(10, 16), x, w, offsets))
