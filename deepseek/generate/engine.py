@@ -151,7 +151,8 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
 
     # A compiled step needs fixed shapes: a static cache, and finished rows stay in the batch (ignored).
     cache = KVCache.for_model(model, batch, longest + max_new, static=compiled)
-    sampler = Sampler(params, config.vocab_size, device)
+    # A model's vocabulary may be padded beyond its tokenizer's: ids the tokenizer cannot decode are never sampled.
+    sampler = Sampler(params, min(config.vocab_size, tokenizer.get_vocab_size()), device)
     sampler.observe(ids_BT, valid_BT)
     mask = None if bool(valid_BT.all()) else valid_BT
     logits_BV = model(ids_BT, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]

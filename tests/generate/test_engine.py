@@ -164,3 +164,13 @@ def test_compiled_decoding_gives_the_same_tokens():
     compiled = ds.generate(model, tok, prompts, params, compile=True)
     assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
     assert [o.finish_reason for o in compiled] == ["length", "length"]
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
+    # A model whose vocabulary is padded past its tokenizer's (300 > 259 byte tokens).
+    torch.manual_seed(0)
+    model = ds.MoETransformer(ds.preset("tiny", vocab_size=300)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[259:] += 1.0  # make the undecodable ids the most likely
+    out = ds.generate(model, ds.byte_tokenizer(), "abc", max_new_tokens=20, temperature=1.0, seed=0, ignore_eos=True)
+    assert out.completion_tokens == 20 and max(out.token_ids) < 259
