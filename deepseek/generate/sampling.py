@@ -70,11 +70,11 @@ class Sampler:
         if self.all_greedy:
             return logits.argmax(dim=-1)
         greedy_choice = logits.argmax(dim=-1)
-        logits = logits / self.temperature.clamp_min(1e-5)
+        # One sort serves both filters: top-k keeps a prefix of it, top-p a prefix of its probabilities.
+        sorted_logits, sorted_ids = (logits / self.temperature.clamp_min(1e-5)).sort(dim=-1, descending=True)
         if self.any_top_k:
-            logits = _filter_top_k(logits, self.top_k)
-        probs = logits.softmax(dim=-1)
-        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+            sorted_logits = _filter_top_k(sorted_logits, self.top_k)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         if self.any_top_p:
             sorted_probs = _filter_top_p(sorted_probs, self.top_p)
         cdf = sorted_probs.cumsum(dim=-1)
@@ -89,11 +89,11 @@ class Sampler:
         return torch.stack(draws)
 
 
-def _filter_top_k(logits_BV: torch.Tensor, top_k_B: torch.Tensor) -> torch.Tensor:
-    """Keep each row's ``top_k`` largest logits (rows with top_k == 0 keep all)."""
-    k = torch.where(top_k_B > 0, top_k_B, logits_BV.shape[1]).clamp_max(logits_BV.shape[1])
-    kth = logits_BV.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-    return logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+def _filter_top_k(sorted_logits_BV: torch.Tensor, top_k_B: torch.Tensor) -> torch.Tensor:
+    """On logits sorted in descending order, keep each row's first ``top_k`` (rows with top_k == 0 keep all)."""
+    rank = torch.arange(sorted_logits_BV.shape[1], device=sorted_logits_BV.device)
+    k = torch.where(top_k_B > 0, top_k_B, sorted_logits_BV.shape[1])
+    return sorted_logits_BV.masked_fill(rank >= k.unsqueeze(1), float("-inf"))
 
 
 def _filter_top_p(sorted_probs_BV: torch.Tensor, top_p_B1: torch.Tensor) -> torch.Tensor:

@@ -164,13 +164,15 @@ class MoETransformer(nn.Module):
 
         if cache is None:
             if valid_BT is None:
+                self._check_length(T)
                 positions = torch.arange(T, device=device).expand(B, T)
-                cos, sin = self._rope(positions, T)
+                cos, sin = self.rope(positions)
                 return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
             positions = (valid_BT.long().cumsum(1) - 1).clamp_min(0)
             slots = torch.arange(T, device=device)
             mask = self._mask(positions, slots, positions, slots, valid_BT)
-            cos, sin = self._rope(positions, T)
+            self._check_length(T)
+            cos, sin = self.rope(positions)
             return AttentionInputs(cos, sin, mask=mask, **extra)
 
         if cache.batch_size != B:
@@ -181,8 +183,7 @@ class MoETransformer(nn.Module):
             cos, sin = self.rope(positions)
             return AttentionInputs(cos, sin, mask=mask, **extra)
         start = cache.pos
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len} of this model")
+        self._check_length(start + T)  # before the cache is touched
         positions = cache.reserve(valid_BT, T)
         cos, sin = self.rope(positions)
         if not cache.has_padding and start == 0 and T > 1:
@@ -204,11 +205,10 @@ class MoETransformer(nn.Module):
         mask |= k_slot_S[None, None, :] == q_slot_T[None, :, None]
         return mask.unsqueeze(1)
 
-    def _rope(self, positions_BT: torch.Tensor, n_slots: int):
+    def _check_length(self, n_slots: int) -> None:
         # A position never exceeds its slot, so checking the slot count on the host is enough (no sync).
         if n_slots > self.config.max_seq_len:
             raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len} of this model")
-        return self.rope(positions_BT)
 
     # -- routing statistics and balancing ----------------------------------------------------------
 

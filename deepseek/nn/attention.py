@@ -28,10 +28,6 @@ class AttentionInputs:
     ``mask`` ([B, 1, T, S] bool) is None when ``is_causal`` or ``blocked_sparse`` covers the pattern.
     """
 
-    def __post_init__(self) -> None:
-        if self.cos.dim() == 3:  # [B, T, Dh] -> [B, 1, T, Dh], broadcast over heads
-            self.cos, self.sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
-
     cos: torch.Tensor  # [B, 1, T, Dh]
     sin: torch.Tensor
     mask: Optional[torch.Tensor] = None
@@ -40,6 +36,10 @@ class AttentionInputs:
     window: int = 0
     n_global: int = 0
     cache: Optional[KVCache] = None
+
+    def __post_init__(self) -> None:
+        if self.cos.dim() == 3:  # [B, T, Dh] -> [B, 1, T, Dh], broadcast over heads
+            self.cos, self.sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
 
 
 class Attention(nn.Module):

@@ -53,7 +53,7 @@ class KVCache:
         slots = self.pos_tensor + torch.arange(n_new, device=device)
         if valid_BT is None:
             valid_BT = torch.ones(self.batch_size, n_new, dtype=torch.bool, device=device)
-        positions_BT = (self.n_tokens[:, None] + valid_BT.long().cumsum(1) - 1).clamp_min(0)
+        positions_BT = self._positions(valid_BT)
         self.slot_valid.index_copy_(1, slots, valid_BT)
         self.slot_position.index_copy_(1, slots, positions_BT)
         self.n_tokens += valid_BT.sum(1)
@@ -79,12 +79,15 @@ class KVCache:
             valid_BT = torch.ones(self.batch_size, n_new, dtype=torch.bool, device=self.slot_valid.device)
         else:
             self.has_padding = self.has_padding or not bool(valid_BT.all())
-        positions_BT = self.n_tokens[:, None] + valid_BT.long().cumsum(1) - 1
-        positions_BT = positions_BT.clamp_min(0)
+        positions_BT = self._positions(valid_BT)
         self.slot_valid[:, start:end] = valid_BT
         self.slot_position[:, start:end] = positions_BT
         self.n_tokens += valid_BT.sum(1)
         return positions_BT
+
+    def _positions(self, valid_BT: torch.Tensor) -> torch.Tensor:
+        """Rotary positions of new tokens: each row continues its own count of real tokens."""
+        return (self.n_tokens[:, None] + valid_BT.long().cumsum(1) - 1).clamp_min(0)
 
     def write(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values of ``layer`` and return all keys/values so far [B, Hkv, S, Dh].

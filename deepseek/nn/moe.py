@@ -70,8 +70,7 @@ class Router(nn.Module):
         self._last_experts = experts_NK  # counted lazily: decoding never pays for statistics nobody reads
         self.aux_loss = None
         if self.aux_loss_coef > 0 and self.training:
-            self.aux_loss = self.aux_loss_coef * load_balancing_loss(scores_NE, self.last_tokens_per_expert,
-                                                                     self.top_k)
+            self.aux_loss = self.aux_loss_coef * load_balancing_loss(scores_NE, self.last_tokens_per_expert)
         return weights_NK, experts_NK
 
     @property
@@ -84,7 +83,7 @@ class Router(nn.Module):
             0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
-def load_balancing_loss(scores_NE: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(scores_NE: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer auxiliary loss ``E * sum_i f_i * P_i``; equals 1 when perfectly balanced.
 
     f_i: fraction of routed (token, expert) pairs that went to expert i (no gradient);
