@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 quickstart: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/ds quickstart $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

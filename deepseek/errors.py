@@ -1,6 +1,8 @@
 """Errors that are the user's to fix: the CLI prints them as one line instead of a traceback."""
 
 from deepseek.config import ConfigError
+from deepseek.data.errors import DataError
 from deepseek.models.directory import ModelDirectoryError
+from deepseek.train.checkpoint import CheckpointError
 
-UserError = (ConfigError, ModelDirectoryError, FileNotFoundError, ValueError)
+UserError = (ConfigError, DataError, CheckpointError, ModelDirectoryError, FileNotFoundError, ValueError)

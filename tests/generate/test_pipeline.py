@@ -50,5 +50,5 @@ def test_cli_generate(model_dir, tiny):
 def test_cli_generate_missing_model_is_one_line_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "generate", str(tmp_path / "nope"), "hi"],
                          capture_output=True, text=True)
-    assert run.returncode == 2
+    assert run.returncode == 1
     assert "is not a directory" in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,46 @@
+"""``ds train CONFIG [key=value ...]``: train a language model from a YAML config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fields_help() -> str:
+    from deepseek.train.trainer_config import describe_fields
+
+    lines, section = [], ""
+    for key, default, text in describe_fields():
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append(f"[bold]{head}:[/bold]")
+        lines.append(f"  [cyan]{key}[/cyan] = {default}  {text}")
+    return "Config fields (in the YAML file, or key=value on the command line):\n\n" + "\n\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", epilog=_fields_help())(train_command)
+
+
+def train_command(
+    config: Optional[Path] = typer.Argument(None, help="A YAML training config (e.g. configs/tiny.yaml); "
+                                                       "omitted = the defaults."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. max_steps=20 "
+                                                               "model.n_routed_experts=16."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in run_dir."),
+) -> None:
+    """Train a MoE language model: metrics.jsonl, TensorBoard, checkpoints and the final model in run_dir."""
+    from deepseek.train.lm import train_lm
+    from deepseek.train.trainer_config import load_train_config
+
+    extra = ["checkpoint.resume=true"] if resume else []
+    cfg = load_train_config(config, [*(overrides or []), *extra])
+    result = train_lm(cfg)
+    line = f"trained {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}"
+    if result.final_eval:
+        line += f", val loss {result.final_eval['val_loss']:.4f} (ppl {result.final_eval['val_ppl']:.2f})"
+    typer.echo(line)
+    typer.echo(f"model: {Path(cfg.run_dir) / 'model'}   metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")

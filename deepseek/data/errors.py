@@ -1,0 +1,5 @@
+"""The error for data problems that are the user's to fix."""
+
+
+class DataError(RuntimeError):
+    """A data file or folder is missing, malformed or unusable; the message names it and says why."""

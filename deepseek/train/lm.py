@@ -1,0 +1,140 @@
+"""Training a deepseek language model from a :class:`TrainConfig`: data, model, loss, evaluation, final save.
+
+``train_lm(config)`` is what ``ds train`` runs. It prepares the data when the config says how and it has not
+been prepared yet, builds the model from ``model.preset`` + fields (its vocabulary sized to the tokenizer
+unless ``model.vocab_size`` is given), and hands everything to :class:`~deepseek.train.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tokenizers import Tokenizer
+
+from deepseek.config import ConfigError
+from deepseek.data import (DataError, TokenDataset, TokenLoader, byte_tokenizer, eval_batches, iter_documents,
+                           load_tokenizer_file, prepare, python_stdlib_dir, train_tokenizer)
+from deepseek.data.prepare import is_validation_document
+from deepseek.models.directory import save
+from deepseek.models.transformer import MoETransformer
+from deepseek.train.trainer import Trainer, TrainResult
+from deepseek.train.trainer_config import DataConfig, TrainConfig
+
+
+def lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Mean next-token cross-entropy of a :class:`deepseek.data.Batch` (fused head + loss, no logits kept)."""
+    return model(batch.inputs, targets=batch.targets)
+
+
+def expand_source(source: str) -> str:
+    return source.replace("{stdlib}", str(python_stdlib_dir()))
+
+
+def data_paths(data: DataConfig) -> dict[str, tuple[str, float]]:
+    """The prepared directories of a data section as {name: (path, weight)}."""
+    if data.sources:
+        return {name: (expand_source(str(spec["path"])), float(spec.get("weight", 1.0)))
+                for name, spec in data.sources.items()}
+    if not data.path:
+        raise ConfigError("data: set `path` (a directory from `ds prepare`) or `sources`")
+    return {"default": (expand_source(data.path), 1.0)}
+
+
+def ensure_prepared(data: DataConfig, vocab_size: int, *, progress: bool = True) -> None:
+    """Prepare ``data.path`` from ``data.prepare_from`` unless it already holds prepared tokens."""
+    for name, (path, _) in data_paths(data).items():
+        if (Path(path) / "index.json").is_file():
+            continue
+        if not data.prepare_from or data.sources:
+            raise DataError(f"{path} is not a prepared data directory (no index.json); "
+                            f"run `ds prepare` or set data.prepare_from")
+        sources = [expand_source(s) for s in data.prepare_from]
+        tokenizer = build_tokenizer(data.tokenizer, sources, data.exclude, vocab_size, data.val_fraction)
+        prepare(sources, tokenizer, path, val_fraction=data.val_fraction, exclude=data.exclude, progress=progress)
+
+
+def build_tokenizer(spec: str, sources: list[str], exclude: list[str], vocab_size: int,
+                    val_fraction: float) -> Tokenizer:
+    """``byte``, a tokenizer.json path, or ``train`` (BPE on the documents that will be training data)."""
+    if spec == "byte":
+        return byte_tokenizer()
+    if spec == "train":
+        texts = (doc.text for doc in iter_documents(sources, exclude=exclude)
+                 if not is_validation_document(doc.name, val_fraction))
+        return train_tokenizer(texts, vocab_size)
+    return load_tokenizer_file(expand_source(spec))
+
+
+def make_loader(config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> TokenLoader:
+    paths = data_paths(config.data)
+    sources: Any = next(iter(paths.values()))[0] if len(paths) == 1 and not config.data.sources else paths
+    return TokenLoader(sources, batch_size=config.batch_size, curriculum=config.data.schedule(), seed=config.seed,
+                       rank=rank, world_size=world_size)
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, paths: list[str], *, batch_size: int, seq_len: int,
+                max_batches: Optional[int] = None, split: str = "val") -> dict[str, float]:
+    """Validation loss (nats per token), perplexity, and bits per byte when the whole split was scored."""
+    device = next(model.parameters()).device
+    nats, tokens, byte_count, complete = 0.0, 0, 0, True
+    for path in paths:
+        dataset = TokenDataset(path, split)
+        if dataset.num_tokens <= seq_len:
+            continue
+        scored = 0
+        for inputs, targets in eval_batches(path, split=split, batch_size=batch_size, seq_len=seq_len,
+                                            max_batches=max_batches):
+            loss = model(inputs.to(device), targets=targets.to(device))
+            nats += loss.float().item() * targets.numel()
+            scored += targets.numel()
+        tokens += scored
+        byte_count += dataset.num_bytes
+        complete &= scored >= dataset.num_tokens - seq_len - 1  # all but the dropped tail
+    if not tokens:
+        return {}
+    loss = nats / tokens
+    results = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if complete and byte_count:
+        # Every token but a tail shorter than one window was scored: scale to the split's bytes.
+        results["val_bits_per_byte"] = nats / math.log(2) / byte_count * (sum(
+            TokenDataset(p, split).num_tokens for p in paths) / tokens)
+    return results
+
+
+def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
+    model_config = config.model_config()
+    if "vocab_size" not in config.model:
+        model_config.vocab_size = tokenizer.get_vocab_size()
+    elif tokenizer.get_vocab_size() > model_config.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.get_vocab_size()} tokens")
+    if config.data.max_seq_len > model_config.max_seq_len:
+        raise ConfigError(f"data seq_len {config.data.max_seq_len} exceeds model.max_seq_len {model_config.max_seq_len}")
+    torch.manual_seed(config.seed)
+    return MoETransformer(model_config)
+
+
+def train_lm(config: TrainConfig) -> TrainResult:
+    """Run a language-model training described by ``config`` (what ``ds train`` does)."""
+    model_config = config.model_config()
+    ensure_prepared(config.data, model_config.vocab_size, progress=config.progress)
+    paths = [p for p, _ in data_paths(config.data).values()]
+    tokenizer = TokenDataset(paths[0], "train").tokenizer()
+    model = build_model(config, tokenizer)
+    loader = make_loader(config)
+    eval_seq_len = config.data.schedule()[-1][1]
+    max_batches = config.data.eval_batches or None
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        return evaluate_lm(m, paths, batch_size=config.micro_batch, seq_len=eval_seq_len, max_batches=max_batches)
+
+    def save_model(m: torch.nn.Module, path: Path) -> None:
+        save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
+
+    trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
+                      save_model=save_model)
+    return trainer.fit()

@@ -1,0 +1,296 @@
+"""The training loop: any ``nn.Module`` + a loss function + batches, with everything a run needs around it.
+
+AdamW + warm-up/cosine schedule, gradient accumulation, bf16/fp16 mixed precision, fixed or dynamic gradient
+clipping, MoE load balancing, metrics.jsonl + TensorBoard + a progress bar, periodic evaluation, atomic
+checkpoints and exact resume. Language models get their wiring from :mod:`deepseek.train.lm`; an image or
+tabular model passes its own ``loss_fn`` (see examples/digits_cnn.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from deepseek.compile import jit
+from deepseek.config import ConfigError, to_dict
+from deepseek.nn.moe import update_router_biases
+from deepseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from deepseek.train.clipping import GradientClipper
+from deepseek.train.metrics import MetricsLog, StepProgress
+from deepseek.train.optim import build_optimizer, build_scheduler
+from deepseek.train.trainer_config import TrainConfig
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision setting on a device (None = fp32); refuses fp16 on CPU."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("precision=fp16 needs CUDA: on CPU fp16 matmuls are ~15x slower than fp32 "
+                              "(use precision=bf16 on CPU)")
+        return torch.float16
+    return torch.bfloat16
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Cut a batch into ``parts`` micro-batches along dim 0: tensors, tuples/lists/dicts of them, dataclasses."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        if batch.shape[0] % parts:
+            raise ValueError(f"batch of {batch.shape[0]} rows does not split into {parts} micro-batches")
+        return list(batch.chunk(parts))
+    if isinstance(batch, (tuple, list)):
+        columns = [split_batch(item, parts) if isinstance(item, torch.Tensor) else [item] * parts for item in batch]
+        return [type(batch)(col[i] for col in columns) for i in range(parts)]
+    if isinstance(batch, dict):
+        columns = {k: split_batch(v, parts) if isinstance(v, torch.Tensor) else [v] * parts for k, v in batch.items()}
+        return [{k: col[i] for k, col in columns.items()} for i in range(parts)]
+    if dataclasses.is_dataclass(batch):
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        columns = {k: split_batch(v, parts) if isinstance(v, torch.Tensor) else [v] * parts for k, v in fields.items()}
+        return [dataclasses.replace(batch, **{k: col[i] for k, col in columns.items()}) for i in range(parts)]
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into micro-batches")
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: move_batch(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch)})
+    return batch
+
+
+def count_items(batch: Any) -> int:
+    """Tokens in an LM batch (``inputs.numel()``), else rows: what the throughput counts."""
+    inputs = getattr(batch, "inputs", None)
+    if isinstance(inputs, torch.Tensor):
+        return inputs.numel()
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return first.shape[0] if isinstance(first, torch.Tensor) else 1
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    elapsed_s: float
+    stopped_early: bool = False
+    resumed_from: Optional[int] = None
+    final_eval: Optional[dict[str, float]] = None
+
+
+class Trainer:
+    """Trains ``model`` on ``batches`` with ``loss_fn(model, batch) -> scalar loss``.
+
+    ``batches`` is an iterator of batches; if it has ``state_dict()``/``load_state_dict()`` (like
+    :class:`deepseek.data.TokenLoader`) its position is checkpointed too, so a resumed run sees exactly the
+    batches the uninterrupted run would have seen. ``eval_fn(model) -> {"val_loss": …}`` runs every
+    ``eval_every`` steps and at the end. ``save_model(model, path)`` writes the final model (default:
+    safetensors of the state dict); ``tokenizer`` rides along in checkpoints of deepseek models.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Iterator[Any], loss_fn: LossFn,
+                 eval_fn: Optional[EvalFn] = None, tokenizer: Any = None,
+                 save_model: Optional[Callable[[nn.Module, Path], None]] = None, throughput_unit: str = "tok/s"):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.model = model.to(self.device)
+        self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
+        self.tokenizer, self.save_model, self.unit = tokenizer, save_model, throughput_unit
+        self.run_dir = Path(config.run_dir)
+        if config.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing"):
+                raise ConfigError("gradient_checkpointing=true needs a model with a `gradient_checkpointing` flag")
+            model.gradient_checkpointing = True
+        self.forward_model = jit(model) if config.compile else model
+        self.optimizer = build_optimizer(model, config.optimizer, device_type=self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
+        self.clipper = GradientClipper(config.clip)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.has_balancing_bias = any(getattr(m, "kind", None) == "sigmoid" and hasattr(m, "expert_bias")
+                                      for m in model.modules())
+        if self.has_balancing_bias:
+            # DeepSeek-V3's aux-loss-free balancing: nudge router biases once per optimizer step, before it.
+            self.optimizer.register_step_pre_hook(lambda *_: update_router_biases(model))
+        self.step = 0
+        self.accum = config.batch_size // config.micro_batch
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """Forward/backward over the micro-batches of one global batch, clip, step. Returns the step's figures."""
+        self.model.train()
+        micro_batches = split_batch(batch, self.accum)
+        loss_sum = 0.0
+        aux_sum = 0.0
+        for micro in micro_batches:
+            micro = move_batch(micro, self.device)
+            with self._autocast():
+                loss = self.loss_fn(self.forward_model, micro)
+            aux = getattr(self.model, "aux_loss", None)
+            aux = aux() if callable(aux) else None
+            total = (loss + aux if aux is not None else loss) / len(micro_batches)
+            (self.scaler.scale(total) if self.scaler is not None else total).backward()
+            loss_sum += loss.detach().float().item()
+            if aux is not None:
+                aux_sum += aux.detach().float().item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.clipper(self.model.parameters())
+        lr = self.optimizer.param_groups[0]["lr"]
+        finite = math.isfinite(clip.grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself on inf/nan gradients
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        figures = {"loss": loss_sum / len(micro_batches), "lr": lr, "grad_norm": clip.grad_norm,
+                   "clip_threshold": clip.threshold, "clipped": clip.clipped, "skipped": not finite}
+        if aux_sum:
+            figures["aux_loss"] = aux_sum / len(micro_batches)
+        stats = self.model.router_stats() if hasattr(self.model, "router_stats") else None
+        if stats is not None:
+            figures["expert_load_max_over_mean"] = float(stats.max_over_mean.max())
+        return figures
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def _training_state(self) -> dict[str, Any]:
+        state = {"step": self.step, "clipper": self.clipper.state_dict(), "config": to_dict(self.config)}
+        if hasattr(self.batches, "state_dict"):
+            state["data"] = self.batches.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, state=self._training_state(), tokenizer=self.tokenizer,
+                               keep_last=self.config.checkpoint.keep_last)
+
+    def resume(self) -> Optional[int]:
+        """Restore the newest valid checkpoint of the run (skipping corrupt ones); returns its step or None."""
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return None
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                verify=False)  # latest_checkpoint just verified it
+        self.step = int(state["step"])
+        self.clipper.load_state_dict(state["clipper"])
+        if "data" in state and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(state["data"])
+        elif hasattr(self.batches, "state_dict"):
+            warnings.warn(f"checkpoint {path} has no data position; the data order restarts")
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        return self.step
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                return self.eval_fn(self.model)
+        finally:
+            self.model.train(was_training)
+
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume() if cfg.checkpoint.resume else None
+        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard)
+        log.truncate_after(self.step)
+        progress = StepProgress(cfg.max_steps, self.step, enabled=cfg.progress, unit=self.unit)
+        if resumed is not None:
+            progress.print(f"resumed from step {resumed}")
+        started = time.perf_counter()
+        window_items, window_time = 0, 0.0
+        figures: dict[str, float] = {"loss": float("nan")}
+        stopped_early = False
+        last_checkpoint = self.step if resumed is not None else None
+        final_eval = None
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                batch = next(self.batches)
+                figures = self.train_step(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                window_time += time.perf_counter() - t0
+                window_items += count_items(batch)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    throughput = window_items / window_time if window_time else 0.0
+                    key = "tokens_per_s" if self.unit == "tok/s" else "samples_per_s"
+                    record = {"step": self.step, **figures, key: round(throughput, 1),
+                              "seq_len": getattr(batch, "seq_len", None),
+                              "elapsed_s": round(time.perf_counter() - started, 2)}
+                    log.log({k: v for k, v in record.items() if v is not None})
+                    progress.update(self.step, {**figures, "throughput": throughput})
+                    window_items, window_time = 0, 0.0
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    self._log_eval(log, progress)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                    last_checkpoint = self.step
+                limit = cfg.time_limit_minutes * 60
+                if limit and time.perf_counter() - started > limit and self.step < cfg.max_steps:
+                    progress.print(f"time limit of {cfg.time_limit_minutes:g} min reached at step {self.step}")
+                    stopped_early = True
+                    break
+            final_eval = self._log_eval(log, progress)
+            if last_checkpoint != self.step and (cfg.checkpoint.save_final or stopped_early):
+                self.save_checkpoint()
+            if self.save_model is not None:
+                self.save_model(self.model, self.run_dir / "model")
+        finally:
+            progress.close()
+            log.close()
+        return TrainResult(self.step, figures["loss"], time.perf_counter() - started, stopped_early, resumed, final_eval)
+
+    def _log_eval(self, log: MetricsLog, progress: StepProgress) -> Optional[dict[str, float]]:
+        results = self.evaluate()
+        if not results:
+            return None
+        log.log({"step": self.step, **results})
+        progress.print("eval step {}: {}".format(self.step, "  ".join(f"{k} {v:.4f}" for k, v in results.items())))
+        return results
