@@ -16,10 +16,12 @@ from typing import Optional
 
 import typer
 
+# No trailing newline: the BPE merges a newline with the indentation after it, so a prompt that ends in
+# "\n" would stop mid-token, somewhere the model never saw a token boundary.
 PROMPTS = (
-    "def read_lines(path):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "import os\n\n\ndef list_files(directory):\n",
+    "def read_lines(path):",
+    "class Stack:\n    def __init__(self):",
+    "import os\n\n\ndef list_files(directory):",
     "    for key, value in",
 )
 
@@ -57,6 +59,7 @@ def quickstart_command(
     from deepseek.data import TokenDataset, iter_documents, python_stdlib_dir
     from deepseek.data.prepare import is_validation_document
     from deepseek.train.lm import data_paths, ensure_prepared, evaluate_lm, expand_source, train_lm
+    from deepseek.train.plot import plot_loss_curve
     from deepseek.train.trainer_config import load_train_config
 
     console = Console()
@@ -78,6 +81,7 @@ def quickstart_command(
     result = train_lm(cfg)
     console.print(f"{result.step} steps in {result.elapsed_s / 60:.1f} min"
                   + (" (stopped by the time limit)" if result.stopped_early else ""))
+    console.print(f"loss curve: {plot_loss_curve(cfg.run_dir, title='quickstart: small MoE on the stdlib')}")
 
     console.rule("[bold]3. Held-out modules: the model against gzip and lzma")
     model_dir = Path(cfg.run_dir) / "model"

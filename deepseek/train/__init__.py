@@ -1,7 +1,11 @@
-"""Training: optimizer and schedule, gradient clipping, checkpoints (see docs/training.md)."""
+"""Training: the loop, its config, optimizer and schedule, gradient clipping, checkpoints (docs/training.md)."""
 
 from deepseek.train.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints,
                                        load_checkpoint, save_checkpoint, verify_checkpoint)
 from deepseek.train.clipping import ClipResult, GradientClipper
 from deepseek.train.config import CheckpointConfig, ClipConfig, OptimizerConfig, ScheduleConfig
 from deepseek.train.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+from deepseek.train.lm import evaluate_lm, train_lm
+from deepseek.train.metrics import read_metrics
+from deepseek.train.trainer import Trainer, TrainResult
+from deepseek.train.trainer_config import DataConfig, TrainConfig, load_train_config

@@ -112,7 +112,8 @@ class CheckpointConfig:
         "help": "keep this many newest checkpoints, delete older ones (0 = keep all)"})
     resume: bool = field(default=False, metadata={
         "help": "resume from the newest valid checkpoint of the run directory"})
-    save_final: bool = field(default=True, metadata={"help": "save a checkpoint after the last step"})
+    save_final: bool = field(default=True, metadata={
+        "help": "after the last step, save a checkpoint and the final model (run_dir/model)"})
 
     def __post_init__(self) -> None:
         problems = []

@@ -97,6 +97,16 @@ def count_items(batch: Any) -> int:
     return first.shape[0] if isinstance(first, torch.Tensor) else 1
 
 
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """The default final save of a plain module: ``path/model.safetensors``, written atomically."""
+    from safetensors.torch import save_file
+
+    from deepseek.models.directory import _state_for_saving, write_atomically
+
+    state = {k: v.clone() for k, v in _state_for_saving(model).items()}  # tied weights: safetensors wants no sharing
+    write_atomically(path, lambda folder: save_file(state, str(folder / "model.safetensors")))
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -113,8 +123,9 @@ class Trainer:
     ``batches`` is an iterator of batches; if it has ``state_dict()``/``load_state_dict()`` (like
     :class:`deepseek.data.TokenLoader`) its position is checkpointed too, so a resumed run sees exactly the
     batches the uninterrupted run would have seen. ``eval_fn(model) -> {"val_loss": …}`` runs every
-    ``eval_every`` steps and at the end. ``save_model(model, path)`` writes the final model (default:
-    safetensors of the state dict); ``tokenizer`` rides along in checkpoints of deepseek models.
+    ``eval_every`` steps and at the end. ``save_model(model, path)`` writes the final model to
+    ``run_dir/model`` (default: ``model.safetensors`` of the state dict in that folder); ``tokenizer`` rides
+    along in checkpoints of deepseek models.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Iterator[Any], loss_fn: LossFn,
@@ -125,7 +136,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.model = model.to(self.device)
         self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
-        self.tokenizer, self.save_model, self.unit = tokenizer, save_model, throughput_unit
+        self.tokenizer, self.save_model, self.unit = tokenizer, save_model or save_state_dict, throughput_unit
         self.run_dir = Path(config.run_dir)
         if config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing"):
@@ -280,7 +291,7 @@ class Trainer:
             final_eval = self._log_eval(log, progress)
             if last_checkpoint != self.step and (cfg.checkpoint.save_final or stopped_early):
                 self.save_checkpoint()
-            if self.save_model is not None:
+            if cfg.checkpoint.save_final:
                 self.save_model(self.model, self.run_dir / "model")
         finally:
             progress.close()
