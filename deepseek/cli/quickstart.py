@@ -110,7 +110,7 @@ def quickstart_command(
     console.rule("[bold]Next")
     total = time.perf_counter() - started
     console.print(f"quickstart took {total / 60:.1f} min. The model is in {model_dir}. Try:", highlight=False)
-    console.print(f'  ds generate {model_dir} "def fibonacci(n):\\n"\n'
+    console.print(f'  ds generate {model_dir} "def fibonacci(n):"\n'
                   f"  ds eval {model_dir} --data {data_dir}\n"
                   f"  ds info {model_dir}\n"
                   f"  ds train configs/quickstart.yaml --resume max_steps=1200   # train it longer",

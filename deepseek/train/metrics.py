@@ -76,8 +76,8 @@ class StepProgress:
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self.total, self.unit = total, unit
-        self._started = time.perf_counter()
-        self._start_step = start
+        self._last_time = time.perf_counter()
+        self._last_step = start
         self._progress: Optional[Progress] = None
         if self.live:
             self._progress = Progress(
@@ -91,9 +91,11 @@ class StepProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=text)
         elif self.enabled:
-            done = step - self._start_step
-            elapsed = time.perf_counter() - self._started
-            eta = elapsed / done * (self.total - step) if done else float("nan")
+            # The pace of the last interval, not of the whole run: a curriculum changes the cost of a step.
+            now = time.perf_counter()
+            done = step - self._last_step
+            eta = (now - self._last_time) / done * (self.total - step) if done else float("nan")
+            self._last_time, self._last_step = now, step
             self.console.print(f"step {step}/{self.total}  {text}  eta {eta:.0f}s", highlight=False)
 
     def print(self, text: str) -> None:
