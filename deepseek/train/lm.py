@@ -78,30 +78,27 @@ def make_loader(config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> T
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, paths: list[str], *, batch_size: int, seq_len: int,
                 max_batches: Optional[int] = None, split: str = "val") -> dict[str, float]:
-    """Validation loss (nats per token), perplexity, and bits per byte when the whole split was scored."""
+    """Validation loss (nats per token), perplexity, and bits per byte when whole splits were scored."""
     device = next(model.parameters()).device
-    nats, tokens, byte_count, complete = 0.0, 0, 0, True
+    nats, scored, bits, byte_count, complete = 0.0, 0, 0.0, 0, True
     for path in paths:
         dataset = TokenDataset(path, split)
         if dataset.num_tokens <= seq_len:
-            continue
-        scored = 0
-        for inputs, targets in eval_batches(path, split=split, batch_size=batch_size, seq_len=seq_len,
-                                            max_batches=max_batches):
-            loss = model(inputs.to(device), targets=targets.to(device))
-            nats += loss.float().item() * targets.numel()
-            scored += targets.numel()
-        tokens += scored
-        byte_count += dataset.num_bytes
-        complete &= scored >= dataset.num_tokens - seq_len - 1  # all but the dropped tail
-    if not tokens:
+            continue  # too short for one window: nothing to score
+        batches = eval_batches(path, split=split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+        source_nats = sum(model(x.to(device), targets=y.to(device)).float().item() * y.numel() for x, y in batches)
+        nats, scored = nats + source_nats, scored + batches.num_targets
+        if batches.num_targets == (dataset.num_tokens - 1) // seq_len * seq_len:  # all but a sub-window tail
+            bits += batches.bits_per_byte(source_nats / batches.num_targets) * dataset.num_bytes
+            byte_count += dataset.num_bytes
+        else:
+            complete = False
+    if not scored:
         return {}
-    loss = nats / tokens
+    loss = nats / scored
     results = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-    if complete and byte_count:
-        # Every token but a tail shorter than one window was scored: scale to the split's bytes.
-        results["val_bits_per_byte"] = nats / math.log(2) / byte_count * (sum(
-            TokenDataset(p, split).num_tokens for p in paths) / tokens)
+    if complete:
+        results["val_bits_per_byte"] = bits / byte_count
     return results
 
 
