@@ -1,0 +1,283 @@
+"""Dynamic batching: many small requests in, few large model calls out (Triton's dynamic batcher, in asyncio).
+
+    batcher = DynamicBatcher(run_batch, max_batch_size=64, timeout_ms=50)
+    outputs = await batcher.submit({"x": x})          # x: [n, ...] rows; outputs: {"y": [n, ...]}
+
+Requests wait in a bounded queue. A batch is cut when the queue holds ``max_batch_size`` rows (or the
+largest of ``preferred_batch_sizes`` that fits), or when the oldest request has waited ``timeout_ms``
+(``max_queue_delay_ms`` in a model's config). Compatible inputs are concatenated along the batch
+dimension — ragged ones padded to the longest where ``pad_values`` names the input — and each output is
+split back by rows, in order. The model runs in a worker thread under ``torch.inference_mode``, so the
+event loop keeps accepting requests while a batch computes; ``instances`` batches may run at once.
+
+A full queue rejects at once (:class:`QueueFullError`), a request past its own deadline fails with
+:class:`DeadlineExceededError`, and a request whose caller went away (its task cancelled, e.g. a client
+disconnect) is dropped before it costs compute. ``stop()`` drains what is queued before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Inputs = Mapping[str, torch.Tensor]
+Outputs = dict[str, torch.Tensor]
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds ``max_queue_size`` requests: retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceededError(TimeoutError):
+    """The request waited past its timeout (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: Inputs
+    rows: int
+    signature: tuple
+    future: asyncio.Future
+    enqueued: float
+    deadline: Optional[float]
+
+
+@dataclass
+class BatcherStats:
+    requests: int = 0
+    batches: int = 0
+    rows: int = 0
+    rejected: int = 0
+    expired: int = 0
+    dropped: int = 0  # requests removed from the queue without computing them
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+class DynamicBatcher:
+    """Queue requests and run them through ``run_batch(inputs) -> outputs`` in batches (see module docs)."""
+
+    def __init__(self, run_batch: Callable[[Inputs], Mapping[str, torch.Tensor]], *, max_batch_size: int = 64,
+                 timeout_ms: float = 50.0, preferred_batch_sizes: Sequence[int] = (), max_queue_size: int = 1024,
+                 default_timeout_ms: Optional[float] = None, pad_values: Optional[Mapping[str, float]] = None,
+                 instances: int = 1, executor: Optional[concurrent.futures.Executor] = None):
+        if max_batch_size < 1 or max_queue_size < 1 or instances < 1:
+            raise ValueError("max_batch_size, max_queue_size and instances must be positive")
+        if any(not 1 <= p <= max_batch_size for p in preferred_batch_sizes):
+            raise ValueError(f"preferred_batch_sizes must lie in 1..max_batch_size={max_batch_size}")
+        self.run_batch = run_batch
+        self.max_batch_size, self.delay_s = max_batch_size, timeout_ms / 1000
+        self.preferred = sorted(set(preferred_batch_sizes), reverse=True)
+        self.max_queue_size, self.default_timeout_ms = max_queue_size, default_timeout_ms
+        self.pad_values = dict(pad_values or {})
+        self.instances = instances
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(instances, thread_name_prefix="batcher")
+        self._owns_executor = executor is None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._wakeup: Optional[asyncio.Event] = None
+        self._slots: Optional[asyncio.Semaphore] = None
+        self._running: set[asyncio.Task] = set()
+        self._loop_task: Optional[asyncio.Task] = None
+        self._closing = False
+        self.stats = BatcherStats()
+
+    # -- the caller's side ---------------------------------------------------------------------------
+
+    async def submit(self, inputs: Inputs, *, timeout_ms: Optional[float] = None) -> Outputs:
+        """Queue ``inputs`` (tensors sharing a leading batch dimension) and wait for their outputs."""
+        if self._closing:
+            raise BatcherClosedError("the batcher is shutting down")
+        self._ensure_started()
+        rows = _rows(inputs)
+        if rows > self.max_batch_size:
+            raise ValueError(f"request has {rows} rows; the maximum batch size is {self.max_batch_size}")
+        if len(self._queue) >= self.max_queue_size:
+            self.stats.rejected += 1
+            raise QueueFullError(f"queue full ({self.max_queue_size} requests waiting)")
+        timeout_ms = timeout_ms if timeout_ms is not None else self.default_timeout_ms
+        now = time.monotonic()
+        request = _Request(inputs, rows, self._signature(inputs), asyncio.get_running_loop().create_future(), now,
+                           now + timeout_ms / 1000 if timeout_ms is not None else None)
+        self._queue.append(request)
+        self.stats.requests += 1
+        self._wakeup.set()
+        try:
+            if request.deadline is None:
+                return await request.future
+            return await asyncio.wait_for(asyncio.shield(request.future), request.deadline - now)
+        except asyncio.TimeoutError:
+            request.future.cancel()  # still queued: dropped before compute; running: result discarded
+            self.stats.expired += 1
+            raise DeadlineExceededError(f"request not served within {timeout_ms:g} ms") from None
+        except asyncio.CancelledError:
+            request.future.cancel()  # the caller went away: never compute it
+            raise
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop taking requests; with ``drain`` finish every queued and running one first."""
+        self._closing = True
+        if not drain:
+            while self._queue:
+                self._queue.popleft().future.cancel()
+        if self._loop_task is not None:
+            self._wakeup.set()
+            await self._loop_task
+            self._loop_task = None
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+
+    # -- the batching loop ---------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.instances)
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="dynamic-batcher")
+
+    def _signature(self, inputs: Inputs) -> tuple:
+        # Requests batch together when every input agrees on dtype and on the shape past the batch dimension;
+        # inputs with a pad value only need the same number of dimensions.
+        return tuple(sorted((name, t.dtype, t.dim() if name in self.pad_values else tuple(t.shape[1:]))
+                            for name, t in inputs.items()))
+
+    def _prune(self) -> None:
+        """Drop requests whose caller gave up, and fail those past their deadline, before they cost compute."""
+        now = time.monotonic()
+        kept = collections.deque()
+        for request in self._queue:
+            if request.future.done():  # cancelled by its caller or timed out in submit()
+                self.stats.dropped += 1
+            elif request.deadline is not None and now >= request.deadline:
+                request.future.set_exception(DeadlineExceededError("request expired in the queue"))
+                self.stats.dropped += 1
+            else:
+                kept.append(request)
+        self._queue = kept
+
+    def _ready_rows(self) -> int:
+        head = self._queue[0].signature
+        return sum(r.rows for r in self._queue if r.signature == head)
+
+    def _target_size(self, available: int, waited_out: bool) -> Optional[int]:
+        """How many rows to cut now, or None to keep waiting for more."""
+        if available >= self.max_batch_size:
+            return self.max_batch_size
+        for size in self.preferred:
+            if available >= size:
+                return size
+        return available if waited_out or self._closing else None
+
+    def _cut(self, size: int) -> list[_Request]:
+        # The oldest request always goes (even when larger than a preferred size), then whatever fits behind it.
+        first = self._queue.popleft()
+        head, batch, rows, rest = first.signature, [first], first.rows, collections.deque()
+        for request in self._queue:
+            if request.signature == head and rows + request.rows <= size:
+                batch.append(request)
+                rows += request.rows
+            else:
+                rest.append(request)
+        self._queue = rest
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            self._prune()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            waited = time.monotonic() - self._queue[0].enqueued
+            size = self._target_size(self._ready_rows(), waited >= self.delay_s)
+            if size is None:
+                self._wakeup.clear()
+                try:  # woken early by a new request, or when the oldest one has waited long enough
+                    await asyncio.wait_for(self._wakeup.wait(), self.delay_s - waited)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            await self._slots.acquire()  # at most `instances` batches in flight; the queue keeps filling meanwhile
+            self._prune()
+            if not self._queue:
+                self._slots.release()
+                continue
+            batch = self._cut(min(size, self._ready_rows()))
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        try:
+            inputs = self._concatenate(batch)
+            rows = sum(r.rows for r in batch)
+            self.stats.batches += 1
+            self.stats.rows += rows
+            self.stats.batch_sizes[rows] += 1
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+            start = 0
+            for request in batch:
+                part = {name: out[start:start + request.rows] for name, out in outputs.items()}
+                start += request.rows
+                if not request.future.done():
+                    request.future.set_result(part)
+        except Exception as exc:  # the model failed: every request of the batch gets the error, serving goes on
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+        finally:
+            self._slots.release()
+            self._wakeup.set()
+
+    def _run(self, inputs: Inputs) -> Outputs:
+        with torch.inference_mode():
+            outputs = dict(self.run_batch(inputs))
+        rows = _rows(inputs)
+        for name, out in outputs.items():
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != rows:
+                raise RuntimeError(f"output {name!r} must have the batch's {rows} rows first, got "
+                                   f"{tuple(getattr(out, 'shape', ()))}")
+        return outputs
+
+    def _concatenate(self, batch: list[_Request]) -> dict[str, torch.Tensor]:
+        if len(batch) == 1:
+            return dict(batch[0].inputs)
+        merged = {}
+        for name in batch[0].inputs:
+            parts = [r.inputs[name] for r in batch]
+            if name in self.pad_values:
+                longest = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+                parts = [F.pad(p, [x for d in reversed(range(1, p.dim())) for x in (0, longest[d - 1] - p.shape[d])],
+                               value=self.pad_values[name]) for p in parts]
+            merged[name] = torch.cat(parts)
+        return merged
+
+
+def _rows(inputs: Inputs) -> int:
+    if not inputs:
+        raise ValueError("a request needs at least one input tensor")
+    sizes = {name: t.shape[0] if isinstance(t, torch.Tensor) and t.dim() else None for name, t in inputs.items()}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise ValueError(f"every input must be a tensor with the same leading batch dimension, got {sizes}")
+    return next(iter(sizes.values()))
