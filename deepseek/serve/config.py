@@ -1,0 +1,199 @@
+"""A served model's ``config.yaml``: backend, tensor signature, batching, instances, version policy.
+
+    backend: onnx            # deepseek (a model directory) | torch | onnx
+    max_batch_size: 64       # 0: the model takes no batch dimension; > 0: dim 0 is the batch, implicit in shapes
+    inputs:  [{name: x, datatype: FP32, shape: [32]}]          # -1 marks a dynamic dimension
+    outputs: [{name: y, datatype: FP32, shape: [10]}]
+    dynamic_batching: {max_queue_delay_ms: 5, max_queue_size: 1024}
+    instances: 1             # executors running batches in parallel
+    version_policy: {latest: 1}   # or {all: true} or {specific: [1, 3]}
+
+Datatypes are the KServe v2 names. Parsing goes through :func:`deepseek.config.from_dict`, so an unknown
+key is an error listing the valid ones; :func:`load_serving_config` names the file in every error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import yaml
+
+from deepseek.config import ConfigError, from_dict
+
+DATATYPE_TO_TORCH: dict[str, Optional[torch.dtype]] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "UINT16": torch.uint16,
+    "UINT32": torch.uint32,
+    "UINT64": torch.uint64,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "BF16": torch.bfloat16,
+    "BYTES": None,  # strings / raw bytes: no tensor dtype
+}
+DATATYPES = tuple(DATATYPE_TO_TORCH)
+BACKENDS = ("deepseek", "torch", "onnx")
+
+
+def torch_dtype(datatype: str) -> Optional[torch.dtype]:
+    """The torch dtype of a KServe v2 datatype name (None for BYTES); ConfigError for an unknown name."""
+    if datatype not in DATATYPE_TO_TORCH:
+        raise ConfigError(f"datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+    return DATATYPE_TO_TORCH[datatype]
+
+
+@dataclass
+class TensorSpec:
+    """One input or output: ``shape`` excludes the batch dimension when ``max_batch_size > 0``; -1 is dynamic."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    optional: bool = False
+    pad_value: Optional[float] = None  # ragged inputs are padded with this when batched
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("tensor name must not be empty")
+        if self.datatype not in DATATYPE_TO_TORCH:
+            raise ConfigError(f"tensor {self.name!r}: datatype {self.datatype!r} is not one of {', '.join(DATATYPES)}")
+        bad = [d for d in self.shape if d != -1 and d < 1]
+        if bad:
+            raise ConfigError(f"tensor {self.name!r}: shape {self.shape} has invalid dims {bad} "
+                              f"(each dim is >= 1, or -1 for a dynamic one)")
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return DATATYPE_TO_TORCH[self.datatype]
+
+
+@dataclass
+class DynamicBatchingConfig:
+    max_queue_delay_ms: float = 5.0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_size: int = 1024
+    default_timeout_ms: Optional[float] = None  # per-request deadline when the request sets none
+
+    def __post_init__(self):
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue_size < 1:
+            raise ConfigError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if any(p < 1 for p in self.preferred_batch_sizes):
+            raise ConfigError(f"preferred_batch_sizes must be >= 1, got {self.preferred_batch_sizes}")
+        if self.default_timeout_ms is not None and self.default_timeout_ms <= 0:
+            raise ConfigError(f"default_timeout_ms must be > 0, got {self.default_timeout_ms}")
+
+
+@dataclass
+class VersionPolicy:
+    """Which version folders to serve: ``latest: N``, ``all: true`` or ``specific: [...]`` (exactly one).
+
+    With nothing set the policy is ``latest: 1``. A ``specific`` version that is not on disk is dropped
+    by :meth:`select` (the repository marks the model unavailable only when nothing at all is selected).
+    """
+
+    latest: Optional[int] = None
+    all: bool = False
+    specific: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        kinds = [k for k, on in (("latest", self.latest is not None), ("all", self.all), ("specific", bool(self.specific)))
+                 if on]
+        if len(kinds) > 1:
+            raise ConfigError(f"version_policy: set exactly one of latest, all, specific (got {', '.join(kinds)})")
+        if self.latest is not None and self.latest < 1:
+            raise ConfigError(f"version_policy.latest must be >= 1, got {self.latest}")
+        if any(v < 1 for v in self.specific):
+            raise ConfigError(f"version_policy.specific versions must be >= 1, got {self.specific}")
+
+    @property
+    def kind(self) -> str:
+        return "all" if self.all else "specific" if self.specific else "latest"
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of ``available``, sorted ascending."""
+        versions = sorted(set(available))
+        if self.all:
+            return versions
+        if self.specific:
+            wanted = set(self.specific)
+            return [v for v in versions if v in wanted]
+        n = 1 if self.latest is None else self.latest
+        return versions[-n:]
+
+
+@dataclass
+class ServingConfig:
+    backend: Literal["deepseek", "torch", "onnx"]
+    max_batch_size: int = 0
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    dynamic_batching: Optional[DynamicBatchingConfig] = None
+    instances: int = 1
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    parameters: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a torch entry point)
+
+    def __post_init__(self):
+        if self.max_batch_size < 0:
+            raise ConfigError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
+        if self.instances < 1:
+            raise ConfigError(f"instances must be >= 1, got {self.instances}")
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [s.name for s in specs]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"{kind}: duplicate names {', '.join(dup)}")
+        if self.backend in ("onnx", "torch") and not (self.inputs and self.outputs):
+            raise ConfigError(f"backend {self.backend!r} needs inputs and outputs declared")
+        if self.dynamic_batching is not None:
+            if self.max_batch_size < 1:
+                raise ConfigError("dynamic_batching needs max_batch_size >= 1")
+            too_big = [p for p in self.dynamic_batching.preferred_batch_sizes if p > self.max_batch_size]
+            if too_big:
+                raise ConfigError(f"dynamic_batching.preferred_batch_sizes {too_big} exceed "
+                                  f"max_batch_size {self.max_batch_size}")
+
+    def batcher_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`deepseek.serve.batching.DynamicBatcher` (needs ``dynamic_batching``)."""
+        if self.dynamic_batching is None:
+            raise ConfigError("this model has no dynamic_batching section")
+        db = self.dynamic_batching
+        return {"max_batch_size": self.max_batch_size, "timeout_ms": db.max_queue_delay_ms,
+                "preferred_batch_sizes": list(db.preferred_batch_sizes), "max_queue_size": db.max_queue_size,
+                "default_timeout_ms": db.default_timeout_ms, "instances": self.instances,
+                "pad_values": {s.name: s.pad_value for s in self.inputs if s.pad_value is not None}}
+
+
+def parse_serving_config(data: Any) -> ServingConfig:
+    """A :class:`ServingConfig` from a parsed YAML/JSON mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping, got {type(data).__name__}")
+    if "backend" not in data:
+        raise ConfigError(f"missing key backend (one of {', '.join(BACKENDS)})")
+    return from_dict(ServingConfig, data)
+
+
+def load_serving_config(path: str | Path) -> ServingConfig:
+    """Read a model's ``config.yaml``; every ConfigError names the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return parse_serving_config({} if data is None else data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
