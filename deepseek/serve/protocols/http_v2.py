@@ -198,6 +198,17 @@ def encode_response(header: dict, model: str, version: Optional[int],
 
 # -- the app -----------------------------------------------------------------------------------------------
 
+def parse_json_object(text: bytes) -> dict:
+    """A request body that must be a JSON object; anything else is a 400 that says why."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(400, f"malformed JSON request: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(400, "the request must be a JSON object")
+    return data
+
+
 def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The KServe v2 REST app over ``manager`` (see module docs)."""
     state = {"ready": False}
@@ -304,12 +315,7 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
             text, binary = body[:n], body[n:]
         else:
             text, binary = body, b""
-        try:
-            header = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(400, f"malformed JSON request: {exc}") from None
-        if not isinstance(header, dict):
-            raise ProtocolError(400, "the request must be a JSON object")
+        header = parse_json_object(text)
         mv = lookup(model, version)
         inputs = parse_inputs(header, binary)
         try:
@@ -336,13 +342,7 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
         body = await read_body(request)
         ready_only = False
         if body.strip():
-            try:
-                data = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ProtocolError(400, f"malformed JSON request: {exc}") from None
-            if not isinstance(data, dict):
-                raise ProtocolError(400, "the request must be a JSON object")
-            ready_only = bool(data.get("ready", False))
+            ready_only = bool(parse_json_object(body).get("ready", False))
         return manager.index(ready_only=ready_only)
 
     return app
