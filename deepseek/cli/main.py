@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from deepseek.cli import convert, data, evaluate, generate, init, quickstart, train
+from deepseek.cli import convert, data, evaluate, generate, init, quickstart, serve, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
@@ -30,6 +30,7 @@ data.register(app)
 train.register(app)
 evaluate.register(app)
 generate.register(app)
+serve.register(app)
 convert.register(app)
 
 
