@@ -115,5 +115,8 @@ def quickstart_command(
                   f"  ds info {model_dir}\n"
                   f"  ds train configs/quickstart.yaml --resume max_steps=1200   # train it longer",
                   highlight=False, markup=False)
+    console.print(f"  ds serve {model_dir} --http-port 8080                 # KServe v2 over HTTP "
+                  "(pip install '.[serve]')", highlight=False, markup=False)
     if serve:
-        console.print("serving (`ds serve`) arrives with the Serving issue; for now, run the commands above.")
+        console.print("The quickstart does not start the server yet (continuous batching and the OpenAI API come "
+                      "with the Serving II issue); run `ds serve` above.")
