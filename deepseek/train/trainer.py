@@ -147,9 +147,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.clipper = GradientClipper(config.clip)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.has_balancing_bias = any(getattr(m, "kind", None) == "sigmoid" and hasattr(m, "expert_bias")
-                                      for m in model.modules())
-        if self.has_balancing_bias:
+        if any(getattr(m, "kind", None) == "sigmoid" and hasattr(m, "expert_bias") for m in model.modules()):
             # DeepSeek-V3's aux-loss-free balancing: nudge router biases once per optimizer step, before it.
             self.optimizer.register_step_pre_hook(lambda *_: update_router_biases(model))
         self.step = 0

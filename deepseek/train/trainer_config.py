@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from deepseek.config import ConfigError, apply_overrides, from_dict, load_file
+from deepseek.config import ConfigError, apply_overrides, load_file
 from deepseek.models.config import PRESETS, ModelConfig, preset
 from deepseek.train.config import CheckpointConfig, ClipConfig, OptimizerConfig, ScheduleConfig
 
@@ -137,6 +137,3 @@ def describe_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str
                 rows.append((f"model.{mf.name}", repr(mf.default), "ModelConfig field (see docs/model.md)"))
     return rows
 
-
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    return from_dict(TrainConfig, data)
