@@ -15,10 +15,25 @@ from deepseek.models import PRESETS, ModelConfig, MoETransformer, RouterStats, p
 from deepseek.models.directory import ModelDirectoryError, load, save
 from deepseek.nn import KVCache, update_router_biases
 
+
+def serve(model_or_repo, port: int = 8080, **options):
+    """Serve a model repository, a model directory or an in-memory model over KServe v2 HTTP (and gRPC with
+    ``grpc_port=``); see :func:`deepseek.serve.server.serve`. Needs the ``serve`` extra."""
+    from deepseek.serve.server import serve as _serve
+    return _serve(model_or_repo, port, **options)
+
+
+def __getattr__(name):
+    if name in ("Server", "DeepseekServing"):  # imported lazily: serving pulls in FastAPI and friends
+        from deepseek.serve import server
+        return getattr(server, name)
+    raise AttributeError(f"module 'deepseek' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "GenerationOutput", "KVCache", "SamplingParams", "generate", "generate_stream", "pipeline",
     "stream", "ModelConfig", "ModelDirectoryError", "MoETransformer", "PRESETS", "RouterStats",
-    "byte_tokenizer", "jit", "load", "preset", "save", "update_router_biases",
+    "byte_tokenizer", "jit", "load", "preset", "save", "serve", "update_router_biases",
 ]

@@ -4,59 +4,68 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+
+from deepseek.serve.server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
 
 
-def repository_for_model_dir(model_dir: Path, into: Path) -> Path:
-    """A one-model repository ``into/<name>/1 -> model_dir``: the ``ds serve MODEL_DIR`` shortcut."""
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in model_dir.resolve().name) or "model"
-    (into / name).mkdir(parents=True)
-    (into / name / "1").symlink_to(model_dir.resolve(), target_is_directory=True)
-    return into
-
-
 def serve_command(
     model_dir: Optional[Path] = typer.Argument(None, help="One model directory to serve (shortcut for a repository)."),
     model_repository: Optional[Path] = typer.Option(None, help="A model repository: <repo>/<model>/<version>/."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 = this machine only)."),
-    http_port: int = typer.Option(8080, help="HTTP port (KServe v2 REST)."),
+    http_port: int = typer.Option(DEFAULT_HTTP_PORT, help="HTTP port (KServe v2 REST, /metrics)."),
+    grpc_port: int = typer.Option(DEFAULT_GRPC_PORT, help="gRPC port (KServe v2 / Triton GRPCInferenceService)."),
+    no_grpc: bool = typer.Option(False, "--no-grpc", help="Serve HTTP only."),
+    api_key: Optional[str] = typer.Option(None, envvar="DS_API_KEY", show_envvar=True,
+                                          help="Key for the management API (load/unload, routing, experiments); "
+                                               "without one those routes are disabled."),
+    protect_inference: bool = typer.Option(False, help="Require the API key for inference too."),
+    model_control: str = typer.Option("none", help="none: load all at start, no changes | poll: follow the "
+                                                   "repository | explicit: load/unload through the API."),
+    load_model: Optional[List[str]] = typer.Option(None, help="With --model-control explicit: models to load at "
+                                                              "start (repeatable; '*' = all; default: all)."),
+    repository_poll_secs: float = typer.Option(15.0, help="With --model-control poll: seconds between scans."),
     max_request_mb: float = typer.Option(64.0, help="Largest accepted request body, in MiB."),
+    access_log: Optional[str] = typer.Option(None, help="Write a JSON-lines access log to this file ('-' = stderr)."),
+    routing_header: str = typer.Option("X-User-Id", help="Request header whose value keeps a user on one A/B "
+                                                         "variant."),
+    torch_threads: Optional[int] = typer.Option(None, help="Intra-op threads for the models (default: every core "
+                                                           "but one, which the event loop needs)."),
 ) -> None:
-    """Serve models over the KServe v2 HTTP protocol (tritonclient, KServe clients) until Ctrl-C; drains on exit."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise FileNotFoundError("ds serve needs the serving extra: pip install 'deepseek-framework[serve]'") from None
-
-    from deepseek.serve.manager import ModelManager
-    from deepseek.serve.protocols.http_v2 import create_app
-    from deepseek.serve.repository import ModelRepository
+    """Serve models over KServe v2 HTTP and gRPC (tritonclient, KServe clients) until Ctrl-C; drains on exit."""
+    from deepseek.config import ConfigError
+    from deepseek.serve.manager import CONTROL_MODES
+    from deepseek.serve.server import Server
 
     if (model_dir is None) == (model_repository is None):
         raise typer.BadParameter("give either MODEL_DIR or --model-repository")
-    with tempfile.TemporaryDirectory(prefix="ds-serve-") as tmp:
-        root = model_repository if model_repository is not None else repository_for_model_dir(model_dir, Path(tmp))
-        if not root.is_dir():
-            raise FileNotFoundError(f"model repository {root} is not a directory")
-        manager = ModelManager(ModelRepository(root))
-        app = create_app(manager, max_request_bytes=int(max_request_mb * (1 << 20)))
-        typer.echo(f"serving {root} on http://{host}:{http_port}/v2 (Ctrl-C drains and stops)")
-        # uvicorn handles SIGINT/SIGTERM: it stops accepting, finishes in-flight requests, runs the app's
-        # lifespan shutdown (which drains every batcher), then re-raises the signal; these handlers turn
-        # that into a normal exit, since the stop was orderly.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: sys.exit(0))
-        try:
-            uvicorn.run(app, host=host, port=http_port, log_level="warning")
-        finally:
-            typer.echo("stopped; in-flight requests were drained")
+    if model_control not in CONTROL_MODES:
+        raise ConfigError(f"--model-control {model_control!r} is not one of {', '.join(CONTROL_MODES)}")
+    root = model_repository if model_repository is not None else model_dir
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    server = Server(root, host=host, port=http_port, grpc_port=None if no_grpc else grpc_port, api_key=api_key,
+                    protect_inference=protect_inference, model_control=model_control, load_models=load_model,
+                    poll_interval_s=repository_poll_secs, max_request_mb=max_request_mb, access_log=access_log,
+                    routing_header=routing_header, torch_threads=torch_threads)
+    grpc = "" if no_grpc else f", gRPC on {host}:{grpc_port}"
+    typer.echo(f"serving {root} on http://{host}:{http_port}/v2{grpc}; metrics at /metrics "
+               f"(Ctrl-C drains and stops)")
+    if not server.api_key:
+        typer.echo("management API disabled (no --api-key)")
+    # uvicorn handles SIGINT/SIGTERM: it stops accepting, finishes in-flight requests, runs the app's lifespan
+    # shutdown (gRPC stops with a grace period, then every queue drains), then re-raises the signal; these
+    # handlers turn that into a normal exit, since the stop was orderly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    finally:
+        typer.echo("stopped; in-flight requests were drained")

@@ -5,9 +5,13 @@
 
 Requests wait in a bounded queue. A batch is cut when the queue holds ``max_batch_size`` rows (or the
 largest of ``preferred_batch_sizes`` that fits), or when the oldest request has waited ``timeout_ms``
-(``max_queue_delay_ms`` in a model's config). Compatible inputs are concatenated along the batch
+(``max_queue_delay_ms`` in a model's config). Under light load the wait is skipped: while recent batches
+held about one request, a request that finds the model idle runs at once (a lone request never pays the
+queue delay); once load builds up and batches grow, the batcher waits to fill them. Compatible inputs are concatenated along the batch
 dimension — ragged ones padded to the longest where ``pad_values`` names the input — and each output is
-split back by rows, in order. The model runs in a worker thread under ``torch.inference_mode``, so the
+split back by rows, in order. With ``combine=False`` (a model without a batch dimension, or one that does
+not batch dynamically) every request runs alone but still gets the queue, deadlines and statistics.
+With ``priority_levels`` > 1 a request's ``priority`` (1 = highest) picks who goes first; FIFO within a level. The model runs in a worker thread under ``torch.inference_mode``, so the
 event loop keeps accepting requests while a batch computes; ``instances`` batches may run at once.
 
 A full queue rejects at once (:class:`QueueFullError`), a request past its own deadline fails with
@@ -43,6 +47,29 @@ class BatcherClosedError(RuntimeError):
     """The batcher is stopping and takes no new requests (HTTP 503)."""
 
 
+@dataclass
+class RequestTrace:
+    """Where one request's time went (filled in by the batcher when passed to :meth:`DynamicBatcher.submit`)."""
+
+    queue_ns: int = 0  # enqueued -> its batch starts
+    compute_input_ns: int = 0  # concatenating / padding the batch
+    compute_infer_ns: int = 0  # the model call
+    compute_output_ns: int = 0  # splitting the outputs back
+    batch_size: int = 0  # rows of the batch it ran in
+
+
+@dataclass
+class BatchRecord:
+    """One executed batch, given to the ``on_batch`` callback (Triton's per-batch-size statistics)."""
+
+    size: int
+    requests: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+    ok: bool
+
+
 @dataclass(eq=False)
 class _Request:
     inputs: Inputs
@@ -51,6 +78,9 @@ class _Request:
     future: asyncio.Future
     enqueued: float
     deadline: Optional[float]
+    priority: int = 1
+    seq: int = 0
+    trace: Optional[RequestTrace] = None
 
 
 @dataclass
@@ -74,9 +104,13 @@ class DynamicBatcher:
     def __init__(self, run_batch: Callable[[Inputs], Mapping[str, torch.Tensor]], *, max_batch_size: int = 64,
                  timeout_ms: float = 50.0, preferred_batch_sizes: Sequence[int] = (), max_queue_size: int = 1024,
                  default_timeout_ms: Optional[float] = None, pad_values: Optional[Mapping[str, float]] = None,
-                 instances: int = 1, executor: Optional[concurrent.futures.Executor] = None):
+                 instances: int = 1, executor: Optional[concurrent.futures.Executor] = None, combine: bool = True,
+                 priority_levels: int = 0, default_priority: Optional[int] = None,
+                 on_batch: Optional[Callable[[BatchRecord], None]] = None):
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1:
             raise ValueError("max_batch_size, max_queue_size and instances must be positive")
+        if priority_levels < 0 or (default_priority is not None and not 1 <= default_priority <= max(priority_levels, 1)):
+            raise ValueError(f"default_priority must lie in 1..priority_levels={priority_levels}")
         if any(not 1 <= p <= max_batch_size for p in preferred_batch_sizes):
             raise ValueError(f"preferred_batch_sizes must lie in 1..max_batch_size={max_batch_size}")
         self.run_batch = run_batch
@@ -85,6 +119,13 @@ class DynamicBatcher:
         self.max_queue_size, self.default_timeout_ms = max_queue_size, default_timeout_ms
         self.pad_values = dict(pad_values or {})
         self.instances = instances
+        self.combine = combine
+        self.priority_levels = priority_levels
+        self.default_priority = default_priority or (priority_levels + 1) // 2 or 1
+        self.on_batch = on_batch
+        self._seq = 0
+        self._busy = 0  # batches executing now
+        self._recent_requests = 1.0  # moving average of requests per batch: ~1 means light load (module docs)
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(instances, thread_name_prefix="batcher")
         self._owns_executor = executor is None
         self._queue: collections.deque[_Request] = collections.deque()
@@ -97,21 +138,40 @@ class DynamicBatcher:
 
     # -- the caller's side ---------------------------------------------------------------------------
 
-    async def submit(self, inputs: Inputs, *, timeout_ms: Optional[float] = None) -> Outputs:
-        """Queue ``inputs`` (tensors sharing a leading batch dimension) and wait for their outputs."""
+    async def submit(self, inputs: Inputs, *, timeout_ms: Optional[float] = None, priority: Optional[int] = None,
+                     trace: Optional[RequestTrace] = None) -> Outputs:
+        """Queue ``inputs`` (tensors sharing a leading batch dimension) and wait for their outputs.
+
+        ``timeout_ms`` may shorten the batcher's default deadline, never extend it; ``priority`` is 1 (highest)
+        to ``priority_levels``; ``trace`` (optional) receives the queue and compute times."""
         if self._closing:
             raise BatcherClosedError("the batcher is shutting down")
         self._ensure_started()
-        rows = _rows(inputs)
-        if rows > self.max_batch_size:
-            raise ValueError(f"request has {rows} rows; the maximum batch size is {self.max_batch_size}")
+        if self.combine:
+            rows = _rows(inputs)
+            if rows > self.max_batch_size:
+                raise ValueError(f"request has {rows} rows; the maximum batch size is {self.max_batch_size}")
+        else:
+            rows = 1
+        if priority is None:
+            priority = self.default_priority
+        elif isinstance(priority, bool) or not isinstance(priority, int) or \
+                not 1 <= priority <= max(self.priority_levels, 1):
+            raise ValueError(f"priority must be an integer in 1..{max(self.priority_levels, 1)}, got {priority!r}")
+        if timeout_ms is not None and timeout_ms <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout_ms!r}")
+        if len(self._queue) >= self.max_queue_size:
+            self._prune()  # expired or abandoned entries must not hold places while the model is busy
         if len(self._queue) >= self.max_queue_size:
             self.stats.rejected += 1
             raise QueueFullError(f"queue full ({self.max_queue_size} requests waiting)")
-        timeout_ms = timeout_ms if timeout_ms is not None else self.default_timeout_ms
+        if self.default_timeout_ms is not None:
+            timeout_ms = self.default_timeout_ms if timeout_ms is None else min(timeout_ms, self.default_timeout_ms)
         now = time.monotonic()
-        request = _Request(inputs, rows, self._signature(inputs), asyncio.get_running_loop().create_future(), now,
-                           now + timeout_ms / 1000 if timeout_ms is not None else None)
+        self._seq += 1
+        request = _Request(inputs, rows, self._signature(inputs) if self.combine else (),
+                           asyncio.get_running_loop().create_future(), now,
+                           now + timeout_ms / 1000 if timeout_ms is not None else None, priority, self._seq, trace)
         self._queue.append(request)
         self.stats.requests += 1
         self._wakeup.set()
@@ -130,6 +190,11 @@ class DynamicBatcher:
     @property
     def queue_size(self) -> int:
         return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        """Batches executing now (at most ``instances``)."""
+        return self._busy
 
     async def stop(self, drain: bool = True) -> None:
         """Stop taking requests; with ``drain`` finish every queued and running one first."""
@@ -174,22 +239,33 @@ class DynamicBatcher:
                 kept.append(request)
         self._queue = kept
 
+    def _ordered(self) -> None:
+        # Highest priority first, FIFO within a level; only needed when levels are in use.
+        if self.priority_levels > 1:
+            self._queue = collections.deque(sorted(self._queue, key=lambda r: (r.priority, r.seq)))
+
     def _ready_rows(self) -> int:
+        if not self.combine:
+            return 1
         head = self._queue[0].signature
         return sum(r.rows for r in self._queue if r.signature == head)
 
     def _target_size(self, available: int, waited_out: bool) -> Optional[int]:
         """How many rows to cut now, or None to keep waiting for more."""
-        if available >= self.max_batch_size:
+        if available >= self.max_batch_size or not self.combine:
             return self.max_batch_size
         for size in self.preferred:
             if available >= size:
                 return size
-        return available if waited_out or self._closing else None
+        # Light load (recent batches of about one request) and an idle model: waiting would only add latency.
+        light = self._recent_requests < 1.5 and self._busy == 0
+        return available if waited_out or light or self._closing else None
 
     def _cut(self, size: int) -> list[_Request]:
         # The oldest request always goes (even when larger than a preferred size), then whatever fits behind it.
         first = self._queue.popleft()
+        if not self.combine:
+            return [first]
         head, batch, rows, rest = first.signature, [first], first.rows, collections.deque()
         for request in self._queue:
             if request.signature == head and rows + request.rows <= size:
@@ -209,56 +285,91 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            waited = time.monotonic() - self._queue[0].enqueued
-            size = self._target_size(self._ready_rows(), waited >= self.delay_s)
-            if size is None:
-                self._wakeup.clear()
-                try:  # woken early by a new request, or when the oldest one has waited long enough
-                    await asyncio.wait_for(self._wakeup.wait(), self.delay_s - waited)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            await self._slots.acquire()  # at most `instances` batches in flight; the queue keeps filling meanwhile
-            self._prune()
-            if not self._queue:
-                self._slots.release()
-                continue
-            batch = self._cut(min(size, self._ready_rows()))
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            # Take an executor slot first: while the model is busy the queue keeps filling, and the batch is
+            # formed from everything that is there once it can actually run.
+            await self._slots.acquire()
+            cut = False
+            try:
+                while True:
+                    self._prune()
+                    if not self._queue:
+                        break
+                    self._ordered()
+                    waited = time.monotonic() - self._queue[0].enqueued
+                    size = self._target_size(self._ready_rows(), waited >= self.delay_s)
+                    if size is not None:
+                        batch = self._cut(min(size, self._ready_rows()))
+                        cut = True
+                        break
+                    self._wakeup.clear()
+                    try:  # woken early by a new request, or when the oldest one has waited long enough
+                        await asyncio.wait_for(self._wakeup.wait(), self.delay_s - waited)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                if not cut:
+                    self._slots.release()
+            if cut:
+                self._busy += 1
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
 
     async def _execute(self, batch: list[_Request]) -> None:
+        started = time.monotonic()
+        rows = sum(r.rows for r in batch)
+        self._recent_requests += 0.25 * (len(batch) - self._recent_requests)
+        times = [0, 0, 0]
+        ok = False
         try:
-            inputs = self._concatenate(batch)
-            rows = sum(r.rows for r in batch)
+            t0 = time.perf_counter_ns()
+            inputs = self._concatenate(batch) if self.combine else batch[0].inputs
+            times[0] = time.perf_counter_ns() - t0
             self.stats.batches += 1
             self.stats.rows += rows
             self.stats.batch_sizes[rows] += 1
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
-            start = 0
-            for request in batch:
-                part = {name: out[start:start + request.rows] for name, out in outputs.items()}
-                start += request.rows
-                if not request.future.done():
-                    request.future.set_result(part)
+            outputs, times[1] = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+            t0 = time.perf_counter_ns()
+            if self.combine:
+                start = 0
+                for request in batch:
+                    part = {name: out[start:start + request.rows] for name, out in outputs.items()}
+                    start += request.rows
+                    if not request.future.done():
+                        request.future.set_result(part)
+            elif not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            times[2] = time.perf_counter_ns() - t0
+            ok = True
         except Exception as exc:  # the model failed: every request of the batch gets the error, serving goes on
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
         finally:
+            self._busy -= 1
             self._slots.release()
             self._wakeup.set()
+            for request in batch:
+                if request.trace is not None:
+                    request.trace.queue_ns = int((started - request.enqueued) * 1e9)
+                    request.trace.compute_input_ns, request.trace.compute_infer_ns, \
+                        request.trace.compute_output_ns = times
+                    request.trace.batch_size = rows
+            if self.on_batch is not None:
+                self.on_batch(BatchRecord(rows, len(batch), *times, ok))
 
-    def _run(self, inputs: Inputs) -> Outputs:
+    def _run(self, inputs: Inputs) -> tuple[Outputs, int]:
+        t0 = time.perf_counter_ns()
         with torch.inference_mode():
             outputs = dict(self.run_batch(inputs))
-        rows = _rows(inputs)
-        for name, out in outputs.items():
-            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != rows:
-                raise RuntimeError(f"output {name!r} must have the batch's {rows} rows first, got "
-                                   f"{tuple(getattr(out, 'shape', ()))}")
-        return outputs
+        elapsed = time.perf_counter_ns() - t0
+        if self.combine:
+            rows = _rows(inputs)
+            for name, out in outputs.items():
+                if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != rows:
+                    raise RuntimeError(f"output {name!r} must have the batch's {rows} rows first, got "
+                                       f"{tuple(getattr(out, 'shape', ()))}")
+        return outputs, elapsed
 
     def _concatenate(self, batch: list[_Request]) -> dict[str, torch.Tensor]:
         if len(batch) == 1:

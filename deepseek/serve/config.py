@@ -7,6 +7,7 @@
     dynamic_batching: {max_queue_delay_ms: 5, max_queue_size: 1024}
     instances: 1             # executors running batches in parallel
     version_policy: {latest: 1}   # or {all: true} or {specific: [1, 3]}
+    routing: {policy: weighted, weights: {1: 95, 2: 5}}   # which version a request without one gets
 
 Datatypes are the KServe v2 names. Parsing goes through :func:`deepseek.config.from_dict`, so an unknown
 key is an error listing the valid ones; :func:`load_serving_config` names the file in every error.
@@ -77,10 +78,14 @@ class TensorSpec:
 
 @dataclass
 class DynamicBatchingConfig:
-    max_queue_delay_ms: float = 5.0
+    """Triton's dynamic batcher settings, in milliseconds (see docs/serving.md)."""
+
+    max_queue_delay_ms: float = 5.0  # the longest a batch waits to fill (skipped under light load)
     preferred_batch_sizes: list[int] = field(default_factory=list)
-    max_queue_size: int = 1024
-    default_timeout_ms: Optional[float] = None  # per-request deadline when the request sets none
+    max_queue_size: int = 1024  # a full queue rejects at once (429 / RESOURCE_EXHAUSTED)
+    timeout_ms: Optional[float] = None  # per-request deadline; a request's own `timeout` may only shorten it
+    priority_levels: int = 0  # > 1: requests carry `priority` 1 (highest) .. priority_levels
+    default_priority_level: Optional[int] = None  # for requests without one (default: the middle level)
 
     def __post_init__(self):
         if self.max_queue_delay_ms < 0:
@@ -89,8 +94,14 @@ class DynamicBatchingConfig:
             raise ConfigError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         if any(p < 1 for p in self.preferred_batch_sizes):
             raise ConfigError(f"preferred_batch_sizes must be >= 1, got {self.preferred_batch_sizes}")
-        if self.default_timeout_ms is not None and self.default_timeout_ms <= 0:
-            raise ConfigError(f"default_timeout_ms must be > 0, got {self.default_timeout_ms}")
+        if self.timeout_ms is not None and self.timeout_ms <= 0:
+            raise ConfigError(f"timeout_ms must be > 0, got {self.timeout_ms}")
+        if self.priority_levels < 0:
+            raise ConfigError(f"priority_levels must be >= 0, got {self.priority_levels}")
+        if self.default_priority_level is not None and \
+                not 1 <= self.default_priority_level <= max(self.priority_levels, 1):
+            raise ConfigError(f"default_priority_level must lie in 1..priority_levels ({self.priority_levels}), "
+                              f"got {self.default_priority_level}")
 
 
 @dataclass
@@ -141,6 +152,7 @@ class ServingConfig:
     instances: int = 1
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     parameters: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a torch entry point)
+    routing: dict[str, Any] = field(default_factory=dict)  # a routing policy (deepseek.serve.routing.parse_policy)
 
     def __post_init__(self):
         if self.max_batch_size < 0:
@@ -163,13 +175,18 @@ class ServingConfig:
                                   f"max_batch_size {self.max_batch_size}")
 
     def batcher_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`deepseek.serve.batching.DynamicBatcher` (needs ``dynamic_batching``)."""
-        if self.dynamic_batching is None:
-            raise ConfigError("this model has no dynamic_batching section")
+        """Keyword arguments for :class:`deepseek.serve.batching.DynamicBatcher`.
+
+        Without a ``dynamic_batching`` section every request runs alone (``combine=False``) but still goes
+        through the bounded queue, so limits, deadlines and statistics are the same for every model."""
         db = self.dynamic_batching
+        if db is None:
+            return {"max_batch_size": 1, "timeout_ms": 0.0, "max_queue_size": DynamicBatchingConfig.max_queue_size,
+                    "instances": self.instances, "combine": False}
         return {"max_batch_size": self.max_batch_size, "timeout_ms": db.max_queue_delay_ms,
                 "preferred_batch_sizes": list(db.preferred_batch_sizes), "max_queue_size": db.max_queue_size,
-                "default_timeout_ms": db.default_timeout_ms, "instances": self.instances,
+                "default_timeout_ms": db.timeout_ms, "instances": self.instances,
+                "priority_levels": db.priority_levels, "default_priority": db.default_priority_level,
                 "pad_values": {s.name: s.pad_value for s in self.inputs if s.pad_value is not None}}
 
 

@@ -100,7 +100,8 @@ class Backend(ABC):
     def batcher_kwargs(self) -> dict[str, Any]:
         """``config.batcher_kwargs()`` with the pad values of the backend's (possibly derived) inputs."""
         kwargs = self.config.batcher_kwargs()
-        kwargs["pad_values"] = {s.name: s.pad_value for s in self.inputs if s.pad_value is not None}
+        if kwargs.get("combine", True):
+            kwargs["pad_values"] = {s.name: s.pad_value for s in self.inputs if s.pad_value is not None}
         return kwargs
 
     # -- helpers for subclasses ----------------------------------------------------------------------

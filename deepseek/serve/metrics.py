@@ -1,0 +1,144 @@
+"""Prometheus metrics of the server, in the text format on ``GET /metrics`` (names listed in docs/serving.md).
+
+    metrics = ServingMetrics(manager)
+    metrics.observe_request("digits", 1, "success", total_s=0.004, trace=trace)
+    metrics.observe_batch("digits", 1, 16)
+    body = metrics.render()          # bytes in the Prometheus text exposition format
+
+Each server owns its registry (two servers in one process, e.g. in tests, do not collide). Counters and
+histograms are updated as requests finish; gauges (queue size, busy instances, readiness) and the
+Triton-compatible ``nv_inference_*`` families are read from the manager when scraped, so they cost nothing
+per request. ``process_*`` (resident memory, CPU seconds, open files) come from prometheus-client's process
+collector.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from deepseek.serve.batching import RequestTrace
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# outcome label values of ds_inference_requests_total
+OUTCOMES = ("success", "invalid", "rejected", "timeout", "cancelled", "unavailable", "error")
+disable_created_metrics()  # the *_created series double every family and no dashboard reads them
+
+# Triton's nv_inference_request_failure reasons for our outcomes
+_TRITON_REASON = {"rejected": "REJECTED", "cancelled": "CANCELED", "error": "BACKEND", "timeout": "OTHER",
+                  "invalid": "OTHER", "unavailable": "OTHER"}
+
+
+class _ManagerCollector(Collector):
+    """Scrape-time view of the manager: gauges and the Triton-compatible counter families."""
+
+    def __init__(self, manager: Any, failures: dict):
+        self.manager = manager
+        self.failures = failures  # (model, version, reason) -> count
+
+    def collect(self) -> Iterable:
+        labels = ["model", "version"]
+        queue = GaugeMetricFamily("ds_inference_queue_size", "Requests waiting in the model's queue.", labels=labels)
+        busy = GaugeMetricFamily("ds_instances_busy", "Model instances executing a batch now.", labels=labels)
+        instances = GaugeMetricFamily("ds_instances", "Model instances (parallel executors).", labels=labels)
+        ready = GaugeMetricFamily("ds_model_ready", "1 when the model version is READY.", labels=labels)
+        nv = {
+            "success": CounterMetricFamily("nv_inference_request_success", "Successful requests (Triton).",
+                                           labels=labels),
+            "count": CounterMetricFamily("nv_inference_count", "Inferences performed, batch items (Triton).",
+                                         labels=labels),
+            "exec": CounterMetricFamily("nv_inference_exec_count", "Model executions (Triton).", labels=labels),
+            "duration": CounterMetricFamily("nv_inference_request_duration_us",
+                                            "Cumulative request duration, µs (Triton).", labels=labels),
+            "queue": CounterMetricFamily("nv_inference_queue_duration_us", "Cumulative queue duration, µs (Triton).",
+                                         labels=labels),
+            "infer": CounterMetricFamily("nv_inference_compute_infer_duration_us",
+                                         "Cumulative model execution duration, µs (Triton).", labels=labels),
+        }
+        pending = GaugeMetricFamily("nv_inference_pending_request_count", "Requests waiting (Triton).",
+                                    labels=labels)
+        for name, version, mv in self.manager.snapshot():
+            lv = [name, "" if version is None else str(version)]
+            batcher = mv.batcher
+            queue.add_metric(lv, batcher.queue_size if batcher else 0)
+            pending.add_metric(lv, batcher.queue_size if batcher else 0)
+            busy.add_metric(lv, batcher.busy if batcher else 0)
+            instances.add_metric(lv, batcher.instances if batcher else 0)
+            ready.add_metric(lv, 1 if mv.ready else 0)
+            st = mv.stats
+            nv["success"].add_metric(lv, st.durations["success"].count)
+            nv["count"].add_metric(lv, st.inference_count)
+            nv["exec"].add_metric(lv, st.execution_count)
+            nv["duration"].add_metric(lv, st.durations["success"].ns / 1000)
+            nv["queue"].add_metric(lv, st.durations["queue"].ns / 1000)
+            nv["infer"].add_metric(lv, st.durations["compute_infer"].ns / 1000)
+        failure = CounterMetricFamily("nv_inference_request_failure", "Failed requests by reason (Triton).",
+                                      labels=["model", "version", "reason"])
+        for (name, version, reason), n in sorted(self.failures.items()):
+            failure.add_metric([name, version, reason], n)
+        yield from (queue, busy, instances, ready, pending, failure, *nv.values())
+
+
+class ServingMetrics:
+    """The server's Prometheus registry and the per-request hooks (see module docs)."""
+
+    def __init__(self, manager: Any = None):
+        self.registry = CollectorRegistry()
+        labels = ["model", "version"]
+        self.requests = Counter("ds_inference_requests", "Inference requests by model, version and outcome.",
+                                labels + ["outcome"], registry=self.registry)
+        self.request_seconds = Histogram("ds_inference_request_duration_seconds",
+                                         "Server-side request latency: parsed to answered.", labels,
+                                         buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_seconds = Histogram("ds_inference_queue_duration_seconds", "Time waiting in the queue.", labels,
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.compute_seconds = Histogram("ds_inference_compute_duration_seconds",
+                                         "Time computing the request's batch.", labels, buckets=LATENCY_BUCKETS,
+                                         registry=self.registry)
+        self.batch_size = Histogram("ds_inference_batch_size", "Rows per executed batch.", labels,
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.routed = Counter("ds_routing_requests", "Requests routed by policy, variant and version.",
+                              ["model", "policy", "variant", "version"], registry=self.registry)
+        ProcessCollector(registry=self.registry)
+        self._failures: dict[tuple[str, str, str], int] = {}
+        self._children: dict[tuple, tuple] = {}
+        if manager is not None:
+            self.registry.register(_ManagerCollector(manager, self._failures))
+
+    def _series(self, model: str, version: Optional[int]) -> tuple:
+        key = (model, version)
+        series = self._children.get(key)
+        if series is None:  # labels() is a dict lookup plus a lock; cache the children per version
+            lv = (model, "" if version is None else str(version))
+            series = (self.request_seconds.labels(*lv), self.queue_seconds.labels(*lv),
+                      self.compute_seconds.labels(*lv), self.batch_size.labels(*lv), lv)
+            self._children[key] = series
+        return series
+
+    def observe_request(self, model: str, version: Optional[int], outcome: str, total_s: float,
+                        trace: Optional[RequestTrace] = None) -> None:
+        total, queue, compute, _, lv = self._series(model, version)
+        self.requests.labels(*lv, outcome).inc()
+        if outcome == "success":
+            total.observe(total_s)
+            if trace is not None:
+                queue.observe(trace.queue_ns / 1e9)
+                compute.observe((trace.compute_input_ns + trace.compute_infer_ns + trace.compute_output_ns) / 1e9)
+        else:
+            key = (*lv, _TRITON_REASON.get(outcome, "OTHER"))
+            self._failures[key] = self._failures.get(key, 0) + 1
+
+    def observe_batch(self, model: str, version: Optional[int], size: int) -> None:
+        self._series(model, version)[3].observe(size)
+
+    def observe_route(self, model: str, policy: str, variant: Optional[str], version: int) -> None:
+        self.routed.labels(model, policy, variant or "", str(version)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""What the HTTP and gRPC front ends share: request parameters, API keys and the access log.
+
+    timeout_ms, priority, key = request_options(params)   # Triton's `timeout` (µs) and `priority`
+    if not key_matches(server_key, presented): ...         # constant-time comparison
+    access_log.write(model="digits", version=1, status=200, ...)   # one JSON line
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, TextIO
+
+ROUTING_KEY_PARAMETER = "routing_key"
+API_KEY_ENV = "DS_API_KEY"
+
+
+def request_options(params: Any) -> tuple[Optional[float], Optional[int], Optional[str]]:
+    """``(timeout_ms, priority, routing_key)`` from a request's ``parameters``; ValueError when malformed.
+
+    ``timeout`` is in microseconds, as tritonclient sends it; ``priority`` is 1 (highest) .. the model's
+    ``priority_levels``; ``routing_key`` sticks a request to an A/B variant (the HTTP header does too)."""
+    if params is None:
+        return None, None, None
+    if not isinstance(params, Mapping):
+        raise ValueError("'parameters' must be an object")
+    timeout_ms = priority = key = None
+    if "timeout" in params:
+        timeout = params["timeout"]
+        # finite: a JSON integer too large for a float, NaN or Infinity is not a deadline (and must not be a 500)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not _finite(timeout) or timeout < 0:
+            raise ValueError(f"parameter 'timeout' must be a non-negative number of microseconds, got {timeout!r}")
+        timeout_ms = timeout / 1000 if timeout > 0 else None  # 0 = no timeout, as in Triton
+    if "priority" in params:
+        priority = params["priority"]
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise ValueError(f"parameter 'priority' must be a non-negative integer, got {priority!r}")
+        priority = priority or None  # 0 = the model's default level, as in Triton
+    if ROUTING_KEY_PARAMETER in params:
+        key = params[ROUTING_KEY_PARAMETER]
+        if not isinstance(key, str):
+            raise ValueError(f"parameter '{ROUTING_KEY_PARAMETER}' must be a string")
+    return timeout_ms, priority, key
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def key_matches(expected: Optional[str], presented: Optional[str]) -> bool:
+    """True when ``presented`` is the server's API key (constant time; never true without a key set)."""
+    if not expected or presented is None:
+        return False
+    return hmac.compare_digest(expected.encode(), presented.encode())
+
+
+def presented_key(authorization: Optional[str], x_api_key: Optional[str]) -> Optional[str]:
+    """The key a client sent as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``."""
+    if x_api_key:
+        return x_api_key
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None
+
+
+class AccessLog:
+    """Structured access log: one JSON object per inference request, to a file or a stream."""
+
+    def __init__(self, target: str | Path | TextIO):
+        if isinstance(target, (str, Path)):
+            self._stream: TextIO = sys.stderr if str(target) == "-" else open(target, "a", buffering=1)
+            self._owned = str(target) != "-"
+        else:
+            self._stream, self._owned = target, False
+        self._lock = threading.Lock()
+
+    def write(self, **fields: Any) -> None:
+        record = {"time": round(time.time(), 6), **fields}
+        line = json.dumps(record, separators=(",", ":"), default=str)
+        with self._lock:
+            self._stream.write(line + "\n")
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
