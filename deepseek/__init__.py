@@ -16,14 +16,10 @@ from deepseek.models.directory import ModelDirectoryError, load, save
 from deepseek.nn import KVCache, update_router_biases
 
 
-def serve(model_or_repo, port: int = 8080, **options):
-    """Serve a model repository, a model directory or an in-memory model over KServe v2 HTTP (and gRPC with
-    ``grpc_port=``); see :func:`deepseek.serve.server.serve`. Needs the ``serve`` extra."""
-    from deepseek.serve.server import serve as _serve
-    return _serve(model_or_repo, port, **options)
-
-
 def __getattr__(name):
+    if name == "serve":  # the deepseek.serve package, which is callable: ds.serve(model_or_repo, port=8080)
+        import importlib
+        return importlib.import_module("deepseek.serve")
     if name in ("Server", "DeepseekServing"):  # imported lazily: serving pulls in FastAPI and friends
         from deepseek.serve import server
         return getattr(server, name)

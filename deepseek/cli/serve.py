@@ -36,8 +36,8 @@ def serve_command(
     access_log: Optional[str] = typer.Option(None, help="Write a JSON-lines access log to this file ('-' = stderr)."),
     routing_header: str = typer.Option("X-User-Id", help="Request header whose value keeps a user on one A/B "
                                                          "variant."),
-    torch_threads: Optional[int] = typer.Option(None, help="Intra-op threads for the models (default: every core "
-                                                           "but one, which the event loop needs)."),
+    torch_threads: Optional[int] = typer.Option(None, help="Intra-op threads for the models (default: torch's, "
+                                                           "one per core)."),
 ) -> None:
     """Serve models over KServe v2 HTTP and gRPC (tritonclient, KServe clients) until Ctrl-C; drains on exit."""
     from deepseek.config import ConfigError

@@ -131,7 +131,7 @@ class DynamicBatcher:
         self._queue: collections.deque[_Request] = collections.deque()
         self._wakeup: Optional[asyncio.Event] = None
         self._slots: Optional[asyncio.Semaphore] = None
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Future] = set()
         self._loop_task: Optional[asyncio.Task] = None
         self._closing = False
         self.stats = BatcherStats()
@@ -228,6 +228,8 @@ class DynamicBatcher:
     def _prune(self) -> None:
         """Drop requests whose caller gave up, and fail those past their deadline, before they cost compute."""
         now = time.monotonic()
+        if not any(r.future.done() or (r.deadline is not None and now >= r.deadline) for r in self._queue):
+            return  # the common case: nothing to drop, no new deque
         kept = collections.deque()
         for request in self._queue:
             if request.future.done():  # cancelled by its caller or timed out in submit()
@@ -310,25 +312,44 @@ class DynamicBatcher:
                 if not cut:
                     self._slots.release()
             if cut:
-                self._busy += 1
-                task = asyncio.get_running_loop().create_task(self._execute(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._dispatch(batch)
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    def _dispatch(self, batch: list[_Request]) -> None:
+        """Hand the batch to the executor right away (no task hop); :meth:`_complete` runs when it is done."""
         started = time.monotonic()
         rows = sum(r.rows for r in batch)
         self._recent_requests += 0.25 * (len(batch) - self._recent_requests)
-        times = [0, 0, 0]
-        ok = False
+        self._busy += 1
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter_ns()
         try:
-            t0 = time.perf_counter_ns()
             inputs = self._concatenate(batch) if self.combine else batch[0].inputs
-            times[0] = time.perf_counter_ns() - t0
-            self.stats.batches += 1
-            self.stats.rows += rows
-            self.stats.batch_sizes[rows] += 1
-            outputs, times[1] = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+        except Exception as exc:  # e.g. inputs that cannot be padded together: this batch fails, serving goes on
+            failed = loop.create_future()
+            failed.set_exception(exc)
+            self._complete(batch, rows, started, 0, failed)
+            return
+        input_ns = time.perf_counter_ns() - t0
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.batch_sizes[rows] += 1
+        future = asyncio.wrap_future(self._executor.submit(self._run, inputs), loop=loop)
+        self._running.add(future)
+        future.add_done_callback(lambda f: self._complete(batch, rows, started, input_ns, f))
+
+    def _complete(self, batch: list[_Request], rows: int, started: float, input_ns: int,
+                  future: asyncio.Future) -> None:
+        self._running.discard(future)
+        # Free the executor and wake the batching loop before answering anyone: the loop then runs before the
+        # requests' handlers and the model starts on the next batch while this one's answers go out.
+        self._busy -= 1
+        self._slots.release()
+        self._wakeup.set()
+        times = [input_ns, 0, 0]
+        ok = False
+        exc = future.exception()
+        if exc is None:
+            outputs, times[1] = future.result()
             t0 = time.perf_counter_ns()
             if self.combine:
                 start = 0
@@ -341,22 +362,18 @@ class DynamicBatcher:
                 batch[0].future.set_result(outputs)
             times[2] = time.perf_counter_ns() - t0
             ok = True
-        except Exception as exc:  # the model failed: every request of the batch gets the error, serving goes on
+        else:  # the model failed: every request of the batch gets the error, serving goes on
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
-        finally:
-            self._busy -= 1
-            self._slots.release()
-            self._wakeup.set()
-            for request in batch:
-                if request.trace is not None:
-                    request.trace.queue_ns = int((started - request.enqueued) * 1e9)
-                    request.trace.compute_input_ns, request.trace.compute_infer_ns, \
-                        request.trace.compute_output_ns = times
-                    request.trace.batch_size = rows
-            if self.on_batch is not None:
-                self.on_batch(BatchRecord(rows, len(batch), *times, ok))
+        for request in batch:
+            if request.trace is not None:
+                request.trace.queue_ns = int((started - request.enqueued) * 1e9)
+                request.trace.compute_input_ns, request.trace.compute_infer_ns, \
+                    request.trace.compute_output_ns = times
+                request.trace.batch_size = rows
+        if self.on_batch is not None:
+            self.on_batch(BatchRecord(rows, len(batch), *times, ok))
 
     def _run(self, inputs: Inputs) -> tuple[Outputs, int]:
         t0 = time.perf_counter_ns()

@@ -121,10 +121,17 @@ class ServingMetrics:
             self._children[key] = series
         return series
 
+    def _count(self, family: Counter, *labels: str) -> None:
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        child.inc()
+
     def observe_request(self, model: str, version: Optional[int], outcome: str, total_s: float,
                         trace: Optional[RequestTrace] = None) -> None:
         total, queue, compute, _, lv = self._series(model, version)
-        self.requests.labels(*lv, outcome).inc()
+        self._count(self.requests, *lv, outcome)
         if outcome == "success":
             total.observe(total_s)
             if trace is not None:
@@ -138,7 +145,7 @@ class ServingMetrics:
         self._series(model, version)[3].observe(size)
 
     def observe_route(self, model: str, policy: str, variant: Optional[str], version: int) -> None:
-        self.routed.labels(model, policy, variant or "", str(version)).inc()
+        self._count(self.routed, model, policy, variant or "", str(version))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

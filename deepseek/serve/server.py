@@ -41,19 +41,18 @@ def repository_for_model_dir(model_dir: Path, into: Path) -> Path:
 
 
 def configure_threads(torch_threads: Optional[int] = None) -> int:
-    """Give the model ``torch_threads`` intra-op threads (default: every core but one).
+    """Give the models ``torch_threads`` intra-op threads (default: torch's own, one per core).
 
-    The event loop parses, routes and answers every request on one core; when torch's OpenMP team also
-    wants that core, each batch stalls on the descheduled thread. Measured on 2 cores (an MLP behind the
-    batcher, 64 clients): 1 torch thread served 1.5x the requests of 2."""
+    Measured on 2 cores with 64 clients (docs/benchmarks.md): once the event loop's per-request work was
+    lean, 2 threads beat 1 for a compute-bound transformer (368 vs 184 req/s) and for an MLP (2,465 vs
+    2,138 req/s); with a heavy loop (before the lean infer path) 1 thread had won. Hence an option, not a rule."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = torch_threads if torch_threads is not None else max(1, cores - 1)
-    if threads < 1:
-        raise UserError(f"torch_threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    return threads
+    if torch_threads is not None:
+        if torch_threads < 1:
+            raise UserError(f"torch_threads must be >= 1, got {torch_threads}")
+        torch.set_num_threads(torch_threads)
+    return torch.get_num_threads()
 
 
 class Server:

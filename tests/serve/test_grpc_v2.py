@@ -310,7 +310,7 @@ def test_typed_contents_and_raw_size_checks(served, stub):
 def test_parse_inputs_raw_and_typed_for_every_datatype(datatype):
     from deepseek.serve.config import DATATYPE_TO_TORCH
     from deepseek.serve.protocols.grpc_v2 import _CONTENTS_FIELD, parse_inputs
-    from deepseek.serve.protocols.http_v2 import _tensor_bytes
+    from deepseek.serve.protocols.common import tensor_bytes as _tensor_bytes
 
     dtype = DATATYPE_TO_TORCH[datatype]
     values = torch.tensor([[0, 1, 2], [3, 100, 7]]).to(dtype)

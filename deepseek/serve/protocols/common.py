@@ -14,10 +14,42 @@ import sys
 import threading
 import time
 from pathlib import Path
+from importlib import metadata
 from typing import Any, Mapping, Optional, TextIO
 
+import torch
+
+from deepseek.serve.config import DATATYPE_TO_TORCH
+
+SERVER_NAME = "deepseek"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics", "schedule_policy"]
 ROUTING_KEY_PARAMETER = "routing_key"
 API_KEY_ENV = "DS_API_KEY"
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("deepseek-framework")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor as the protocol's raw bytes: little-endian, row-major, BOOL one byte each."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    elif t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def kserve_datatype(dtype: torch.dtype) -> str:
+    """The KServe v2 datatype name of a torch dtype."""
+    for name, value in DATATYPE_TO_TORCH.items():
+        if value == dtype:
+            return name
+    raise RuntimeError(f"output dtype {dtype} has no KServe v2 datatype")
 
 
 def request_options(params: Any) -> tuple[Optional[float], Optional[int], Optional[str]]:

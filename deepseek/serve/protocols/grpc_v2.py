@@ -58,9 +58,10 @@ from deepseek.serve.batching import BatcherClosedError, DeadlineExceededError, Q
 from deepseek.serve.config import DATATYPE_TO_TORCH
 from deepseek.serve.manager import (READY, ControlModeError, ModelManager, ModelNotFoundError, ModelUnavailableError,
                                     ModelVersion, triton_model_config)
-from deepseek.serve.protocols.common import API_KEY_ENV, AccessLog, key_matches, presented_key, request_options
-from deepseek.serve.protocols.http_v2 import (DEFAULT_ROUTING_HEADER, EXTENSIONS, SERVER_NAME, _datatype,
-                                              _server_version, _tensor_bytes)
+from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, key_matches,
+                                             kserve_datatype, presented_key, request_options, server_version,
+                                             tensor_bytes)
+from deepseek.serve.protocols.http_v2 import DEFAULT_ROUTING_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,8 @@ def encode_response(request: service_pb2.ModelInferRequest, mv: ModelVersion, na
         if name not in outputs:
             raise RuntimeError(f"model {mv.name!r} returned no output {name!r}")
         t = outputs[name]
-        response.outputs.add(name=name, datatype=_datatype(t.dtype), shape=list(t.shape))
-        response.raw_output_contents.append(_tensor_bytes(t))
+        response.outputs.add(name=name, datatype=kserve_datatype(t.dtype), shape=list(t.shape))
+        response.raw_output_contents.append(tensor_bytes(t))
     return response
 
 
@@ -340,7 +341,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ServerMetadata(self, request, context):
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     # -- models ------------------------------------------------------------------------------------------
 
