@@ -15,7 +15,7 @@ With ``priority_levels`` > 1 a request's ``priority`` (1 = highest) picks who go
 event loop keeps accepting requests while a batch computes; ``instances`` batches may run at once.
 
 A full queue rejects at once (:class:`QueueFullError`), a request past its own deadline fails with
-:class:`DeadlineExceededError`, and a request whose caller went away (its task cancelled, e.g. a client
+:class:`DeadlineExceededError` (or, with ``timeout_action="delay"``, waits behind the unexpired ones), and a request whose caller went away (its task cancelled, e.g. a client
 disconnect) is dropped before it costs compute. ``stop()`` drains what is queued before returning.
 """
 
@@ -105,10 +105,12 @@ class DynamicBatcher:
                  timeout_ms: float = 50.0, preferred_batch_sizes: Sequence[int] = (), max_queue_size: int = 1024,
                  default_timeout_ms: Optional[float] = None, pad_values: Optional[Mapping[str, float]] = None,
                  instances: int = 1, executor: Optional[concurrent.futures.Executor] = None, combine: bool = True,
-                 priority_levels: int = 0, default_priority: Optional[int] = None,
+                 priority_levels: int = 0, default_priority: Optional[int] = None, timeout_action: str = "reject",
                  on_batch: Optional[Callable[[BatchRecord], None]] = None):
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1:
             raise ValueError("max_batch_size, max_queue_size and instances must be positive")
+        if timeout_action not in ("reject", "delay"):
+            raise ValueError(f"timeout_action must be 'reject' or 'delay', got {timeout_action!r}")
         if priority_levels < 0 or (default_priority is not None and not 1 <= default_priority <= max(priority_levels, 1)):
             raise ValueError(f"default_priority must lie in 1..priority_levels={priority_levels}")
         if any(not 1 <= p <= max_batch_size for p in preferred_batch_sizes):
@@ -123,6 +125,7 @@ class DynamicBatcher:
         self.priority_levels = priority_levels
         self.default_priority = default_priority or (priority_levels + 1) // 2 or 1
         self.on_batch = on_batch
+        self.delay_expired = timeout_action == "delay"  # Triton's DELAY: expired requests wait behind the rest
         self._seq = 0
         self._busy = 0  # batches executing now
         self._recent_requests = 1.0  # moving average of requests per batch: ~1 means light load (module docs)
@@ -176,7 +179,7 @@ class DynamicBatcher:
         self.stats.requests += 1
         self._wakeup.set()
         try:
-            if request.deadline is None:
+            if request.deadline is None or self.delay_expired:
                 return await request.future
             return await asyncio.wait_for(asyncio.shield(request.future), request.deadline - now)
         except asyncio.TimeoutError:
@@ -228,13 +231,14 @@ class DynamicBatcher:
     def _prune(self) -> None:
         """Drop requests whose caller gave up, and fail those past their deadline, before they cost compute."""
         now = time.monotonic()
-        if not any(r.future.done() or (r.deadline is not None and now >= r.deadline) for r in self._queue):
+        expire = not self.delay_expired
+        if not any(r.future.done() or (expire and r.deadline is not None and now >= r.deadline) for r in self._queue):
             return  # the common case: nothing to drop, no new deque
         kept = collections.deque()
         for request in self._queue:
             if request.future.done():  # cancelled by its caller or timed out in submit()
                 self.stats.dropped += 1
-            elif request.deadline is not None and now >= request.deadline:
+            elif expire and request.deadline is not None and now >= request.deadline:
                 request.future.set_exception(DeadlineExceededError("request expired in the queue"))
                 self.stats.dropped += 1
             else:
@@ -242,9 +246,14 @@ class DynamicBatcher:
         self._queue = kept
 
     def _ordered(self) -> None:
-        # Highest priority first, FIFO within a level; only needed when levels are in use.
+        # Highest priority first, FIFO within a level (only needed when levels are in use); with
+        # timeout_action "delay", requests past their deadline go behind every unexpired one.
         if self.priority_levels > 1:
             self._queue = collections.deque(sorted(self._queue, key=lambda r: (r.priority, r.seq)))
+        if self.delay_expired:
+            now = time.monotonic()
+            self._queue = collections.deque(sorted(self._queue, key=lambda r: r.deadline is not None and
+                                                   now >= r.deadline))  # stable: the order above is kept
 
     def _ready_rows(self) -> int:
         if not self.combine:

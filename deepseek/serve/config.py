@@ -84,6 +84,7 @@ class DynamicBatchingConfig:
     preferred_batch_sizes: list[int] = field(default_factory=list)
     max_queue_size: int = 1024  # a full queue rejects at once (429 / RESOURCE_EXHAUSTED)
     timeout_ms: Optional[float] = None  # per-request deadline; a request's own `timeout` may only shorten it
+    timeout_action: Literal["reject", "delay"] = "reject"  # past the deadline: 504, or wait behind the others
     priority_levels: int = 0  # > 1: requests carry `priority` 1 (highest) .. priority_levels
     default_priority_level: Optional[int] = None  # for requests without one (default: the middle level)
 
@@ -187,6 +188,7 @@ class ServingConfig:
                 "preferred_batch_sizes": list(db.preferred_batch_sizes), "max_queue_size": db.max_queue_size,
                 "default_timeout_ms": db.timeout_ms, "instances": self.instances,
                 "priority_levels": db.priority_levels, "default_priority": db.default_priority_level,
+                "timeout_action": db.timeout_action,
                 "pad_values": {s.name: s.pad_value for s in self.inputs if s.pad_value is not None}}
 
 

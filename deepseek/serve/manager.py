@@ -407,7 +407,7 @@ def triton_model_config(mv: ModelVersion) -> dict[str, Any]:
     }
     db = config.dynamic_batching
     if db is not None:
-        policy: dict[str, Any] = {"timeout_action": "REJECT", "max_queue_size": db.max_queue_size,
+        policy: dict[str, Any] = {"timeout_action": db.timeout_action.upper(), "max_queue_size": db.max_queue_size,
                                   "allow_timeout_override": True,
                                   "default_timeout_microseconds": int((db.timeout_ms or 0) * 1000)}
         result["dynamic_batching"] = {

@@ -182,3 +182,30 @@ def test_bad_requests_are_refused_clearly():
     run(main())
     with pytest.raises(ValueError, match="preferred_batch_sizes"):
         DynamicBatcher(Model(), max_batch_size=4, preferred_batch_sizes=[8])
+
+
+def test_priorities_and_delayed_timeouts_reorder_the_queue():
+    gate = threading.Event()
+    model = Model(gate)
+
+    async def main():
+        batcher = DynamicBatcher(model, max_batch_size=1, timeout_ms=0, priority_levels=2, timeout_action="delay")
+        first = asyncio.ensure_future(batcher.submit({"x": torch.zeros(1, 1)}))
+        await asyncio.get_running_loop().run_in_executor(None, model.entered.wait)  # first is computing
+        late = asyncio.ensure_future(batcher.submit({"x": torch.ones(1, 1)}, timeout_ms=1, priority=1))
+        low = asyncio.ensure_future(batcher.submit({"x": torch.full((1, 1), 2.0)}, priority=2))
+        high = asyncio.ensure_future(batcher.submit({"x": torch.full((1, 1), 3.0)}, priority=1))
+        await asyncio.sleep(0)  # all three queued
+        deadline = batcher._queue[0].deadline
+        while asyncio.get_running_loop().time() < deadline + 0.001:  # until `late` has expired (a condition, not a delay)
+            await asyncio.sleep(0.001)
+        gate.set()
+        results = await asyncio.gather(first, late, low, high)
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    # `late` expired while queued: with "delay" it is not failed but runs after every unexpired request,
+    # even the lower-priority one; `high` (priority 1) overtakes `low` (priority 2).
+    assert [b.item() for b in model.batches] == [0.0, 3.0, 2.0, 1.0]
+    assert [r["y"].item() for r in results] == [0.0, 2.0, 4.0, 6.0]
