@@ -55,6 +55,7 @@ def serve_command(
                     protect_inference=protect_inference, model_control=model_control, load_models=load_model,
                     poll_interval_s=repository_poll_secs, max_request_mb=max_request_mb, access_log=access_log,
                     routing_header=routing_header, torch_threads=torch_threads)
+    server.check_ports()
     grpc = "" if no_grpc else f", gRPC on {host}:{grpc_port}"
     typer.echo(f"serving {root} on http://{host}:{http_port}/v2{grpc}; metrics at /metrics "
                f"(Ctrl-C drains and stops)")
@@ -67,5 +68,6 @@ def serve_command(
         signal.signal(sig, lambda *_: sys.exit(0))
     try:
         server.run()
-    finally:
-        typer.echo("stopped; in-flight requests were drained")
+    finally:  # also on the SystemExit of the signal handlers above
+        if server.started:
+            typer.echo("stopped; in-flight requests were drained")

@@ -19,12 +19,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from deepseek.errors import UserError
+
+class ServeError(ValueError):
+    """A server that cannot start (a port in use, a missing extra): the CLI prints the message as one line."""
+
 
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
@@ -50,7 +54,7 @@ def configure_threads(torch_threads: Optional[int] = None) -> int:
 
     if torch_threads is not None:
         if torch_threads < 1:
-            raise UserError(f"torch_threads must be >= 1, got {torch_threads}")
+            raise ServeError(f"torch_threads must be >= 1, got {torch_threads}")
         torch.set_num_threads(torch_threads)
     return torch.get_num_threads()
 
@@ -135,12 +139,17 @@ class Server:
         try:
             import uvicorn
         except ImportError:
-            raise UserError("serving needs the serve extra: pip install 'deepseek-framework[serve]'") from None
+            raise ServeError("serving needs the serve extra: pip install 'deepseek-framework[serve]'") from None
         config = uvicorn.Config(self.build_app(), host=self.host, port=self.port, log_level=self.log_level,
                                 lifespan="on", timeout_graceful_shutdown=None)
         return uvicorn.Server(config)
 
     # -- running -------------------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True once the server has listened (it stays true after a stop)."""
+        return self._uvicorn is not None and bool(self._uvicorn.started)
 
     @property
     def url(self) -> str:
@@ -150,8 +159,23 @@ class Server:
     def grpc_target(self) -> Optional[str]:
         return None if self.grpc_port is None else f"{self.host}:{self.grpc_port}"
 
+    def check_ports(self) -> None:
+        """A port already taken is a one-line error before anything loads, not a traceback after."""
+        for what, port in (("HTTP", self.port), ("gRPC", self.grpc_port)):
+            if not port:
+                continue
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+                try:
+                    probe.bind((self.host, port))
+                except OSError as exc:
+                    raise ServeError(f"cannot serve {what} on {self.host}:{port}: {exc.strerror or exc} "
+                                    f"(choose another port with --{what.lower()}-port)") from None
+
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (uvicorn's handlers), then drain every accepted request and return."""
+        self.check_ports()
         self._uvicorn = self._uvicorn_server()
         configure_threads(self.torch_threads)
         try:
@@ -159,10 +183,11 @@ class Server:
         finally:
             self._cleanup()
         if not self._uvicorn.started:
-            raise UserError(f"the server could not start on {self.host}:{self.port} (see the log above)")
+            raise ServeError(f"the server could not start on {self.host}:{self.port} (see the log above)")
 
     def start(self, timeout_s: float = 120.0) -> "Server":
         """Run in a background thread; returns once the models are loaded and both ports listen."""
+        self.check_ports()
         self._uvicorn = self._uvicorn_server()
         configure_threads(self.torch_threads)
         ready = threading.Event()
@@ -170,7 +195,7 @@ class Server:
         self._thread.start()
         if not ready.wait(timeout_s) or not self._uvicorn.started:
             self.stop()
-            raise UserError(f"the server did not start on {self.host}:{self.port}")
+            raise ServeError(f"the server did not start on {self.host}:{self.port}")
         sockets = self._uvicorn.servers[0].sockets if self._uvicorn.servers else []
         if sockets:
             self.port = sockets[0].getsockname()[1]  # port 0: the one the OS picked

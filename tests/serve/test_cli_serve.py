@@ -125,3 +125,15 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
     assert all(entry["status"] == 200 for entry in accepted)
     assert len(accepted) == len(ok)  # every accepted request reached its client
     assert "drained" in out
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path):
+    ds.save(ds.MoETransformer(ds.preset("tiny")), ds.byte_tokenizer(), tmp_path / "m")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "serve", str(tmp_path / "m"),
+                                 "--http-port", str(port), "--no-grpc"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
