@@ -1,9 +1,6 @@
 """The lean load generator and ``ds bench serve`` against a real uvicorn server (no timing assertions)."""
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -15,8 +12,9 @@ from typer.testing import CliRunner  # noqa: E402
 from deepseek.cli.main import app  # noqa: E402
 from deepseek.serve import loadgen  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
-from deepseek.serve.protocols.http_v2 import create_app  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
+
+from .gated_model import free_port, running_server  # noqa: E402
 
 LINEAR_CONFIG = """\
 backend: torch
@@ -42,12 +40,6 @@ class Embed(torch.nn.Module):
         return self.embed(ids)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
@@ -56,20 +48,8 @@ def server(tmp_path_factory):
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.yaml").write_text(config)
         torch.jit.script(module.eval()).save(str(root / name / "1" / "model.pt"))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ModelManager(ModelRepository(root))), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with running_server(ModelManager(ModelRepository(root))) as url:
+        yield url
 
 
 LINEAR_META = {"name": "linear", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 32]}]}
@@ -112,7 +92,7 @@ def test_open_loop_and_server_cpu(server):
 
 def test_connection_refused_is_an_error():
     bodies = [b"{}"]
-    result = loadgen.run_load(f"http://127.0.0.1:{_free_port()}", "/", bodies, concurrency=1, warmup_s=0,
+    result = loadgen.run_load(f"http://127.0.0.1:{free_port()}", "/", bodies, concurrency=1, warmup_s=0,
                               duration_s=0.2)
     assert result.completed == 0 and result.errors.get("ConnectionRefusedError", 0) > 0
 
@@ -189,7 +169,7 @@ def test_raw_timing_of_a_repository_model(tmp_path):
 def test_start_and_stop_server_reaps_its_whole_process_group(tmp_path):
     import sys
 
-    port = _free_port()
+    port = free_port()
     # The shell leaves a background child in the server's process group, as LitServe's workers are left.
     command = ["sh", "-c", f"sleep 300 & exec {sys.executable} -m http.server {port} --bind 127.0.0.1"]
     proc = loadgen.start_server(command, f"http://127.0.0.1:{port}/", timeout_s=30, log_path=tmp_path / "log")
