@@ -103,6 +103,9 @@ class ServingMetrics:
                                          registry=self.registry)
         self.batch_size = Histogram("ds_inference_batch_size", "Rows per executed batch.", labels,
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        self.refused = Counter("ds_inference_refused", "Infer requests refused before reaching a model "
+                               "(malformed, unknown model or version, not ready, no key), by status.", ["status"],
+                               registry=self.registry)
         self.routed = Counter("ds_routing_requests", "Requests routed by policy, variant and version.",
                               ["model", "policy", "variant", "version"], registry=self.registry)
         ProcessCollector(registry=self.registry)
@@ -140,6 +143,9 @@ class ServingMetrics:
         else:
             key = (*lv, _TRITON_REASON.get(outcome, "OTHER"))
             self._failures[key] = self._failures.get(key, 0) + 1
+
+    def observe_refused(self, status: str) -> None:
+        self._count(self.refused, status)
 
     def observe_batch(self, model: str, version: Optional[int], size: int) -> None:
         self._series(model, version)[3].observe(size)

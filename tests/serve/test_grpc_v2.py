@@ -17,9 +17,11 @@ import deepseek as ds
 grpc = pytest.importorskip("grpc")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from deepseek.serve.manager import ModelManager  # noqa: E402
+from deepseek.serve.metrics import ServingMetrics  # noqa: E402
 from deepseek.serve.protocols.common import AccessLog  # noqa: E402
 from deepseek.serve.protocols.grpc_v2 import create_grpc_server  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
@@ -104,6 +106,7 @@ class Served:
         try:
             self.loop = asyncio.get_running_loop()
             self.manager = ModelManager(ModelRepository(self.root), control_mode=self.control_mode)
+            self.manager.metrics = ServingMetrics(self.manager)
             await self.manager.load_all()
             server, self.port = create_grpc_server(self.manager, port=0, **self.server_kwargs)
             await server.start()
@@ -404,8 +407,16 @@ def test_ab_routing_variant_in_response_parameters(served, client):
 
 # -- errors ---------------------------------------------------------------------------------------------------
 
+def _refused(served) -> dict:
+    """``ds_inference_refused_total`` by gRPC code, from the server's metrics."""
+    families = text_string_to_metric_families(served.manager.metrics.render().decode())
+    return {s.labels["status"]: s.value for f in families if f.name == "ds_inference_refused"
+            for s in f.samples if s.name == "ds_inference_refused_total"}
+
+
 def test_errors_keep_the_server_serving(served, client):
     x = np.zeros((1, 32), np.float32)
+    refused_before = _refused(served)
 
     def fails(status, call, match=None):
         with pytest.raises(InferenceServerException) as e:
@@ -430,6 +441,11 @@ def test_errors_keep_the_server_serving(served, client):
     fails("INVALID_ARGUMENT", lambda: client.infer("tiny", [_input(np.full((1, 3), 999, np.int64),
                                                                    "input_ids", "INT64")]), "must lie in")
     fails("INTERNAL", lambda: client.infer("boom", [_input(np.zeros(4, np.float32))]), "model 'boom' failed: boom")
+    refused = _refused(served)
+    # Refused before any model: unknown model/version, not ready, unknown output, malformed version; the bad
+    # dtype/shape/token ids reached their model and are counted there (outcome "invalid").
+    assert {code: refused[code] - refused_before.get(code, 0) for code in refused} == \
+        {"NOT_FOUND": 2, "UNAVAILABLE": 1, "INVALID_ARGUMENT": 2}
     assert client.is_server_ready()
     np.testing.assert_allclose(client.infer("linear", [_input(x)]).as_numpy("y"), _eager(served.linear, x),
                                rtol=1e-5, atol=1e-5)

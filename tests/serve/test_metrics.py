@@ -72,3 +72,23 @@ def test_metrics_after_concurrent_requests(tmp_path):
     assert value("ds_model_ready", "ds_model_ready") == 1
     rss = [s.value for s in families["process_resident_memory_bytes"].samples]
     assert rss and rss[0] > 0
+
+
+def test_requests_refused_before_a_model_are_counted_by_status_and_logged(tmp_path):
+    import json as _json
+
+    from deepseek.serve.protocols.common import AccessLog
+
+    (tmp_path / "empty").mkdir()
+    manager = ModelManager(ModelRepository(tmp_path / "empty"))
+    log_path = tmp_path / "access.jsonl"
+    with running_server(manager, access_log=AccessLog(log_path)) as url:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/v2/models/nope/infer", json={"inputs": []}).status_code == 404
+            assert http.post("/v2/models/nope/infer", content=b"{").status_code == 400
+            families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    refused = {s.labels["status"]: s.value for s in families["ds_inference_refused"].samples
+               if s.name == "ds_inference_refused_total"}
+    assert refused == {"404": 1.0, "400": 1.0}
+    lines = [_json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(line["model"], line["status"]) for line in lines] == [("nope", 404), ("nope", 400)]

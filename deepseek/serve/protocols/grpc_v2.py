@@ -291,17 +291,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                      context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         """One inference; raises what :func:`status_of` maps (INTERNAL carries the model's error)."""
         started = time.perf_counter()
-        params = parameters_dict(request.parameters)
-        timeout_ms, priority, key = request_options(params)
-        remaining = context.time_remaining()
-        if remaining is not None:  # the client's gRPC deadline bounds the queue wait too
-            if remaining <= 0:
-                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline has passed")
-            timeout_ms = remaining * 1000 if timeout_ms is None else min(timeout_ms, remaining * 1000)
-        key = key or _metadata(context).get(self.routing_header)
-        mv, route = self.manager.select(request.model_name, _version(request.model_version), key)
-        inputs = parse_inputs(request)
-        names = requested_outputs(request, mv)
+        try:
+            params = parameters_dict(request.parameters)
+            timeout_ms, priority, key = request_options(params)
+            remaining = context.time_remaining()
+            if remaining is not None:  # the client's gRPC deadline bounds the queue wait too
+                if remaining <= 0:
+                    raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline has passed")
+                timeout_ms = remaining * 1000 if timeout_ms is None else min(timeout_ms, remaining * 1000)
+            key = key or _metadata(context).get(self.routing_header)
+            mv, route = self.manager.select(request.model_name, _version(request.model_version), key)
+            inputs = parse_inputs(request)
+            names = requested_outputs(request, mv)
+        except Exception as exc:  # refused before any model: counted by status only (model names are the client's)
+            code = status_of(exc)[0]
+            if self.manager.metrics is not None:
+                self.manager.metrics.observe_refused(code.name)
+            if self.access_log is not None:
+                self.access_log.write(protocol="grpc", model=request.model_name, version=request.model_version,
+                                      status=code.name, id=request.id,
+                                      total_ms=round((time.perf_counter() - started) * 1000, 3))
+            raise
         code, trace = grpc.StatusCode.OK, RequestTrace()
         try:
             outputs = await self.manager.run(mv, inputs, timeout_ms=timeout_ms, priority=priority, trace=trace)

@@ -422,10 +422,16 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
     async def infer(scope: dict, receive, send, model: str, version: Optional[str]) -> None:
         started = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        reached: list = []  # set once the request reaches a model version (which logs and counts it itself)
         try:
-            status, payload, extra = await _infer(model, version, headers, receive, started)
+            status, payload, extra = await _infer(model, version, headers, receive, started, reached)
         except ProtocolError as exc:
             status, payload, extra = exc.status, orjson.dumps({"error": exc.message}), exc.headers or {}
+            if not reached:  # refused before any model: counted by status only (model names are the client's)
+                metrics.observe_refused(str(status))
+                if access_log is not None:
+                    access_log.write(model=model, version=version, status=status,
+                                     total_ms=round((time.perf_counter() - started) * 1000, 3))
         except _ClientGone:
             return  # nobody is left to answer
         except Exception as exc:  # noqa: BLE001 - a bug must cost one request a 500, never the server
@@ -460,8 +466,8 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _infer(model: str, version: Optional[str], headers: dict, receive,
-                     started: float) -> tuple[int, bytes, dict]:
+    async def _infer(model: str, version: Optional[str], headers: dict, receive, started: float,
+                     reached: list) -> tuple[int, bytes, dict]:
         if protect_inference and api_key:
             authorize_headers(headers)
         body = await _read(headers, receive)
@@ -495,6 +501,7 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
             me.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
+        reached.append(True)
         try:
             outputs = await manager.run(mv, inputs, timeout_ms=timeout_ms, priority=priority, trace=trace)
         except asyncio.CancelledError:
