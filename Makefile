@@ -16,6 +16,11 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The quickstart ends by serving the model: it needs the serve extra (FastAPI, uvicorn, grpcio, ...).
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[serve]'
+	touch $@
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
@@ -23,7 +28,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-quickstart: $(VENV)/.installed
+quickstart: $(VENV)/.installed-serve
 	$(VENV)/bin/ds quickstart $(ARGS)
 
 test: $(VENV)/.installed-dev

@@ -3,7 +3,8 @@
 On a fresh machine it builds a corpus from the running Python's standard library (held-out modules for
 validation), trains a byte-level BPE, trains the ``small`` preset from ``configs/quickstart.yaml`` for at
 most 10 minutes, reports validation perplexity and bits per byte next to gzip and lzma on the same held-out
-bytes, prints completions of Python prompts, and leaves the model in ``runs/quickstart/model``.
+bytes, prints completions of Python prompts, leaves the model in ``runs/quickstart/model`` and serves it
+(KServe v2 over HTTP and gRPC, ``--no-serve`` to skip) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def compressor_bits_per_byte(texts: list[str]) -> dict[str, float]:
 def quickstart_command(
     run_dir: Path = typer.Option(Path("runs/quickstart"), help="Where the data, checkpoints and model go."),
     serve: bool = typer.Option(True, help="End by serving the model (--no-serve stops after the samples)."),
+    http_port: int = typer.Option(8080, help="HTTP port of the final `ds serve` step."),
+    grpc_port: int = typer.Option(8081, help="gRPC port of the final `ds serve` step."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of configs/quickstart.yaml."),
 ) -> None:
     """Train a small MoE code model on the Python standard library and show what it writes."""
@@ -115,8 +118,47 @@ def quickstart_command(
                   f"  ds info {model_dir}\n"
                   f"  ds train configs/quickstart.yaml --resume max_steps=1200   # train it longer",
                   highlight=False, markup=False)
-    console.print(f"  ds serve {model_dir} --http-port 8080                 # KServe v2 over HTTP "
-                  "(pip install '.[serve]')", highlight=False, markup=False)
+    console.print(f"  ds serve {model_dir} --http-port 8080                 # KServe v2 over HTTP and gRPC",
+                  highlight=False, markup=False, soft_wrap=True)
     if serve:
-        console.print("The quickstart does not start the server yet (continuous batching and the OpenAI API come "
-                      "with the Serving II issue); run `ds serve` above.")
+        serve_model(console, model_dir, http_port, grpc_port)
+
+
+def serve_model(console, model_dir: Path, http_port: int, grpc_port: int) -> None:
+    """Step 5: serve the fresh model (KServe v2 over HTTP and gRPC) until Ctrl-C, with examples to paste."""
+    import signal
+    import sys
+
+    import importlib.util
+
+    from deepseek.serve.server import Server
+
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "grpc", "tritonclient")):
+        console.print("serving needs the serve extra: pip install -e '.[serve]', then run `ds serve` above")
+        return
+    console.rule("[bold]5. Serve it")
+    server = Server(model_dir, port=http_port, grpc_port=grpc_port)
+    server.check_ports()
+    name = model_dir.resolve().name
+    console.print(f"KServe v2 (Triton's protocol) on http://127.0.0.1:{http_port}/v2 and gRPC 127.0.0.1:{grpc_port}; "
+                  f"Prometheus metrics on /metrics. Ctrl-C drains and stops. Try:", highlight=False)
+    console.print(f"  curl -s localhost:{http_port}/v2/models/{name}\n"
+                  f"  curl -s localhost:{http_port}/metrics | grep ds_inference", highlight=False, markup=False,
+                  soft_wrap=True)
+    console.print(f"""  python - <<'PY'
+import numpy as np, tritonclient.grpc as triton
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file("{model_dir}/tokenizer.json")
+ids = np.array([tok.encode("def read_lines(path):").ids], dtype=np.int64)
+x = triton.InferInput("input_ids", list(ids.shape), "INT64"); x.set_data_from_numpy(ids)
+logits = triton.InferenceServerClient("127.0.0.1:{grpc_port}").infer("{name}", [x]).as_numpy("logits")
+print("next token:", repr(tok.decode([int(logits[0, -1].argmax())])))
+PY""", highlight=False, markup=False, soft_wrap=True)  # pasted as is: no wrapping
+    # uvicorn stops accepting on SIGINT/SIGTERM, drains, then re-raises the signal: an orderly stop, exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    finally:
+        if server.started:
+            console.print("stopped; in-flight requests were drained")
