@@ -53,6 +53,10 @@ class ModelUnavailableError(RuntimeError):
     """The model or version exists but is not ready, or the server is closing (HTTP 503)."""
 
 
+class ModelLoadError(ValueError):
+    """A load request after which no version of the model is READY (HTTP 400, gRPC INVALID_ARGUMENT)."""
+
+
 class ControlModeError(RuntimeError):
     """A load/unload request the model-control mode does not allow (HTTP 400)."""
 
@@ -219,9 +223,14 @@ class ModelManager:
                                    f"'{self.control_mode}' (start the server with --model-control explicit)")
 
     async def api_load(self, name: str) -> None:
-        """A load/reload request from the repository API (explicit mode only)."""
+        """A load/reload request from the repository API (explicit mode only); ModelLoadError (a ValueError:
+        the client's repository is at fault) when no version of the model is READY afterwards."""
         self._check_control("load")
         await self.load(name)
+        versions = self._models.get(name, {})
+        if not any(mv.ready for mv in versions.values()):
+            reasons = "; ".join(mv.reason for mv in versions.values() if mv.reason)
+            raise ModelLoadError(f"failed to load {name!r}: {reasons or 'no version is ready'}")
 
     async def api_unload(self, name: str) -> None:
         """An unload request from the repository API (explicit mode only)."""
@@ -283,27 +292,26 @@ class ModelManager:
         ModelNotFoundError for an unknown model or version, ModelUnavailableError when it is not ready."""
         if version is not None:
             return self.select(name, version)[0]
+        versions, ready = self._ready(name)
+        return versions[ready[-1]]
+
+    def _ready(self, name: str) -> tuple[dict[Optional[int], ModelVersion], list[int]]:
+        """The model's versions and its READY version numbers (ascending, never empty)."""
         if self.closing:
             raise ModelUnavailableError("the server is shutting down")
         versions = self.versions(name)
-        ready = [v for v, mv in versions.items() if v is not None and mv.ready]
+        ready = sorted(v for v, mv in versions.items() if v is not None and mv.ready)
         if not ready:
             reasons = "; ".join(mv.reason for mv in versions.values() if mv.reason) or "no version is loaded"
             raise ModelUnavailableError(f"model {name!r} is not ready: {reasons}")
-        return versions[max(ready)]
+        return versions, ready
 
     def select(self, name: str, version: Optional[int] = None,
                key: Optional[str] = None) -> tuple[ModelVersion, Optional[Route]]:
         """The version a request goes to: the one it names, else the model's routing policy's choice
         (``key`` is the request's routing key, e.g. a user id, for sticky assignment)."""
-        if self.closing:
-            raise ModelUnavailableError("the server is shutting down")
-        versions = self.versions(name)
         if version is None:
-            ready = sorted(v for v, mv in versions.items() if v is not None and mv.ready)
-            if not ready:
-                reasons = "; ".join(mv.reason for mv in versions.values() if mv.reason) or "no version is loaded"
-                raise ModelUnavailableError(f"model {name!r} is not ready: {reasons}")
+            versions, ready = self._ready(name)
             try:
                 route = self.router.route(name, ready, key)
             except LookupError as exc:  # a pinned version that is not loaded
@@ -311,7 +319,9 @@ class ModelManager:
             if self.metrics is not None:
                 self.metrics.observe_route(name, route.policy, route.variant, route.version)
             return versions[route.version], route
-        mv = versions.get(version)
+        if self.closing:
+            raise ModelUnavailableError("the server is shutting down")
+        mv = self.versions(name).get(version)
         if mv is None:
             raise ModelNotFoundError(f"unknown version {version} of model {name!r}")
         if not mv.ready:

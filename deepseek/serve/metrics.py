@@ -110,7 +110,8 @@ class ServingMetrics:
                               ["model", "policy", "variant", "version"], registry=self.registry)
         ProcessCollector(registry=self.registry)
         self._failures: dict[tuple[str, str, str], int] = {}
-        self._children: dict[tuple, tuple] = {}
+        self._children: dict[tuple, tuple] = {}  # (model, version) -> that version's histogram children
+        self._counter_children: dict[tuple, Any] = {}  # (family id, labels) -> counter child
         if manager is not None:
             self.registry.register(_ManagerCollector(manager, self._failures))
 
@@ -126,9 +127,9 @@ class ServingMetrics:
 
     def _count(self, family: Counter, *labels: str) -> None:
         key = (id(family), labels)
-        child = self._children.get(key)
+        child = self._counter_children.get(key)
         if child is None:
-            child = self._children[key] = family.labels(*labels)
+            child = self._counter_children[key] = family.labels(*labels)
         child.inc()
 
     def observe_request(self, model: str, version: Optional[int], outcome: str, total_s: float,

@@ -56,7 +56,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from deepseek.serve.batching import BatcherClosedError, DeadlineExceededError, QueueFullError, RequestTrace
 from deepseek.serve.config import DATATYPE_TO_TORCH
-from deepseek.serve.manager import (READY, ControlModeError, ModelManager, ModelNotFoundError, ModelUnavailableError,
+from deepseek.serve.manager import (ControlModeError, ModelManager, ModelNotFoundError, ModelUnavailableError,
                                     ModelVersion, triton_model_config)
 from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, key_matches,
                                              kserve_datatype, presented_key, request_options, server_version,
@@ -267,25 +267,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                            "missing or wrong API key (send metadata 'authorization: Bearer KEY' or 'x-api-key: KEY')")
 
     def _resolve(self, name: str, version_text: str) -> ModelVersion:
-        """The READY version metadata/config answers describe: the one named, else the latest ready one.
-
-        Not :meth:`ModelManager.select`: a metadata lookup must not count as a routed request (A/B counts)."""
-        version = _version(version_text)
-        if self.manager.closing:
-            raise ModelUnavailableError("the server is shutting down")
-        versions = self.manager.versions(name)
-        if version is None:
-            ready = [mv for v, mv in versions.items() if v is not None and mv.ready]
-            if not ready:
-                reasons = "; ".join(mv.reason for mv in versions.values() if mv.reason) or "no version is loaded"
-                raise ModelUnavailableError(f"model {name!r} is not ready: {reasons}")
-            return max(ready, key=lambda mv: mv.version)
-        mv = versions.get(version)
-        if mv is None:
-            raise ModelNotFoundError(f"unknown version {version} of model {name!r}")
-        if not mv.ready:
-            raise ModelUnavailableError(f"model {name!r} version {version} is not ready: {mv.reason}")
-        return mv
+        """The READY version metadata/config answers describe: the one named, else the latest ready one
+        (:meth:`ModelManager.get` consults no routing policy, so lookups are not counted as routed requests)."""
+        return self.manager.get(name, _version(version_text))
 
     async def _infer(self, request: service_pb2.ModelInferRequest,
                      context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
@@ -468,12 +452,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                            f"load parameters ({', '.join(sorted(request.parameters))}) are not supported; "
                            "change the repository and load again")
         name = request.model_name
-        await self.manager.api_load(name)
-        rows = [r for r in self.manager.index() if r["name"] == name]
-        if not any(r["state"] == READY for r in rows):
-            reasons = "; ".join(r["reason"] for r in rows if r["reason"])
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"failed to load {name!r}: {reasons or 'no version is ready'}")
+        await self.manager.api_load(name)  # ModelLoadError is a ValueError: INVALID_ARGUMENT
         return service_pb2.RepositoryModelLoadResponse()
 
     @_rpc

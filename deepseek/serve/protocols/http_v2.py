@@ -45,8 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepseek.config import ConfigError
 from deepseek.serve.batching import BatcherClosedError, DeadlineExceededError, QueueFullError, RequestTrace
 from deepseek.serve.config import DATATYPE_TO_TORCH
-from deepseek.serve.manager import (READY, ControlModeError, ModelManager, ModelNotFoundError, ModelUnavailableError,
-                                    triton_model_config)
+from deepseek.serve.manager import (ControlModeError, ModelLoadError, ModelManager, ModelNotFoundError,
+                                    ModelUnavailableError, triton_model_config)
 from deepseek.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deepseek.serve.metrics import ServingMetrics
 from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, key_matches,
@@ -565,10 +565,6 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
                 raise ProtocolError(400, "load parameters (config override, files) are not supported; "
                                          "change the repository and load again")
         await _manage(manager.api_load(model))
-        entry = next((r for r in manager.index() if r["name"] == model and r["state"] == READY), None)
-        if entry is None:
-            reasons = "; ".join(r["reason"] for r in manager.index() if r["name"] == model and r["reason"])
-            raise ProtocolError(400, f"failed to load {model!r}: {reasons or 'no version is ready'}")
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{model}/unload")
@@ -640,7 +636,7 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
     async def _manage(coro) -> None:
         try:
             await coro
-        except ControlModeError as exc:
+        except (ControlModeError, ModelLoadError) as exc:
             raise ProtocolError(400, str(exc)) from None
         except ModelNotFoundError as exc:
             raise ProtocolError(404, str(exc)) from None
