@@ -39,15 +39,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty(x_ND.shape, dtype=dtype, device=x_ND.device) if need_grad else None
         grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=x_ND.device) if need_grad else None
         scale = 1.0 / n_valid.clamp_min(1).float()
+        # One logits buffer for every chunk, and the softmax formed in place in it: a fresh [C, V] tensor per
+        # chunk (matmul output, logsumexp's shifted copy) costs page faults comparable to the matmul itself.
+        buffer = torch.empty(min(chunk, N), V, dtype=dtype, device=x_ND.device)
         for start in range(0, N, chunk):
             rows = slice(start, min(start + chunk, N))
-            logits_CV = (xc[rows] @ w.t()).float()
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            logits_CV = torch.mm(xc[rows], w.t(), out=buffer[: rows.stop - start]).float()
             picked_C = logits_CV.gather(1, safe_N[rows, None]).squeeze(1)
+            max_C = logits_CV.amax(dim=-1)
+            exp_CV = logits_CV.sub_(max_C[:, None]).exp_()  # logits are not needed after this
+            sum_C = exp_CV.sum(dim=-1)
+            lse_C = sum_C.log() + max_C
             loss += ((lse_C - picked_C) * valid_N[rows]).sum()
             if need_grad:
                 # d loss / d logits = (softmax - onehot(target)) / n_valid on valid rows, 0 on ignored ones.
-                grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+                grad_CV = exp_CV.div_(sum_C[:, None])
                 grad_CV.scatter_add_(1, safe_N[rows, None], torch.full_like(lse_C[:, None], -1.0))
                 grad_CV.mul_((valid_N[rows].float() * scale)[:, None])
                 grad_CV = grad_CV.to(dtype)

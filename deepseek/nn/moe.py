@@ -156,13 +156,15 @@ _scratch = threading.local()  # per-thread product buffer of _skinny_linear
 def _skinny_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for a handful of rows, arranged the way CPU BLAS streams the weight fastest.
 
-    ``F.linear`` reads a [O, I] weight at ~8-10 GB/s for 1-8 rows; ``w @ x.T`` runs 2-4x faster for 2+
-    rows, and for a single row a broadcast multiply + row sums beats both (docs/benchmarks.md). The
+    ``F.linear`` reads a [O, I] weight at ~8-10 GB/s for 1-8 rows; ``w @ x.T`` (x row-major) runs 2-4x faster
+    for 2+ rows, and for a single row a broadcast multiply + row sums beats both (docs/benchmarks.md). The
     product goes into a reused per-thread buffer: a fresh weight-sized tensor per call costs page faults.
     Decoding is bound by reading expert weights, so this is most of a decoding step's expert time.
     """
     if x_MI.shape[0] != 1:
-        return (w_OI @ x_MI.t()).t()
+        # Row-major x, so that x.T is a column-major view: BLAS streams W 2-4x slower when given a row-major
+        # [I, M] operand (a down projection fed the transposed-view output of its gate_up product ran at 1/3 speed).
+        return (w_OI @ x_MI.contiguous().t()).t()
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < w_OI.numel() or buffer.dtype != w_OI.dtype or buffer.device != w_OI.device:
         with torch.inference_mode(False):  # a normal tensor may be written both in and out of inference mode
