@@ -162,6 +162,7 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
 
     while True:
         next_ids = sampler(logits_BV)
+        sampler.record_output(next_ids)
         for row, token in enumerate(next_ids.tolist()):
             if not alive[row]:
                 continue

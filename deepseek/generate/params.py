@@ -16,6 +16,9 @@ class SamplingParams:
     (Keskar et al., 2019): logits of tokens already in the context are divided by it when positive
     and multiplied when negative. ``stop`` strings end generation and are not included in the text;
     ``stop_token_ids`` (plus the tokenizer's end-of-sequence token unless ``ignore_eos``) end it too.
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's) subtract from the logits of tokens already
+    generated, once / per occurrence. ``logprobs = n`` reports each chosen token's log-probability and the
+    ``n`` most likely alternatives (the model's distribution, before any penalty or temperature).
     """
 
     max_new_tokens: int = 64
@@ -27,6 +30,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -40,6 +46,11 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            problems.append(f"logprobs must be in [0, 20], got {self.logprobs}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):

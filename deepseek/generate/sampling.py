@@ -17,7 +17,9 @@ from deepseek.generate.params import SamplingParams
 class Sampler:
     """Per-row sampling state for a batch: parameters as tensors, seen-token masks, generators."""
 
-    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str = "cpu",
+                 generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+                 output_counts: Optional[torch.Tensor] = None):
         self.params = list(params)
         self.vocab_size = vocab_size
         self.device = torch.device(device)
@@ -31,7 +33,13 @@ class Sampler:
         self.any_top_p = any(p.top_p < 1.0 for p in params)
         # Tokens in each row's context, for the repetition penalty (a mask, so no history gathering).
         self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device) if self.any_penalty else None
-        self.generators = [self._generator(p.seed) for p in params]
+        # Generators are per sequence and may outlive one Sampler (continuous batching builds one per step).
+        self.generators = list(generators) if generators is not None else [self._generator(p.seed) for p in params]
+        # Occurrences of each token in each row's output so far [B, V], for presence/frequency penalties.
+        self.output_counts = output_counts
+        self.presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+        self.any_output_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
 
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
         if seed is None:
@@ -60,6 +68,18 @@ class Sampler:
         self.top_p, self.penalty = self.top_p[keep], self.penalty[keep]
         if self.seen is not None:
             self.seen = self.seen[keep]
+        self.presence, self.frequency = self.presence[keep], self.frequency[keep]
+        if self.output_counts is not None:
+            self.output_counts = self.output_counts[keep]
+
+    def record_output(self, tokens_B: torch.Tensor) -> None:
+        """Count the tokens just generated (one per row), for presence/frequency penalties."""
+        if not self.any_output_penalty:
+            return
+        if self.output_counts is None:
+            self.output_counts = torch.zeros(len(self.params), self.vocab_size, dtype=torch.int32, device=self.device)
+        rows = torch.arange(tokens_B.shape[0], device=tokens_B.device)
+        self.output_counts[rows, tokens_B.clamp(0, self.vocab_size - 1)] += 1
 
     def __call__(self, logits_BV: torch.Tensor) -> torch.Tensor:
         """The next token of every row: [B] int64."""
@@ -67,6 +87,9 @@ class Sampler:
         if self.seen is not None:
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             logits = torch.where(self.seen, penalised, logits)
+        if self.any_output_penalty and self.output_counts is not None:
+            counts = self.output_counts[:, : self.vocab_size].float()
+            logits = logits - self.frequency * counts - self.presence * (counts > 0).float()
         if self.all_greedy:
             return logits.argmax(dim=-1)
         greedy_choice = logits.argmax(dim=-1)

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek.models.config import ModelConfig
-from deepseek.nn import Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding, SwiGLU
+from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding,
+                         SlotKVCache, SwiGLU)
 from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.sparse_attention import local_global_mask
 
@@ -177,6 +178,8 @@ class MoETransformer(nn.Module):
 
         if cache.batch_size != B:
             raise ValueError(f"KV cache holds {cache.batch_size} sequences, input has {B}")
+        if isinstance(cache, SlotKVCache):
+            return self._slot_attention_inputs(cache, T, valid_BT, extra)
         if cache.static:  # fixed shapes, no host values: what a compiled decoding step needs
             positions, slots = cache.reserve_static(valid_BT, T)
             mask = self._mask(positions, slots, cache.slot_position, cache.all_slots, cache.slot_valid)
@@ -195,14 +198,36 @@ class MoETransformer(nn.Module):
                           torch.arange(end, device=device), cache.slot_valid[:, :end])
         return AttentionInputs(cos, sin, mask=mask, **extra)
 
+    def _slot_attention_inputs(self, cache: SlotKVCache, T: int, valid_BT, extra: dict) -> AttentionInputs:
+        """Rows of a continuous batch: each continues its own sequence from its own length (no padding)."""
+        if valid_BT is not None:
+            raise ValueError("a SlotKVCache holds unpadded sequences: attention_mask is not supported with it")
+        positions, starts = cache.reserve(T)
+        self._check_length(max(starts) + T)
+        cos, sin = self.rope(positions)
+        sparse = self.config.attention == "sparse"
+        if len(starts) == 1 and starts[0] == 0 and not sparse:
+            return AttentionInputs(cos, sin, is_causal=True, **extra)  # a first prefill chunk
+        if T == 1 and min(starts) == max(starts) and not sparse:
+            return AttentionInputs(cos, sin, **extra)  # every row sees every stored token
+        end = max(starts) + T
+        k_slot = torch.arange(end, device=positions.device)
+        valid = k_slot[None, :] < (positions[:, -1:] + 1)  # a row's own tokens only
+        mask = self._mask(positions, positions, k_slot.expand(len(starts), -1), k_slot, valid)
+        return AttentionInputs(cos, sin, mask=mask, **extra)
+
     def _mask(self, q_pos_BT, q_slot_T, k_pos_BS, k_slot_S, k_valid_BS) -> torch.Tensor:
-        """[B, 1, T, S] bool: causal by slot, padding excluded, the sparse pattern by position."""
+        """[B, 1, T, S] bool: causal by slot, padding excluded, the sparse pattern by position.
+
+        ``q_slot_T`` is [T] (every row writes the same slots) or [B, T] (rows at their own positions).
+        """
         cfg = self.config
-        mask = (k_slot_S[None, None, :] <= q_slot_T[None, :, None]) & k_valid_BS[:, None, :]
+        q_slot_BT = q_slot_T if q_slot_T.dim() == 2 else q_slot_T[None]
+        mask = (k_slot_S[None, None, :] <= q_slot_BT[:, :, None]) & k_valid_BS[:, None, :]
         if cfg.attention == "sparse":
             mask &= local_global_mask(q_pos_BT, k_pos_BS, cfg.window, cfg.n_global_tokens)
         # Every query sees at least itself, so padding rows stay finite (their outputs are never used).
-        mask |= k_slot_S[None, None, :] == q_slot_T[None, :, None]
+        mask |= k_slot_S[None, None, :] == q_slot_BT[:, :, None]
         return mask.unsqueeze(1)
 
     def _check_length(self, n_slots: int) -> None:

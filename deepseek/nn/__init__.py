@@ -7,6 +7,7 @@ from deepseek.nn.mlp import SwiGLU
 from deepseek.nn.moe import GroupedExperts, MoE, Router, load_balancing_loss, update_router_biases
 from deepseek.nn.norm import RMSNorm
 from deepseek.nn.rope import RotaryEmbedding, apply_rotary
+from deepseek.nn.slot_cache import SlotKVCache
 from deepseek.nn.sparse_attention import (
     blocked_local_global_attention,
     dense_local_global_attention,
@@ -15,6 +16,6 @@ from deepseek.nn.sparse_attention import (
 
 __all__ = [
     "Attention", "AttentionInputs", "GroupedExperts", "KVCache", "MoE", "RMSNorm", "Router", "RotaryEmbedding",
-    "SwiGLU", "apply_rotary", "blocked_local_global_attention", "dense_local_global_attention",
+    "SlotKVCache", "SwiGLU", "apply_rotary", "blocked_local_global_attention", "dense_local_global_attention",
     "linear_cross_entropy", "load_balancing_loss", "local_global_mask", "update_router_biases",
 ]

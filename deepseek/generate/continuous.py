@@ -1,0 +1,408 @@
+"""Continuous batching: iteration-level scheduling of many generation requests over one model.
+
+Each iteration of the engine's loop (its own thread, so callers' event loops stay free):
+
+1. drops requests that were cancelled or passed their deadline, freeing their cache slots at once;
+2. runs one decoding step for every running sequence (one token each, one batched forward);
+3. runs one chunk of the prompt of the next waiting request (chunked prefill: a long prompt is
+   spread over several iterations, so running sequences keep receiving tokens meanwhile); when its
+   last chunk is done the request joins the running batch with its first token.
+
+Running sequences occupy cache slots ``0..n-1`` of a :class:`~deepseek.nn.SlotKVCache` (a finished
+sequence's slot is filled by moving the last one into it), so a decoding step reads the cache through
+views; the prompt being prefilled has its own staging slot and is moved in when it joins. Limits:
+``max_running`` sequences, ``max_batched_tokens`` tokens per iteration (decode rows + prefill chunk),
+and a bounded waiting queue (:class:`QueueFullError` beyond ``max_queue``).
+
+Every request has its own sampling parameters and seed; greedy outputs do not depend on what else
+is in the batch. Events (text deltas, token ids, log-probabilities, the finish reason) go to each
+request's callback from the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from tokenizers import Tokenizer
+
+from deepseek.data.tokenizer import EOS
+from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deepseek.generate.engine import GenerationOutput, Prompt, encode_prompts
+from deepseek.generate.params import SamplingParams
+from deepseek.generate.sampling import Sampler
+from deepseek.nn.slot_cache import SlotKVCache
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit: retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is stopping or stopped and takes no new requests."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, (token id, log-probability)
+
+
+@dataclass
+class GenerationEvent:
+    """What one request receives: a text delta per token, and a last event with ``finish_reason``.
+
+    ``finish_reason`` is ``stop`` (stop token or string), ``length`` (max tokens or cache capacity),
+    ``abort`` (cancelled) or ``timeout`` (deadline passed); the last event also carries the counts.
+    """
+
+    request_id: str
+    delta: str = ""
+    token_id: Optional[int] = None
+    logprob: Optional[TokenLogprob] = None
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+EventCallback = Callable[[GenerationEvent], None]
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    max_running: int
+    kv_cache_utilization: float
+    kv_cache_bytes: int
+    steps: int
+    tokens_generated: int
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """A submitted request; :meth:`cancel` frees its slot on the engine's next iteration."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: EventCallback
+    deadline: Optional[float]  # time.monotonic() seconds
+    submitted: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    first_token_at: Optional[float] = None
+    # Engine-side state.
+    stop_ids: set[int] = field(default_factory=set)
+    max_new: int = 0
+    detok: Optional[IncrementalDetokenizer] = None
+    matcher: Optional[StopStringMatcher] = None
+    generator: Optional[torch.Generator] = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ContinuousBatchingEngine:
+    """Serve many generation requests at once on one model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_running: int = 16,
+                 max_batched_tokens: int = 512, prefill_chunk: int = 256, max_queue: int = 256,
+                 max_len: Optional[int] = None, name: str = "engine"):
+        if max_running < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_running and prefill_chunk must be >= 1, max_queue >= 0")
+        if max_batched_tokens <= max_running:
+            raise ValueError(f"max_batched_tokens ({max_batched_tokens}) must exceed max_running ({max_running}): "
+                             "each iteration needs room for a prefill chunk besides the decode rows")
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
+        self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
+        self.device = next(model.parameters()).device
+        self.vocab = min(model.config.vocab_size, tokenizer.get_vocab_size())
+        self.eos = tokenizer.token_to_id(EOS)
+        # Slots 0..max_running-1 hold running sequences; the last one stages the prompt being prefilled.
+        self.cache = SlotKVCache.for_model(model, max_running + 1, max_len)
+        self.max_len = self.cache.max_len
+        self._staging = max_running
+        self._running: list[GenerationRequest] = []  # row i <-> cache slot i
+        self._last_tokens: list[int] = []
+        self._output_counts: Optional[torch.Tensor] = None  # [slots, V], only once a request needs it
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._prefilling: Optional[GenerationRequest] = None
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> "ContinuousBatchingEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"ds-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: Optional[float] = None) -> None:
+        """Stop taking requests; with ``drain`` finish every accepted one first, else abort them."""
+        with self._lock:
+            self._stopping = True
+            if not drain:
+                for request in list(self._waiting) + self._running + [self._prefilling]:
+                    if request is not None:
+                        request.cancelled = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "ContinuousBatchingEngine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- submitting ---------------------------------------------------------------------------------
+
+    def submit(self, prompt: Prompt, params: Union[SamplingParams, dict, None] = None, *,
+               on_event: Optional[EventCallback] = None, timeout_s: Optional[float] = None,
+               request_id: Optional[str] = None) -> GenerationRequest:
+        """Queue one prompt (text or token ids). Raises :class:`QueueFullError` when the queue is full,
+        ``ValueError`` for a prompt that cannot fit; events go to ``on_event`` from the engine thread."""
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams.from_dict(params)
+        ids = encode_prompts(self.tokenizer, [prompt])[0]
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.max_len}-token context")
+        if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        request = GenerationRequest(request_id or f"{self.name}-{next(self._ids)}", ids, params,
+                                    on_event or (lambda event: None),
+                                    None if timeout_s is None else time.monotonic() + timeout_s)
+        request.stop_ids = set(params.stop_token_ids) | (
+            {self.eos} if self.eos is not None and not params.ignore_eos else set())
+        request.max_new = min(params.max_new_tokens, self.max_len - len(ids))
+        request.detok = IncrementalDetokenizer(self.tokenizer)
+        request.matcher = StopStringMatcher(params.stop)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.device)
+            request.generator.manual_seed(params.seed)
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the engine is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests waiting (max_queue={self.max_queue})")
+            self._waiting.append(request)
+            self._lock.notify_all()
+        return request
+
+    def generate(self, prompts: Sequence[Prompt], params: Union[SamplingParams, dict, None] = None
+                 ) -> list[GenerationOutput]:
+        """Submit prompts together and wait for all of them (a convenience over :meth:`submit`)."""
+        texts: dict[str, list[str]] = {}
+        requests = []
+        for prompt in prompts:
+            request = self.submit(prompt, params, on_event=lambda e: texts.setdefault(e.request_id, []).append(e.delta))
+            requests.append(request)
+        for request in requests:
+            request.done.wait()
+        return [GenerationOutput("".join(texts.get(r.request_id, [])), list(r.token_ids),
+                                 r.finish_reason or "length", len(r.prompt_ids)) for r in requests]
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            waiting = len(self._waiting) + (self._prefilling is not None)
+            return EngineStats(len(self._running), waiting, self.max_running, self.cache.utilization(),
+                               self.cache.bytes, self.steps, self.tokens_generated)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._running or self._waiting or self._prefilling or self._stopping):
+                        self._lock.wait()
+                    if self._stopping and not (self._running or self._waiting or self._prefilling):
+                        return
+                self._drop_abandoned()
+                if self._running:
+                    self._decode_step()
+                self._prefill_step()
+
+    def _drop_abandoned(self) -> None:
+        now = time.monotonic()
+
+        def reason(request: GenerationRequest) -> Optional[str]:
+            if request.cancelled:
+                return "abort"
+            if request.deadline is not None and now > request.deadline:
+                return "timeout"
+            return None
+
+        with self._lock:
+            kept = collections.deque()
+            for request in self._waiting:
+                why = reason(request)
+                if why:
+                    self._finish(request, why)
+                else:
+                    kept.append(request)
+            self._waiting = kept
+        if self._prefilling is not None and reason(self._prefilling):
+            self._finish(self._prefilling, reason(self._prefilling))
+            self.cache.reset(self._staging)
+            self._prefilling = None
+        for row in reversed(range(len(self._running))):
+            why = reason(self._running[row])
+            if why:
+                self._finish(self._running[row], why)
+                self._remove_row(row)
+
+    def _decode_step(self) -> None:
+        n = len(self._running)
+        ids = torch.tensor(self._last_tokens, device=self.device).unsqueeze(1)
+        logits = self.model(ids, cache=self.cache.bind(0, n), logits_to_keep=1)[:, -1]
+        self.steps += 1
+        tokens = self._sample(logits, self._running, self._counts_rows(0, n))
+        finished = []
+        for row, request in enumerate(self._running):
+            token, logprob = tokens[row]
+            self._last_tokens[row] = token
+            if self._emit(request, token, logprob):
+                finished.append(row)
+        for row in reversed(finished):
+            self._remove_row(row)
+
+    def _prefill_step(self) -> None:
+        if self._prefilling is None:
+            with self._lock:
+                if not self._waiting or len(self._running) >= self.max_running:
+                    return
+                self._prefilling = self._waiting.popleft()
+            self.cache.reset(self._staging)
+        request = self._prefilling
+        budget = max(1, self.max_batched_tokens - len(self._running))
+        chunk = min(self.prefill_chunk, budget, len(request.prompt_ids) - request.prefilled)
+        ids = torch.tensor(request.prompt_ids[request.prefilled:request.prefilled + chunk], device=self.device)
+        logits = self.model(ids.unsqueeze(0), cache=self.cache.bind(self._staging, 1), logits_to_keep=1)[:, -1]
+        request.prefilled += chunk
+        if request.prefilled < len(request.prompt_ids):
+            return
+        # The whole prompt is in the cache: join the running batch with the first token.
+        self._prefilling = None
+        row = len(self._running)
+        self.cache.move(self._staging, row)
+        self._running.append(request)
+        self._last_tokens.append(0)
+        if self._output_counts is not None:
+            self._output_counts[row].zero_()
+        (token, logprob), = self._sample(logits, [request], self._counts_rows(row, 1))
+        self._last_tokens[row] = token
+        if self._emit(request, token, logprob):
+            self._remove_row(row)
+
+    # -- pieces -------------------------------------------------------------------------------------
+
+    def _counts_rows(self, first: int, n: int) -> Optional[torch.Tensor]:
+        if self._output_counts is None:
+            return None
+        return self._output_counts[first:first + n]
+
+    def _sample(self, logits_BV: torch.Tensor, requests: list[GenerationRequest],
+                counts: Optional[torch.Tensor]) -> list[tuple[int, Optional[TokenLogprob]]]:
+        params = [r.params for r in requests]
+        if counts is None and any(p.presence_penalty or p.frequency_penalty for p in params):
+            self._output_counts = torch.zeros(self.cache.n_slots, self.vocab, dtype=torch.int32, device=self.device)
+            first = self._running.index(requests[0])
+            counts = self._output_counts[first:first + len(requests)]
+        sampler = Sampler(params, self.vocab, self.device, generators=[r.generator for r in requests],
+                          output_counts=counts)
+        if sampler.seen is not None:  # repetition penalty: everything in the context so far
+            for row, request in enumerate(requests):
+                context = torch.tensor(request.prompt_ids + request.token_ids, device=self.device)
+                sampler.seen[row, context.clamp(0, self.vocab - 1)] = True
+        chosen = sampler(logits_BV)
+        if counts is not None:
+            counts[torch.arange(len(requests), device=self.device), chosen] += 1
+        token_list = chosen.tolist()
+        logprobs: list[Optional[TokenLogprob]] = [None] * len(requests)
+        wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if wanted:
+            log_probs = logits_BV[wanted, : self.vocab].float().log_softmax(-1)
+            for i, row in enumerate(wanted):
+                top_n = params[row].logprobs
+                values, ids = log_probs[i].topk(top_n) if top_n else (torch.empty(0), torch.empty(0, dtype=torch.long))
+                logprobs[row] = TokenLogprob(token_list[row], float(log_probs[i, token_list[row]]),
+                                             list(zip(ids.tolist(), values.tolist())))
+        return list(zip(token_list, logprobs))
+
+    def _emit(self, request: GenerationRequest, token: int, logprob: Optional[TokenLogprob]) -> bool:
+        """Account for one new token; returns True when the request is finished."""
+        now = time.monotonic()
+        if request.first_token_at is None:
+            request.first_token_at = now
+        request.token_ids.append(token)
+        self.tokens_generated += 1
+        reason = None
+        if token in request.stop_ids:
+            text, _ = request.matcher.feed(request.detok.flush())
+            text += request.matcher.finish()
+            reason = "stop"
+        else:
+            text, stopped = request.matcher.feed(request.detok.push(token))
+            if stopped:
+                reason = "stop"
+            elif len(request.token_ids) >= request.max_new:  # max_new also keeps the sequence inside its slot
+                more, _ = request.matcher.feed(request.detok.flush())
+                text += more + request.matcher.finish()
+                reason = "length"
+        event = GenerationEvent(request.request_id, text, token, logprob, reason, len(request.prompt_ids),
+                                len(request.token_ids))
+        self._deliver(request, event)
+        if reason is not None:
+            self._mark_finished(request, reason)
+            return True
+        return False
+
+    def _finish(self, request: GenerationRequest, reason: str) -> None:
+        """End a request that produces no further token (cancelled, timed out)."""
+        self._deliver(request, GenerationEvent(request.request_id, "", None, None, reason, len(request.prompt_ids),
+                                               len(request.token_ids)))
+        self._mark_finished(request, reason)
+
+    def _mark_finished(self, request: GenerationRequest, reason: str) -> None:
+        request.finished, request.finish_reason = True, reason
+        request.done.set()
+
+    @staticmethod
+    def _deliver(request: GenerationRequest, event: GenerationEvent) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # a consumer's failure must not stop the engine; treat it as a disconnect
+            request.cancelled = True
+
+    def _remove_row(self, row: int) -> None:
+        """Free a running row's slot: the last running sequence moves into it (slots stay 0..n-1)."""
+        last = len(self._running) - 1
+        if row != last:
+            self.cache.move(last, row)
+            self._running[row] = self._running[last]
+            self._last_tokens[row] = self._last_tokens[last]
+            if self._output_counts is not None:
+                self._output_counts[row] = self._output_counts[last]
+        self.cache.reset(last)
+        self._running.pop()
+        self._last_tokens.pop()
