@@ -106,6 +106,32 @@ class DynamicBatchingConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Text generation of a language model (``backend: deepseek``): the continuous batching engine's limits.
+
+    ``max_running`` sequences decode together; each engine iteration handles at most
+    ``max_batched_tokens`` tokens (one per running sequence plus a prompt chunk of up to
+    ``prefill_chunk``); ``max_queue`` requests may wait (beyond: 429); ``max_len`` tokens per sequence
+    (prompt + completion; default the model's ``max_seq_len``) sizes the preallocated KV cache.
+    """
+
+    max_running: int = 16
+    max_batched_tokens: int = 512
+    prefill_chunk: int = 256
+    max_queue: int = 256
+    max_len: Optional[int] = None
+
+    def __post_init__(self):
+        if self.max_running < 1 or self.prefill_chunk < 1 or self.max_queue < 0:
+            raise ConfigError("generation: max_running and prefill_chunk must be >= 1, max_queue >= 0")
+        if self.max_batched_tokens <= self.max_running:
+            raise ConfigError(f"generation.max_batched_tokens ({self.max_batched_tokens}) must exceed "
+                              f"max_running ({self.max_running})")
+        if self.max_len is not None and self.max_len < 2:
+            raise ConfigError(f"generation.max_len must be >= 2, got {self.max_len}")
+
+
+@dataclass
 class VersionPolicy:
     """Which version folders to serve: ``latest: N``, ``all: true`` or ``specific: [...]`` (exactly one).
 
@@ -154,6 +180,7 @@ class ServingConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     parameters: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a torch entry point)
     routing: dict[str, Any] = field(default_factory=dict)  # a routing policy (deepseek.serve.routing.parse_policy)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
 
     def __post_init__(self):
         if self.max_batch_size < 0:

@@ -85,8 +85,8 @@ class ModelVersion:
         if self.batcher is not None:
             await self.batcher.stop(drain=True)
         if self.backend is not None:
-            try:
-                self.backend.close()
+            try:  # closing may drain a generation engine: off the event loop
+                await asyncio.to_thread(self.backend.close)
             except Exception as exc:  # a backend failing to close must not stop the others
                 log.warning("closing %s version %s failed: %s", self.name, self.version, exc)
         self.backend, self.batcher = None, None

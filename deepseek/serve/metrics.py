@@ -26,6 +26,8 @@ from deepseek.serve.batching import RequestTrace
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GENERATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # outcome label values of ds_inference_requests_total
 OUTCOMES = ("success", "invalid", "rejected", "timeout", "cancelled", "unavailable", "error")
 disable_created_metrics()  # the *_created series double every family and no dashboard reads them
@@ -83,6 +85,30 @@ class _ManagerCollector(Collector):
         for (name, version, reason), n in sorted(self.failures.items()):
             failure.add_metric([name, version, reason], n)
         yield from (queue, busy, instances, ready, pending, failure, *nv.values())
+        yield from self._generation_gauges(labels)
+
+    def _generation_gauges(self, labels: list[str]) -> Iterable:
+        """Continuous-batching engines of the language models that have served text so far."""
+        gauges = {
+            "running": GaugeMetricFamily("ds_generation_running_sequences", "Sequences decoding now.", labels=labels),
+            "waiting": GaugeMetricFamily("ds_generation_waiting_sequences", "Requests waiting for a slot.",
+                                         labels=labels),
+            "max_running": GaugeMetricFamily("ds_generation_max_running_sequences", "Slots for running sequences.",
+                                             labels=labels),
+            "kv": GaugeMetricFamily("ds_generation_kv_cache_utilization",
+                                    "Fraction of the preallocated KV cache holding live tokens.", labels=labels),
+        }
+        for name, version, mv in self.manager.snapshot():
+            engine = getattr(mv.backend, "engine_started", None) if mv.backend is not None else None
+            if engine is None:
+                continue
+            st = engine.stats()
+            lv = [name, "" if version is None else str(version)]
+            gauges["running"].add_metric(lv, st.running)
+            gauges["waiting"].add_metric(lv, st.waiting)
+            gauges["max_running"].add_metric(lv, st.max_running)
+            gauges["kv"].add_metric(lv, st.kv_cache_utilization)
+        yield from gauges.values()
 
 
 class ServingMetrics:
@@ -108,6 +134,18 @@ class ServingMetrics:
                                registry=self.registry)
         self.routed = Counter("ds_routing_requests", "Requests routed by policy, variant and version.",
                               ["model", "policy", "variant", "version"], registry=self.registry)
+        self.ttft = Histogram("ds_generation_time_to_first_token_seconds", "Request received to first token out.",
+                              labels, buckets=GENERATION_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("ds_generation_inter_token_latency_seconds", "Time between a request's tokens.",
+                                     labels, buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("ds_generation_e2e_latency_seconds", "Request received to last token out.", labels,
+                             buckets=GENERATION_BUCKETS, registry=self.registry)
+        self.generations = Counter("ds_generation_requests", "Finished generation requests by finish reason.",
+                                   labels + ["finish_reason"], registry=self.registry)
+        self.prompt_tokens = Counter("ds_generation_prompt_tokens", "Prompt tokens of finished requests.", labels,
+                                     registry=self.registry)
+        self.completion_tokens = Counter("ds_generation_completion_tokens", "Generated tokens.", labels,
+                                         registry=self.registry)
         ProcessCollector(registry=self.registry)
         self._failures: dict[tuple[str, str, str], int] = {}
         self._children: dict[tuple, tuple] = {}  # (model, version) -> that version's histogram children
@@ -153,6 +191,22 @@ class ServingMetrics:
 
     def observe_route(self, model: str, policy: str, variant: Optional[str], version: int) -> None:
         self._count(self.routed, model, policy, variant or "", str(version))
+
+    def observe_token(self, model: str, version: Optional[int], since_previous_s: Optional[float]) -> None:
+        """One generated token; ``since_previous_s`` is None for a request's first token."""
+        lv = (model, "" if version is None else str(version))
+        self.completion_tokens.labels(*lv).inc()
+        if since_previous_s is not None:
+            self.inter_token.labels(*lv).observe(since_previous_s)
+
+    def observe_generation(self, model: str, version: Optional[int], finish_reason: str, prompt_tokens: int,
+                           ttft_s: Optional[float], e2e_s: float) -> None:
+        lv = (model, "" if version is None else str(version))
+        self._count(self.generations, *lv, finish_reason)
+        self.prompt_tokens.labels(*lv).inc(prompt_tokens)
+        if ttft_s is not None:
+            self.ttft.labels(*lv).observe(ttft_s)
+        self.e2e.labels(*lv).observe(e2e_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,13 +12,15 @@ the text-generation endpoints.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
 from deepseek.config import ConfigError
 from deepseek.data.tokenizer import PAD
+from deepseek.generate.continuous import ContinuousBatchingEngine
 from deepseek.models.directory import ModelDirectoryError, load
 from deepseek.serve.backends.base import Backend, BackendError
 from deepseek.serve.config import ServingConfig, TensorSpec
@@ -37,6 +39,8 @@ class DeepSeekBackend(Backend):
         except (ModelDirectoryError, ConfigError, OSError) as exc:
             raise BackendError(f"model {name!r} version {version}: cannot load model directory: {exc}") from exc
         self.model.eval()
+        self._engine: Optional[ContinuousBatchingEngine] = None
+        self._engine_lock = threading.Lock()
         self.vocab_size = self.model.config.vocab_size
         pad = self.tokenizer.token_to_id(PAD)
         self.pad_id = int(pad) if pad is not None else 0
@@ -76,5 +80,27 @@ class DeepSeekBackend(Backend):
         logits = self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
         return {LOGITS: logits.float().cpu()}
 
+    def engine(self) -> ContinuousBatchingEngine:
+        """The text-generation engine of this version, started on first use (the OpenAI and generate routes)."""
+        with self._engine_lock:
+            if self._engine is None:
+                if self.model is None:
+                    raise BackendError(f"model {self.name!r} version {self.version} is closed")
+                g = self.config.generation
+                self._engine = ContinuousBatchingEngine(
+                    self.model, self.tokenizer, max_running=g.max_running, max_batched_tokens=g.max_batched_tokens,
+                    prefill_chunk=g.prefill_chunk, max_queue=g.max_queue, max_len=g.max_len,
+                    name=f"{self.name}-v{self.version}").start()
+            return self._engine
+
+    @property
+    def engine_started(self) -> Optional[ContinuousBatchingEngine]:
+        return self._engine
+
     def close(self) -> None:
+        """Finish every accepted generation request, then release the model (blocking: call off the loop)."""
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.stop(drain=True)
         self.model = None

@@ -49,9 +49,11 @@ from deepseek.serve.manager import (ControlModeError, ModelLoadError, ModelManag
                                     ModelUnavailableError, triton_model_config)
 from deepseek.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from deepseek.serve.metrics import ServingMetrics
+from deepseek.serve.playground import register_playground
 from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, key_matches,
                                              kserve_datatype, presented_key, request_options, server_version,
                                              tensor_bytes)
+from deepseek.serve.protocols.openai_api import register_openai
 from deepseek.serve.routing import ABTest, parse_policy
 
 log = logging.getLogger(__name__)
@@ -299,6 +301,7 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
     app = FastAPI(title="deepseek KServe v2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.manager = manager
     app.state.metrics = metrics
+    app.state.started_at = time.time()
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, exc: ProtocolError):
@@ -643,6 +646,13 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
         except ModelUnavailableError as exc:
             raise ProtocolError(503, str(exc)) from None
 
+    def check_inference_key(headers: Mapping[str, str]) -> None:
+        if protect_inference and api_key:
+            authorize_headers(headers)
+
+    register_openai(app, manager, read_body=read_body, check_inference_key=check_inference_key,
+                    routing_header=routing_header)
+    register_playground(app)
     return KServeApp(app, infer)
 
 

@@ -1,0 +1,243 @@
+"""OpenAI-compatible API and KServe generate on a real server, driven by the official ``openai`` client."""
+
+import asyncio
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import deepseek as ds
+from deepseek.data.tokenizer import train_tokenizer
+from deepseek.serve.manager import ModelManager
+from deepseek.serve.repository import ModelRepository
+from tests.serve.gated_model import running_server, wait_for, write_model
+
+GENERATION = {"max_running": 4, "max_batched_tokens": 24, "prefill_chunk": 8, "max_queue": 64}
+
+
+def make_lm(root, name, tokenizer, generation=None, seed=0):
+    cfg = ds.preset("tiny")
+    cfg.vocab_size = tokenizer.get_vocab_size()
+    torch.manual_seed(seed)
+    model = ds.MoETransformer(cfg).eval()
+    ds.save(model, tokenizer, root / name / "1")
+    (root / name / "config.yaml").write_text(yaml.safe_dump({"backend": "deepseek",
+                                                             "generation": generation or GENERATION}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    byte_tok = ds.byte_tokenizer()
+    chat_tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 20, "hello world, hello chat\n" * 20], vocab_size=300)
+    models = {"lm": (make_lm(root, "lm", byte_tok), byte_tok),
+              "chat": (make_lm(root, "chat", chat_tok, seed=1), chat_tok)}
+    make_lm(root, "tight", byte_tok, {"max_running": 1, "max_batched_tokens": 8, "prefill_chunk": 4, "max_queue": 1})
+    write_model(root, "tensor")  # a KServe tensor model: not a language model
+    manager = ModelManager(ModelRepository(root))
+    with running_server(manager) as base:
+        yield base, manager, models
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reference(models, name, prompt, **params):
+    model, tok = models[name]
+    return ds.generate(model, tok, prompt, **params)
+
+
+def test_models_lists_language_models_only(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["chat", "lm", "tight"]
+
+
+def test_completion_equals_the_engine_and_counts_usage(server, client):
+    _, _, models = server
+    out = client.completions.create(model="lm", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    ref = reference(models, "lm", "def add(a, b):", max_new_tokens=12)
+    choice = out.choices[0]
+    assert choice.text == ref.text and choice.finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == ref.prompt_tokens
+    assert out.usage.completion_tokens == ref.completion_tokens
+    assert out.object == "text_completion" and out.model == "lm"
+    versioned = client.completions.create(model="lm/1", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    assert versioned.choices[0].text == choice.text
+
+
+def test_streaming_with_usage_equals_the_whole_answer(client):
+    whole = client.completions.create(model="lm", prompt="import os", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="lm", prompt="import os", max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_stop_strings_seeds_n_and_logprobs(server, client):
+    _, _, models = server
+    ref = reference(models, "lm", "x = [", max_new_tokens=30, ignore_eos=True)
+    stop = ref.text[3:5]
+    out = client.completions.create(model="lm", prompt="x = [", max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == ref.text[: ref.text.index(stop)] and out.choices[0].finish_reason == "stop"
+
+    sampled = [client.completions.create(model="lm", prompt="def", max_tokens=16, temperature=1.0, seed=42, n=2)
+               for _ in range(2)]
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
+    assert len(sampled[0].choices) == 2 and sampled[0].usage.completion_tokens > 0
+
+    lp = client.completions.create(model="lm", prompt="def", max_tokens=4, temperature=0, logprobs=2).choices[0]
+    assert len(lp.logprobs.token_logprobs) == len(lp.logprobs.tokens) == len(lp.logprobs.top_logprobs)
+    assert all(v <= 0 for v in lp.logprobs.token_logprobs) and all(len(t) <= 2 for t in lp.logprobs.top_logprobs)
+
+
+def test_chat_uses_the_tokenizers_template(server, client):
+    _, _, models = server
+    model, tok = models["chat"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    out = client.chat.completions.create(model="chat", messages=messages, max_tokens=15, temperature=0)
+    prompt = "<|system|>be brief<|end|><|user|>hello<|end|><|assistant|>"
+    ref = ds.generate(model, tok, prompt, max_new_tokens=15, stop_token_ids=[tok.token_to_id("<|end|>")])
+    assert out.choices[0].message.content == ref.text and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == ref.prompt_tokens
+
+    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=15, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}, logprobs=True,
+                                            top_logprobs=1)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.total_tokens == out.usage.total_tokens
+    # The byte tokenizer has no role tokens: a plain transcript, still a chat answer.
+    plain = client.chat.completions.create(model="lm", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                           temperature=0)
+    assert plain.choices[0].message.content == reference(models, "lm", "User: hi\nAssistant:", max_new_tokens=5,
+                                                         stop=["\nUser:", "\nSystem:"]).text
+
+
+def test_32_concurrent_streams_equal_their_single_outputs(server):
+    base, _, models = server
+    prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(32)]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+        async def one(prompt):
+            stream = await client.completions.create(model="lm", prompt=prompt, max_tokens=10, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(main())
+    for prompt, text in zip(prompts, texts):
+        assert text == reference(models, "lm", prompt, max_new_tokens=10, ignore_eos=True).text
+
+
+def _engine(manager, name):
+    return manager.get(name).backend.engine()
+
+
+def test_disconnect_frees_the_slot(server, client):
+    _, manager, _ = server
+    engine = _engine(manager, "lm")
+    stream = client.completions.create(model="lm", prompt="def", max_tokens=1000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert engine.stats().running == 1
+    stream.close()
+    wait_for(lambda: engine.stats().running == 0, "the disconnected stream's slot to be freed")
+    assert engine.cache.used_tokens() == 0
+
+
+def test_queue_full_is_429_and_the_server_keeps_serving(server):
+    base, manager, _ = server
+    engine = _engine(manager, "tight")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    running = client.completions.create(model="tight", prompt="a", max_tokens=1000, stream=True, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    next(iter(running))
+    waiting = threading.Thread(target=lambda: client.completions.create(model="tight", prompt="b", max_tokens=2))
+    waiting.start()
+    wait_for(lambda: engine.stats().waiting == 1, "a request waiting")
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.completions.create(model="tight", prompt="c", max_tokens=2)
+    assert exc.value.response.headers["retry-after"] == "1"
+    assert exc.value.body["type"] == "rate_limit_error"
+    running.close()
+    waiting.join(120)
+    assert client.completions.create(model="tight", prompt="d", max_tokens=2).choices[0].finish_reason
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "lm", "prompt": "x", "temperature": 9}, 400, "temperature"),
+    ({"model": "lm", "prompt": "x", "bogus": 1}, 400, "bogus"),
+    ({"model": "lm", "prompt": []}, 400, "prompt"),
+    ({"model": "lm", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "lm", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "lm", "prompt": "x" * 5000}, 400, "prompt"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "tensor", "prompt": "x"}, 400, "model"),
+    ({"model": "lm/9", "prompt": "x"}, 404, "model"),
+])
+def test_malformed_requests_get_openai_errors(server, body, status, param):
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_bad_json_and_bad_chat_messages(server, client):
+    r = httpx.post(server[0] + "/v1/chat/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="lm", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="lm", messages=[])
+
+
+def test_kserve_generate_and_generate_stream(server):
+    base, _, models = server
+    ref = reference(models, "lm", "class A:", max_new_tokens=8)
+    r = httpx.post(base + "/v2/models/lm/generate", json={"text_input": "class A:", "parameters": {"max_new_tokens": 8}},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["text_output"] == ref.text and r.json()["model_version"] == "1"
+    with httpx.stream("POST", base + "/v2/models/lm/versions/1/generate_stream",
+                      json={"text_input": "class A:", "parameters": {"max_new_tokens": 8}}, timeout=60) as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    import json
+    assert "".join(json.loads(line[6:])["text_output"] for line in lines) == ref.text
+    bad = httpx.post(base + "/v2/models/lm/generate", json={"parameters": {}}, timeout=60)
+    assert bad.status_code == 400
+
+
+def test_generation_metrics(server, client):
+    client.completions.create(model="lm", prompt="print(", max_tokens=3, temperature=0)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server[0] + "/metrics").text)}
+    lm = {"model": "lm", "version": "1"}
+
+    def value(family, sample_name, **labels):
+        return sum(s.value for s in families[family].samples
+                   if s.name == sample_name and all(s.labels.get(k) == v for k, v in {**lm, **labels}.items()))
+
+    assert value("ds_generation_time_to_first_token_seconds", "ds_generation_time_to_first_token_seconds_count") >= 1
+    assert value("ds_generation_e2e_latency_seconds", "ds_generation_e2e_latency_seconds_count") >= 1
+    assert value("ds_generation_inter_token_latency_seconds", "ds_generation_inter_token_latency_seconds_count") >= 1
+    assert value("ds_generation_completion_tokens", "ds_generation_completion_tokens_total") >= 3
+    assert value("ds_generation_prompt_tokens", "ds_generation_prompt_tokens_total") >= 6
+    assert value("ds_generation_requests", "ds_generation_requests_total", finish_reason="length") >= 1
+    assert value("ds_generation_max_running_sequences", "ds_generation_max_running_sequences") == 4
+    assert 0 <= value("ds_generation_kv_cache_utilization", "ds_generation_kv_cache_utilization") <= 1
