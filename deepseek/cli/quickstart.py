@@ -125,7 +125,8 @@ def quickstart_command(
 
 
 def serve_model(console, model_dir: Path, http_port: int, grpc_port: int) -> None:
-    """Step 5: serve the fresh model (KServe v2 over HTTP and gRPC) until Ctrl-C, with examples to paste."""
+    """Step 5: serve the fresh model (playground, OpenAI API, KServe v2 over HTTP and gRPC) until Ctrl-C, with
+    examples to paste."""
     import signal
     import sys
 
@@ -140,11 +141,19 @@ def serve_model(console, model_dir: Path, http_port: int, grpc_port: int) -> Non
     server = Server(model_dir, port=http_port, grpc_port=grpc_port)
     server.check_ports()
     name = model_dir.resolve().name
-    console.print(f"KServe v2 (Triton's protocol) on http://127.0.0.1:{http_port}/v2 and gRPC 127.0.0.1:{grpc_port}; "
-                  f"Prometheus metrics on /metrics. Ctrl-C drains and stops. Try:", highlight=False)
-    console.print(f"  curl -s localhost:{http_port}/v2/models/{name}\n"
-                  f"  curl -s localhost:{http_port}/metrics | grep ds_inference", highlight=False, markup=False,
-                  soft_wrap=True)
+    console.print(f"Playground: [bold]http://127.0.0.1:{http_port}/[/bold] (prompt, streamed tokens, live metrics)\n"
+                  f"OpenAI-compatible API on http://127.0.0.1:{http_port}/v1, KServe v2 (Triton's protocol) on "
+                  f"/v2 and gRPC 127.0.0.1:{grpc_port}; Prometheus metrics on /metrics. Ctrl-C drains and stops. "
+                  f"Try:", highlight=False)
+    console.print(f"""  curl -sN localhost:{http_port}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{name}", "prompt": "def read_lines(path):", "max_tokens": 48, "temperature": 0, "stream": true}}'
+  curl -s localhost:{http_port}/metrics | grep ds_generation""", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"""  python - <<'PY'   # pip install openai
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:{http_port}/v1", api_key="none")
+for chunk in client.completions.create(model="{name}", prompt="class Stack:", max_tokens=64, stream=True):
+    print(chunk.choices[0].text, end="", flush=True)
+PY""", highlight=False, markup=False, soft_wrap=True)
     console.print(f"""  python - <<'PY'
 import numpy as np, tritonclient.grpc as triton
 from tokenizers import Tokenizer
