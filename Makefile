@@ -31,7 +31,9 @@ install-dev: $(VENV)/.installed-dev
 quickstart: $(VENV)/.installed-serve
 	$(VENV)/bin/ds quickstart $(ARGS)
 
+# The playground test drives Debian's Chromium: as root with apt-get, `make test` installs it itself.
 test: $(VENV)/.installed-dev
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash .ci/install-browser; fi
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-dev
