@@ -17,6 +17,7 @@ full (with ``Retry-After``), 503 unavailable. Parameters beyond OpenAI's: ``top_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -199,8 +200,7 @@ class _Run:
 
     def submit(self, prompt, params: SamplingParams, extra_stop_ids: list[int] = ()) -> None:
         if extra_stop_ids:
-            params = SamplingParams(**{**params.__dict__, "stop_token_ids": [*params.stop_token_ids,
-                                                                             *extra_stop_ids]})
+            params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra_stop_ids])
         index = len(self.choices)
         choice = _Choice(index)
         self.choices.append(choice)
@@ -246,6 +246,11 @@ class _Run:
         prompt = sum(c.prompt_tokens for c in self.choices)
         completion = sum(c.completion_tokens for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _nth_choice(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice ``j`` of ``n``: a seeded request gives each choice its own seed (seed, seed + 1, ...)."""
+    return params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
 
 
 def _finish_reason(reason: Optional[str]) -> Optional[str]:
@@ -386,9 +391,7 @@ def register_openai(app: FastAPI, manager: ModelManager, *, read_body: Callable,
         try:
             for prompt in prompts:
                 for j in range(n):
-                    seeded = params if params.seed is None or j == 0 else SamplingParams(
-                        **{**params.__dict__, "seed": params.seed + j})
-                    run.submit(prompt, seeded)
+                    run.submit(prompt, _nth_choice(params, j))
         except OpenAIError:
             run.cancel()
             raise
@@ -446,13 +449,11 @@ def register_openai(app: FastAPI, manager: ModelManager, *, read_body: Callable,
         text, stop_ids, stop_strings = chat_prompt(engine.tokenizer, body.get("messages"))
         params = sampling_params(body, max_tokens or engine.max_len, top if want_logprobs else None)
         if stop_strings:
-            params = SamplingParams(**{**params.__dict__, "stop": [*params.stop, *stop_strings]})
+            params = dataclasses.replace(params, stop=[*params.stop, *stop_strings])
         run = _Run(engine, mv, metrics, started)
         try:
             for j in range(n):
-                seeded = params if params.seed is None or j == 0 else SamplingParams(
-                    **{**params.__dict__, "seed": params.seed + j})
-                run.submit(text, seeded, stop_ids)
+                run.submit(text, _nth_choice(params, j), stop_ids)
         except OpenAIError:
             run.cancel()
             raise
