@@ -87,10 +87,8 @@ class SlotKVCache:
         if max(starts) + n_new > self.max_len:
             raise ValueError(f"sequence longer than the cache's {self.max_len} tokens per slot")
         device = self.k.device
-        base = torch.tensor(starts, device=device) if len(set(starts)) > 1 else torch.full(
-            (self._rows,), starts[0], device=device)
         self._starts = starts
-        self._positions = base[:, None] + torch.arange(n_new, device=device)
+        self._positions = torch.tensor(starts, device=device)[:, None] + torch.arange(n_new, device=device)
         return self._positions, starts
 
     def write(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

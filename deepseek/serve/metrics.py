@@ -195,7 +195,7 @@ class ServingMetrics:
     def observe_token(self, model: str, version: Optional[int], since_previous_s: Optional[float]) -> None:
         """One generated token; ``since_previous_s`` is None for a request's first token."""
         lv = (model, "" if version is None else str(version))
-        self.completion_tokens.labels(*lv).inc()
+        self._count(self.completion_tokens, *lv)
         if since_previous_s is not None:
             self.inter_token.labels(*lv).observe(since_previous_s)
 

@@ -126,11 +126,7 @@ def test_bad_requests_are_refused(tiny, engine):
     with pytest.raises(ConfigError):
         engine.submit("a", {"frequency_penalty": 5})
     with pytest.raises(ValueError, match="max_batched_tokens"):
-        ContinuousBatchingEngine(*_tiny_pair(engine), max_running=8, max_batched_tokens=8)
-
-
-def _tiny_pair(engine):
-    return engine.model, engine.tokenizer
+        ContinuousBatchingEngine(engine.model, engine.tokenizer, max_running=8, max_batched_tokens=8)
 
 
 def test_sparse_attention_model(tiny):

@@ -98,6 +98,12 @@ def model_config(max_batch_size: int = 8, shape: Sequence[int] = (1,), **extra: 
             "parameters": {"entry_point": entry_point()}, **extra}
 
 
+def linear_config(queue_delay_ms: float = 5) -> str:
+    """config.yaml of a batched torch Linear(32, 10) served as x [B, 32] -> y [B, 10]."""
+    return ("backend: torch\nmax_batch_size: 64\ninputs: [{name: x, datatype: FP32, shape: [32]}]\n"
+            f"outputs: [{{name: y, datatype: FP32, shape: [10]}}]\ndynamic_batching: {{max_queue_delay_ms: {queue_delay_ms:g}}}\n")
+
+
 def write_model(root: Path, name: str, versions: Sequence[int] = (1,), config: Optional[dict] = None) -> Path:
     """A gated model folder in the repository ``root`` with empty version folders (the entry point needs no files)."""
     folder = Path(root) / name

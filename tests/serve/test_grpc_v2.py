@@ -26,13 +26,9 @@ from deepseek.serve.protocols.common import AccessLog  # noqa: E402
 from deepseek.serve.protocols.grpc_v2 import create_grpc_server  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
-LINEAR_CONFIG = """\
-backend: torch
-max_batch_size: 64
-inputs: [{name: x, datatype: FP32, shape: [32]}]
-outputs: [{name: y, datatype: FP32, shape: [10]}]
-dynamic_batching: {max_queue_delay_ms: 5}
-"""
+from .gated_model import linear_config  # noqa: E402
+
+LINEAR_CONFIG = linear_config()
 AB_CONFIG = LINEAR_CONFIG + "version_policy: {all: true}\nrouting: {policy: ab, control_ratio: 0.5}\n"
 # One request runs at a time (held by the gate), two more may wait, a fourth is turned away.
 GATE_CONFIG = """\

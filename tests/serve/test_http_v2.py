@@ -21,13 +21,9 @@ from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.protocols.http_v2 import create_app  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
-LINEAR_CONFIG = """\
-backend: torch
-max_batch_size: 64
-inputs: [{name: x, datatype: FP32, shape: [32]}]
-outputs: [{name: y, datatype: FP32, shape: [10]}]
-dynamic_batching: {max_queue_delay_ms: 5}
-"""
+from .gated_model import linear_config  # noqa: E402
+
+LINEAR_CONFIG = linear_config()
 MAX_BYTES = 1 << 20
 
 

@@ -14,15 +14,9 @@ from deepseek.serve import loadgen  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
-from .gated_model import free_port, running_server  # noqa: E402
+from .gated_model import free_port, linear_config, running_server  # noqa: E402
 
-LINEAR_CONFIG = """\
-backend: torch
-max_batch_size: 64
-inputs: [{name: x, datatype: FP32, shape: [32]}]
-outputs: [{name: y, datatype: FP32, shape: [10]}]
-dynamic_batching: {max_queue_delay_ms: 1}
-"""
+LINEAR_CONFIG = linear_config(queue_delay_ms=1)
 EMBED_CONFIG = """\
 backend: torch
 max_batch_size: 8
