@@ -2,15 +2,22 @@
 
     ds bench serve --model clf --model-repository models/ --concurrency 1,16,64 --json bench.json
     ds bench serve --model clf --url http://127.0.0.1:8080 --rate 100 --rate 200
+    ds bench serve --openai --model lm --model-repository models/ --concurrency 1,16 --max-tokens 128
 
 With ``--model-repository`` the model is first timed in-process (its backend loaded directly, batch 1 and
 4/16/64 up to ``max_batch_size``), then ``ds serve`` is started on a free port, loaded and stopped again;
 with ``--url`` only the load runs, against a server that is already up. The load comes from
 :mod:`deepseek.serve.loadgen` (raw keep-alive HTTP/1.1, cheap enough not to starve a 2-core server).
+
+``--openai`` loads a language model instead: N concurrent streaming ``/v1/completions`` clients
+(:mod:`deepseek.serve.streamload`), prompts cut from the standard library's source, a fixed output length;
+it reports requests/s, output tokens/s, TTFT, TPOT, ITL and E2E percentiles, and each load's tokens/s and TTFT
+p99 over the single-stream run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -181,6 +188,30 @@ def print_raw(raw: dict, model: str) -> None:
                f"{raw['gain_best_over_1']:.2f}x batch 1")
 
 
+# -- the server under test -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serving(url: Optional[str], model_repository: Optional[Path]):
+    """``(url, pid)`` of the server to load: ``url`` as given (pid None), or ``ds serve --model-repository``
+    started on a free port (its output in a temporary log) and stopped again on exit."""
+    from deepseek.serve.loadgen import start_server, stop_server
+
+    if url is not None:
+        yield url.rstrip("/"), None
+        return
+    with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        typer.echo(f"starting ds serve --model-repository {model_repository} on {url} ...")
+        server = start_server([sys.executable, "-m", "deepseek.cli.main", "serve", "--model-repository",
+                               str(model_repository), "--http-port", str(port), "--no-grpc"],
+                              f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log")
+        try:
+            yield url, server.pid
+        finally:
+            stop_server(server, grace_s=30)
+
+
 # -- the command ---------------------------------------------------------------------------------------------
 
 def serve_command(
@@ -199,11 +230,17 @@ def serve_command(
     shape: list[str] = typer.Option([], metavar="NAME=SIZE[,SIZE...]",
                                     help="Sizes of an input's -1 dims past the batch dim (default 1)."),
     int_high: int = typer.Option(8000, help="Integer inputs are drawn in 0..INT_HIGH-1 (token ids)."),
+    openai: bool = typer.Option(False, "--openai", help="Text generation: N concurrent streaming "
+                                "/v1/completions clients; reports req/s, output tokens/s, TTFT and TPOT."),
+    prompt_tokens: int = typer.Option(128, help="--openai: prompt length in tokens (cut from stdlib source)."),
+    max_tokens: int = typer.Option(128, help="--openai: tokens generated per request (EOS ignored)."),
 ) -> None:
-    """Load a served model (closed loop per --concurrency, open loop per --rate) and report req/s and latency."""
+    """Load a served model (closed loop per --concurrency, open loop per --rate) and report req/s and latency.
+
+    With --openai: streaming text generation (closed loop per --concurrency, default 1,16)."""
     from rich.console import Console
 
-    from deepseek.serve.loadgen import build_kserve_bodies, format_table, run_load, start_server, stop_server
+    from deepseek.serve.loadgen import build_kserve_bodies, format_table, run_load
 
     if url is None and model_repository is None:
         raise typer.BadParameter("give --url (a running server) or --model-repository (one to start)")
@@ -213,6 +250,16 @@ def serve_command(
         raise typer.BadParameter("--int-high must be >= 1")
     concurrencies = _split_numbers(concurrency, int, "--concurrency")
     rates = _split_numbers(rate, float, "--rate")
+    if openai:
+        if rates:
+            raise typer.BadParameter("--rate is not supported with --openai (closed loop only)")
+        if prompt_tokens < 1 or max_tokens < 1:
+            raise typer.BadParameter("--prompt-tokens and --max-tokens must be >= 1")
+        if model_repository is not None and not model_repository.is_dir():
+            raise FileNotFoundError(f"model repository {model_repository} is not a directory")
+        bench_openai(model, url, model_repository, concurrencies or [1, 16], duration=duration, warmup=warmup,
+                     prompt_tokens=prompt_tokens, max_tokens=max_tokens, json_out=json_out)
+        return
     if not concurrencies and not rates:
         concurrencies = [1, 16, 64]
     shapes = parse_shapes(shape)
@@ -225,40 +272,26 @@ def serve_command(
         raw = measure_raw(model_repository, model, shapes, int_high)
         print_raw(raw, model)
 
-    server, server_pid = None, None
-    with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:
+    with serving(url, model_repository) as (url, server_pid):
         try:
-            if url is None:
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                typer.echo(f"starting ds serve --model-repository {model_repository} on {url} ...")
-                server = start_server([sys.executable, "-m", "deepseek.cli.main", "serve", "--model-repository",
-                                       str(model_repository), "--http-port", str(port), "--no-grpc"],
-                                      f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log")
-                server_pid = server.pid
-            url = url.rstrip("/")
-            try:
-                status, metadata = _get_json(f"{url}/v2/models/{model}")
-            except OSError as exc:
-                raise ValueError(f"cannot reach {url}: {exc}") from None
-            if status != 200:
-                raise ValueError(f"{url}/v2/models/{model} answered {status}: {metadata}")
-            bodies = build_kserve_bodies(metadata, N_BODIES, seed=0, shapes=shapes, int_high=int_high)
-            path = f"/v2/models/{model}/infer"
-            status, text = _post(url + path, bodies[0])  # fail fast, with the server's reason
-            if status != 200:
-                raise ValueError(f"the model refused a request ({status}): {text[:300]}")
-            loads = [{"concurrency": c} for c in concurrencies] + [{"rate": r} for r in rates]
-            results = []
-            for load in loads:
-                what = (f"{load['concurrency']} connections (closed loop)" if "concurrency" in load
-                        else f"{load['rate']:g} req/s (open loop)")
-                typer.echo(f"load: {what}, {warmup:g} s warm-up + {duration:g} s ...")
-                results.append(run_load(url, path, bodies, warmup_s=warmup, duration_s=duration,
-                                        server_pid=server_pid, marker=b'"outputs"', **load))
-        finally:
-            if server is not None:
-                stop_server(server, grace_s=30)
+            status, metadata = _get_json(f"{url}/v2/models/{model}")
+        except OSError as exc:
+            raise ValueError(f"cannot reach {url}: {exc}") from None
+        if status != 200:
+            raise ValueError(f"{url}/v2/models/{model} answered {status}: {metadata}")
+        bodies = build_kserve_bodies(metadata, N_BODIES, seed=0, shapes=shapes, int_high=int_high)
+        path = f"/v2/models/{model}/infer"
+        status, text = _post(url + path, bodies[0])  # fail fast, with the server's reason
+        if status != 200:
+            raise ValueError(f"the model refused a request ({status}): {text[:300]}")
+        loads = [{"concurrency": c} for c in concurrencies] + [{"rate": r} for r in rates]
+        results = []
+        for load in loads:
+            what = (f"{load['concurrency']} connections (closed loop)" if "concurrency" in load
+                    else f"{load['rate']:g} req/s (open loop)")
+            typer.echo(f"load: {what}, {warmup:g} s warm-up + {duration:g} s ...")
+            results.append(run_load(url, path, bodies, warmup_s=warmup, duration_s=duration,
+                                    server_pid=server_pid, marker=b'"outputs"', **load))
 
     Console().print(format_table(results, title=f"{model} served at {url}"))
     summary = {"model": model, "url": url, "raw": raw, "results": [r.to_dict() for r in results],
@@ -273,3 +306,52 @@ def serve_command(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(summary, indent=2))
         typer.echo(f"wrote {json_out}")
+
+
+# -- --openai: streaming text generation -----------------------------------------------------------------------
+
+def _repository_tokenizer(model_repository: Optional[Path], model: str):
+    """The tokenizer of the newest version of ``model`` in the repository (None: no repository given)."""
+    if model_repository is None:
+        return None
+    from deepseek.models.directory import load_tokenizer
+
+    versions = sorted((p for p in (model_repository / model).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise FileNotFoundError(f"{model_repository / model} has no numbered version folders")
+    return load_tokenizer(versions[-1])
+
+
+def bench_openai(model: str, url: Optional[str], model_repository: Optional[Path], concurrencies: list[int], *,
+                 duration: float, warmup: float, prompt_tokens: int, max_tokens: int,
+                 json_out: Optional[Path]) -> dict:
+    """Streams of ``POST /v1/completions`` per concurrency; a table, the scaling over one stream, JSON."""
+    from rich.console import Console
+
+    from deepseek.serve.streamload import (completion_bodies, format_stream_table, run_stream_load,
+                                           scaling_summary, stdlib_prompts)
+
+    prompts = stdlib_prompts(_repository_tokenizer(model_repository, model), N_BODIES, prompt_tokens)
+    bodies = completion_bodies(model, prompts, max_tokens)
+    results = []
+    with serving(url, model_repository) as (url, server_pid):
+        status, answer = _get_json(f"{url}/v1/models/{model}")
+        if status != 200:
+            raise ValueError(f"{url}/v1/models/{model} answered {status}: {answer}")
+        for c in concurrencies:
+            typer.echo(f"load: {c} concurrent streams, {warmup:g} s warm-up + {duration:g} s ...")
+            results.append(run_stream_load(url, bodies, concurrency=c, warmup_s=warmup, duration_s=duration,
+                                           server_pid=server_pid))
+    Console().print(format_stream_table(results, title=f"{model} at {url}: {prompt_tokens} prompt tokens, "
+                                                       f"{max_tokens} output tokens per request"))
+    scaling = scaling_summary(results)
+    for c, ratios in scaling.items():
+        typer.echo(f"{c} streams: {ratios['tokens_per_s_x']:.2f}x the output tokens/s of one stream, "
+                   f"TTFT p99 {ratios['ttft_p99_x']:.2f}x")
+    summary = {"model": model, "url": url, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+               "results": [r.to_dict() for r in results], "scaling_over_one_stream": scaling}
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2))
+        typer.echo(f"wrote {json_out}")
+    return summary

@@ -36,6 +36,7 @@ from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatc
 from deepseek.generate.engine import GenerationOutput, Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
 from deepseek.generate.sampling import Sampler
+from deepseek.generate.threads import release_openmp_pool
 from deepseek.nn.slot_cache import SlotKVCache
 
 
@@ -145,6 +146,9 @@ class ContinuousBatchingEngine:
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
         self.tokens_generated = 0
+        # The engine thread runs the model from now on: an idle OpenMP pool left in this thread would make
+        # the engine's pool sleep between parallel regions (3-4x slower small ops, see generate/threads.py).
+        release_openmp_pool()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

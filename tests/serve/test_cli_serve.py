@@ -10,9 +10,12 @@ import time
 
 import httpx
 import numpy as np
+import openai
+import pytest
 import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+import yaml
 
 import deepseek as ds
 
@@ -125,6 +128,76 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
     assert all(entry["status"] == 200 for entry in accepted)
     assert len(accepted) == len(ok)  # every accepted request reached its client
     assert "drained" in out
+
+
+def test_sigterm_drains_in_flight_streams_whole(tmp_path):
+    """Four completions are streaming when SIGTERM arrives: each still ends whole (every token, finish_reason
+    "length", the usage chunk), the server exits 0 saying it drained, and once it began stopping a new request is
+    refused at the socket while the four streams are still running."""
+    torch.manual_seed(0)
+    ds.save(ds.MoETransformer(ds.preset("tiny")).eval(), ds.byte_tokenizer(), tmp_path / "repo" / "lm" / "1")
+    generation = {"max_running": 4, "max_batched_tokens": 36, "prefill_chunk": 32, "max_queue": 8}
+    (tmp_path / "repo" / "lm" / "config.yaml").write_text(yaml.safe_dump({"backend": "deepseek",
+                                                                          "generation": generation}))
+    port = free_port()
+    server = start_server("--model-repository", str(tmp_path / "repo"), "--http-port", str(port), "--no-grpc")
+    wait_ready(server, port)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    n_streams, max_tokens = 4, 900  # seconds of decoding (prompt + 900 < max_seq_len): SIGTERM lands mid-stream
+    tokens, usages, finish_reasons, errors = [0] * n_streams, [None] * n_streams, [None] * n_streams, []
+    all_streaming = threading.Barrier(n_streams + 1)
+
+    def stream(i: int) -> None:
+        try:  # logprobs: one chunk per token, each naming its token, so a lost chunk shows in the count
+            chunks = client.completions.create(model="lm", prompt=f"def f{i}(x):\n    return x * {i}",
+                                               max_tokens=max_tokens, temperature=0, logprobs=1, stream=True,
+                                               stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            for n, chunk in enumerate(chunks):
+                if n == 0:
+                    all_streaming.wait(60)
+                if chunk.choices:
+                    tokens[i] += len(chunk.choices[0].logprobs.tokens) if chunk.choices[0].logprobs else 0
+                    finish_reasons[i] = chunk.choices[0].finish_reason or finish_reasons[i]
+                if chunk.usage is not None:
+                    usages[i] = chunk.usage
+        except Exception as exc:  # fails the test below, with its repr
+            errors.append(repr(exc))
+            all_streaming.abort()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    try:
+        try:
+            all_streaming.wait(60)  # every stream has its first chunk: all four are in flight
+        except threading.BrokenBarrierError:
+            raise AssertionError(f"a stream failed before SIGTERM: {errors}") from None
+        server.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:  # uvicorn closes its listening socket within its 0.1 s tick; until then requests still land
+            try:  # a cheap request: one accepted in that instant is answered at once, not queued behind the streams
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60, headers={"Connection": "close"})
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+                break
+            assert time.monotonic() < deadline, "the server kept accepting connections after SIGTERM"
+        with pytest.raises(httpx.ConnectError):  # a new completion now is refused, not half-served
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "lm", "prompt": "late", "max_tokens": 2})
+        refused_while_draining = all(t.is_alive() for t in threads)
+        out, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert server.returncode == 0, err
+    assert "drained" in out
+    assert refused_while_draining  # the refusals above came while the four streams were still running
+    assert tokens == [max_tokens] * n_streams
+    assert [u.completion_tokens for u in usages] == [max_tokens] * n_streams
+    assert finish_reasons == ["length"] * n_streams
 
 
 def test_a_port_in_use_is_a_one_line_error(tmp_path):
