@@ -11,13 +11,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deepseek.generate.threads import release_openmp_pool
 from deepseek.serve.backends.base import Backend, BackendError
 from deepseek.serve.config import ServingConfig
 
 
 def load_backend(name: str, version: int, path: str | Path, config: ServingConfig) -> Backend:
-    """Load one model version; :class:`BackendError` names the file and the reason on failure."""
-    path = Path(path)
+    """Load one model version; :class:`BackendError` names the file and the reason on failure.
+
+    The loading thread's idle OpenMP pool is released afterwards: the model runs on other threads (batch
+    executors, the generation engine), whose pools would otherwise sleep between parallel regions
+    (``deepseek.generate.threads``)."""
+    try:
+        return _construct(name, version, Path(path), config)
+    finally:
+        release_openmp_pool()
+
+
+def _construct(name: str, version: int, path: Path, config: ServingConfig) -> Backend:
     if not path.is_dir():
         raise BackendError(f"{path} is not a directory (model {name!r} version {version})")
     if config.backend == "deepseek":

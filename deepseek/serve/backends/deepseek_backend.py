@@ -21,7 +21,6 @@ import torch
 from deepseek.config import ConfigError
 from deepseek.data.tokenizer import PAD
 from deepseek.generate.continuous import ContinuousBatchingEngine
-from deepseek.generate.threads import release_openmp_pool
 from deepseek.models.directory import ModelDirectoryError, load
 from deepseek.serve.backends.base import Backend, BackendError
 from deepseek.serve.config import ServingConfig, TensorSpec
@@ -52,7 +51,6 @@ class DeepSeekBackend(Backend):
         if not self.outputs:
             self.outputs = [TensorSpec(LOGITS, "FP32", seq + [self.vocab_size])]
         self._check_declared()
-        release_openmp_pool()  # the loading thread is done with torch; its idle pool would slow other threads'
 
     def _check_declared(self) -> None:
         where = f"{self.path.parent / 'config.yaml'}"
