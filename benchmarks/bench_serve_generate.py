@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import urllib.request
@@ -43,6 +42,7 @@ from common import REPO_ROOT, machine_info, print_machine, print_table, setup_pa
 
 setup_path()
 import deepseek as ds  # noqa: E402
+from deepseek.cli.bench import free_port  # noqa: E402
 from deepseek.models.directory import load_tokenizer  # noqa: E402
 from deepseek.serve import loadgen, streamload  # noqa: E402
 
@@ -50,12 +50,6 @@ HF_SERVER = Path(__file__).resolve().parent / "hf_generate_server.py"
 QUICKSTART_MODEL = REPO_ROOT / "runs" / "quickstart" / "model"
 PROMPT_TOKENS, MAX_TOKENS, N_PROMPTS = 128, 128, 256
 STREAMS = (1, 16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trained_small(model_dir: Path | None, train_steps: int, tmp: Path) -> Path:

@@ -311,15 +311,17 @@ def serve_command(
 # -- --openai: streaming text generation -----------------------------------------------------------------------
 
 def _repository_tokenizer(model_repository: Optional[Path], model: str):
-    """The tokenizer of the newest version of ``model`` in the repository (None: no repository given)."""
+    """The tokenizer of the version of ``model`` the repository would serve (None: no repository given)."""
     if model_repository is None:
         return None
     from deepseek.models.directory import load_tokenizer
+    from deepseek.serve.repository import ModelRepository
 
-    versions = sorted((p for p in (model_repository / model).glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
-    if not versions:
-        raise FileNotFoundError(f"{model_repository / model} has no numbered version folders")
-    return load_tokenizer(versions[-1])
+    repo = ModelRepository(model_repository)
+    entry = repo.scan_model(model)
+    if entry.error is not None or not entry.selected:
+        raise ValueError(f"model {model!r}: {entry.error or 'no version to serve'}")
+    return load_tokenizer(repo.version_path(model, entry.selected[-1]))
 
 
 def bench_openai(model: str, url: Optional[str], model_repository: Optional[Path], concurrencies: list[int], *,

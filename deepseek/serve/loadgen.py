@@ -286,6 +286,31 @@ def _request_bytes(method: str, host: str, port: int, path: str, body: bytes, he
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def check_load(url: str, bodies: Sequence[bytes], warmup_s: float, duration_s: float) -> tuple[str, int]:
+    """``(host, port)`` of ``url`` once the load's arguments are checked (ValueError naming the bad one)."""
+    if duration_s <= 0 or warmup_s < 0:
+        raise ValueError(f"duration must be > 0 and warm-up >= 0, got {duration_s} and {warmup_s}")
+    if not bodies:
+        raise ValueError("no request bodies")
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"url must look like http://HOST:PORT, got {url!r}")
+    return parts.hostname, parts.port or 80
+
+
+async def sample_cpu(cpu: dict[str, float], start: float, end: float, server_pid: Optional[int]) -> None:
+    """Fill ``cpu`` with the client's and the server's CPU seconds and the wall clock at ``start`` and ``end``
+    (``client0``/``server0``/``wall0``, ``client1``/...; perf_counter times)."""
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    cpu["client0"], cpu["wall0"] = time.process_time(), time.perf_counter()
+    if server_pid is not None:
+        cpu["server0"] = server_cpu_seconds(server_pid)
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    cpu["client1"], cpu["wall1"] = time.process_time(), time.perf_counter()
+    if server_pid is not None:
+        cpu["server1"] = server_cpu_seconds(server_pid)
+
+
 async def run_load_async(url: str, path: str, bodies: Sequence[bytes], *, concurrency: Optional[int] = None,
                          rate: Optional[float] = None, warmup_s: float = 3.0, duration_s: float = 20.0,
                          headers: Optional[dict[str, str]] = None, server_pid: Optional[int] = None,
@@ -299,14 +324,7 @@ async def run_load_async(url: str, path: str, bodies: Sequence[bytes], *, concur
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")
-    if duration_s <= 0 or warmup_s < 0:
-        raise ValueError(f"duration must be > 0 and warm-up >= 0, got {duration_s} and {warmup_s}")
-    if not bodies:
-        raise ValueError("no request bodies")
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"url must look like http://HOST:PORT, got {url!r}")
-    host, port = parts.hostname, parts.port or 80
+    host, port = check_load(url, bodies, warmup_s, duration_s)
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     requests = [_request_bytes(method, host, port, path, b, hdrs) for b in bodies]
     next_request = itertools.cycle(requests).__next__
@@ -316,16 +334,6 @@ async def run_load_async(url: str, path: str, bodies: Sequence[bytes], *, concur
     window = _Window(now + warmup_s, now + warmup_s + duration_s, expect_status, marker)
     connections: set[_Connection] = set()
     cpu: dict[str, float] = {}
-
-    async def sample_cpu() -> None:
-        await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-        cpu["client0"], cpu["wall0"] = time.process_time(), time.perf_counter()
-        if server_pid is not None:
-            cpu["server0"] = server_cpu_seconds(server_pid)
-        await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
-        cpu["client1"], cpu["wall1"] = time.process_time(), time.perf_counter()
-        if server_pid is not None:
-            cpu["server1"] = server_cpu_seconds(server_pid)
 
     async def open_connection() -> _Connection:
         conn = await _connect(host, port)
@@ -395,7 +403,7 @@ async def run_load_async(url: str, path: str, bodies: Sequence[bytes], *, concur
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    sampler = loop.create_task(sample_cpu())
+    sampler = loop.create_task(sample_cpu(cpu, window.start, window.end, server_pid))
     if concurrency is not None:
         workers = [loop.create_task(closed_worker()) for _ in range(concurrency)]
         # Each worker stops after its request in flight at the window's end; that one no longer counts.

@@ -29,11 +29,10 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
-from urllib.parse import urlsplit
 
 import orjson
 
-from deepseek.serve.loadgen import new_event_loop, percentile, server_cpu_seconds
+from deepseek.serve.loadgen import check_load, new_event_loop, percentile, sample_cpu
 
 PATH = "/v1/completions"
 
@@ -214,30 +213,13 @@ async def run_stream_load_async(url: str, bodies: Sequence[bytes], *, concurrenc
                                 server_pid: Optional[int] = None, label: str = "") -> StreamLoadResult:
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if duration_s <= 0 or warmup_s < 0:
-        raise ValueError(f"duration must be > 0 and warm-up >= 0, got {duration_s} and {warmup_s}")
-    if not bodies:
-        raise ValueError("no request bodies")
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"url must look like http://HOST:PORT, got {url!r}")
-    host, port = parts.hostname, parts.port or 80
+    host, port = check_load(url, bodies, warmup_s, duration_s)
     requests = [_request_bytes(host, port, path, b, headers or {}) for b in bodies]
     start = time.perf_counter() + warmup_s
     end = start + duration_s
     records: list[StreamRecord] = []
     errors: collections.Counter = collections.Counter()
     cpu: dict[str, float] = {}
-
-    async def sample_cpu() -> None:
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        cpu["client0"], cpu["wall0"] = time.process_time(), time.perf_counter()
-        if server_pid is not None:
-            cpu["server0"] = server_cpu_seconds(server_pid)
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        cpu["client1"], cpu["wall1"] = time.process_time(), time.perf_counter()
-        if server_pid is not None:
-            cpu["server1"] = server_cpu_seconds(server_pid)
 
     async def worker(index: int) -> None:
         conn = None
@@ -264,7 +246,7 @@ async def run_stream_load_async(url: str, bodies: Sequence[bytes], *, concurrenc
         if conn is not None:
             conn[1].close()
 
-    sampler = asyncio.get_running_loop().create_task(sample_cpu())
+    sampler = asyncio.get_running_loop().create_task(sample_cpu(cpu, start, end, server_pid))
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     await sampler
     return summarize(records, errors, concurrency=concurrency, start=start, end=end, cpu=cpu,
