@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from deepseek.config import ConfigError
 from deepseek.models.config import ModelConfig
 from deepseek.models.transformer import MoETransformer
+from deepseek.nn.quantized import SCHEMES, quantize_modules
 
 FORMAT = "deepseek-moe"
 FORMAT_VERSION = 1
@@ -207,11 +208,37 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
     if not folder.is_dir():
         raise ModelDirectoryError(f"{folder} is not a directory")
     config = load_config(folder)
+    quantization = read_quantization(folder)
     state = load_weights(folder)
     tokenizer = load_tokenizer(folder)
-    model = model_from_state(config, state, str(folder))
+    model = model_from_state(config, state, str(folder), quantization=quantization)
+    if quantization is not None:
+        dtype = None  # integer weights keep their format; scales stay fp32
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), tokenizer
+
+
+def read_quantization(path: str | Path) -> Optional[dict[str, Any]]:
+    """The ``quantization`` entry of a directory's ``compression.json`` (None when not quantized), checked."""
+    file = Path(path) / "compression.json"
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise ModelDirectoryError(f"{file} is corrupt: expected a JSON object")
+    quantization = data.get("quantization")
+    if quantization is None:
+        return None
+    if not isinstance(quantization, dict) or quantization.get("scheme") not in SCHEMES:
+        raise ModelDirectoryError(f"{file} is corrupt: quantization.scheme must be one of {', '.join(SCHEMES)}, "
+                                  f"got {quantization!r}")
+    group = quantization.get("group_size", 32)
+    if not isinstance(group, int) or group < 8 or group & (group - 1):
+        raise ModelDirectoryError(f"{file} is corrupt: quantization.group_size must be a power of two >= 8, got {group!r}")
+    embeddings = quantization.get("embeddings", True)
+    if not isinstance(embeddings, bool):
+        raise ModelDirectoryError(f"{file} is corrupt: quantization.embeddings must be true or false")
+    return {"scheme": quantization["scheme"], "group_size": group, "embeddings": embeddings}
 
 
 def summarize_names(names: list[str], n: int = 8) -> str:
@@ -220,13 +247,18 @@ def summarize_names(names: list[str], n: int = 8) -> str:
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                     error: type[Exception] = ModelDirectoryError) -> MoETransformer:
+                     error: type[Exception] = ModelDirectoryError,
+                     quantization: Optional[dict[str, Any]] = None) -> MoETransformer:
     """A :class:`MoETransformer` holding exactly ``state`` (checked name by name and shape by shape), in eval mode.
 
-    Raises ``error`` naming ``source`` and what is missing, extra or of the wrong shape.
+    ``quantization`` ({scheme, group_size, embeddings}, from ``compression.json``) builds the quantized modules
+    the state was saved from. Raises ``error`` naming ``source`` and what is missing, extra or of the wrong shape.
     """
     with torch.device("meta"):
         model = MoETransformer(config)  # no memory, no random init: every tensor comes from `state`
+        if quantization is not None:
+            quantize_modules(model, quantization["scheme"], group_size=quantization["group_size"],
+                             embeddings=quantization["embeddings"], skeleton=True)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -234,7 +266,7 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], source
                     + (f"; missing: {summarize_names(missing)}" if missing else "")
                     + (f"; unexpected: {summarize_names(unexpected)}" if unexpected else ""))
     for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+        if tensor.shape != expected[name].shape or tensor.dtype.is_floating_point != expected[name].dtype.is_floating_point:
             raise error(f"{source}: weight {name} has shape {tuple(tensor.shape)}, "
                         f"config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict(state, assign=True)

@@ -18,6 +18,7 @@ from deepseek.models.config import ModelConfig
 from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding,
                          SlotKVCache, SwiGLU)
 from deepseek.nn.loss import linear_cross_entropy
+from deepseek.nn.quantized import QuantizedWeight
 from deepseek.nn.sparse_attention import local_global_mask
 
 
@@ -123,7 +124,12 @@ class MoETransformer(nn.Module):
         if logits_to_keep > 0:  # generation only needs the last position: skip the head elsewhere
             x_BTD = x_BTD[:, -logits_to_keep:]
         x_BTD = self.norm(x_BTD)
-        if targets is not None:
+        head = self.embed if self.lm_head is None else self.lm_head
+        if hasattr(head, "head_logits"):  # a quantized (or fake-quantized) head computes its own product
+            out = head.head_logits(x_BTD)
+            if targets is not None:
+                out = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        elif targets is not None:
             head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
             out = linear_cross_entropy(x_BTD.flatten(0, 1), head_VD, targets.flatten())
         else:
@@ -272,4 +278,12 @@ class MoETransformer(nn.Module):
             if active and (name.endswith("experts.gate_up") or name.endswith("experts.down")):
                 n = n * self.config.top_k // self.config.n_routed_experts
             total += n
+        for name, module in self.named_modules():  # quantized weights are integer buffers, not parameters
+            if isinstance(module, QuantizedWeight):
+                if not embedding and name.startswith("embed."):
+                    continue
+                n = module.out_features * module.in_features
+                if active and ".experts." in name:
+                    n = n * self.config.top_k // self.config.n_routed_experts
+                total += n
         return total

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +185,8 @@ class GroupedExperts(nn.Module):
         self.down = nn.Parameter(torch.empty(n_experts, d_model, ffn_dim))
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():  # torch.export / ONNX: no host reads, no grouped_mm (no ONNX op)
+            return self._forward_dense_masked(x_ND, weights_NK, experts_NK)
         N, D = x_ND.shape
         K = experts_NK.shape[1]
         if N * K <= FEW_PAIRS and not torch.is_grad_enabled():
@@ -192,6 +194,15 @@ class GroupedExperts(nn.Module):
                 return self._forward_gathered(x_ND, weights_NK, experts_NK)
             if x_ND.device.type == "cpu":
                 return self._forward_few_tokens(x_ND, weights_NK, experts_NK)
+        return self.forward_sorted(x_ND, weights_NK, experts_NK, self.gate_up, self.down)
+
+    def forward_sorted(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
+                       gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+                       rows_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """The sorted dispatch with the given expert weights; ``rows_fn`` (if any) transforms the rows entering
+        each product (quantization-aware training fake-quantizes weights and rows through this)."""
+        N, D = x_ND.shape
+        K = experts_NK.shape[1]
         flat_experts = experts_NK.flatten()
         order = flat_experts.argsort(stable=True)  # (token, expert) pairs grouped by expert
         token_of_pair = order // K
@@ -202,11 +213,31 @@ class GroupedExperts(nn.Module):
         # grouped_mm is not autocast-aware: cast explicitly so bf16 autocast really runs the experts in bf16.
         dtype = _autocast_dtype(x_ND) or x_ND.dtype
         x_sorted = x_ND[token_of_pair].to(dtype)
-        gate_up = grouped_matmul(x_sorted, self.gate_up.to(dtype).transpose(1, 2), offsets)
+        if rows_fn is not None:
+            x_sorted = rows_fn(x_sorted)
+        gate_up = grouped_matmul(x_sorted, gate_up_EFD.to(dtype).transpose(1, 2), offsets)
         gate, up = gate_up.split(self.ffn_dim, dim=-1)
-        y_sorted = grouped_matmul(F.silu(gate) * up, self.down.to(dtype).transpose(1, 2), offsets)
+        hidden = F.silu(gate) * up
+        if rows_fn is not None:
+            hidden = rows_fn(hidden)
+        y_sorted = grouped_matmul(hidden, down_EDF.to(dtype).transpose(1, 2), offsets)
         y_sorted = y_sorted * weights_NK.flatten()[order].unsqueeze(-1).to(dtype)
         return torch.zeros(N, D, dtype=dtype, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
+
+    def _forward_dense_masked(self, x_ND: torch.Tensor, weights_NK: torch.Tensor,
+                              experts_NK: torch.Tensor) -> torch.Tensor:
+        """Export path: every expert on every token, weighted by a dense [N, E] gate that is zero for the
+        experts a token did not choose. Two plain matmuls over all E experts (E/K times the arithmetic of
+        the sparse paths) with fixed shapes and no data-dependent sizes, so every exporter can translate it.
+        """
+        N, D = x_ND.shape
+        E, F2 = self.n_experts, 2 * self.ffn_dim
+        dtype = _autocast_dtype(x_ND) or x_ND.dtype
+        gates_NE = torch.zeros(N, E, dtype=dtype, device=x_ND.device).scatter(1, experts_NK, weights_NK.to(dtype))
+        gate_up_NEF = F.linear(x_ND.to(dtype), self.gate_up.to(dtype).reshape(E * F2, D)).view(N, E, F2)
+        hidden_NEF = F.silu(gate_up_NEF[..., :self.ffn_dim]) * gate_up_NEF[..., self.ffn_dim:]
+        down_DEF = self.down.to(dtype).permute(1, 0, 2).reshape(D, E * self.ffn_dim)
+        return F.linear((hidden_NEF * gates_NE.unsqueeze(-1)).reshape(N, E * self.ffn_dim), down_DEF)
 
     def _forward_gathered(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Compiled decoding path: each (token, expert) pair reads its expert's rows directly.

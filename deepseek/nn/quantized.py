@@ -1,0 +1,362 @@
+"""Quantized building blocks: Linear, grouped experts and embeddings holding int8 or int4 weights.
+
+Schemes (the names ``compression.json`` and ``ds compress --method`` use):
+
+``int8-dynamic``  int8 weights (one symmetric scale per output row) times int8 activations (one scale per token,
+                  computed on the fly); the product runs in int32 (``torch._int_mm``), 3-5x faster than fp32 on CPU.
+``int8-weight``   int8 weights as above, activations stay floating point (bf16 into ``_weight_int8pack_mm``).
+``int4-weight``   4-bit weights in groups of ``group_size`` input columns, each group with its own scale and
+                  minimum (asymmetric); two weights per byte on disk; bf16 activations into
+                  ``_weight_int4pack_mm_for_cpu``.
+
+Why these kernels: they ship in torch itself and are the ones that are fast on x86 CPUs (measured in
+docs/benchmarks.md and docs/compression.md); torchao's CPU paths are slow in eager mode or need kernels its PyPI
+wheel does not ship. Every buffer is a plain integer or float tensor, so a quantized model saves to safetensors
+and loads without pickle. Off the CPU (or for shapes a kernel refuses) the weights are dequantized for the
+product: correct everywhere, fast where the kernels exist.
+
+Modules that do not fit are left in floating point: the router (its scores choose experts; tiny), norms, and
+Linear layers with fewer than ``MIN_FEATURES`` outputs (a gate with one output).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek.nn.moe import GroupedExperts, Router
+
+SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
+MIN_FEATURES = 16
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; schemes: {', '.join(SCHEMES)}")
+    return scheme
+
+
+# -- number formats --------------------------------------------------------------------------------
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row of ``w`` [..., O, I]: ``(q int8 [..., O, I], scale fp32 [..., O])``."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+def int4_group_size(in_features: int, group_size: int) -> int:
+    """The group size used for ``in_features`` columns: ``group_size`` halved until it divides them (min 8)."""
+    g = group_size
+    while in_features % g and g > 8:
+        g //= 2
+    if in_features % g:
+        raise ValueError(f"int4 needs in_features divisible by 8, got {in_features}")
+    return g
+
+
+def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of input columns of ``w`` [..., O, I].
+
+    Returns ``(packed uint8 [..., O, I/2], scale [..., O, I/g], minimum [..., O, I/g])`` with
+    ``w ≈ q * scale + minimum``, q in 0..15; column ``2j`` is the low nibble of byte ``j``, ``2j+1`` the high one.
+    """
+    w = w.detach().float()
+    g = int4_group_size(w.shape[-1], group_size)
+    groups = w.unflatten(-1, (-1, g))
+    minimum = groups.amin(dim=-1)
+    scale = (groups.amax(dim=-1) - minimum).clamp_min(1e-12) / 15.0
+    q = torch.round((groups - minimum.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8).flatten(-2)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return packed, scale, minimum
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The 0..15 values of a packed [..., O, I/2] tensor as uint8 [..., O, I]."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4_groups(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    g = q.shape[-1] // scale.shape[-1]
+    w = q.unflatten(-1, (-1, g)) * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)
+    return w.flatten(-2)
+
+
+def quantize_tokens_int8(x_MI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (token) of ``x``: ``(q int8 [M, I], scale fp32 [M, 1])``."""
+    x = x_MI.float()
+    scale = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+# -- products --------------------------------------------------------------------------------------
+
+def int8_dynamic_matmul(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor,
+                        quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``x @ W.T`` with ``W = q * scale``: int8 x int8 -> int32 on CPU, then both scales applied (fp32 [M, O])."""
+    if x_MI.device.type != "cpu":  # _int_mm's CUDA kernel needs M > 16 and aligned shapes: dequantize instead
+        return F.linear(x_MI.float(), dequantize_int8_rows(q_OI, scale_O))
+    xq, sx = quantized if quantized is not None else quantize_tokens_int8(x_MI)
+    return torch._int_mm(xq, q_OI.t()).float().mul_(sx).mul_(scale_O)
+
+
+def int8_weight_matmul(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with int8 weights and bf16 activations (the kernel's fast path; fp32 input is ~20x slower)."""
+    return torch.ops.aten._weight_int8pack_mm(x_MI.to(torch.bfloat16), q_OI, scale_O.to(torch.bfloat16)).float()
+
+
+class Int4Kernel:
+    """The CPU int4 kernel's own weight layout, built from the portable packed form on first use (not saved)."""
+
+    def __init__(self):
+        self.key = None
+        self.weight = self.scales_and_zeros = None
+
+    def usable(self, packed: torch.Tensor, scale: torch.Tensor) -> bool:
+        out_features, groups = scale.shape
+        group = packed.shape[-1] * 2 // groups
+        return packed.device.type == "cpu" and out_features % 16 == 0 and group in INT4_KERNEL_GROUPS
+
+    def matmul(self, x_MI: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        key = (packed.data_ptr(), packed._version, scale.data_ptr(), scale._version)
+        if self.key != key:
+            q = unpack_int4(packed).to(torch.int32)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale; layout [groups, O, 2].
+            self.scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+            self.key = key
+        group = packed.shape[-1] * 2 // scale.shape[-1]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MI.to(torch.bfloat16), self.weight, group,
+                                                          self.scales_and_zeros).float()
+
+
+# -- modules ---------------------------------------------------------------------------------------
+
+class QuantizedWeight(nn.Module):
+    """One [out, in] weight in a scheme, with the products and row lookups the layers need."""
+
+    def __init__(self, scheme: str, out_features: int, in_features: int, group_size: int = 32,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.scheme = check_scheme(scheme)
+        self.out_features, self.in_features = out_features, in_features
+        if scheme == "int4-weight":
+            g = int4_group_size(in_features, group_size)
+            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scale", torch.empty(out_features, in_features // g, device=device))
+            self.register_buffer("minimum", torch.empty(out_features, in_features // g, device=device))
+            self._kernel = Int4Kernel()
+        else:
+            self.register_buffer("q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scale", torch.empty(out_features, device=device))
+
+    @torch.no_grad()
+    def set_weight(self, w_OI: torch.Tensor, group_size: int = 32) -> "QuantizedWeight":
+        if self.scheme == "int4-weight":
+            packed, scale, minimum = quantize_int4_groups(w_OI, group_size)
+            self.packed, self.scale, self.minimum = packed, scale, minimum
+        else:
+            self.q, self.scale = quantize_int8_rows(w_OI)
+        return self
+
+    def dequantize(self) -> torch.Tensor:
+        if self.scheme == "int4-weight":
+            return dequantize_int4_groups(self.packed, self.scale, self.minimum)
+        return dequantize_int8_rows(self.q, self.scale)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``W[ids]`` (an embedding lookup): fp32 [*ids.shape, in]."""
+        if self.scheme == "int4-weight":
+            return dequantize_int4_groups(self.packed[ids], self.scale[ids], self.minimum[ids])
+        return dequantize_int8_rows(self.q[ids], self.scale[ids])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for x [..., in]: fp32 [..., out]."""
+        x_MI = x.reshape(-1, self.in_features)
+        if self.scheme == "int8-dynamic":
+            y = int8_dynamic_matmul(x_MI, self.q, self.scale)
+        elif self.scheme == "int8-weight":
+            y = int8_weight_matmul(x_MI, self.q, self.scale)
+        elif self._kernel.usable(self.packed, self.scale):
+            y = self._kernel.matmul(x_MI, self.packed, self.scale, self.minimum)
+        else:
+            y = F.linear(x_MI.float(), self.dequantize())
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, out={self.out_features}, in={self.in_features}"
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with a quantized weight (bias kept in fp32). Output dtype follows the input's."""
+
+    quantized = True
+
+    def __init__(self, scheme: str, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_q = QuantizedWeight(scheme, out_features, in_features, group_size, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 32) -> "QuantizedLinear":
+        module = cls(scheme, linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        module.weight_q.set_weight(linear.weight, group_size)
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().float().clone()
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight_q.matmul(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype) if x.is_floating_point() else y
+
+    head_logits = forward  # used as an untied LM head
+
+
+class QuantizedEmbedding(nn.Module):
+    """``nn.Embedding`` with quantized rows; ``head_logits`` is the tied LM head over the same table."""
+
+    quantized = True
+
+    def __init__(self, scheme: str, num_embeddings: int, embedding_dim: int, group_size: int = 32,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight_q = QuantizedWeight(scheme, num_embeddings, embedding_dim, group_size, device)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, scheme: str, group_size: int = 32) -> "QuantizedEmbedding":
+        module = cls(scheme, embedding.num_embeddings, embedding.embedding_dim, group_size)
+        module.weight_q.set_weight(embedding.weight, group_size)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_q.rows(ids)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight_q.matmul(x)
+
+
+class QuantizedExperts(nn.Module):
+    """:class:`~deepseek.nn.moe.GroupedExperts` with quantized expert weights (same dispatch contract).
+
+    Tokens are grouped by expert on the host (one read of the choices), then each expert that has tokens runs
+    its two products on its own rows; with ``int8-dynamic`` the rows are quantized once per projection for all
+    experts together.
+    """
+
+    quantized = True
+
+    def __init__(self, scheme: str, n_experts: int, d_model: int, ffn_dim: int, group_size: int = 32,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.scheme, self.n_experts, self.ffn_dim, self.d_model = check_scheme(scheme), n_experts, ffn_dim, d_model
+        self.gate_up = nn.ModuleList(QuantizedWeight(scheme, 2 * ffn_dim, d_model, group_size, device)
+                                     for _ in range(n_experts))
+        self.down = nn.ModuleList(QuantizedWeight(scheme, d_model, ffn_dim, group_size, device)
+                                  for _ in range(n_experts))
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, scheme: str, group_size: int = 32) -> "QuantizedExperts":
+        n, two_f, d = experts.gate_up.shape
+        module = cls(scheme, n, d, two_f // 2, group_size)
+        for e in range(n):
+            module.gate_up[e].set_weight(experts.gate_up[e], group_size)
+            module.down[e].set_weight(experts.down[e], group_size)
+        return module
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        N, D = x_ND.shape
+        K = experts_NK.shape[1]
+        flat = experts_NK.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_of_pair = order // K
+        x_sorted = x_ND[token_of_pair].float()
+        dynamic = self.scheme == "int8-dynamic" and x_ND.device.type == "cpu"
+        x_q = quantize_tokens_int8(x_sorted) if dynamic else None
+        hidden = x_sorted.new_empty(x_sorted.shape[0], self.ffn_dim)
+        spans = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                spans.append((e, start, start + count))
+            start += count
+        for e, a, b in spans:
+            rows = x_sorted[a:b]
+            gate_up = (int8_dynamic_matmul(rows, self.gate_up[e].q, self.gate_up[e].scale, (x_q[0][a:b], x_q[1][a:b]))
+                       if dynamic else self.gate_up[e].matmul(rows))
+            hidden[a:b] = F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:]
+        h_q = quantize_tokens_int8(hidden) if dynamic else None
+        y_sorted = torch.empty_like(x_sorted)
+        for e, a, b in spans:
+            y_sorted[a:b] = (int8_dynamic_matmul(hidden[a:b], self.down[e].q, self.down[e].scale, (h_q[0][a:b], h_q[1][a:b]))
+                             if dynamic else self.down[e].matmul(hidden[a:b]))
+        y_sorted.mul_(weights_NK.flatten()[order].unsqueeze(-1).float())
+        out = torch.zeros(N, D, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
+        return out.to(x_ND.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, experts={self.n_experts}, d_model={self.d_model}, ffn_dim={self.ffn_dim}"
+
+
+# -- whole models ----------------------------------------------------------------------------------
+
+def quantize_modules(model: nn.Module, scheme: str, *, group_size: int = 32, embeddings: bool = True,
+                     skeleton: bool = False) -> nn.Module:
+    """Swap every eligible Linear, grouped-experts and embedding module of ``model`` for its quantized form.
+
+    In place; returns ``model``. ``skeleton=True`` only builds empty quantized modules of the right shapes (to
+    load saved quantized weights into). Routers, norms and Linear layers with fewer than ``MIN_FEATURES``
+    outputs stay in floating point.
+    """
+    check_scheme(scheme)
+    device = None if skeleton else torch.device("cpu")
+
+    def convert(module: nn.Module) -> Optional[nn.Module]:
+        if isinstance(module, GroupedExperts):
+            if skeleton:
+                n, two_f, d = module.gate_up.shape
+                return QuantizedExperts(scheme, n, d, two_f // 2, group_size, device)
+            return QuantizedExperts.from_experts(module, scheme, group_size)
+        if isinstance(module, nn.Linear) and module.out_features >= MIN_FEATURES:
+            if skeleton:
+                return QuantizedLinear(scheme, module.in_features, module.out_features, module.bias is not None,
+                                       group_size, device)
+            return QuantizedLinear.from_linear(module, scheme, group_size)
+        if embeddings and isinstance(module, nn.Embedding):
+            if skeleton:
+                return QuantizedEmbedding(scheme, module.num_embeddings, module.embedding_dim, group_size, device)
+            return QuantizedEmbedding.from_embedding(module, scheme, group_size)
+        return None
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Router) or getattr(child, "quantized", False):
+                continue
+            replacement = convert(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+            else:
+                walk(child)
+
+    walk(model)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(getattr(m, "quantized", False) for m in model.modules())
