@@ -159,3 +159,21 @@ def test_qat_recovers_what_int4_ptq_loses(tmp_path, trained_tiny, lm_data):
     ptq = loss(quantize(plain, "int4-weight"))
     assert loss(qat) < ptq
     assert ptq > fp32  # int4 does cost something to recover
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_experts_decoding_path_equals_the_sorted_path(scheme):
+    from deepseek.nn.moe import GroupedExperts
+
+    experts = GroupedExperts(8, 64, 32)
+    torch.nn.init.normal_(experts.gate_up, std=0.1)
+    torch.nn.init.normal_(experts.down, std=0.1)
+    module = QuantizedExperts.from_experts(experts, scheme)
+    x = torch.randn(40, 64)
+    weights = torch.rand(40, 2)
+    choices = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
+    sorted_path = module(x, weights, choices)  # 80 pairs: the sorted dispatch
+    one_by_one = torch.cat([module(x[i:i + 1], weights[i:i + 1], choices[i:i + 1]) for i in range(40)])
+    assert torch.allclose(one_by_one, sorted_path, atol=1e-5)
+    reference = experts.forward_reference(x, weights, choices)
+    assert relative_error(sorted_path, reference) < LOGIT_TOLERANCE[scheme]
