@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from deepseek.cli import bench, convert, data, evaluate, generate, init, quickstart, serve, train
+from deepseek.cli import bench, compress, convert, data, evaluate, export, generate, init, quickstart, serve, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
@@ -32,6 +32,8 @@ evaluate.register(app)
 generate.register(app)
 serve.register(app)
 convert.register(app)
+compress.register(app)
+export.register(app)
 bench.register(app)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from deepseek.nn.kv_cache import KVCache
 from deepseek.nn.norm import RMSNorm
 from deepseek.nn.rope import apply_rotary
-from deepseek.nn.sparse_attention import blocked_local_global_attention
+from deepseek.nn.sparse_attention import blocked_local_global_attention, dense_local_global_attention
 
 
 @dataclass
@@ -76,7 +76,11 @@ class Attention(nn.Module):
         with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
             if inputs.blocked_sparse:
                 # Long prefill or training with the sparse pattern: attend among the new tokens only.
-                out = blocked_local_global_attention(q, k, v, inputs.window, inputs.n_global)
+                if torch.compiler.is_exporting():
+                    # The blocked kernel branches on T in Python: its graph would hold for one side of T <= window.
+                    out = dense_local_global_attention(q, k, v, inputs.window, inputs.n_global)
+                else:
+                    out = blocked_local_global_attention(q, k, v, inputs.window, inputs.n_global)
                 if inputs.cache is not None:
                     inputs.cache.write(layer, k.to(inputs.cache.k.dtype), v.to(inputs.cache.v.dtype))
             else:

@@ -186,7 +186,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():  # torch.export / ONNX: no host reads, no grouped_mm (no ONNX op)
-            return self._forward_dense_masked(x_ND, weights_NK, experts_NK)
+            return self._forward_exportable(x_ND, weights_NK, experts_NK)
         N, D = x_ND.shape
         K = experts_NK.shape[1]
         if N * K <= FEW_PAIRS and not torch.is_grad_enabled():
@@ -224,20 +224,20 @@ class GroupedExperts(nn.Module):
         y_sorted = y_sorted * weights_NK.flatten()[order].unsqueeze(-1).to(dtype)
         return torch.zeros(N, D, dtype=dtype, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
 
-    def _forward_dense_masked(self, x_ND: torch.Tensor, weights_NK: torch.Tensor,
-                              experts_NK: torch.Tensor) -> torch.Tensor:
-        """Export path: every expert on every token, weighted by a dense [N, E] gate that is zero for the
-        experts a token did not choose. Two plain matmuls over all E experts (E/K times the arithmetic of
-        the sparse paths) with fixed shapes and no data-dependent sizes, so every exporter can translate it.
+    def _forward_exportable(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        """Export path (torch.export, ONNX): :meth:`forward_reference` without its host-side skip of idle experts.
+
+        Each expert's rows come from ``nonzero`` (a data-dependent size in the graph, NonZero + Gather in ONNX)
+        instead of host reads or ``torch._grouped_mm``, which has no ONNX form. Only the chosen (token, expert)
+        pairs are computed; the graph holds E unrolled expert blocks per layer. Same result as the other paths.
         """
-        N, D = x_ND.shape
-        E, F2 = self.n_experts, 2 * self.ffn_dim
-        dtype = _autocast_dtype(x_ND) or x_ND.dtype
-        gates_NE = torch.zeros(N, E, dtype=dtype, device=x_ND.device).scatter(1, experts_NK, weights_NK.to(dtype))
-        gate_up_NEF = F.linear(x_ND.to(dtype), self.gate_up.to(dtype).reshape(E * F2, D)).view(N, E, F2)
-        hidden_NEF = F.silu(gate_up_NEF[..., :self.ffn_dim]) * gate_up_NEF[..., self.ffn_dim:]
-        down_DEF = self.down.to(dtype).permute(1, 0, 2).reshape(D, E * self.ffn_dim)
-        return F.linear((hidden_NEF * gates_NE.unsqueeze(-1)).reshape(N, E * self.ffn_dim), down_DEF)
+        out = torch.zeros_like(x_ND)
+        for e in range(self.n_experts):
+            token_idx, slot = (experts_NK == e).nonzero(as_tuple=True)
+            gate, up = F.linear(x_ND[token_idx], self.gate_up[e]).split(self.ffn_dim, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[e])
+            out = out.index_add(0, token_idx, y * weights_NK[token_idx, slot].unsqueeze(-1).to(y.dtype))
+        return out
 
     def _forward_gathered(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Compiled decoding path: each (token, expert) pair reads its expert's rows directly.
