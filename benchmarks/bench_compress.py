@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every fine-tune's steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="bf16", help="fine-tuning precision (bf16 is ~2x faster on CPU)")
     args = parser.parse_args()
     if not Path(args.model, "config.json").is_file():
         sys.exit(f"{args.model} is not a model directory: run `make quickstart` (or pass --model/--data)")
@@ -64,7 +65,7 @@ def main() -> None:
         steps = max(1, int(steps * args.steps_scale)) if steps else 0
         out = Path(args.out) / name
         started = time.perf_counter()
-        training = dict(data=args.data, steps=steps, lr=lr, batch_size=16, seq_len=256, precision="fp32",
+        training = dict(data=args.data, steps=steps, lr=lr, batch_size=16, seq_len=256, precision=args.precision,
                         run_dir=Path(args.out) / f"{name}.run")
         written, summary = compress(args.model, out, method, training=training, **options)
         seconds = time.perf_counter() - started

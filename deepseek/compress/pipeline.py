@@ -125,10 +125,10 @@ def _distill(teacher, options: dict[str, Any], out: Path, training: dict[str, An
     student_cfg = distill.student_config(teacher.config, n_layers=layers,
                                          n_routed_experts=options.get("student_experts"))
     student = distill.init_student_from_teacher(teacher, student_cfg)
-    result = distill.distill_lm(teacher, student, config, temperature=options.get("temperature", 2.0),
-                                alpha=options.get("alpha", 0.5), tokenizer=tokenizer)
+    result = distill.distill_lm(teacher, student, config, temperature=options.get("temperature", 1.0),
+                                alpha=options.get("alpha", 0.7), tokenizer=tokenizer)
     details = {"distillation": {"teacher_layers": teacher.config.n_layers, "student_layers": layers,
-                                "temperature": options.get("temperature", 2.0), "alpha": options.get("alpha", 0.5)},
+                                "temperature": options.get("temperature", 1.0), "alpha": options.get("alpha", 0.7)},
                "training": _finetune_summary(result)}
     summary = (f"distill: {teacher.num_parameters():,} -> {student.num_parameters():,} parameters, "
                f"{result.step} steps")

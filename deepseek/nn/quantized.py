@@ -326,15 +326,27 @@ class QuantizedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         token_of_pair = order // K
         x_sorted = x_ND[token_of_pair].float()
-        x_q = quantize_tokens_int8(x_sorted) if dynamic else None  # per row: slicing it per expert is exact
-        y_sorted = torch.empty_like(x_sorted)
-        start = 0
+        spans, start = [], 0
         for e, count in enumerate(counts):
             if count:
-                end = start + count
-                rows_q = (x_q[0][start:end], x_q[1][start:end]) if dynamic else None
-                y_sorted[start:end] = self._products(e, x_sorted[start:end], rows_q, dynamic)
-                start = end
+                spans.append((e, start, start + count))
+                start += count
+        if not dynamic:
+            y_sorted = torch.empty_like(x_sorted)
+            for e, a, b in spans:
+                y_sorted[a:b] = self._products(e, x_sorted[a:b], None, False)
+        else:  # rows are quantized per row, so one quantization for all experts equals one per expert, in fewer ops
+            x_q, x_scale = quantize_tokens_int8(x_sorted)
+            hidden = x_sorted.new_empty(x_sorted.shape[0], self.ffn_dim)
+            for e, a, b in spans:
+                gate_up = int8_dynamic_matmul(x_sorted[a:b], self.gate_up[e].q, self.gate_up[e].scale,
+                                              (x_q[a:b], x_scale[a:b]))
+                torch.mul(F.silu(gate_up[:, :self.ffn_dim]), gate_up[:, self.ffn_dim:], out=hidden[a:b])
+            h_q, h_scale = quantize_tokens_int8(hidden)
+            y_sorted = torch.empty_like(x_sorted)
+            for e, a, b in spans:
+                y_sorted[a:b] = int8_dynamic_matmul(hidden[a:b], self.down[e].q, self.down[e].scale,
+                                                    (h_q[a:b], h_scale[a:b]))
         y_sorted.mul_(weights_NK.flatten()[order].unsqueeze(-1).float())
         out = torch.zeros(N, D, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
         return out.to(x_ND.dtype)

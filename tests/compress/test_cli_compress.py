@@ -66,3 +66,14 @@ def test_compress_errors_are_one_line(tmp_path, trained_tiny):
     result = run_ds("compress", tmp_path / "missing", "--method", "int8-weight", "--out", tmp_path / "x")
     assert result.returncode == 1 and "is not a directory" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_distill_writes_a_smaller_student(tmp_path, trained_tiny, lm_data):
+    out = tmp_path / "student"
+    result = run_ds("compress", trained_tiny, "--method", "distill", "--student-layers", "1", "--data", lm_data,
+                    "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    student, _ = ds.load(out)
+    assert student.config.n_layers == 1
+    record = json.loads((out / "compression.json").read_text())
+    assert record["distillation"]["student_layers"] == 1 and record["training"]["steps"] == 3
