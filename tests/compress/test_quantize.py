@@ -90,16 +90,28 @@ def test_quantized_weights_are_smaller_on_disk(tmp_path, trained_tiny):
     assert int4 < 0.25 * fp32
 
 
-def test_quantized_directory_serves_through_the_deepseek_backend(tmp_path, trained_tiny):
-    from deepseek.serve.backends import load_backend
-    from deepseek.serve.config import ServingConfig
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int4-weight"])
+def test_quantized_directory_is_served_unchanged(tmp_path, trained_tiny, scheme):
+    """A real server (uvicorn + the OpenAI-compatible API) serves the quantized directory as it is."""
+    import httpx
 
-    path = quantized_dir(tmp_path, trained_tiny, "int8-dynamic")
-    backend = load_backend("tiny-int8", 1, path, ServingConfig(backend="deepseek"))
-    try:
-        assert is_quantized(backend.model)
-    finally:
-        backend.close()
+    from deepseek.serve.manager import ModelManager
+    from deepseek.serve.repository import ModelRepository
+    from tests.serve.gated_model import running_server
+
+    model, tokenizer = ds.load(trained_tiny)
+    quantize(model, scheme)
+    root = tmp_path / "repo"
+    save_compressed(model, tokenizer, root / "quantized" / "1",
+                    compression_record(scheme, source=trained_tiny, quantization=quantization_entry(scheme)))
+    expected = ds.generate(model, tokenizer, "def add(a, b):", max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    with running_server(ModelManager(ModelRepository(root))) as base:
+        reply = httpx.post(f"{base}/v1/completions", timeout=60,
+                           json={"model": "quantized", "prompt": "def add(a, b):", "max_tokens": 10,
+                                 "temperature": 0, "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == expected.text
+    assert reply.json()["usage"]["completion_tokens"] == 10
 
 
 def test_corrupt_compression_json_names_the_file(tmp_path, trained_tiny):
