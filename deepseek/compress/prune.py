@@ -32,6 +32,7 @@ from deepseek.models.transformer import MoETransformer
 from deepseek.nn.attention import Attention
 from deepseek.nn.mlp import SwiGLU
 from deepseek.nn.moe import MoE
+from deepseek.nn.quantized import is_quantized
 
 
 @dataclass
@@ -62,6 +63,8 @@ def _check_model(model: Any, what: str) -> MoETransformer:
         hint = " (unwrap torch.compile / DDP first: pass model._orig_mod or model.module)" if (
             hasattr(model, "_orig_mod") or hasattr(model, "module")) else ""
         raise TypeError(f"{what} expects a deepseek MoETransformer, got {type(model).__name__}{hint}")
+    if is_quantized(model):
+        raise ValueError(f"{what}: the model is quantized; prune the floating-point model, then quantize")
     return model
 
 

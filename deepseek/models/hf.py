@@ -37,6 +37,7 @@ from deepseek.models.directory import (FORMAT, ModelDirectoryError, load, load_t
                                        save, save_weights, summarize_names, write_atomically)
 from deepseek.models.directory import model_from_state as directory_model_from_state
 from deepseek.models.transformer import MoETransformer
+from deepseek.nn.quantized import is_quantized
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -393,6 +394,8 @@ def import_hf(hf_dir: str | Path, *, dtype: Optional[torch.dtype] = None) -> tup
 def convert_to_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """``ds convert --to-hf``: a model directory -> a Hugging Face Mixtral folder."""
     model, tokenizer = load(model_dir)
+    if is_quantized(model):
+        raise ValueError(f"{model_dir} is quantized (compression.json); convert the floating-point model it came from")
     return export_hf(model, tokenizer, out_dir)
 
 

@@ -55,12 +55,21 @@ class Attention(nn.Module):
         self.o = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        # Quantization replaces q, k and v by one product (deepseek.nn.quantized): one activation pass, not three.
+        self.qkv: Optional[nn.Module] = None
+
+    def project_qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            return self.qkv(x_BTD).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        return self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
 
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs, layer: int) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.q(x_BTD).view(B, T, self.n_heads, self.head_dim)
-        k = self.k(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x_BTD)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # Under CPU autocast, rope and attention run in fp32: torch's CPU flash-attention kernel is slower

@@ -1,5 +1,7 @@
 """SwiGLU feed-forward (Shazeer, 2020): ``down(silu(gate(x)) * up(x))``."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,11 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(d_model, ffn_dim, bias=False)
         self.up = nn.Linear(d_model, ffn_dim, bias=False)
         self.down = nn.Linear(ffn_dim, d_model, bias=False)
+        # Quantization replaces gate and up by one product (deepseek.nn.quantized): one activation pass, not two.
+        self.gate_up: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         return self.down(F.silu(self.gate(x)) * self.up(x))

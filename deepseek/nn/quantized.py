@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek.nn.attention import Attention
+from deepseek.nn.mlp import SwiGLU
 from deepseek.nn.moe import FEW_PAIRS, GroupedExperts, Router
 
 SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
@@ -96,19 +98,23 @@ def quantize_tokens_int8(x_MI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """Symmetric int8 per row (token) of ``x``: ``(q int8 [M, I], scale fp32 [M, 1])``."""
     x = x_MI.float()
     # abs + amax: linalg.vector_norm(ord=inf) is ~30x slower on CPU for the same maximum.
-    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12)
-    return (x * (127.0 / amax)).round_().to(torch.int8), amax.div_(127.0)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+    return (x / scale).round_().to(torch.int8), scale
 
 
 # -- products --------------------------------------------------------------------------------------
 
 def int8_dynamic_matmul(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor,
-                        quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """``x @ W.T`` with ``W = q * scale``: int8 x int8 -> int32 on CPU, then both scales applied (fp32 [M, O])."""
+                        quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                        transposed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T`` with ``W = q * scale``: int8 x int8 -> int32 on CPU, then both scales applied (fp32 [M, O]).
+
+    ``quantized``: ``x`` already quantized (rows and scales); ``transposed``: ``q_OI.t()`` if the caller keeps it.
+    """
     if x_MI.device.type != "cpu":  # _int_mm's CUDA kernel needs M > 16 and aligned shapes: dequantize instead
         return F.linear(x_MI.float(), dequantize_int8_rows(q_OI, scale_O))
     xq, sx = quantized if quantized is not None else quantize_tokens_int8(x_MI)
-    return torch._int_mm(xq, q_OI.t()).float().mul_(sx).mul_(scale_O)
+    return torch._int_mm(xq, q_OI.t() if transposed is None else transposed).float().mul_(sx).mul_(scale_O)
 
 
 def int8_weight_matmul(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
@@ -171,6 +177,18 @@ class QuantizedWeight(nn.Module):
             self.q, self.scale = quantize_int8_rows(w_OI)
         return self
 
+    def int8_product(self, x_MI: torch.Tensor, quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """``x @ W.T`` of the int8-dynamic scheme for 2-D ``x`` (rows already quantized if ``quantized``)."""
+        return int8_dynamic_matmul(x_MI, self.q, self.scale, quantized, self._transposed_q())
+
+    def _transposed_q(self) -> torch.Tensor:
+        """``q.t()``, kept between calls (a view op per product is ~2 % of a forward), renewed when q changes."""
+        q = self.q
+        cached = self.__dict__.get("_q_t")
+        if cached is None or cached._base is not q:
+            cached = self.__dict__["_q_t"] = q.t()
+        return cached
+
     def dequantize(self) -> torch.Tensor:
         if self.scheme == "int4-weight":
             return dequantize_int4_groups(self.packed, self.scale, self.minimum)
@@ -186,7 +204,7 @@ class QuantizedWeight(nn.Module):
         """``x @ W.T`` for x [..., in]: fp32 [..., out]."""
         x_MI = x.reshape(-1, self.in_features)
         if self.scheme == "int8-dynamic":
-            y = int8_dynamic_matmul(x_MI, self.q, self.scale)
+            y = self.int8_product(x_MI)
         elif self.scheme == "int8-weight":
             y = int8_weight_matmul(x_MI, self.q, self.scale)
         elif self._kernel.usable(self.packed, self.scale):
@@ -213,10 +231,20 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 32) -> "QuantizedLinear":
-        module = cls(scheme, linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        module.weight_q.set_weight(linear.weight, group_size)
-        if linear.bias is not None:
-            module.bias.data = linear.bias.detach().float().clone()
+        return cls.from_linears([linear], scheme, group_size)
+
+    @classmethod
+    def from_linears(cls, linears: list[nn.Linear], scheme: str, group_size: int = 32) -> "QuantizedLinear":
+        """One quantized product for Linears that read the same input, their outputs concatenated in order.
+
+        Rows are quantized independently, so the fused product equals the separate ones exactly.
+        """
+        weight = torch.cat([linear.weight.detach() for linear in linears])
+        has_bias = linears[0].bias is not None
+        module = cls(scheme, weight.shape[1], weight.shape[0], has_bias, group_size)
+        module.weight_q.set_weight(weight, group_size)
+        if has_bias:
+            module.bias.data = torch.cat([linear.bias.detach().float() for linear in linears])
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,12 +311,12 @@ class QuantizedExperts(nn.Module):
     def _products(self, e: int, rows: torch.Tensor, rows_q, dynamic: bool) -> torch.Tensor:
         """Expert ``e`` on its rows: down(silu(gate) * up), fp32."""
         if dynamic:
-            gate_up = int8_dynamic_matmul(rows, self.gate_up[e].q, self.gate_up[e].scale, rows_q)
+            gate_up = self.gate_up[e].int8_product(rows, rows_q)
         else:
             gate_up = self.gate_up[e].matmul(rows)
         hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
         if dynamic:
-            return int8_dynamic_matmul(hidden, self.down[e].q, self.down[e].scale)
+            return self.down[e].int8_product(hidden)
         return self.down[e].matmul(hidden)
 
     def _forward_few_tokens(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
@@ -339,14 +367,12 @@ class QuantizedExperts(nn.Module):
             x_q, x_scale = quantize_tokens_int8(x_sorted)
             hidden = x_sorted.new_empty(x_sorted.shape[0], self.ffn_dim)
             for e, a, b in spans:
-                gate_up = int8_dynamic_matmul(x_sorted[a:b], self.gate_up[e].q, self.gate_up[e].scale,
-                                              (x_q[a:b], x_scale[a:b]))
+                gate_up = self.gate_up[e].int8_product(x_sorted[a:b], (x_q[a:b], x_scale[a:b]))
                 torch.mul(F.silu(gate_up[:, :self.ffn_dim]), gate_up[:, self.ffn_dim:], out=hidden[a:b])
             h_q, h_scale = quantize_tokens_int8(hidden)
             y_sorted = torch.empty_like(x_sorted)
             for e, a, b in spans:
-                y_sorted[a:b] = int8_dynamic_matmul(hidden[a:b], self.down[e].q, self.down[e].scale,
-                                                    (h_q[a:b], h_scale[a:b]))
+                y_sorted[a:b] = self.down[e].int8_product(hidden[a:b], (h_q[a:b], h_scale[a:b]))
         y_sorted.mul_(weights_NK.flatten()[order].unsqueeze(-1).float())
         out = torch.zeros(N, D, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
         return out.to(x_ND.dtype)
@@ -368,6 +394,18 @@ def quantize_modules(model: nn.Module, scheme: str, *, group_size: int = 32, emb
     check_scheme(scheme)
     device = None if skeleton else torch.device("cpu")
 
+    def fuse(parent: nn.Module, fused_name: str, names: tuple[str, ...]) -> None:
+        """Replace Linears ``names`` of ``parent`` (same input) by one product ``fused_name``."""
+        linears = [getattr(parent, name) for name in names]
+        if skeleton:
+            fused = QuantizedLinear(scheme, linears[0].in_features, sum(lin.out_features for lin in linears),
+                                    linears[0].bias is not None, group_size, device)
+        else:
+            fused = QuantizedLinear.from_linears(linears, scheme, group_size)
+        setattr(parent, fused_name, fused)
+        for name in names:
+            setattr(parent, name, None)
+
     def convert(module: nn.Module) -> Optional[nn.Module]:
         if isinstance(module, GroupedExperts):
             if skeleton:
@@ -386,6 +424,10 @@ def quantize_modules(model: nn.Module, scheme: str, *, group_size: int = 32, emb
         return None
 
     def walk(parent: nn.Module) -> None:
+        if isinstance(parent, Attention) and parent.qkv is None and isinstance(parent.q, nn.Linear):
+            fuse(parent, "qkv", ("q", "k", "v"))
+        elif isinstance(parent, SwiGLU) and parent.gate_up is None and isinstance(parent.gate, nn.Linear):
+            fuse(parent, "gate_up", ("gate", "up"))
         for name, child in list(parent.named_children()):
             if isinstance(child, Router) or getattr(child, "quantized", False):
                 continue
