@@ -368,7 +368,7 @@ class QuantizedExperts(nn.Module):
             hidden = x_sorted.new_empty(x_sorted.shape[0], self.ffn_dim)
             for e, a, b in spans:
                 gate_up = self.gate_up[e].int8_product(x_sorted[a:b], (x_q[a:b], x_scale[a:b]))
-                torch.mul(F.silu(gate_up[:, :self.ffn_dim]), gate_up[:, self.ffn_dim:], out=hidden[a:b])
+                hidden[a:b] = F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:]
             h_q, h_scale = quantize_tokens_int8(hidden)
             y_sorted = torch.empty_like(x_sorted)
             for e, a, b in spans:

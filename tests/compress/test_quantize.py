@@ -189,3 +189,13 @@ def test_quantized_experts_decoding_path_equals_the_sorted_path(scheme):
     assert torch.allclose(one_by_one, sorted_path, atol=1e-5)
     reference = experts.forward_reference(x, weights, choices)
     assert relative_error(sorted_path, reference) < LOGIT_TOLERANCE[scheme]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_runs_with_gradients_enabled(scheme):
+    """Outside no_grad (a user's plain call, or gradients with respect to the input) the model still runs."""
+    model = quantize(ds.MoETransformer(ds.preset("tiny")), scheme)
+    ids = torch.randint(0, 259, (2, 40))
+    logits = model(ids)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(ids))
