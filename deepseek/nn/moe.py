@@ -187,9 +187,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():  # torch.export / ONNX: no host reads, no grouped_mm (no ONNX op)
             return self._forward_exportable(x_ND, weights_NK, experts_NK)
-        N, D = x_ND.shape
-        K = experts_NK.shape[1]
-        if N * K <= FEW_PAIRS and not torch.is_grad_enabled():
+        if x_ND.shape[0] * experts_NK.shape[1] <= FEW_PAIRS and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 return self._forward_gathered(x_ND, weights_NK, experts_NK)
             if x_ND.device.type == "cpu":
