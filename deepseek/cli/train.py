@@ -31,14 +31,28 @@ def train_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. max_steps=20 "
                                                                "model.n_routed_experts=16."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in run_dir."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine: >1 re-launches this command "
+                                                        "under `torchrun --standalone` (data parallel, gloo on CPU)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With --nproc: torchrun restarts of a "
+                                                                      "failed job (it resumes from its checkpoint)."),
 ) -> None:
     """Train a MoE language model: metrics.jsonl, TensorBoard, checkpoints and the final model in run_dir."""
+    import os
+
     from deepseek.train.lm import train_lm
     from deepseek.train.trainer_config import load_train_config
 
     extra = ["checkpoint.resume=true"] if resume else []
-    cfg = load_train_config(config, [*(overrides or []), *extra])
+    cfg = load_train_config(config, [*(overrides or []), *extra])  # a bad config fails here, before any launch
+    if nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        from deepseek.dist.launch import relaunch
+
+        args = ["train", *([str(config)] if config is not None else []), *(overrides or []),
+                *(["--resume"] if resume else [])]
+        raise typer.Exit(relaunch(nproc, args, max_restarts=max_restarts))
     result = train_lm(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     line = f"trained {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}"
     if result.final_eval:
         line += f", val loss {result.final_eval['val_loss']:.4f} (ppl {result.final_eval['val_ppl']:.2f})"

@@ -8,8 +8,9 @@ unless ``model.vocab_size`` is given), and hands everything to :class:`~deepseek
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tokenizers import Tokenizer
@@ -117,12 +118,25 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
 
 def train_lm(config: TrainConfig) -> TrainResult:
     """Run a language-model training described by ``config`` (what ``ds train`` does)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from deepseek.dist.launch import train_lm_distributed  # train never imports dist at module level
+
+        return train_lm_distributed(config)
+    return _train_lm(config)
+
+
+def _train_lm(config: TrainConfig, *, rank: int = 0, world_size: int = 1,
+              wrap_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+              keep_trainer: Optional[list] = None) -> TrainResult:
+    """The run itself; under torchrun ``rank``/``world_size`` pick this rank's rows and ``wrap_model`` applies
+    the parallelism (see :mod:`deepseek.dist.launch`)."""
     model_config = config.model_config()
-    ensure_prepared(config.data, model_config.vocab_size, progress=config.progress)
+    if rank == 0:  # the other ranks wait at a barrier (in deepseek.dist.launch) until the data is there
+        ensure_prepared(config.data, model_config.vocab_size, progress=config.progress)
     paths = [p for p, _ in data_paths(config.data).values()]
     tokenizer = TokenDataset(paths[0], "train").tokenizer()
     model = build_model(config, tokenizer)
-    loader = make_loader(config)
+    loader = make_loader(config, rank=rank, world_size=world_size)
     eval_seq_len = config.data.schedule()[-1][1]
     max_batches = config.data.eval_batches or None
 
@@ -133,5 +147,7 @@ def train_lm(config: TrainConfig) -> TrainResult:
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
     trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model)
+                      save_model=save_model, wrap_model=wrap_model)
+    if keep_trainer is not None:
+        keep_trainer.append(trainer)  # the caller drops the DDP module before destroying the process group
     return trainer.fit()

@@ -66,6 +66,35 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the run is spread over processes (launched by torchrun; see docs/distributed.md)."""
+
+    dp_replicate: int = _help(1, "Data-parallel replicas (DDP). 1 = however many processes torchrun started "
+                                 "(all ranks replicate); otherwise it must equal WORLD_SIZE.")
+    grad_compression: Literal["none", "fp16", "bf16", "powersgd"] = _help(
+        "none", "Gradient all-reduce compression (DDP comm hook): none, fp16, powersgd, or bf16 (NCCL only).")
+    timeout_s: float = _help(600.0, "Collective timeout in seconds: a hung or dead rank fails the run, naming "
+                                    "the rank, instead of hanging it.")
+
+    def __post_init__(self) -> None:
+        if self.dp_replicate < 1:
+            raise ConfigError(f"parallel.dp_replicate must be positive, got {self.dp_replicate}")
+        if self.grad_compression not in ("none", "fp16", "bf16", "powersgd"):
+            raise ConfigError(f"parallel.grad_compression: unknown {self.grad_compression!r}; "
+                              f"valid: none, fp16, bf16, powersgd")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel degree on ``world_size`` processes (checked against dp_replicate)."""
+        if self.dp_replicate not in (1, world_size):
+            raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} but torchrun started {world_size} "
+                              f"processes; data parallelism is the only parallelism so far, so it must be "
+                              f"{world_size} (or 1 = all)")
+        return world_size
+
+
+@dataclass
 class TrainConfig:
     """A training run. Top-level keys are the run; sections configure its parts."""
 
@@ -91,6 +120,7 @@ class TrainConfig:
     schedule: ScheduleConfig = _help(ScheduleConfig, "The learning-rate schedule section.")
     clip: ClipConfig = _help(ClipConfig, "The gradient clipping section.")
     checkpoint: CheckpointConfig = _help(CheckpointConfig, "The checkpoint section.")
+    parallel: ParallelConfig = _help(ParallelConfig, "The parallel section (multi-process training via torchrun).")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "log_every"):

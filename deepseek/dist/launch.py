@@ -1,0 +1,50 @@
+"""Running ``train_lm`` as one rank of a torchrun job, and ``ds train --nproc N``'s re-launch under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Optional
+
+from deepseek.dist.data_parallel import wrap_data_parallel
+from deepseek.dist.env import barrier, destroy, init_distributed, rank_errors
+from deepseek.train.trainer import TrainResult
+from deepseek.train.trainer_config import TrainConfig
+
+
+def train_lm_distributed(config: TrainConfig) -> TrainResult:
+    """``train_lm`` on this rank of a torchrun job: process group, this rank's rows, DDP, clean teardown."""
+    from deepseek.train.lm import _train_lm, ensure_prepared
+
+    env = init_distributed(timeout_s=config.parallel.timeout_s)
+    config.parallel.data_parallel_size(env.world_size)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        config.checkpoint.resume = True  # a restarted job continues from its last checkpoint
+    trainers: list = []
+    try:
+        with rank_errors(config.parallel.timeout_s):
+            if env.is_main:
+                ensure_prepared(config.data, config.model_config().vocab_size, progress=config.progress)
+            barrier()
+            return _train_lm(config, rank=env.rank, world_size=env.world_size, keep_trainer=trainers,
+                             wrap_model=lambda m: wrap_data_parallel(
+                                 m, grad_compression=config.parallel.grad_compression))
+    finally:
+        for trainer in trainers:  # the DDP module must be gone before its process group is destroyed
+            trainer.parallel_model = trainer.forward_model = None
+        del trainers
+        destroy()
+
+
+def torchrun_command(nproc: int, args: list[str], *, max_restarts: int = 0) -> list[str]:
+    """The torchrun command line that runs ``ds <args>`` on ``nproc`` local processes (the venv's torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if max_restarts:
+        cmd.append(f"--max-restarts={max_restarts}")
+    return [*cmd, "-m", "deepseek.cli.main", *args]
+
+
+def relaunch(nproc: int, args: list[str], *, max_restarts: int = 0, env: Optional[dict] = None) -> int:
+    """Run ``ds <args>`` under torchrun on this machine; returns torchrun's exit status."""
+    return subprocess.run(torchrun_command(nproc, args, max_restarts=max_restarts), env=env).returncode
