@@ -1,5 +1,9 @@
 """Shared test setup: every test starts from the same seed, on one CPU thread."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,3 +21,17 @@ def _seed():
     """Seed torch for every test so failures reproduce."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def digits_example():
+    """examples/digits_cnn.py as a module (the CNN, its data split and its Trainer wiring); needs scikit-learn."""
+    pytest.importorskip("sklearn")
+    name = "digits_cnn_example"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "examples"
+                                                      / "digits_cnn.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

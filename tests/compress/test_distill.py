@@ -1,11 +1,8 @@
 """Distillation: the loss against a by-hand computation, the student's initialisation, exact resume through the
 Trainer, and a student that learns faster with its teacher than without (language model and digits CNN)."""
 
-import importlib.util
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,19 +15,6 @@ from deepseek.compress.finetune import finetune, finetune_config, validation_per
 from deepseek.data import Batch, byte_tokenizer
 from deepseek.train.trainer import Trainer
 from deepseek.train.trainer_config import load_train_config
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_example():
-    """examples/digits_cnn.py as a module (the same one tests/train/test_digits_example.py loads)."""
-    name = "digits_cnn_example"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "digits_cnn.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # -- the loss --------------------------------------------------------------------------------------------
@@ -217,7 +201,7 @@ def test_distillation_lowers_student_loss_faster_than_training_without_the_teach
     assert teacher_loss < losses["distilled"] < losses["plain"] - 0.03, (teacher_loss, losses)
 
 
-def test_classifier_distillation_beats_training_without_the_teacher_on_digits(tmp_path):
+def test_classifier_distillation_beats_training_without_the_teacher_on_digits(tmp_path, digits_example):
     """A DigitsCNN teacher (the example's recipe, 150 steps on all 1437 training images) and a student with half
     the channels ((8, 16), hidden 32) trained 60 steps of 32 at lr 1e-2 on the first 128 training images, with
     and without it.
@@ -227,8 +211,7 @@ def test_classifier_distillation_beats_training_without_the_teacher_on_digits(tm
     measurable from the teacher (-0.04..+0.03 nats across seeds and T): distillation pays where labels are
     few and the teacher knows more than they say.
     """
-    pytest.importorskip("sklearn")
-    ex = load_example()
+    ex = digits_example
     x_train, y_train, x_test, y_test = ex.load_digits_split()
 
     def train(model, loss_fn, images, labels, steps, batch_size, lr, run):

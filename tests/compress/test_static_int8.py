@@ -1,10 +1,7 @@
 """Static int8 (torchao pt2e) of the digits CNN: accuracy kept, ~4x smaller weights, a pickle-free round trip."""
 
-import importlib.util
 import json
 import pickle
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,24 +13,11 @@ from deepseek.models.directory import ModelDirectoryError
 pytest.importorskip("sklearn")
 pytest.importorskip("torchao")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_example():
-    """examples/digits_cnn.py as a module (the same one tests/train/test_digits_example.py loads)."""
-    name = "digits_cnn_example"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "digits_cnn.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(digits_example):
     """The example's CNN trained 150 steps (its recipe: AdamW 3e-3, batch 64; ~0.5 s) and the test split."""
-    ex = load_example()
+    ex = digits_example
     x_train, y_train, x_test, y_test = ex.load_digits_split()
     torch.manual_seed(0)
     model = ex.DigitsCNN()

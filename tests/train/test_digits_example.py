@@ -1,31 +1,15 @@
 """examples/digits_cnn.py: the Trainer on a plain nn.Module (a CNN on scikit-learn's digits), with exact resume."""
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 
-
-def load_example():
-    name = "digits_cnn_example"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "digits_cnn.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_batches_resume_where_they_left_off():
-    ex = load_example()
+def test_batches_resume_where_they_left_off(digits_example):
+    ex = digits_example
     images, labels = torch.arange(50.0).view(50, 1, 1, 1), torch.arange(50)
     batches = ex.EpochBatches(images, labels, batch_size=16, seed=3)
     seen = [next(batches)[1] for _ in range(5)]  # 3 batches per epoch: crosses into epoch 1
@@ -40,8 +24,8 @@ def test_batches_resume_where_they_left_off():
     assert not torch.equal(torch.cat(seen[:3]), torch.cat([seen[3], seen[4], rest[0]]))  # reshuffled
 
 
-def test_digits_cnn_trains_checkpoints_and_resumes_exactly(tmp_path):
-    ex = load_example()
+def test_digits_cnn_trains_checkpoints_and_resumes_exactly(tmp_path, digits_example):
+    ex = digits_example
     run_dir = tmp_path / "digits"
     common = [f"run_dir={run_dir}", "progress=false", "tensorboard=false", "checkpoint.every=40"]
 
