@@ -35,3 +35,15 @@ def digits_example():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory):
+    """A prepared directory of stdlib json/ + email/ sources with a validation split (byte tokenizer); read-only."""
+    from deepseek.data import byte_tokenizer, prepare, python_stdlib_dir
+
+    out = tmp_path_factory.mktemp("lm-data") / "json-email"
+    stdlib = python_stdlib_dir()
+    prepare([str(stdlib / "json"), str(stdlib / "email" / "*.py")], byte_tokenizer(), out, val_fraction=0.15,
+            progress=False)
+    return out

@@ -48,7 +48,7 @@ import torch._inductor.config
 from torch import nn
 
 from deepseek.compile import jit
-from deepseek.models.directory import ModelDirectoryError, read_json, write_atomically
+from deepseek.models.directory import ModelDirectoryError, load_weights, read_json, write_atomically
 
 METHOD = "static-int8"
 FORMAT_VERSION = 1
@@ -270,8 +270,6 @@ def load_static_int8(path: str | Path, *, compile: bool = True) -> StaticInt8Mod
     Nothing is unpickled: tensors come from safetensors, the graph from JSON checked by :func:`_check_program`.
     Raises :class:`~deepseek.models.directory.ModelDirectoryError` naming the file that is missing or corrupt.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from torch._export.serde.schema import ExportedProgram as SerializedProgram
     from torch._export.serde.serialize import ExportedProgramDeserializer, SerializeError, _dict_to_dataclass
 
@@ -281,15 +279,10 @@ def load_static_int8(path: str | Path, *, compile: bool = True) -> StaticInt8Mod
     if not folder.is_dir():
         raise ModelDirectoryError(f"{folder} is not a directory")
     info = read_compression(folder)
-    program_file, weights_file = folder / PROGRAM, folder / WEIGHTS
+    program_file = folder / PROGRAM
     program = read_json(program_file)
     _check_program(program, program_file)
-    if not weights_file.is_file():
-        raise ModelDirectoryError(f"{weights_file} is missing")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelDirectoryError(f"{weights_file} is corrupt or truncated: {exc}") from exc
+    tensors = load_weights(folder)  # model.safetensors: missing or corrupt -> ModelDirectoryError naming it
     parameters = _parameter_names(program)
     state = {name: nn.Parameter(t, requires_grad=False) if name in parameters else t for name, t in tensors.items()}
     example = torch.zeros(2, *info["input_shape"][1:])

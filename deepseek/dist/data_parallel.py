@@ -3,6 +3,8 @@ averaged with DDP's bucketed all-reduce (optionally compressed by a DDP communic
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,8 +41,6 @@ def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
                           f"Use fp16 or powersgd on CPU/gloo")
     device = next(model.parameters()).device
     device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    import inspect
-
     no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 name; buffers are still synced once at init
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})

@@ -1,4 +1,4 @@
-"""Shared compression-test setup: prepared stdlib data (byte tokens) and a briefly trained ``tiny`` model."""
+"""Shared compression-test setup: a briefly trained ``tiny`` model (on ``lm_data`` from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,7 @@ import torch
 
 import deepseek as ds
 from deepseek.compress.finetune import finetune, finetune_config
-from deepseek.data import byte_tokenizer, prepare, python_stdlib_dir
-
-
-@pytest.fixture(scope="session")
-def lm_data(tmp_path_factory):
-    """A prepared directory of stdlib json/ + email/ sources with a validation split (byte tokenizer)."""
-    out = tmp_path_factory.mktemp("compress-data") / "json-email"
-    stdlib = python_stdlib_dir()
-    prepare([str(stdlib / "json"), str(stdlib / "email" / "*.py")], byte_tokenizer(), out, val_fraction=0.15,
-            progress=False)
-    return out
+from deepseek.data import byte_tokenizer
 
 
 @pytest.fixture(scope="session")

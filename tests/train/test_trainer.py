@@ -10,7 +10,7 @@ from torch import nn
 
 import deepseek as ds
 from deepseek.config import ConfigError
-from deepseek.data import byte_tokenizer, prepare, python_stdlib_dir
+from deepseek.data import byte_tokenizer
 from deepseek.train.lm import build_model, lm_loss, make_loader, train_lm
 from deepseek.train.metrics import read_metrics
 from deepseek.train.trainer import Trainer
@@ -19,13 +19,9 @@ from deepseek.train.trainer_config import TrainConfig, describe_fields, load_tra
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "json-email"
-    stdlib = python_stdlib_dir()
-    prepare([str(stdlib / "json"), str(stdlib / "email" / "*.py")], byte_tokenizer(), out, val_fraction=0.15,
-            progress=False)
-    return out
+@pytest.fixture
+def data_dir(lm_data):
+    return lm_data  # tests/conftest.py: stdlib json/ + email/, byte tokens, 15 % validation
 
 
 def tiny_config(run_dir, data_dir, *overrides):
