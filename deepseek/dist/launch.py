@@ -7,33 +7,28 @@ import subprocess
 import sys
 from typing import Optional
 
-from deepseek.dist.data_parallel import wrap_data_parallel
 from deepseek.dist.env import barrier, destroy, init_distributed, rank_errors
-from deepseek.train.trainer import TrainResult
+from deepseek.dist.plan import build_parallelism
+from deepseek.train.trainer import TrainResult, resolve_device
 from deepseek.train.trainer_config import TrainConfig
 
 
 def train_lm_distributed(config: TrainConfig) -> TrainResult:
-    """``train_lm`` on this rank of a torchrun job: process group, this rank's rows, DDP, clean teardown."""
+    """``train_lm`` on this rank of a torchrun job: process group, the layout, this rank's rows, clean teardown."""
     from deepseek.train.lm import _train_lm, ensure_prepared
 
     env = init_distributed(timeout_s=config.parallel.timeout_s)
-    config.parallel.data_parallel_size(env.world_size)
+    config.parallel.degrees(env.world_size)  # a layout that does not fit fails before any work
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
         config.checkpoint.resume = True  # a restarted job continues from its last checkpoint
-    trainers: list = []
     try:
         with rank_errors(config.parallel.timeout_s):
+            parallel = build_parallelism(config.parallel, env, resolve_device(config.device))
             if env.is_main:
                 ensure_prepared(config.data, config.model_config().vocab_size, progress=config.progress)
             barrier()
-            return _train_lm(config, rank=env.rank, world_size=env.world_size, keep_trainer=trainers,
-                             wrap_model=lambda m: wrap_data_parallel(
-                                 m, grad_compression=config.parallel.grad_compression))
+            return _train_lm(config, parallel=parallel)
     finally:
-        for trainer in trainers:  # the DDP module must be gone before its process group is destroyed
-            trainer.parallel_model = trainer.forward_model = None
-        del trainers
         destroy()
 
 

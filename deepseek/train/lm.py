@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from tokenizers import Tokenizer
@@ -21,6 +21,7 @@ from deepseek.data import (DataError, TokenDataset, TokenLoader, byte_tokenizer,
 from deepseek.data.prepare import is_validation_document
 from deepseek.models.directory import save
 from deepseek.models.transformer import MoETransformer
+from deepseek.train.parallelism import Parallelism
 from deepseek.train.trainer import Trainer, TrainResult
 from deepseek.train.trainer_config import DataConfig, TrainConfig
 
@@ -125,18 +126,17 @@ def train_lm(config: TrainConfig) -> TrainResult:
     return _train_lm(config)
 
 
-def _train_lm(config: TrainConfig, *, rank: int = 0, world_size: int = 1,
-              wrap_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-              keep_trainer: Optional[list] = None) -> TrainResult:
-    """The run itself; under torchrun ``rank``/``world_size`` pick this rank's rows and ``wrap_model`` applies
-    the parallelism (see :mod:`deepseek.dist.launch`)."""
+def _train_lm(config: TrainConfig, *, parallel: Optional[Parallelism] = None) -> TrainResult:
+    """The run itself; under torchrun ``parallel`` picks this rank's rows and applies the layout (see
+    :mod:`deepseek.dist.launch`)."""
+    parallel = parallel or Parallelism()
     model_config = config.model_config()
-    if rank == 0:  # the other ranks wait at a barrier (in deepseek.dist.launch) until the data is there
+    if parallel.rank == 0:  # the other ranks wait at a barrier (in deepseek.dist.launch) until the data is there
         ensure_prepared(config.data, model_config.vocab_size, progress=config.progress)
     paths = [p for p, _ in data_paths(config.data).values()]
     tokenizer = TokenDataset(paths[0], "train").tokenizer()
     model = build_model(config, tokenizer)
-    loader = make_loader(config, rank=rank, world_size=world_size)
+    loader = make_loader(config, rank=parallel.data_rank, world_size=parallel.data_parallel_size)
     eval_seq_len = config.data.schedule()[-1][1]
     max_batches = config.data.eval_batches or None
 
@@ -147,7 +147,9 @@ def _train_lm(config: TrainConfig, *, rank: int = 0, world_size: int = 1,
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
     trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model, wrap_model=wrap_model)
-    if keep_trainer is not None:
-        keep_trainer.append(trainer)  # the caller drops the DDP module before destroying the process group
-    return trainer.fit()
+                      save_model=save_model, parallel=parallel)
+    try:
+        return trainer.fit()
+    finally:
+        parallel.close()  # DDP reducers and pipeline stages go before the process group
+        trainer.parallel_model = trainer.forward_model = None

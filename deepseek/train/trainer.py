@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from deepseek.compile import jit
@@ -28,6 +27,7 @@ from deepseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.train.optim import build_optimizer, build_scheduler
+from deepseek.train.parallelism import Parallelism
 from deepseek.train.trainer_config import TrainConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -108,13 +108,6 @@ def save_state_dict(model: nn.Module, path: Path) -> None:
     write_atomically(path, lambda folder: save_file(state, str(folder / "model.safetensors")))
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the initialized process group, (0, 1) without one."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank(), torch_dist.get_world_size()
-    return 0, 1
-
-
 class _NoLog:
     """What ranks other than 0 log to: nothing."""
 
@@ -148,15 +141,16 @@ class Trainer:
     ``run_dir/model`` (default: ``model.safetensors`` of the state dict in that folder); ``tokenizer`` rides
     along in checkpoints of deepseek models.
 
-    Under torchrun (an initialized process group), ``wrap_model`` applies the parallelism (e.g.
-    :func:`deepseek.dist.wrap_data_parallel`); ``batches`` yields this rank's share of each global batch. The
-    logged loss is averaged over the ranks, and only rank 0 writes metrics, checkpoints and the model.
+    Under torchrun, ``parallel`` (a :class:`~deepseek.train.parallelism.Parallelism` from
+    :func:`deepseek.dist.build_parallelism`) applies the layout and answers the loop's questions;
+    ``batches`` yields this rank's share of each global batch. The logged loss is averaged over the ranks,
+    and only rank 0 writes metrics and the model.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Iterator[Any], loss_fn: LossFn,
                  eval_fn: Optional[EvalFn] = None, tokenizer: Any = None,
                  save_model: Optional[Callable[[nn.Module, Path], None]] = None, throughput_unit: str = "tok/s",
-                 wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None):
+                 parallel: Optional[Parallelism] = None):
         self.config = config
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
@@ -168,30 +162,25 @@ class Trainer:
             if not hasattr(model, "gradient_checkpointing"):
                 raise ConfigError("gradient_checkpointing=true needs a model with a `gradient_checkpointing` flag")
             model.gradient_checkpointing = True
-        self.rank, self.world_size = _world()
-        self.is_main = self.rank == 0
-        self.parallel_model = wrap_model(self.model) if wrap_model is not None else self.model
+        self.parallel = parallel or Parallelism()
+        self.rank, self.world_size, self.is_main = self.parallel.rank, self.parallel.world_size, self.parallel.is_main
+        self.parallel_model = self.parallel.wrap(self.model)
         self.forward_model = jit(self.parallel_model) if config.compile else self.parallel_model
         self.optimizer = build_optimizer(model, config.optimizer, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.clipper = GradientClipper(config.clip)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        if any(getattr(m, "kind", None) == "sigmoid" and hasattr(m, "expert_bias") for m in model.modules()):
-            # DeepSeek-V3's aux-loss-free balancing: nudge router biases once per optimizer step, before it.
-            if self.world_size > 1:  # every rank must nudge by the global load, or the replicas drift apart
-                from deepseek.dist.data_parallel import sync_router_load
-
-                def balance(*_: Any) -> None:
-                    sync_router_load(model)
-                    update_router_biases(model)
-
-                self.optimizer.register_step_pre_hook(balance)
-            else:
-                self.optimizer.register_step_pre_hook(lambda *_: update_router_biases(model))
+        self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
         self.step = 0
         self.accum = config.batch_size // config.micro_batch
 
     # -- one step ------------------------------------------------------------------------------------
+
+    def _before_optimizer_step(self) -> None:
+        # e.g. every rank sums the experts' load over the ranks, so that the bias updates below stay identical
+        self.parallel.before_optimizer_step(self.model)
+        # DeepSeek-V3's aux-loss-free balancing: nudge sigmoid router biases once per optimizer step, before it.
+        update_router_biases(self.model)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -201,24 +190,9 @@ class Trainer:
     def train_step(self, batch: Any) -> dict[str, float]:
         """Forward/backward over the micro-batches of one global batch, clip, step. Returns the step's figures."""
         self.model.train()
-        micro_batches = split_batch(batch, self.accum)
-        loss_sum = 0.0
-        aux_sum = 0.0
-        no_sync = getattr(self.parallel_model, "no_sync", None)
-        for i, micro in enumerate(micro_batches):
-            micro = move_batch(micro, self.device)
-            # DDP: all-reduce gradients once, on the last micro-batch's backward
-            sync = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()
-            with sync:
-                with self._autocast():
-                    loss = self.loss_fn(self.forward_model, micro)
-                aux = getattr(self.model, "aux_loss", None)
-                aux = aux() if callable(aux) else None
-                total = (loss + aux if aux is not None else loss) / len(micro_batches)
-                (self.scaler.scale(total) if self.scaler is not None else total).backward()
-            loss_sum += loss.detach().float().item()
-            if aux is not None:
-                aux_sum += aux.detach().float().item()
+        micro_batches = [move_batch(micro, self.device) for micro in split_batch(batch, self.accum)]
+        sums = self.parallel.forward_backward(self, micro_batches)
+        loss_sum, aux_sum = sums if sums is not None else self._forward_backward(micro_batches)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.clipper(self.model.parameters())
@@ -236,31 +210,27 @@ class Trainer:
                    "clip_threshold": clip.threshold, "clipped": clip.clipped, "skipped": not finite}
         if aux_sum:
             figures["aux_loss"] = aux_sum / len(micro_batches)
-        if self.world_size > 1:
-            figures = self._mean_over_ranks(figures, ("loss", "aux_loss"))
+        figures = self.parallel.mean_over_ranks(figures, ("loss", "aux_loss"))
         stats = self.model.router_stats() if hasattr(self.model, "router_stats") else None
         if stats is not None:
             figures["expert_load_max_over_mean"] = float(stats.max_over_mean.max())
         return figures
 
-    def _mean_over_ranks(self, figures: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-        present = [k for k in keys if k in figures]
-        values = torch.tensor([float(figures[k]) for k in present], dtype=torch.float64,
-                              device=self.device if self.device.type == "cuda" else "cpu")
-        torch_dist.all_reduce(values)
-        return {**figures, **dict(zip(present, (values / self.world_size).tolist()))}
-
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            torch_dist.barrier()
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (so all ranks take the same branch)."""
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return bool(t.item())
+    def _forward_backward(self, micro_batches: list[Any]) -> tuple[float, float]:
+        """Forward and backward of each micro-batch (gradients accumulate); returns (loss sum, aux-loss sum)."""
+        loss_sum = aux_sum = 0.0
+        for i, micro in enumerate(micro_batches):
+            with self.parallel.gradient_sync(self.parallel_model, last_micro_batch=i == len(micro_batches) - 1):
+                with self._autocast():
+                    loss = self.loss_fn(self.forward_model, micro)
+                aux = getattr(self.model, "aux_loss", None)
+                aux = aux() if callable(aux) else None
+                total = (loss + aux if aux is not None else loss) / len(micro_batches)
+                (self.scaler.scale(total) if self.scaler is not None else total).backward()
+            loss_sum += loss.detach().float().item()
+            if aux is not None:
+                aux_sum += aux.detach().float().item()
+        return loss_sum, aux_sum
 
     # -- the run -------------------------------------------------------------------------------------
 
@@ -273,18 +243,26 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes the checkpoint (replicas are identical); the others wait for it at a barrier."""
-        self._barrier()
+        """Rank 0 writes the checkpoint (replicas are identical; sharded layouts write their own format);
+        the others wait for it at a barrier."""
+        sharded = self.parallel.save_checkpoint(self)
+        if sharded is not None:
+            return sharded
+        self.parallel.barrier()
         path = self.run_dir / "checkpoints"
         if self.is_main:
             path = save_checkpoint(path, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, state=self._training_state(), tokenizer=self.tokenizer,
                                    keep_last=self.config.checkpoint.keep_last)
-        self._barrier()
+        self.parallel.barrier()
         return path
 
     def resume(self) -> Optional[int]:
         """Restore the newest valid checkpoint of the run (skipping corrupt ones); returns its step or None."""
+        try:
+            return self.parallel.resume(self)
+        except NotImplementedError:
+            pass
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return None
@@ -304,6 +282,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.eval_fn is None:
             return {}
+        results = self.parallel.evaluate(self)
+        if results is not None:
+            return results
         was_training = self.model.training
         self.model.eval()
         try:
@@ -336,7 +317,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 window_time += time.perf_counter() - t0
-                window_items += count_items(batch) * self.world_size  # every rank counts the global batch
+                window_items += count_items(batch) * self.parallel.data_parallel_size  # the global batch
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     throughput = window_items / window_time if window_time else 0.0
                     key = "tokens_per_s" if self.unit == "tok/s" else "samples_per_s"
@@ -352,16 +333,18 @@ class Trainer:
                     self.save_checkpoint()
                     last_checkpoint = self.step
                 limit = cfg.time_limit_minutes * 60
-                if limit and self._any_rank(time.perf_counter() - started > limit) and self.step < cfg.max_steps:
+                if limit and self.parallel.any_rank(time.perf_counter() - started > limit) and self.step < cfg.max_steps:
                     progress.print(f"time limit of {cfg.time_limit_minutes:g} min reached at step {self.step}")
                     stopped_early = True
                     break
             final_eval = self._log_eval(log, progress)
             if last_checkpoint != self.step and (cfg.checkpoint.save_final or stopped_early):
                 self.save_checkpoint()
-            if cfg.checkpoint.save_final and self.is_main:
-                self.save_model(self.model, self.run_dir / "model")
-            self._barrier()
+            if cfg.checkpoint.save_final:
+                full = self.parallel.full_model(self.model)  # collective: sharded layouts gather here
+                if self.is_main:
+                    self.save_model(full, self.run_dir / "model")
+            self.parallel.barrier()
         finally:
             progress.close()
             log.close()

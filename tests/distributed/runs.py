@@ -1,0 +1,76 @@
+"""Running `ds train` as one process and under torchrun, and reading what the runs wrote: shared by the
+tests of every parallelism (each compares N processes to one process on the same global batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def overrides(run_dir, data_dir, *extra) -> list[str]:
+    """A 10-step fp32 run of the tiny model. micro_batch_size=4: two micro-batches per step; a sigmoid router:
+    its aux-loss-free bias update needs the global expert load, summed over the ranks."""
+    return [f"run_dir={run_dir}", f"data.path={data_dir}", "max_steps=10", "batch_size=8", "micro_batch_size=4",
+            "precision=fp32", "device=cpu", "log_every=1", "eval_every=0", "data.seq_len=64", "data.eval_batches=1",
+            "progress=false", "tensorboard=false", "optimizer.lr=3e-3", "schedule.warmup_steps=2",
+            "checkpoint.every=5", "model.router=sigmoid", "model.bias_update_speed=0.01", *map(str, extra)]
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cmd(cmd, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=ROOT, env=run_env(),
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_single(run_dir, data_dir, *extra) -> Path:
+    """The 1-process reference, in this process (one thread, as each torchrun worker has)."""
+    from deepseek.train.lm import train_lm
+    from deepseek.train.trainer_config import load_train_config
+
+    torch.set_num_threads(1)
+    train_lm(load_train_config(None, overrides(run_dir, data_dir, *extra)))
+    return Path(run_dir)
+
+
+def train_torchrun(nproc: int, config_file, run_dir, data_dir, *extra, max_restarts: int = 0) -> Path:
+    """The same run on ``nproc`` processes under plain ``torchrun --standalone``."""
+    from deepseek.dist.launch import torchrun_command
+
+    run_cmd(torchrun_command(nproc, ["train", str(config_file), *overrides(run_dir, data_dir, *extra)],
+                             max_restarts=max_restarts))
+    return Path(run_dir)
+
+
+def losses(run_dir, steps: int = 10) -> list[float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))  # each step once: only rank 0 logged
+    return [r["loss"] for r in train]
+
+
+def files(run_dir) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*"))
+
+
+def assert_same_model(dir_a, dir_b, atol: float = 1e-5) -> None:
+    """The final model directories hold the same weights (to ``atol``)."""
+    import deepseek as ds
+
+    a, _ = ds.load(Path(dir_a))
+    b, _ = ds.load(Path(dir_b))
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_b:
+        torch.testing.assert_close(state_a[key], state_b[key], atol=atol, rtol=0, msg=key)
