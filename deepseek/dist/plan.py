@@ -56,14 +56,36 @@ class DistributedParallelism(Parallelism):
         return not any(self.uses(d) for d in ("pp", "dp_shard", "ep", "tp"))
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        if not self.only_data_parallel():
-            raise ConfigError(f"parallel: {self.describe()} is not implemented yet; only dp_replicate (DDP) is")
+        """Apply every plan of the layout, in the order that composes; returns the module to run forward."""
         if self.config.grad_compression != "none" and not self.uses("dp_replicate"):
             raise ConfigError("parallel.grad_compression needs data-parallel replicas (dp_replicate > 1)")
+        if self.uses("pp"):
+            model = self._apply_pipeline(model)
+        if self.uses("tp"):
+            self._apply_tensor_parallel(model)
+        if self.uses("ep"):
+            self._apply_expert_parallel(model)
+        if self.uses("dp_shard"):
+            return self._apply_fsdp(model)
         if self.uses("dp_replicate"):
             self._ddp = wrap_data_parallel(model, grad_compression=self.config.grad_compression)
             return self._ddp
         return model
+
+    def _not_yet(self, what: str):
+        return ConfigError(f"parallel: {what} is not implemented yet (layout {self.describe()})")
+
+    def _apply_pipeline(self, model: nn.Module) -> nn.Module:
+        raise self._not_yet("pp")
+
+    def _apply_tensor_parallel(self, model: nn.Module) -> None:
+        raise self._not_yet("tp")
+
+    def _apply_expert_parallel(self, model: nn.Module) -> None:
+        raise self._not_yet("ep")
+
+    def _apply_fsdp(self, model: nn.Module) -> nn.Module:
+        raise self._not_yet("dp_shard")
 
     def describe(self) -> str:
         return " x ".join(f"{d}={n}" for d, n in self.sizes.items() if n > 1) or "one process"
