@@ -32,23 +32,32 @@ def train_command(
                                                                "model.n_routed_experts=16."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in run_dir."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine: >1 re-launches this command "
-                                                        "under `torchrun --standalone` (data parallel, gloo on CPU)."),
+                                                        "under `torchrun --standalone` (the parallel: section; "
+                                                        "gloo on CPU)."),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With --nproc: torchrun restarts of a "
                                                                       "failed job (it resumes from its checkpoint)."),
 ) -> None:
     """Train a MoE language model: metrics.jsonl, TensorBoard, checkpoints and the final model in run_dir."""
     import os
 
+    from deepseek.config import ConfigError
     from deepseek.train.lm import train_lm
     from deepseek.train.trainer_config import load_train_config
 
     extra = ["checkpoint.resume=true"] if resume else []
     cfg = load_train_config(config, [*(overrides or []), *extra])  # a bad config fails here, before any launch
+    args = ["train", *([str(config)] if config is not None else []), *(overrides or []),
+            *(["--resume"] if resume else [])]
+    if cfg.parallel.mode == "parameter_server" and nproc > 1:
+        from deepseek.dist.parameter_server import launch_parameter_server
+
+        if max_restarts:
+            raise ConfigError("--max-restarts is for torchrun jobs; parameter_server mode survives lost workers "
+                              "itself (docs/parameter_server.md)")
+        raise typer.Exit(launch_parameter_server(nproc, args))  # not torchrun: a dead worker must not end the job
     if nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         from deepseek.dist.launch import relaunch
 
-        args = ["train", *([str(config)] if config is not None else []), *(overrides or []),
-                *(["--resume"] if resume else [])]
         raise typer.Exit(relaunch(nproc, args, max_restarts=max_restarts))
     result = train_lm(cfg)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -62,12 +62,33 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        store = _attempt_store(env, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except Exception as exc:  # rendezvous failures: say who we are
         raise RuntimeError(f"rank {env.rank}/{env.world_size}: could not join the process group "
                            f"({backend}, timeout {timeout_s:g}s): {exc}") from exc
     return env
+
+
+def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """The torchrun agent's store, with keys private to this restart attempt (None outside torchrun).
+
+    torch 2.13's env:// init reuses the agent's TCPStore across restarts without a per-attempt prefix
+    ("we create a new TCPStore for every retry"; with ``--standalone`` it is the same store and port), so the
+    restarted workers read the dead workers' gloo addresses and fail with "connectFullMesh … Connection
+    refused". Prefixing the keys with the attempt makes every restart rendezvous afresh (tested here).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"/deepseek/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
 
 
 class CollectiveTimeout(RuntimeError):

@@ -19,8 +19,12 @@ def train_lm_distributed(config: TrainConfig) -> TrainResult:
 
     env = init_distributed(timeout_s=config.parallel.timeout_s)
     config.parallel.degrees(env.world_size)  # a layout that does not fit fails before any work
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart not in ("", "0"):
         config.checkpoint.resume = True  # a restarted job continues from its last checkpoint
+        if env.is_main:
+            print(f"torchrun restart {restart}: resuming from the newest checkpoint in {config.run_dir}",
+                  file=sys.stderr, flush=True)
     try:
         with rank_errors(config.parallel.timeout_s):
             parallel = build_parallelism(config.parallel, env, resolve_device(config.device))

@@ -119,6 +119,10 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
 
 def train_lm(config: TrainConfig) -> TrainResult:
     """Run a language-model training described by ``config`` (what ``ds train`` does)."""
+    if config.parallel.mode == "parameter_server":
+        from deepseek.dist.parameter_server import train_parameter_server  # train never imports dist at module level
+
+        return train_parameter_server(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from deepseek.dist.launch import train_lm_distributed  # train never imports dist at module level
 

@@ -95,6 +95,12 @@ class ParallelConfig:
                                     "the rank, instead of hanging it.")
     staleness: int = _help(4, "parameter_server: the most parameter versions a pushed gradient may lag behind; "
                               "staler gradients are dropped.")
+    ps_lease_s: float = _help(60.0, "parameter_server: a worker silent this long is declared lost and its batch "
+                                    "re-queued (workers on the server's machine are also detected at once by pid).")
+    checkpoint_format: Literal["auto", "sharded", "plain"] = _help(
+        "auto", "Checkpoints under torchrun: sharded (every rank writes its shards with torch.distributed.checkpoint; "
+                "resumes on any number of ranks), plain (rank 0 writes the whole model), or auto: sharded when "
+                "dp_shard, tp, ep or pp > 1.")
 
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "parameter_server"):
@@ -113,6 +119,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
         if self.staleness < 0:
             raise ConfigError(f"parallel.staleness must be >= 0, got {self.staleness}")
+        if self.ps_lease_s <= 0:
+            raise ConfigError(f"parallel.ps_lease_s must be positive, got {self.ps_lease_s}")
+        if self.checkpoint_format not in ("auto", "sharded", "plain"):
+            raise ConfigError(f"parallel.checkpoint_format: unknown {self.checkpoint_format!r}; valid: auto, sharded, plain")
 
     def degrees(self, world_size: int) -> dict[str, int]:
         """Every mesh dimension's size on ``world_size`` processes (``dp_replicate=-1`` filled in), checked."""
