@@ -4,6 +4,7 @@ averaged with DDP's bucketed all-reduce (optionally compressed by a DDP communic
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
-                       powersgd_rank: int = 2, powersgd_start_iter: int = 2) -> DistributedDataParallel:
-    """Wrap ``model`` (already on its device) in DDP over the default process group.
+                       powersgd_rank: int = 2, powersgd_start_iter: int = 2,
+                       process_group: Optional[dist.ProcessGroup] = None) -> DistributedDataParallel:
+    """Wrap ``model`` (already on its device) in DDP over ``process_group`` (default: every rank).
 
     ``grad_compression``: ``none`` (fp32 all-reduce), ``fp16`` (``fp16_compress_hook``), ``bf16``
     (``bf16_compress_hook``: NCCL only) or ``powersgd`` (``powerSGD_hook``, low-rank, with error feedback).
@@ -44,7 +46,7 @@ def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
     no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 name; buffers are still synced once at init
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
-    ddp = DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=process_group, **no_buffer_sync)
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if grad_compression == "fp16":
@@ -52,22 +54,23 @@ def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
     elif grad_compression == "bf16":
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif grad_compression == "powersgd":
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+        state = powerSGD_hook.PowerSGDState(process_group=process_group, matrix_approximation_rank=powersgd_rank,
                                             start_powerSGD_iter=powersgd_start_iter)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     return ddp
 
 
-def sync_router_load(model: nn.Module) -> None:
-    """Sum every router's accumulated expert load over the ranks, so the aux-loss-free bias update
-    (:func:`deepseek.nn.moe.update_router_biases`) sees the global load and stays identical on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def sync_router_load(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Sum every router's accumulated expert load over the ranks of ``group`` (default: every rank), so the
+    aux-loss-free bias update (:func:`deepseek.nn.moe.update_router_biases`) sees the global load and stays
+    identical on every rank. Pipeline stages pass the ranks that hold the same layers."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return
     loads = [b for name, b in unwrap(model).named_buffers() if name.endswith("load_accum")]
     if not loads:
         return
     flat = torch.cat([b.flatten() for b in loads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     offset = 0
     for b in loads:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))

@@ -10,6 +10,7 @@ composes: pipeline split, then tensor parallelism, then expert parallelism, then
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import ContextManager, Optional
 
 import torch
@@ -46,6 +47,9 @@ class DistributedParallelism(Parallelism):
         self.data_rank = (coord["dp_replicate"] * self.sizes["dp_shard"] + coord["dp_shard"]) * self.sizes["ep"] \
             + coord["ep"]
         self._ddp: Optional[nn.Module] = None
+        self._fsdp: Optional[nn.Module] = None  # the root FSDPModule (layouts with dp_shard or tp)
+        self._pipeline = None  # deepseek.dist.pipeline.Pipeline under pp: this rank's stage and schedule
+        self._experts = None  # ExpertGradients under ep: the sharded experts' own reduction and norm
 
     # -- applying the layout ------------------------------------------------------------------------
 
@@ -65,10 +69,11 @@ class DistributedParallelism(Parallelism):
             self._apply_tensor_parallel(model)
         if self.uses("ep"):
             self._apply_expert_parallel(model)
-        if self.uses("dp_shard"):
+        if self.uses("dp_shard") or self.uses("tp"):
             return self._apply_fsdp(model)
-        if self.uses("dp_replicate"):
-            self._ddp = wrap_data_parallel(model, grad_compression=self.config.grad_compression)
+        if self.uses("dp_replicate") or self.uses("ep"):  # ep ranks are data-parallel ranks for the rest
+            replicas = self.mesh["dp_replicate"].get_group() if self.uses("pp") else None  # pp: a stage's replicas
+            self._ddp = wrap_data_parallel(model, grad_compression=self.config.grad_compression, process_group=replicas)
             return self._ddp
         return model
 
@@ -76,16 +81,45 @@ class DistributedParallelism(Parallelism):
         return ConfigError(f"parallel: {what} is not implemented yet (layout {self.describe()})")
 
     def _apply_pipeline(self, model: nn.Module) -> nn.Module:
-        raise self._not_yet("pp")
+        from deepseek.dist.pipeline import Pipeline
+
+        self._pipeline = Pipeline(model, self.mesh, self.config.pp_schedule, self.device)
+        return self._pipeline.stage_module
 
     def _apply_tensor_parallel(self, model: nn.Module) -> None:
-        raise self._not_yet("tp")
+        from deepseek.dist.tensor_parallel import apply_tensor_parallel
+
+        if any(self.uses(d) for d in ("pp", "ep")):
+            raise self._not_yet("tp combined with pp or ep (tp composes with dp_shard and dp_replicate)")
+        apply_tensor_parallel(model, self.mesh["tp"])
 
     def _apply_expert_parallel(self, model: nn.Module) -> None:
-        raise self._not_yet("ep")
+        # Each ep rank keeps E/ep experts of every MoE layer (all-to-all dispatch); DDP (over every rank) then
+        # averages everything else and ignores the experts, whose gradients ExpertGradients reduces over the ranks
+        # holding the same experts (dp_replicate) in gradient_sync.
+        from torch.nn.parallel import DistributedDataParallel
+
+        from deepseek.dist.expert_parallel import ExpertGradients, apply_expert_parallel
+
+        if any(self.uses(d) for d in ("pp", "tp", "dp_shard")):
+            raise self._not_yet("ep combined with pp, tp or dp_shard (ep composes with dp_replicate)")
+        names = apply_expert_parallel(model, self.mesh["ep"].get_group())
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        replicate = self.mesh["dp_replicate"].get_group() if self.uses("dp_replicate") else None
+        self._experts = ExpertGradients(model, replicate, self.mesh["ep"].get_group(), self.data_parallel_size)
 
     def _apply_fsdp(self, model: nn.Module) -> nn.Module:
-        raise self._not_yet("dp_shard")
+        # Also the data parallelism of tp layouts, even with dp_shard = 1: DDP would all-reduce over the tp ranks
+        # too, and fully_shard turns every parameter into a DTensor (the tp-replicated norms, embedding and router
+        # too), so foreach optimizers, clipping and DCP see one kind of tensor. dp_replicate > 1 makes it HSDP:
+        # sharded within a replica, all-reduced across.
+        from deepseek.dist.fsdp import apply_fsdp
+
+        if any(self.uses(d) for d in ("pp", "ep")):
+            raise self._not_yet("dp_shard combined with pp or ep (dp_shard composes with tp and dp_replicate)")
+        self._fsdp = apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"] if self.uses("dp_replicate")
+                                else self.mesh["dp_shard"])
+        return self._fsdp
 
     def describe(self) -> str:
         return " x ".join(f"{d}={n}" for d, n in self.sizes.items() if n > 1) or "one process"
@@ -95,12 +129,23 @@ class DistributedParallelism(Parallelism):
     def gradient_sync(self, model: nn.Module, last_micro_batch: bool) -> ContextManager:
         if self._ddp is not None and not last_micro_batch:
             return self._ddp.no_sync()  # all-reduce once per step, on the last micro-batch's backward
+        if self._fsdp is not None:
+            from deepseek.dist.fsdp import fsdp_gradient_sync
+
+            return fsdp_gradient_sync(self._fsdp, last_micro_batch)  # reduce-scatter on the last one only
+        if self._experts is not None and last_micro_batch:
+            return self._expert_gradient_sync()
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _expert_gradient_sync(self):
+        yield  # the last micro-batch's forward/backward (DDP reduces the rest during it)
+        self._experts.sync()
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         # Sum of the load over every rank: ranks that duplicate work (tp) scale all loads alike, and the
         # bias update only looks at each expert's load relative to the mean.
-        sync_router_load(model)
+        sync_router_load(model, group=self._pipeline.data_group if self._pipeline is not None else None)
 
     def mean_over_ranks(self, figures: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
         present = [k for k in keys if k in figures]
@@ -108,6 +153,78 @@ class DistributedParallelism(Parallelism):
                               device=tensor_device(self.device))
         dist.all_reduce(values)  # every rank holds its data rank's value (tp/pp ranks repeat theirs)
         return {**figures, **dict(zip(present, (values / self.world_size).tolist()))}
+
+    def grad_norm_fn(self):
+        if self._pipeline is not None:
+            return self._pipeline.global_grad_norm  # each stage holds some layers' gradients
+        if self._sharded():
+            from deepseek.dist.grad_norm import total_grad_norm
+
+            return total_grad_norm  # DTensor gradients: each group's norm reduced over its mesh
+        return self._experts.total_norm if self._experts is not None else None
+
+    def _sharded(self) -> bool:
+        """Parameters are DTensors (FSDP shards or tensor-parallel slices)."""
+        return self._fsdp is not None or self.uses("tp")
+
+    def forward_backward(self, trainer, micro_batches):
+        if self._pipeline is not None:
+            return self._pipeline.forward_backward(trainer, micro_batches)
+        return None
+
+    def evaluate(self, trainer):
+        if self._pipeline is not None:
+            return self._pipeline.evaluate(trainer)  # the whole model gathered on rank 0, results broadcast
+        return None
+
+    def full_model(self, model: nn.Module) -> Optional[nn.Module]:
+        if self._pipeline is not None:
+            return self._pipeline.full_model(model)
+        if self._sharded():
+            from deepseek.dist.full_model import gather_full_model
+
+            return gather_full_model(model, self.is_main)
+        if self._experts is not None:
+            from deepseek.dist.expert_parallel import full_model
+
+            return full_model(model, self.mesh["ep"].get_group(), self.is_main)
+        return model
+
+    def save_checkpoint(self, trainer) -> Optional[Path]:
+        if not self.sharded_checkpoints():
+            return None  # replicas: rank 0 writes the Trainer's plain checkpoint
+        from deepseek.dist.checkpoint import save_sharded_checkpoint
+
+        return save_sharded_checkpoint(trainer, local_shards=self.checkpoint_shards(trainer.model))
+
+    def checkpoint_shards(self, model: nn.Module) -> dict[str, tuple]:
+        if self._experts is None:
+            return {}
+        from torch.distributed.tensor import Replicate, Shard
+
+        from deepseek.dist.expert_parallel import expert_parameters
+
+        # Rank r of the ep dimension holds experts [r*E/ep, (r+1)*E/ep): dim 0 sharded over ep, replicated elsewhere.
+        placements = tuple(Shard(0) if d == "ep" else Replicate() for d in self.mesh.mesh_dim_names)
+        return {name: (self.mesh, placements) for name, _ in expert_parameters(model)}
+
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are DCP shards written by every rank (parallel.checkpoint_format; auto: when the
+        layout shards parameters) rather than rank 0's plain checkpoint."""
+        fmt = self.config.checkpoint_format
+        if fmt == "plain" and not self.only_data_parallel():
+            raise ConfigError(f"parallel.checkpoint_format=plain: layout {self.describe()} shards the parameters; "
+                              f"use auto or sharded")
+        return fmt == "sharded" or (fmt == "auto" and not self.only_data_parallel())
+
+    def resume(self, trainer) -> Optional[int]:
+        # Replicas: the Trainer reads either format. A layout that shards parameters also reads a plain
+        # checkpoint (every rank keeps its pieces of the whole tensors), e.g. a DDP run continued with FSDP.
+        if self.only_data_parallel():
+            raise NotImplementedError
+        from deepseek.dist.checkpoint import resume_sharded
+
+        return resume_sharded(trainer, local_shards=self.checkpoint_shards(trainer.model))
 
     def barrier(self) -> None:
         dist.barrier()
@@ -118,6 +235,8 @@ class DistributedParallelism(Parallelism):
         return bool(t.item())
 
     def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
         self._ddp = None  # the DDP reducer must go before the process group
 
 

@@ -39,6 +39,7 @@ from deepseek.models.transformer import MoETransformer
 FORMAT = "deepseek-train-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SHARDED_LAYOUT = "sharded"  # manifest "layout" of deepseek.dist.checkpoint's DCP checkpoints (model + optimizer in dcp/)
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Left next to the checkpoints by a crash inside write_atomically or a deletion: .step-00000100.tmp-1a2b3c4d
 _STALE_DIR = re.compile(r"\.(step-\d+)\.(tmp|old|del)-[0-9a-f]+")
@@ -195,8 +196,10 @@ def verify_checkpoint(path: str | Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{manifest_file} is corrupt: {exc!r}") from exc
     listed = {rel for rel, _, _ in entries}
-    missing = [name for name in ("optimizer.pt", "trainer.json", "rng.pt") if name not in listed]
-    if missing or not any(rel.startswith("model/") for rel in listed):
+    sharded = isinstance(manifest, dict) and manifest.get("layout") == SHARDED_LAYOUT
+    required = ("dcp/.metadata", "trainer.json", "rng.pt") if sharded else ("optimizer.pt", "trainer.json", "rng.pt")
+    missing = [name for name in required if name not in listed]
+    if missing or not (sharded or any(rel.startswith("model/") for rel in listed)):
         raise CheckpointError(f"{manifest_file} is corrupt: it does not list {', '.join(missing) or 'model/'}")
     for rel, size, sha256 in entries:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -209,6 +212,15 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointError(f"{file} is truncated or changed: {actual} bytes, the manifest says {size}")
         if _sha256(file) != sha256:
             raise CheckpointError(f"{file} is corrupt: its sha256 does not match the manifest")
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded (DCP) checkpoint of :mod:`deepseek.dist.checkpoint`, by its manifest."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("layout") == SHARDED_LAYOUT
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -245,6 +257,9 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
         raise CheckpointError(f"{path} is not a checkpoint folder")
     if verify:
         verify_checkpoint(path)
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is a sharded checkpoint: read it with "
+                              f"deepseek.dist.checkpoint.load_sharded_checkpoint")
     trainer = _read_trainer(path / "trainer.json")
     _load_model(path / "model", model)
     if optimizer is not None:

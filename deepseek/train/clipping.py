@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
@@ -28,6 +28,17 @@ class ClipResult:
     def finite(self) -> bool:
         """False when a gradient holds inf or nan: the gradients were left as they are, skip the step."""
         return math.isfinite(self.grad_norm)
+
+
+def _clip_by_layout(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """``clip_grads_with_norm_`` once per gradient layout: its foreach kernel takes plain tensors or DTensors of
+    one mesh (tensor-parallel and FSDP shards), not a mix. One process: a single call over every parameter."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        groups.setdefault((type(g), getattr(g, "device_mesh", None), getattr(g, "placements", None)), []).append(p)
+    for group in groups.values():
+        clip_grads_with_norm_(group, max_norm, total_norm, foreach=None)
 
 
 class GradientClipper:
@@ -64,8 +75,11 @@ class GradientClipper:
     ``state_dict()`` holds plain numbers, so it goes into JSON and a resumed run continues identically.
     """
 
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, cfg: ClipConfig, norm_fn: Optional[Callable[[list[torch.Tensor]], torch.Tensor]] = None):
         self.cfg = cfg
+        # norm_fn(params) -> 0-d tensor, the total L2 norm of their gradients; layouts whose gradients differ per
+        # rank (sharded experts) pass one that reduces over the ranks. Default: the local get_total_norm.
+        self.norm_fn = norm_fn
         self.count = 0  # finite norms observed (dynamic mode)
         self.mean = 0.0  # EMA of log(post-clip norm)
         self.var = 0.0  # EMA of its squared deviation
@@ -89,13 +103,16 @@ class GradientClipper:
         threshold = self.threshold
         if not params:
             return ClipResult(grad_norm=0.0, threshold=threshold, clipped=False)
-        total_norm = get_total_norm([p.grad for p in params], norm_type=2.0, foreach=None)
+        if self.norm_fn is not None:
+            total_norm = self.norm_fn(params)
+        else:
+            total_norm = get_total_norm([p.grad for p in params], norm_type=2.0, foreach=None)
         grad_norm = total_norm.item()  # host sync: the decision, the statistics and the log need the value
         if not math.isfinite(grad_norm):
             return ClipResult(grad_norm=grad_norm, threshold=threshold, clipped=True)
         clipped = grad_norm > threshold
         if clipped:
-            clip_grads_with_norm_(params, threshold, total_norm, foreach=None)
+            _clip_by_layout(params, threshold, total_norm)
         if self.cfg.mode == "dynamic":
             self._observe(min(grad_norm, threshold))
         return ClipResult(grad_norm=grad_norm, threshold=threshold, clipped=clipped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,11 @@ class Parallelism:
     def before_optimizer_step(self, model: nn.Module) -> None:
         """After backward and clipping, before ``optimizer.step()``: e.g. sum the experts' load over ranks."""
 
+    def grad_norm_fn(self) -> Optional[Callable[[list[nn.Parameter]], torch.Tensor]]:
+        """For gradient clipping: a function of the parameters (with gradients) giving their global gradient
+        norm, for layouts whose gradients differ per rank; None for the local norm."""
+        return None
+
     def mean_over_ranks(self, figures: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
         """``figures[keys]`` averaged over the data-parallel ranks (identical on every rank afterwards)."""
         return figures
@@ -72,6 +77,11 @@ class Parallelism:
         """Restore the newest checkpoint in the layout's own format (returning its step), or raise
         NotImplementedError to let the Trainer restore a plain one."""
         raise NotImplementedError
+
+    def checkpoint_shards(self, model: nn.Module) -> dict[str, tuple[Any, tuple]]:
+        """Plain parameters holding only this rank's slice of a whole one (e.g. expert parallelism's local experts)
+        as ``{name: (device_mesh, placements)}``, so that sharded checkpoints store and reshard them whole."""
+        return {}
 
     def full_model(self, model: nn.Module) -> Optional[nn.Module]:
         """The whole, unsharded model for the final save, on the main rank (None elsewhere). Collective:

@@ -23,7 +23,7 @@ from torch import nn
 from deepseek.compile import jit
 from deepseek.config import ConfigError, to_dict
 from deepseek.nn.moe import update_router_biases
-from deepseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from deepseek.train.checkpoint import is_sharded_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.train.optim import build_optimizer, build_scheduler
@@ -168,7 +168,7 @@ class Trainer:
         self.forward_model = jit(self.parallel_model) if config.compile else self.parallel_model
         self.optimizer = build_optimizer(model, config.optimizer, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
-        self.clipper = GradientClipper(config.clip)
+        self.clipper = GradientClipper(config.clip, norm_fn=self.parallel.grad_norm_fn())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
         self.step = 0
@@ -266,8 +266,19 @@ class Trainer:
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return None
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                verify=False)  # latest_checkpoint just verified it
+        if is_sharded_checkpoint(path):  # written by N ranks with DCP: read into this layout, whatever it is
+            from deepseek.dist.checkpoint import load_sharded_checkpoint
+
+            state = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                            verify=False, local_shards=self.parallel.checkpoint_shards(self.model))
+        else:
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    verify=False)  # latest_checkpoint just verified it
+        return self.restore_training_state(state, path)
+
+    def restore_training_state(self, state: dict[str, Any], path: Path) -> int:
+        """After the model, optimizer and scheduler of checkpoint ``path`` are loaded: the step, clipper, data
+        position and loss scaler from its ``state``; returns the step."""
         self.step = int(state["step"])
         self.clipper.load_state_dict(state["clipper"])
         if "data" in state and hasattr(self.batches, "load_state_dict"):

@@ -181,6 +181,10 @@ class TrainConfig:
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({micro})")
+        if self.parallel.pp > 1 and self.parallel.pp_schedule == "1F1B" and self.batch_size // micro < self.parallel.pp:
+            raise ConfigError(f"parallel.pp_schedule=1F1B needs at least pp={self.parallel.pp} micro-batches per step; "
+                              f"batch_size/micro_batch_size = {self.batch_size // micro} (lower micro_batch_size, or "
+                              f"use GPipe)")
         self.model_config()  # unknown model keys fail here, with the valid ones listed
 
     def model_config(self) -> ModelConfig:
