@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU wheel on our machines; installing it first keeps pip from pulling a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: quickstart test install install-dev bench clean
+.PHONY: quickstart test test-dist install install-dev bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ quickstart: $(VENV)/.installed-serve
 # The playground test drives Debian's Chromium: as root with apt-get, `make test` installs it itself.
 test: $(VENV)/.installed-dev
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash .ci/install-browser; fi
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not dist_slow"
+
+# The slowest multi-process tests (kill -9 of a torchrun worker and the restarted job): .ci/run runs them too.
+test-dist: $(VENV)/.installed-dev
+	$(PY) -m pytest -m dist_slow tests/distributed
 
 bench: $(VENV)/.installed-dev
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done

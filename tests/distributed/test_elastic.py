@@ -55,6 +55,7 @@ def worker_of_rank(pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {pid}")
 
 
+@pytest.mark.dist_slow
 @pytest.mark.parametrize("victim", [0, 1])
 def test_sigkill_a_worker_and_the_restarted_job_ends_like_an_uninterrupted_one(tmp_path, data_dir, config_file,
                                                                                  victim):
