@@ -46,7 +46,7 @@ from deepseek.dist.tensor_parallel import without_strided_shards
 from deepseek.models.config import ModelConfig
 from deepseek.models.directory import FORMAT as MODEL_FORMAT
 from deepseek.models.directory import FORMAT_VERSION as MODEL_FORMAT_VERSION
-from deepseek.models.directory import _fsync_dir, _fsync_file, load_config, load_tokenizer, model_from_state, save
+from deepseek.models.directory import load_config, load_tokenizer, model_from_state, save, swap_into_place
 from deepseek.train.checkpoint import (FORMAT, FORMAT_VERSION, MANIFEST, SHARDED_LAYOUT, CheckpointError,
                                        _read_trainer,
                                        _remove, _remove_stale, _restore_rng, _rng_state, _sha256, _unwrap,
@@ -196,19 +196,7 @@ def _finish(tmp: Path, final: Path, step: int) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "layout": SHARDED_LAYOUT,
                 "world_size": dist.get_world_size() if _distributed() else 1, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            _fsync_file(file)
-    for folder in (tmp, *(d for d in tmp.rglob("*") if d.is_dir())):
-        _fsync_dir(folder)
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    swap_into_place(tmp, final)
 
 
 def _refuse_rank_local_tensors(state: dict[str, Any]) -> None:

@@ -55,6 +55,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def swap_into_place(tmp: Path, path: Path) -> None:
+    """fsync every file and folder under ``tmp``, then rename it to ``path`` (replacing what was there)."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync_file(file)
+    for folder in (tmp, *(d for d in tmp.rglob("*") if d.is_dir())):
+        _fsync_dir(folder)
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        path.rename(old)
+    tmp.rename(path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def write_atomically(path: str | Path, write_into) -> Path:
     """Call ``write_into(tmp_dir)``, fsync what it wrote, then swap ``tmp_dir`` into ``path``."""
     path = Path(path)
@@ -63,18 +80,7 @@ def write_atomically(path: str | Path, write_into) -> Path:
     tmp.mkdir()
     try:
         write_into(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                _fsync_file(file)
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-        tmp.rename(path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
