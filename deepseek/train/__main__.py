@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from deepseek.config import ConfigError
+from deepseek.errors import UserError
 
 
 def main(argv: list[str]) -> int:
@@ -21,9 +22,9 @@ def main(argv: list[str]) -> int:
     overrides = argv[1:] if config is not None else argv
     try:
         train_lm(load_train_config(config, overrides))
-    except ConfigError as exc:
+    except UserError as exc:  # the user's to fix: one line (torchrun adds which rank failed)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, ConfigError) else 1
     return 0
 
 

@@ -32,7 +32,9 @@ def test_two_processes_match_one(tmp_path, data_dir, single, config_file):
 
 def test_fp16_gradient_compression_with_plain_torchrun(tmp_path, data_dir, single, config_file):
     run_dir = tmp_path / "fp16"
-    run_cmd(torchrun_command(2, ["train", str(config_file), *overrides(run_dir, data_dir, "parallel.grad_compression=fp16")]))
+    # plain `torchrun -m deepseek.train CONFIG key=value …`, as torchrun users write it
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "deepseek.train",
+             config_file, *overrides(run_dir, data_dir, "parallel.grad_compression=fp16")])
     got, want = losses(run_dir), losses(single)
     assert got[0] == pytest.approx(want[0], abs=1e-5)  # the first forward precedes any compressed gradient
     assert got != want and all(abs(a - b) < 0.05 for a, b in zip(got, want))
