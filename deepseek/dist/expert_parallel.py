@@ -17,7 +17,7 @@ else stay as they are: replicated and data-parallel). One forward:
 
 Gradients: an expert's gradient on its owner rank sums the contributions of every ep rank's tokens, each taken
 through that rank's own (local mean) loss; :func:`expert_parameters` names the parameters whose gradients the
-plan reduces over ``dp_replicate`` only (and scales by ``1 / data-parallel size``), see
+plan reduces over ``dp_replicate x dp_shard`` only (and scales by ``1 / data-parallel size``), see
 :meth:`deepseek.dist.plan.DistributedParallelism._apply_expert_parallel`.
 """
 
@@ -105,12 +105,21 @@ class ExpertParallelDispatch:
     def _local_experts(self, x_RD: torch.Tensor, offsets_L: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The SwiGLU of each local expert on its contiguous rows (the sorted dispatch's grouped matmuls)."""
         experts = self.experts
+        gate_up_w, down_w = _local(experts.gate_up), _local(experts.down)
         if x_RD.shape[0] == 0:
             # No rows for any local expert: keep the weights in the graph so that their gradient is zero, not None.
-            return x_RD + 0.0 * (experts.gate_up.sum() + experts.down.sum()).to(dtype)
-        gate_up = grouped_matmul(x_RD, experts.gate_up.to(dtype).transpose(1, 2), offsets_L)
+            return x_RD + 0.0 * (gate_up_w.sum() + down_w.sum()).to(dtype)
+        gate_up = grouped_matmul(x_RD, gate_up_w.to(dtype).transpose(1, 2), offsets_L)
         gate, up = gate_up.split(experts.ffn_dim, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, experts.down.to(dtype).transpose(1, 2), offsets_L)
+        return grouped_matmul(F.silu(gate) * up, down_w.to(dtype).transpose(1, 2), offsets_L)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's experts: the parameter itself, or its local slice when :func:`distribute_experts` made it a
+    DTensor (differentiable: the gradient comes back as a DTensor of the same placements)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def expert_modules(model: nn.Module) -> list[tuple[str, GroupedExperts]]:
@@ -156,6 +165,21 @@ def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: Optional[int] = N
     return [name for name, _ in expert_parameters(model)]
 
 
+def distribute_experts(model: nn.Module, mesh, placements: tuple) -> None:
+    """Present every rank-local expert parameter as a DTensor over ``mesh`` (sharing its storage; ``placements``:
+    ``Shard(0)`` on ep, e.g. the ep mesh alone), so that it sits among FSDP's DTensors as one more layout:
+    foreach optimizers, the gradient norm (its ``Shard(0)`` part summed over ep by ``full_tensor``), clipping,
+    DCP and the full state dict all take it as it is. The gradient stays a rank-local sum until
+    :meth:`ExpertGradients.sync` reduces it over the other data-parallel dimensions."""
+    from torch.distributed.tensor import DTensor
+
+    for _, experts in expert_modules(model):
+        for p in EXPERT_PARAMS:
+            local = getattr(experts, p)
+            setattr(experts, p, nn.Parameter(DTensor.from_local(local.detach(), mesh, placements, run_check=False),
+                                             requires_grad=local.requires_grad))
+
+
 @torch.no_grad()
 def gather_experts(model: nn.Module, ep_group) -> dict[str, torch.Tensor]:
     """Every expert parameter whole (all ep shards concatenated in expert order), on every rank. Collective."""
@@ -181,13 +205,14 @@ def full_model(model: nn.Module, ep_group, main: bool) -> Optional[nn.Module]:
 
 
 class ExpertGradients:
-    """The gradient reduction and norm of the sharded experts in a ``dp_replicate x ep`` layout.
+    """The gradient reduction and norm of the sharded experts in a ``dp_replicate x dp_shard x ep`` layout.
 
     The loss of each of the ``data_parallel_size`` ranks is a mean over its own rows, and the one-process
-    gradient is the mean of those ranks' gradients. Non-expert parameters get it from DDP's average over every
-    data-parallel rank. An expert's gradient on its owner already *sums* the contributions of the tokens of all
-    ``ep`` ranks (backward through the all-to-all), so the ranks that hold the same experts (``dp_replicate``)
-    sum their gradients and divide by ``data_parallel_size``.
+    gradient is the mean of those ranks' gradients. Non-expert parameters get it from DDP's average (or FSDP's
+    averaging reduce-scatter) over every data-parallel rank. An expert's gradient on its owner already *sums*
+    the contributions of the tokens of all ``ep`` ranks (backward through the all-to-all), so the ranks that hold
+    the same experts (``replicate_group``: the ``dp_replicate x dp_shard`` ranks of this ep coordinate) sum their
+    gradients and divide by ``data_parallel_size``.
     """
 
     def __init__(self, model: nn.Module, replicate_group, ep_group, data_parallel_size: int):
@@ -197,12 +222,12 @@ class ExpertGradients:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """After the step's last backward: sum over ``dp_replicate``, divide by the data-parallel size."""
+        """After the step's last backward: sum over ``replicate_group``, divide by the data-parallel size."""
         grads = []
         for p in self.params:
             if p.grad is None:  # no micro-batch routed a token to this rank's experts: a zero gradient
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+            grads.append(_local(p.grad))  # a DTensor's (distribute_experts) local sum, reduced in place
         if self.replicate_group is not None:
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat, group=self.replicate_group)

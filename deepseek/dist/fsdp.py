@@ -9,16 +9,17 @@ Parameters already sharded by tensor parallelism (DTensors on the ``tp`` mesh) b
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 from torch import nn
 
 from deepseek.config import ConfigError
 
 
-def apply_fsdp(model: nn.Module, mesh) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, ignored_params: Optional[set[nn.Parameter]] = None) -> nn.Module:
     """``fully_shard`` every block of ``model`` and then the root, in place, over ``mesh`` (1-D: FSDP, 2-D
-    ``(replicate, shard)``: HSDP). Returns ``model``, now an ``FSDPModule``."""
+    ``(replicate, shard)``: HSDP). ``ignored_params`` stay plain, rank-local tensors that FSDP neither shards nor
+    reduces (expert parallelism's experts). Returns ``model``, now an ``FSDPModule``."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = getattr(model, "blocks", None)
@@ -26,8 +27,8 @@ def apply_fsdp(model: nn.Module, mesh) -> nn.Module:
         raise ConfigError(f"parallel.dp_shard needs a transformer with `blocks` (got {type(model).__name__})")
     for i, block in enumerate(blocks):
         # The last block's weights are needed again right away by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1, ignored_params=ignored_params)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, ignored_params=ignored_params)
     return model
 
 

@@ -8,6 +8,11 @@ Each rank keeps only its stage's submodules: the others are dropped from its cop
 the clipper and the MoE balancing of the Trainer see this stage's parameters and routers only, under their
 original names. Layers are split evenly (the first ``n_layers % pp`` stages take one more).
 
+The rest of the layout applies to the stage module: tensor parallelism slices its blocks, FSDP2 makes it the
+root ``FSDPModule`` that the ``PipelineStage`` runs (the schedule defers the reduce-scatter to the step's last
+micro-batch), or DDP wraps it over ``dp_replicate``. The gradient norm and the gathered whole model handle the
+stages' DTensors.
+
 Legend: B batch (one micro-batch), T tokens, D model width, V vocabulary.
 """
 
@@ -20,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import get_total_norm
 from torch.utils.checkpoint import checkpoint
 
 from deepseek.config import ConfigError
@@ -107,12 +111,21 @@ def _drop_other_stages(model: nn.Module, layers: range, first: bool, last: bool)
             model.lm_head = None
 
 
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This stage's state dict as whole CPU tensors: DTensors (the stage module sharded by FSDP or tp) gathered
+    over their mesh, in state-dict order on every rank of the stage."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
+
+
 class Pipeline:
     """This rank's pipeline stage and its schedule, and the pipeline's answers to the Trainer's questions.
 
     ``mesh`` is the job's device mesh with a ``pp`` dimension; the stage talks to its neighbours over the pp
-    sub-group. Build it with the unsharded model; :attr:`stage_module` is what the rest of the layout (DDP over
-    ``dp_replicate``) wraps.
+    sub-group. Build it with the unsharded model; :attr:`stage_module` is what the rest of the layout (tp, FSDP, or
+    DDP over ``dp_replicate``) shards or wraps.
     """
 
     def __init__(self, model: nn.Module, mesh, schedule: str, device: torch.device):
@@ -195,8 +208,11 @@ class Pipeline:
         return loss_sum.item(), 0.0
 
     def global_grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """The L2 norm of every stage's gradients (this stage holds ``params``): squares summed over the pp group."""
-        local = get_total_norm([p.grad for p in params], norm_type=2.0, foreach=None)
+        """The L2 norm of every stage's gradients (this stage holds ``params``): squares summed over the pp group.
+        A stage's own norm counts DTensor gradients (FSDP shards, tp slices) once over their mesh."""
+        from deepseek.dist.grad_norm import total_grad_norm
+
+        local = total_grad_norm(params)
         squared = local.detach().double().square().to(tensor_device(self.device))
         dist.all_reduce(squared, group=self.group)
         return squared.sqrt().to(local.device, local.dtype)
@@ -204,11 +220,12 @@ class Pipeline:
     # -- the whole model ---------------------------------------------------------------------------------
 
     def full_model(self, model: nn.Module) -> Optional[nn.Module]:
-        """The whole model on global rank 0, from the stages of its pipeline (None elsewhere). Collective over
-        the pp group that holds rank 0; the other pipelines (data-parallel replicas) return None at once."""
+        """The whole model on global rank 0, from the stages of its pipeline (None elsewhere). Collective: every
+        rank gathers its stage's DTensors (if any), then the pp group that holds rank 0 sends them to it; the other
+        pipelines (data-parallel replicas) return None."""
+        state = _full_state(model)  # collective over each stage's data-parallel mesh when sharded (FSDP, tp)
         if 0 not in dist.get_process_group_ranks(self.group):
             return None
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         gathered = [None] * self.pp if dist.get_rank() == 0 else None
         dist.gather_object(state, gathered, dst=0, group=self.group)
         if dist.get_rank() != 0:

@@ -89,23 +89,31 @@ class DistributedParallelism(Parallelism):
     def _apply_tensor_parallel(self, model: nn.Module) -> None:
         from deepseek.dist.tensor_parallel import apply_tensor_parallel
 
-        if any(self.uses(d) for d in ("pp", "ep")):
-            raise self._not_yet("tp combined with pp or ep (tp composes with dp_shard and dp_replicate)")
-        apply_tensor_parallel(model, self.mesh["tp"])
+        if self.uses("ep"):
+            raise self._not_yet("tp combined with ep (tp composes with dp_shard, dp_replicate and pp)")
+        apply_tensor_parallel(model, self.mesh["tp"])  # under pp: this stage's blocks only
 
     def _apply_expert_parallel(self, model: nn.Module) -> None:
-        # Each ep rank keeps E/ep experts of every MoE layer (all-to-all dispatch); DDP (over every rank) then
-        # averages everything else and ignores the experts, whose gradients ExpertGradients reduces over the ranks
-        # holding the same experts (dp_replicate) in gradient_sync.
+        # Each ep rank keeps E/ep experts of every MoE layer (all-to-all dispatch); DDP or FSDP (over every
+        # data-parallel rank, the ep ranks included) then averages everything else and ignores the experts, whose
+        # gradients ExpertGradients reduces over the ranks holding the same experts (dp_replicate x dp_shard) in
+        # gradient_sync.
+        from torch.distributed.tensor import Shard
         from torch.nn.parallel import DistributedDataParallel
 
-        from deepseek.dist.expert_parallel import ExpertGradients, apply_expert_parallel
+        from deepseek.dist.expert_parallel import ExpertGradients, apply_expert_parallel, distribute_experts
 
-        if any(self.uses(d) for d in ("pp", "tp", "dp_shard")):
-            raise self._not_yet("ep combined with pp, tp or dp_shard (ep composes with dp_replicate)")
+        if any(self.uses(d) for d in ("pp", "tp")):
+            raise self._not_yet("ep combined with pp or tp (ep composes with dp_replicate and dp_shard)")
         names = apply_expert_parallel(model, self.mesh["ep"].get_group())
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-        replicate = self.mesh["dp_replicate"].get_group() if self.uses("dp_replicate") else None
+        holders = [d for d in ("dp_replicate", "dp_shard") if self.uses(d)]
+        replicate = None if not holders else self.mesh[holders[0]].get_group() if len(holders) == 1 \
+            else self.mesh["dp_replicate", "dp_shard"]._flatten("dp_replicate_shard").get_group()
+        if self.uses("dp_shard"):
+            # DTensors next to FSDP's, on the ep mesh alone (DCP reads that as replicated over the rest): on the
+            # whole 5-D mesh, DTensor's sharding propagation of the first foreach ops took a minute.
+            distribute_experts(model, self.mesh["ep"], (Shard(0),))
         self._experts = ExpertGradients(model, replicate, self.mesh["ep"].get_group(), self.data_parallel_size)
 
     def _apply_fsdp(self, model: nn.Module) -> nn.Module:
@@ -115,8 +123,17 @@ class DistributedParallelism(Parallelism):
         # sharded within a replica, all-reduced across.
         from deepseek.dist.fsdp import apply_fsdp
 
-        if any(self.uses(d) for d in ("pp", "ep")):
-            raise self._not_yet("dp_shard combined with pp or ep (dp_shard composes with tp and dp_replicate)")
+        # Under pp, ``model`` is this rank's PipelineStageModule: it becomes the FSDP root the PipelineStage runs
+        # (the schedule defers the reduce-scatter to the last micro-batch and reshards after the step).
+        if self.uses("ep"):
+            # DeepSeek-V3's layout: the non-expert parameters are sharded over every rank that holds them, the ep
+            # ranks included (dp_shard x ep flattened); the rank-local experts are left out (ExpertGradients).
+            from deepseek.dist.expert_parallel import expert_parameters
+
+            shard = self.mesh["dp_shard", "ep"]._flatten("dp_shard_ep")
+            self._fsdp = apply_fsdp(model, self.mesh["dp_replicate", "dp_shard_ep"] if self.uses("dp_replicate")
+                                    else shard, ignored_params={p for _, p in expert_parameters(model)})
+            return self._fsdp
         self._fsdp = apply_fsdp(model, self.mesh["dp_replicate", "dp_shard"] if self.uses("dp_replicate")
                                 else self.mesh["dp_shard"])
         return self._fsdp
@@ -132,14 +149,16 @@ class DistributedParallelism(Parallelism):
         if self._fsdp is not None:
             from deepseek.dist.fsdp import fsdp_gradient_sync
 
-            return fsdp_gradient_sync(self._fsdp, last_micro_batch)  # reduce-scatter on the last one only
+            sync = fsdp_gradient_sync(self._fsdp, last_micro_batch)  # reduce-scatter on the last one only
+            return self._expert_gradient_sync(sync) if self._experts is not None and last_micro_batch else sync
         if self._experts is not None and last_micro_batch:
             return self._expert_gradient_sync()
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _expert_gradient_sync(self):
-        yield  # the last micro-batch's forward/backward (DDP reduces the rest during it)
+    def _expert_gradient_sync(self, inner: Optional[ContextManager] = None):
+        with inner or contextlib.nullcontext():
+            yield  # the last micro-batch's forward/backward (DDP or FSDP reduces the rest during it)
         self._experts.sync()
 
     def before_optimizer_step(self, model: nn.Module) -> None:
@@ -160,7 +179,7 @@ class DistributedParallelism(Parallelism):
         if self._sharded():
             from deepseek.dist.grad_norm import total_grad_norm
 
-            return total_grad_norm  # DTensor gradients: each group's norm reduced over its mesh
+            return total_grad_norm  # DTensor gradients (experts too): each group's norm reduced over its mesh
         return self._experts.total_norm if self._experts is not None else None
 
     def _sharded(self) -> bool:
@@ -183,7 +202,7 @@ class DistributedParallelism(Parallelism):
         if self._sharded():
             from deepseek.dist.full_model import gather_full_model
 
-            return gather_full_model(model, self.is_main)
+            return gather_full_model(model, self.is_main)  # distributed experts: full_tensor gathers them over ep
         if self._experts is not None:
             from deepseek.dist.expert_parallel import full_model
 
@@ -198,8 +217,8 @@ class DistributedParallelism(Parallelism):
         return save_sharded_checkpoint(trainer, local_shards=self.checkpoint_shards(trainer.model))
 
     def checkpoint_shards(self, model: nn.Module) -> dict[str, tuple]:
-        if self._experts is None:
-            return {}
+        if self._experts is None or self._fsdp is not None:
+            return {}  # under dp_shard the experts are DTensors already (distribute_experts)
         from torch.distributed.tensor import Replicate, Shard
 
         from deepseek.dist.expert_parallel import expert_parameters

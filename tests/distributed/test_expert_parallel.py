@@ -2,6 +2,7 @@
 losses and weights."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ import torch.distributed as dist
 from deepseek.config import ConfigError
 from deepseek.dist.expert_parallel import apply_expert_parallel, check_expert_split
 from deepseek.nn.moe import GroupedExperts
+from deepseek.train.checkpoint import is_sharded_checkpoint
 from .runs import assert_same_model, losses, train_single, train_torchrun
 
-NO_CHECKPOINTS = ("checkpoint.every=0",)  # sharded checkpoints are not written under ep yet
+NO_CHECKPOINTS = ("checkpoint.every=0",)
+STEP5 = "checkpoints/step-00000005"
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +86,18 @@ def test_all_to_all_dispatch_matches_sorted_dispatch(one_rank_group):
     got.square().sum().backward()
     for a, b in zip([weights.grad, model.experts.gate_up.grad, model.experts.down.grad], want_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_fsdp2_x_ep2_matches_one_process_and_one_process_resumes_it(tmp_path, data_dir, single, config_file):
+    """DeepSeek-V3's layout: everything but the routed experts fully sharded over the 4 ranks (dp_shard x ep),
+    the experts split over ep; FSDP averages the rest, ExpertGradients sums the experts over dp_shard. Its
+    sharded step-5 checkpoint (every expert, once) resumes in one process."""
+    run_dir = train_torchrun(4, config_file, tmp_path / "fsdp2xep2", data_dir, "parallel.ep=2", "parallel.dp_shard=2")
+    assert_matches(run_dir, single)
+    assert is_sharded_checkpoint(run_dir / STEP5)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / STEP5, resumed / STEP5)
+    shutil.copy(run_dir / "metrics.jsonl", resumed / "metrics.jsonl")
+    train_single(resumed, data_dir, "checkpoint.resume=true", "checkpoint.every=0")
+    assert_matches(resumed, single)

@@ -1,6 +1,6 @@
 """Pipeline parallelism (torch.distributed.pipelining over gloo under torchrun) gives the 1-process run's losses
-and weights: pp=2 with 1F1B and GPipe, dp_replicate=2 x pp=2 on 4 processes; its sharded checkpoint resumes
-in one process and under pp=2 again."""
+and weights: pp=2 with 1F1B and GPipe, dp_replicate=2 x pp=2, dp_shard=2 x pp=2 (FSDP stages) and tp=2 x pp=2 on
+4 processes; its sharded checkpoints resume in one process and under pp=2 again."""
 
 import json
 import shutil
@@ -72,6 +72,30 @@ def test_data_parallel_pipelines_match_one_process(tmp_path, data_dir, single, c
     run_dir = train_torchrun(4, config_file, tmp_path / "dp_pp", data_dir, "checkpoint.every=0", "parallel.pp=2",
                              "parallel.dp_replicate=2")
     assert_matches(run_dir, single)
+
+
+def test_fully_sharded_pipelines_match_one_process_and_resume_in_one(tmp_path, data_dir, single, config_file):
+    """pp=2 x dp_shard=2: each stage module is an FSDP root over its dp_shard ranks; the schedule reduce-scatters
+    once per step, the clipper's norm sums the stages' DTensor norms, the final model gathers every shard. Its
+    DCP checkpoint (DTensor shards of two stages) resumes in one process."""
+    run_dir = train_torchrun(4, config_file, tmp_path / "fsdp_pp", data_dir, "parallel.pp=2", "parallel.dp_shard=2")
+    assert is_sharded_checkpoint(run_dir / STEP5)
+    assert_matches(run_dir, single)
+    one = train_single(from_step5(run_dir, tmp_path / "one"), data_dir, "checkpoint.resume=true")
+    assert_resumed(one)
+    assert_matches(one, single)
+
+
+def test_tensor_parallel_pipelines_match_one_process_and_resume_in_one(tmp_path, data_dir, config_file):
+    """pp=2 x tp=2: each stage's blocks sliced over its tp ranks (a dense first block on stage 0, routed and shared
+    experts on stage 1); optimizer.eps=1e-6 as in test_fsdp_tp (last-bit differences of tp's partial sums)."""
+    extra = ("model.first_k_dense=1", "model.n_shared_experts=1", "model.shared_ffn_dim=64", "optimizer.eps=1e-6")
+    reference = train_single(tmp_path / "single", data_dir, "checkpoint.every=0", *extra)
+    run_dir = train_torchrun(4, config_file, tmp_path / "tp_pp", data_dir, *extra, "parallel.pp=2", "parallel.tp=2")
+    assert_matches(run_dir, reference)
+    one = train_single(from_step5(run_dir, tmp_path / "one"), data_dir, *extra, "checkpoint.resume=true")
+    assert_resumed(one)
+    assert_matches(one, reference)
 
 
 def test_four_stages_match_one_process(tmp_path, data_dir, config_file):

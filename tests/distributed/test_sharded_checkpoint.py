@@ -2,7 +2,6 @@
 1-process run's losses and weights; exported to a model directory without a process group; a corrupt or
 missing shard is an error naming the file."""
 
-import inspect
 import shutil
 import warnings
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from deepseek.dist.checkpoint import export_model_dir, load_sharded_checkpoint
-from deepseek.dist.plan import DistributedParallelism
 from deepseek.models.directory import load_config
 from deepseek.models.transformer import MoETransformer
 from deepseek.train.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
@@ -20,13 +18,8 @@ from .runs import assert_same_model, losses, train_single, train_torchrun
 STEP5 = "checkpoints/step-00000005"
 
 
-def _fsdp_available() -> bool:
-    return "_not_yet" not in inspect.getsource(DistributedParallelism._apply_fsdp)
-
-
-# FSDP2 shards parameters (DTensors) when plan._apply_fsdp exists; else DDP replicas, in the sharded format.
-SAVE_LAYOUT = ["parallel.dp_shard=2"] if _fsdp_available() else ["parallel.dp_replicate=2",
-                                                                  "parallel.checkpoint_format=sharded"]
+# FSDP2 shards the parameters (DTensors) over the 2 ranks that write the checkpoint.
+SAVE_LAYOUT = ["parallel.dp_shard=2"]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +66,7 @@ def test_one_process_resumes_what_two_ranks_wrote(tmp_path, data_dir, two_ranks,
 
 
 def test_four_ranks_resume_what_two_ranks_wrote(tmp_path, data_dir, config_file, two_ranks, single):
-    layout = ["parallel.dp_shard=4"] if _fsdp_available() else ["parallel.dp_replicate=4",
-                                                                  "parallel.checkpoint_format=sharded"]
+    layout = ["parallel.dp_shard=4"]
     run_dir = train_torchrun(4, config_file, from_step5(two_ranks, tmp_path / "run"), data_dir,
                              "checkpoint.resume=true", *layout)
     assert_same_losses(run_dir, single)
@@ -116,7 +108,7 @@ def test_a_corrupt_or_missing_shard_is_an_error_naming_the_file(tmp_path, two_ra
 
 
 def test_a_sharded_layout_resumes_a_plain_checkpoint(tmp_path, data_dir, config_file, single):
-    layout = ["parallel.dp_shard=2"] if _fsdp_available() else ["parallel.ep=2"]
+    layout = ["parallel.dp_shard=2"]
     run_dir = train_torchrun(2, config_file, from_step5(single, tmp_path / "run"), data_dir,
                              "checkpoint.resume=true", *layout)
     assert_same_losses(run_dir, single)  # each rank kept its pieces of the 1-process run's whole tensors
