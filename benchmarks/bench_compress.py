@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from common import machine_info, print_machine, print_table, setup_path, write_results
+from common import machine_info, missing_model, print_machine, print_table, setup_path, write_results
 
 setup_path()
 
@@ -51,9 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="bf16", help="fine-tuning precision (bf16 is ~2x faster on CPU)")
     args = parser.parse_args()
-    if not Path(args.model, "config.json").is_file():
-        # `make bench` runs every script on a fresh checkout: skip (exit 0) rather than fail the others.
-        print(f"skipped: {args.model} is not a model directory; run `make quickstart` first (or pass --model/--data)")
+    if missing_model(args.model, "--model/--data"):
         return
     torch.set_num_threads(args.threads)
     info = machine_info()

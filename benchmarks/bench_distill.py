@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import REPO_ROOT, machine_info, missing_model, print_machine, print_table, setup_path, write_results  # noqa: E402
 
 setup_path()
 import torch  # noqa: E402
@@ -60,9 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    if not Path(args.teacher, "config.json").is_file():
-        # `make bench` runs every script on a fresh checkout: skip (exit 0) rather than fail the others.
-        print(f"skipped: {args.teacher} is not a model directory; run `make quickstart` first (or pass --teacher/--data)")
+    if missing_model(args.teacher, "--teacher/--data"):
         return
     torch.set_num_threads(args.threads)
     info = machine_info()

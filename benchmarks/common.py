@@ -182,3 +182,12 @@ def setup_path() -> None:
     """Let ``python benchmarks/bench_x.py`` import the package from the checkout without installing."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+
+
+def missing_model(path: str | Path, flags: str) -> bool:
+    """True (after saying so) when ``path`` is not a model directory: ``make bench`` runs every script on a fresh
+    checkout, so scripts that need the quickstart model skip (exit 0) rather than fail the others."""
+    if Path(path, "config.json").is_file():
+        return False
+    print(f"skipped: {path} is not a model directory; run `make quickstart` first (or pass {flags})")
+    return True

@@ -107,9 +107,12 @@ class DistributedParallelism(Parallelism):
             raise self._not_yet("ep combined with pp or tp (ep composes with dp_replicate and dp_shard)")
         names = apply_expert_parallel(model, self.mesh["ep"].get_group())
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-        holders = [d for d in ("dp_replicate", "dp_shard") if self.uses(d)]
-        replicate = None if not holders else self.mesh[holders[0]].get_group() if len(holders) == 1 \
-            else self.mesh["dp_replicate", "dp_shard"]._flatten("dp_replicate_shard").get_group()
+        holders = [d for d in ("dp_replicate", "dp_shard") if self.uses(d)]  # ranks holding the same experts
+        replicate = None
+        if len(holders) == 1:
+            replicate = self.mesh[holders[0]].get_group()
+        elif holders:
+            replicate = self.mesh["dp_replicate", "dp_shard"]._flatten("dp_replicate_shard").get_group()
         if self.uses("dp_shard"):
             # DTensors next to FSDP's, on the ep mesh alone (DCP reads that as replicated over the rest): on the
             # whole 5-D mesh, DTensor's sharding propagation of the first foreach ops took a minute.
