@@ -36,7 +36,8 @@ test: $(VENV)/.installed-dev
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash .ci/install-browser; fi
 	$(PY) -m pytest -m "not dist_slow"
 
-# The slowest multi-process tests (kill -9 of a torchrun worker and the restarted job): .ci/run runs them too.
+# The slowest multi-process tests (kill -9 of a torchrun worker, 4-process pipeline and FSDP x ep compositions):
+# .ci/run runs them after `make test`.
 test-dist: $(VENV)/.installed-dev
 	$(PY) -m pytest -m dist_slow tests/distributed
 

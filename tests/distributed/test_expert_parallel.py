@@ -88,6 +88,7 @@ def test_all_to_all_dispatch_matches_sorted_dispatch(one_rank_group):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.dist_slow  # 4 processes; in make test-dist, which .ci/run runs
 def test_fsdp2_x_ep2_matches_one_process_and_one_process_resumes_it(tmp_path, data_dir, single, config_file):
     """DeepSeek-V3's layout: everything but the routed experts fully sharded over the 4 ranks (dp_shard x ep),
     the experts split over ep; FSDP averages the rest, ExpertGradients sums the experts over dp_shard. Its

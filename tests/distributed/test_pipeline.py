@@ -74,6 +74,7 @@ def test_data_parallel_pipelines_match_one_process(tmp_path, data_dir, single, c
     assert_matches(run_dir, single)
 
 
+@pytest.mark.dist_slow  # 4 processes; in make test-dist, which .ci/run runs
 def test_fully_sharded_pipelines_match_one_process_and_resume_in_one(tmp_path, data_dir, single, config_file):
     """pp=2 x dp_shard=2: each stage module is an FSDP root over its dp_shard ranks; the schedule reduce-scatters
     once per step, the clipper's norm sums the stages' DTensor norms, the final model gathers every shard. Its
@@ -86,6 +87,7 @@ def test_fully_sharded_pipelines_match_one_process_and_resume_in_one(tmp_path, d
     assert_matches(one, single)
 
 
+@pytest.mark.dist_slow  # 4 processes; in make test-dist, which .ci/run runs
 def test_tensor_parallel_pipelines_match_one_process_and_resume_in_one(tmp_path, data_dir, config_file):
     """pp=2 x tp=2: each stage's blocks sliced over its tp ranks (a dense first block on stage 0, routed and shared
     experts on stage 1); optimizer.eps=1e-6 as in test_fsdp_tp (last-bit differences of tp's partial sums)."""
@@ -98,6 +100,7 @@ def test_tensor_parallel_pipelines_match_one_process_and_resume_in_one(tmp_path,
     assert_matches(one, reference)
 
 
+@pytest.mark.dist_slow  # 4 processes; in make test-dist, which .ci/run runs
 def test_four_stages_match_one_process(tmp_path, data_dir, config_file):
     """Two middle stages (hidden states in and out): 4 layers on 4 ranks, 4 micro-batches for 1F1B."""
     extra = ("checkpoint.every=0", "model.n_layers=4", "micro_batch_size=2")
