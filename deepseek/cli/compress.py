@@ -33,7 +33,8 @@ def compress_command(
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate of the fine-tune."),
     batch_size: int = typer.Option(16, "--batch-size", help="Rows per fine-tuning step."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per fine-tuning row."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 for fine-tuning."),
+    precision: str = typer.Option("auto", "--precision", help="Fine-tuning precision: auto (bf16 only where this "
+                                                              "device runs it faster), fp32 or bf16."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Fine-tune checkpoints and metrics "
                                                                    "(default: OUT's sibling OUT.run)."),
     resume: bool = typer.Option(False, "--resume", help="Resume an interrupted fine-tune from --run-dir."),

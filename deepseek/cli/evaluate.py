@@ -20,18 +20,19 @@ def eval_command(
     seq_len: int = typer.Option(256, help="Context length of each scored window."),
     batch_size: int = typer.Option(8, help="Windows per forward."),
     max_batches: Optional[int] = typer.Option(None, help="Score at most this many batches (default: all)."),
-    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    precision: str = typer.Option("auto", help="auto (bf16 only where this CPU runs it faster), fp32 or bf16."),
 ) -> None:
     """Loss, perplexity and bits per byte of a model on prepared data."""
-    import torch
-
     import deepseek as ds
+    from deepseek.hardware import autocast, resolve_precision
     from deepseek.train.lm import evaluate_lm
 
     model, _ = ds.load(model_dir)
     model.eval()
     seq_len = min(seq_len, model.config.max_seq_len)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    choice = resolve_precision(precision)
+    typer.echo(f"precision: {choice.precision} ({choice.reason})", err=True)
+    with autocast(choice):
         results = evaluate_lm(model, [str(p) for p in data], batch_size=batch_size, seq_len=seq_len,
                               max_batches=max_batches, split=split)
     if not results:
@@ -40,9 +41,62 @@ def eval_command(
         typer.echo(f"{key.removeprefix('val_')}: {value:.4f}")
 
 
-def info_command(model_dir: Path = typer.Argument(..., help="A model directory.")) -> None:
-    """Parameters, active parameters per token and the config of a model directory."""
+def info_command(
+    model_dir: Optional[Path] = typer.Argument(None, help="A model directory."),
+    hardware: bool = typer.Option(False, "--hardware", help="Show what this machine runs fast and the precisions "
+                                                            "`auto` picks here."),
+) -> None:
+    """Parameters, active parameters per token and the config of a model directory; --hardware: this machine."""
     from rich.console import Console
+
+    if model_dir is None and not hardware:
+        raise typer.BadParameter("give a model directory, or --hardware")
+    console = Console()
+    if hardware:
+        console.print(hardware_table())
+    if model_dir is not None:
+        console.print(model_table(model_dir))
+
+
+def hardware_table():
+    """What this machine does fast (flags, measured products) and what ``precision: auto`` picks for each job."""
+    from rich.table import Table
+
+    from deepseek.hardware import (bf16_products_fast, choose_precision, hardware_profile, int8_products_fast)
+
+    profile = hardware_profile()
+    table = Table(title="this machine", show_header=False)
+    table.add_row("CPU", profile.name)
+    table.add_row("architecture", f"{profile.machine}, torch capability {profile.capability}, "
+                                  f"{profile.threads} torch threads")
+    table.add_row("flags of note", ", ".join(sorted(profile.flags)) or "none")
+    for kind, label in (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8 (_int_mm)")):
+        if kind in profile.measured:
+            speedup = profile.speedup(kind)
+            table.add_row(f"{label} products", f"{profile.measured[kind]:.1f} GFLOP/s"
+                          + (f" ({speedup:.2g}x fp32)" if kind != "fp32" else "") + " at 64x256x512")
+    if "fp32_decode" in profile.measured:
+        table.add_row("one-row products", f"fp32 {profile.measured['fp32_decode']:.1f}, bf16 "
+                      f"{profile.measured.get('bf16_decode', float('nan')):.1f} GFLOP/s at 1x256x1024")
+    table.add_row("bf16 fast", f"{bf16_products_fast(profile)} (decoding: {bf16_products_fast(profile, 'decode')})")
+    table.add_row("int8 products fast", str(int8_products_fast(profile)))
+    for workload, jobs in (("train", "training, eval"), ("decode", "generation, serving")):
+        choice = choose_precision("auto", profile, workload)
+        table.add_row(f"precision auto: {jobs}", f"{choice.precision} ({choice.reason.removeprefix('auto: ')})")
+    if torch_cuda_available():
+        cuda = hardware_profile("cuda")
+        choice = choose_precision("auto", cuda)
+        table.add_row("GPU", f"{cuda.name} ({cuda.capability}); precision auto: {choice.precision}")
+    return table
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_table(model_dir: Path):
     from rich.table import Table
 
     import deepseek as ds
@@ -63,4 +117,4 @@ def info_command(model_dir: Path = typer.Argument(..., help="A model directory."
     compression = read_extra(model_dir, "compression.json")
     if compression:
         table.add_row("compression", str(compression))
-    Console().print(table)
+    return table

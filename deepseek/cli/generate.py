@@ -23,6 +23,7 @@ def generate_command(
     stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable); not included in the output."),
     seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
     stream: bool = typer.Option(True, help="Print tokens as they come (one prompt) instead of at the end."),
+    precision: str = typer.Option("auto", help="auto (what decodes fastest on this device), fp32 or bf16."),
 ) -> None:
     """Generate text from a model directory, with the same engine as the server and ds.pipeline."""
     from deepseek.generate import pipeline
@@ -30,7 +31,7 @@ def generate_command(
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, stop=stop or None, seed=seed)
     options = {k: v for k, v in options.items() if v is not None}
-    pipe = pipeline("text-generation", str(model_dir))
+    pipe = pipeline("text-generation", str(model_dir), precision=precision)
     if stream and len(prompts) == 1:
         typer.echo(prompts[0], nl=False)
         for delta in pipe.stream(prompts[0], **options):

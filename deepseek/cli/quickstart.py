@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,86 @@ def compressor_bits_per_byte(texts: list[str]) -> dict[str, float]:
             "lzma -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) * 8 / len(data)}
 
 
+def versus_gzip(bits: float, gzip_bits: float) -> str:
+    """``bits`` per byte said against gzip's, in words nobody can misread."""
+    change = 1.0 - bits / gzip_bits
+    if abs(change) < 0.005:
+        return "same as gzip"
+    return f"{change:.0%} fewer bits than gzip" if change > 0 else f"{-change:.0%} more bits than gzip (worse)"
+
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    """What the quickstart trains on this machine, sized from its measured training speed."""
+
+    overrides: list[str]
+    expected_tokens: float
+    expected_steps: int
+    description: str
+
+
+# Measured on the held-out stdlib modules (docs/benchmarks.md, "Quickstart on every CPU"): below about 1.2M
+# training tokens the full `small` preset has not left its plateau by the time the clock runs out, and a
+# narrower model with fewer experts learns more from the same tokens; above it `small` wins.
+SMALL_MODEL_MIN_TOKENS = 1.2e6
+NARROW_MODEL = ["model.d_model=192", "model.ffn_dim=512", "model.moe_ffn_dim=192", "model.n_heads=6",
+                "model.n_kv_heads=2"]
+BATCH_ROWS = 16
+
+
+def plan_for_speed(tokens_per_s: float, minutes: float) -> QuickstartPlan:
+    """The run that fits ``minutes`` of training at ``tokens_per_s`` (measured at 128-token rows).
+
+    The time budget (schedule.fit_time_limit) then sets the exact step count from the real step times; this plan
+    sizes what the budget cannot: the model, where the sequence curriculum switches to 256-token rows (half-way
+    through the expected steps: long rows cost more per token), and how often to evaluate and checkpoint.
+    """
+    seconds = minutes * 60 * 0.92  # evaluations, checkpoints and the final save take the rest
+    tokens = tokens_per_s * seconds
+    narrow = tokens < SMALL_MODEL_MIN_TOKENS
+    # Steps if every row were 128 tokens for the first half and 256 (at ~1.1x the cost per token) after.
+    rows_128 = tokens / 2 / 128
+    rows_256 = tokens / 2 / (256 * 1.1)
+    steps = max(int((rows_128 + rows_256) / BATCH_ROWS), 20)
+    switch = max(int(rows_128 / BATCH_ROWS), 10)
+    every = max(steps // 4, 10)
+    overrides = [f"batch_size={BATCH_ROWS}", f"max_steps={2 * steps}", f"data.curriculum=[[0, 128], [{switch}, 256]]",
+                 f"eval_every={every}", f"checkpoint.every={every}",
+                 f"schedule.warmup_steps={min(30, max(steps // 20, 5))}"]
+    if narrow:
+        overrides += NARROW_MODEL
+    model = "a narrower small model (d_model 192)" if narrow else "the small preset (d_model 256)"
+    description = (f"{tokens_per_s:,.0f} tok/s here -> about {tokens / 1e6:.1f}M tokens in {minutes:g} min: "
+                   f"{model}, rows of 128 tokens until step {switch}, then 256; the time budget sets the exact "
+                   f"step count (about {steps})")
+    return QuickstartPlan(overrides, tokens, steps, description)
+
+
+def choose_training_precision(cfg, console) -> tuple[str, float]:
+    """Measure a real training step of the quickstart model in fp32 and, where this CPU has native bf16 that the
+    product probe found fast, in bf16; return the faster precision and its tokens/s at 128-token rows."""
+    from deepseek.hardware import bf16_products_fast, choose_precision, hardware_profile
+    from deepseek.train.calibrate import measure_training_speed
+
+    profile = hardware_profile()
+    model_config = cfg.model_config()
+    candidates = ["fp32", "bf16"] if bf16_products_fast(profile) else ["fp32"]
+    if cfg.precision != "auto":
+        candidates = [cfg.precision]
+    speeds = {}
+    for name in candidates:
+        choice = choose_precision(name, profile)
+        speeds[name] = measure_training_speed(model_config, choice, batch_size=BATCH_ROWS, seq_len=128).tokens_per_s
+    best = max(speeds, key=speeds.get)
+    if len(speeds) > 1 and speeds[best] < 1.1 * speeds["fp32"]:  # bf16 must clearly win to be worth its rounding
+        best = "fp32"
+    measured = ", ".join(f"{k} {v:,.0f} tok/s" for k, v in speeds.items())
+    why = (f"measured a training step of this model: {measured}" if len(speeds) > 1 else
+           f"{choose_precision(cfg.precision, profile).reason}; measured {measured}")
+    console.print(f"precision: [bold]{best}[/bold] ({why})", highlight=False)
+    return best, speeds[best]
+
+
 def quickstart_command(
     run_dir: Path = typer.Option(Path("runs/quickstart"), help="Where the data, checkpoints and model go."),
     serve: bool = typer.Option(True, help="End by serving the model (--no-serve stops after the samples)."),
@@ -54,21 +135,26 @@ def quickstart_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of configs/quickstart.yaml."),
 ) -> None:
     """Train a small MoE code model on the Python standard library and show what it writes."""
-    import torch
     from rich.console import Console
     from rich.table import Table
 
     import deepseek as ds
     from deepseek.data import TokenDataset, iter_documents, python_stdlib_dir
     from deepseek.data.prepare import is_validation_document
+    from deepseek.hardware import autocast, choose_precision, hardware_profile
     from deepseek.train.lm import data_paths, ensure_prepared, evaluate_lm, expand_source, train_lm
     from deepseek.train.plot import plot_loss_curve
+    from deepseek.config import save_file
     from deepseek.train.trainer_config import load_train_config
 
     console = Console()
     started = time.perf_counter()
-    cfg = load_train_config(find_config("quickstart.yaml"),
-                            [f"run_dir={run_dir}", f"data.path={run_dir / 'data'}", *(overrides or [])])
+    base = [f"run_dir={run_dir}", f"data.path={run_dir / 'data'}"]
+    user = list(overrides or [])
+    cfg = load_train_config(find_config("quickstart.yaml"), base + user)
+
+    console.rule("[bold]0. This machine")
+    console.print(hardware_profile().summary(), highlight=False)
 
     console.rule("[bold]1. Corpus, tokenizer and shards")
     console.print(f"the standard library of this Python: {python_stdlib_dir()}")
@@ -80,30 +166,42 @@ def quickstart_command(
         console.print(f"{split}: {d.num_documents:,} modules, {d.num_bytes / 1e6:.1f} MB, {d.num_tokens:,} tokens "
                       f"({d.num_bytes / max(d.num_tokens, 1):.2f} bytes/token)")
 
-    console.rule("[bold]2. Train the small MoE preset")
+    console.rule("[bold]2. Size the run to this machine")
+    precision, tokens_per_s = choose_training_precision(cfg, console)
+    plan = plan_for_speed(tokens_per_s, cfg.time_limit_minutes or 9.0)
+    console.print(plan.description if not any(o.startswith("model.") for o in user) else
+                  plan.description.split(": ")[0] + ": the model your overrides set", highlight=False)
+    # What the user set explicitly wins: the plan leaves those keys (and, if any model key is set, the model) alone.
+    cfg = load_train_config(find_config("quickstart.yaml"),
+                            base + user_first(plan.overrides + [f"precision={precision}"], user) + user)
+
+    console.rule("[bold]3. Train the MoE model")
+    save_file(cfg, Path(cfg.run_dir) / "config.yaml")  # what `ds train` needs to resume or extend this run
     result = train_lm(cfg)
     console.print(f"{result.step} steps in {result.elapsed_s / 60:.1f} min"
                   + (" (stopped by the time limit)" if result.stopped_early else ""))
     console.print(f"loss curve: {plot_loss_curve(cfg.run_dir, title='quickstart: small MoE on the stdlib')}")
 
-    console.rule("[bold]3. Held-out modules: the model against gzip and lzma")
+    console.rule("[bold]4. Held-out modules: the model against gzip and lzma")
     model_dir = Path(cfg.run_dir) / "model"
     model, tokenizer = ds.load(model_dir)
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(choose_precision(precision, hardware_profile())):
         scores = evaluate_lm(model, [data_dir], batch_size=16, seq_len=cfg.data.schedule()[-1][1])
     sources = [expand_source(s) for s in cfg.data.prepare_from]
     held_out = [doc.text for doc in iter_documents(sources, exclude=cfg.data.exclude)
                 if is_validation_document(doc.name, cfg.data.val_fraction)]
-    table = Table("method", "bits per byte", "× gzip")
+    table = Table("method", "bits per byte (lower is better)", "against gzip -9")
     rows = {"ours (MoE LM)": scores.get("val_bits_per_byte", float("nan")), **compressor_bits_per_byte(held_out)}
     for name, bpb in rows.items():
-        table.add_row(name, f"{bpb:.3f}", f"{rows['gzip -9'] / bpb:.2f}")
+        table.add_row(name, f"{bpb:.3f}", "-" if name == "gzip -9" else versus_gzip(bpb, rows["gzip -9"]))
     console.print(table)
     console.print(f"validation loss {scores['val_loss']:.3f} nats/token, perplexity {scores['val_ppl']:.1f} "
                   f"on {sum(len(t) for t in held_out) / 1e3:.0f} kB of modules it never trained on")
 
-    console.rule("[bold]4. Completions")
+    console.rule("[bold]5. Completions")
+    model, tokenizer = ds.load(model_dir, dtype=resolve_decode_dtype())
+    model.eval()
     for prompt in PROMPTS:
         out = ds.generate(model, tokenizer, prompt, max_new_tokens=80, temperature=0.7, top_p=0.95, seed=0)
         console.print(prompt, style="bold", end="", highlight=False, markup=False)
@@ -116,12 +214,28 @@ def quickstart_command(
     console.print(f'  ds generate {model_dir} "def fibonacci(n):"\n'
                   f"  ds eval {model_dir} --data {data_dir}\n"
                   f"  ds info {model_dir}\n"
-                  f"  ds train configs/quickstart.yaml --resume max_steps=1200   # train it longer",
+                  f"  ds info --hardware                                     # what this machine runs fast\n"
+                  f"  ds train {Path(cfg.run_dir) / 'config.yaml'} --resume max_steps={2 * result.step} "
+                  f"time_limit_minutes=0   # train it longer",
                   highlight=False, markup=False)
     console.print(f"  ds serve {model_dir} --http-port 8080                 # KServe v2 over HTTP and gRPC",
                   highlight=False, markup=False, soft_wrap=True)
     if serve:
         serve_model(console, model_dir, http_port, grpc_port)
+
+
+def user_first(planned: list[str], user: list[str]) -> list[str]:
+    """``planned`` overrides without the keys the user set (and without model keys when the user set any)."""
+    keys = {o.split("=", 1)[0].strip() for o in user}
+    user_model = any(k.startswith("model.") for k in keys)
+    return [o for o in planned if (key := o.split("=", 1)[0]) not in keys and not (user_model and key.startswith("model."))]
+
+
+def resolve_decode_dtype():
+    """The dtype generation runs fastest in on this CPU (fp32 on every CPU measured so far)."""
+    from deepseek.hardware import resolve_precision
+
+    return resolve_precision("auto", workload="decode").autocast_dtype
 
 
 def serve_model(console, model_dir: Path, http_port: int, grpc_port: int) -> None:

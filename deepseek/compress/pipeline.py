@@ -30,7 +30,7 @@ def _training_config(out: Path, training: dict[str, Any], default_steps: int = 0
     run_dir = training.get("run_dir") or out.parent / f"{out.name}.run"
     return finetune_config(data, run_dir, steps=steps, lr=training.get("lr", 3e-4),
                            batch_size=training.get("batch_size", 16), seq_len=training.get("seq_len", 256),
-                           precision=training.get("precision", "fp32"), resume=bool(training.get("resume")),
+                           precision=training.get("precision", "auto"), resume=bool(training.get("resume")),
                            warmup_steps=min(20, steps // 10))
 
 

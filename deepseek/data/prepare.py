@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from deepseek.data.errors import DataError
 from deepseek.data.sources import Document, read_documents, resolve_sources
 from deepseek.data.tokenizer import EOS, load_tokenizer_file
-from deepseek.models.directory import write_atomically
+from deepseek.atomic import write_atomically
 
 FORMAT = "deepseek-tokens"
 FORMAT_VERSION = 1

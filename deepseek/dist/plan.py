@@ -251,6 +251,11 @@ class DistributedParallelism(Parallelism):
     def barrier(self) -> None:
         dist.barrier()
 
+    def min_over_ranks(self, value: int) -> int:
+        t = torch.tensor([int(value)], device=tensor_device(self.device))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def any_rank(self, flag: bool) -> bool:
         t = torch.tensor([int(flag)], device=tensor_device(self.device))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from deepseek.generate.engine import generate, stream
 from deepseek.generate.params import SamplingParams
+from deepseek.hardware import resolve_precision
 from deepseek.models.directory import load, read_extra
 
 TASKS = ("text-generation",)
@@ -45,13 +46,20 @@ class TextGenerationPipeline:
 
 
 def pipeline(task: str, model: Union[str, Path, torch.nn.Module], tokenizer: Optional[Tokenizer] = None, *,
-             device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+             device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None, precision: str = "auto",
              **defaults) -> TextGenerationPipeline:
-    """Build a pipeline for ``task`` from a model directory (or a model object plus its tokenizer)."""
+    """Build a pipeline for ``task`` from a model directory (or a model object plus its tokenizer).
+
+    A directory is loaded in ``dtype`` if given, else in the ``precision`` (auto, fp32, bf16) that decodes fastest
+    on ``device`` (:func:`deepseek.hardware.resolve_precision`; on CPUs that is fp32 almost everywhere: one-row
+    products are slower in bf16 even with AMX).
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     if isinstance(model, (str, Path)):
         directory = model
+        if dtype is None:
+            dtype = resolve_precision(precision, device, workload="decode").autocast_dtype
         model, tokenizer = load(directory, device=device, dtype=dtype)
         defaults = {**(read_extra(directory, "generation.json") or {}), **defaults}
     elif tokenizer is None:

@@ -14,9 +14,6 @@ with safetensors (no pickle); every failure names the file and the reason.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from deepseek.atomic import swap_into_place, write_atomically  # noqa: F401 - re-exported
 from deepseek.config import ConfigError
 from deepseek.models.config import ModelConfig
 from deepseek.models.transformer import MoETransformer
@@ -41,51 +39,6 @@ class ModelDirectoryError(RuntimeError):
 
 
 # -- writing ---------------------------------------------------------------------------------------
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def swap_into_place(tmp: Path, path: Path) -> None:
-    """fsync every file and folder under ``tmp``, then rename it to ``path`` (replacing what was there)."""
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            _fsync_file(file)
-    for folder in (tmp, *(d for d in tmp.rglob("*") if d.is_dir())):
-        _fsync_dir(folder)
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        path.rename(old)
-    tmp.rename(path)
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def write_atomically(path: str | Path, write_into) -> Path:
-    """Call ``write_into(tmp_dir)``, fsync what it wrote, then swap ``tmp_dir`` into ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write_into(tmp)
-        swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
 
 def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # Unwrap torch.compile / DDP wrappers so names never carry `_orig_mod.` or `module.` prefixes.

@@ -181,6 +181,8 @@ class ServingConfig:
     parameters: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a torch entry point)
     routing: dict[str, Any] = field(default_factory=dict)  # a routing policy (deepseek.serve.routing.parse_policy)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
+    # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self):
         if self.max_batch_size < 0:

@@ -84,7 +84,14 @@ class _ManagerCollector(Collector):
                                       labels=["model", "version", "reason"])
         for (name, version, reason), n in sorted(self.failures.items()):
             failure.add_metric([name, version, reason], n)
-        yield from (queue, busy, instances, ready, pending, failure, *nv.values())
+        precision = GaugeMetricFamily("ds_model_precision_info", "1 for the precision each model version runs in and "
+                                      "why (precision: auto chooses by what this device runs fast).",
+                                      labels=[*labels, "precision", "reason"])
+        for name, version, mv in self.manager.snapshot():
+            choice = getattr(mv.backend, "precision", None) if mv.backend is not None else None
+            if choice is not None:
+                precision.add_metric([name, "" if version is None else str(version), choice.precision, choice.reason], 1)
+        yield from (queue, busy, instances, ready, pending, failure, precision, *nv.values())
         yield from self._generation_gauges(labels)
 
     def _generation_gauges(self, labels: list[str]) -> Iterable:

@@ -57,6 +57,9 @@ class ScheduleConfig:
         "help": "shape of the decay after warm-up: cosine, linear or constant"})
     min_lr_ratio: float = field(default=0.1, metadata={
         "help": "final learning rate as a fraction of lr (reached at max_steps)"})
+    fit_time_limit: bool = field(default=True, metadata={
+        "help": "with time_limit_minutes: measure the step time after warm-up and shorten the run (at most "
+                "max_steps) so the decay ends at the time limit, not at a step count the machine may never reach"})
 
     def __post_init__(self) -> None:
         problems = []

@@ -70,6 +70,16 @@ def build_tokenizer(spec: str, sources: list[str], exclude: list[str], vocab_siz
     return load_tokenizer_file(expand_source(spec))
 
 
+def tokens_per_step(config: TrainConfig):
+    """Tokens of step ``step`` (0-based) under the sequence-length curriculum: what a time budget plans with."""
+    schedule = config.data.schedule()
+
+    def tokens(step: int) -> float:
+        return float(config.batch_size * next(t for start, t in reversed(schedule) if start <= step))
+
+    return tokens
+
+
 def make_loader(config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> TokenLoader:
     paths = data_paths(config.data)
     sources: Any = next(iter(paths.values()))[0] if len(paths) == 1 and not config.data.sources else paths
@@ -151,7 +161,7 @@ def _train_lm(config: TrainConfig, *, parallel: Optional[Parallelism] = None) ->
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
     trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model, parallel=parallel)
+                      save_model=save_model, parallel=parallel, work_per_step=tokens_per_step(config))
     try:
         return trainer.fit()
     finally:

@@ -98,6 +98,12 @@ class StepProgress:
             self._last_time, self._last_step = now, step
             self.console.print(f"step {step}/{self.total}  {text}  eta {eta:.0f}s", highlight=False)
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (a time budget planned it): the bar and the ETA follow."""
+        self.total = total
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
     def print(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, highlight=False)

@@ -81,3 +81,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
     schedule = functools.partial(lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
                                  decay=cfg.decay, min_lr_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def set_schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: ScheduleConfig, max_steps: int) -> None:
+    """Make ``scheduler`` decay over ``max_steps`` steps from now on (a time budget re-planned the run); the
+    learning rate of the next step is recomputed at once."""
+    schedule = functools.partial(lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+                                 decay=cfg.decay, min_lr_ratio=cfg.min_lr_ratio)
+    scheduler.lr_lambdas = [schedule] * len(scheduler.optimizer.param_groups)
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)

@@ -62,6 +62,10 @@ class Parallelism:
     def barrier(self) -> None:
         pass
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` over the ranks (every rank gets it): e.g. the planned step count."""
+        return value
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (so all ranks take the same branch)."""
         return flag

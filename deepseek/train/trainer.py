@@ -22,11 +22,14 @@ from torch import nn
 
 from deepseek.compile import jit
 from deepseek.config import ConfigError, to_dict
+from deepseek.hardware import PrecisionChoice, choose_precision, hardware_profile, warn_once
 from deepseek.nn.moe import update_router_biases
+from deepseek.atomic import write_json_atomically
+from deepseek.train.budget import TimeBudget, WorkFn, planned_steps
 from deepseek.train.checkpoint import is_sharded_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
-from deepseek.train.optim import build_optimizer, build_scheduler
+from deepseek.train.optim import build_optimizer, build_scheduler, set_schedule_length
 from deepseek.train.parallelism import Parallelism
 from deepseek.train.trainer_config import TrainConfig
 
@@ -43,16 +46,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
+    """What ``precision`` (auto, fp32, bf16, fp16) means on ``device``, chosen by what the device does fast
+    (:mod:`deepseek.hardware`); an explicit bf16 where it is slow warns once, fp16 on a CPU is a ConfigError."""
+    try:
+        choice = choose_precision(precision, hardware_profile(device, measure=precision in ("auto", "bf16")))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    warn_once(choice.warning)
+    return choice
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of a precision setting on a device (None = fp32); refuses fp16 on CPU."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("precision=fp16 needs CUDA: on CPU fp16 matmuls are ~15x slower than fp32 "
-                              "(use precision=bf16 on CPU)")
-        return torch.float16
-    return torch.bfloat16
+    """The autocast dtype of a precision setting on a device (None = fp32); see :func:`resolve_precision`."""
+    return resolve_precision(precision, device).autocast_dtype
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:
@@ -102,7 +109,8 @@ def save_state_dict(model: nn.Module, path: Path) -> None:
     """The default final save of a plain module: ``path/model.safetensors``, written atomically."""
     from safetensors.torch import save_file
 
-    from deepseek.models.directory import _state_for_saving, write_atomically
+    from deepseek.atomic import write_atomically
+    from deepseek.models.directory import _state_for_saving
 
     state = {k: v.clone() for k, v in _state_for_saving(model).items()}  # tied weights: safetensors wants no sharing
     write_atomically(path, lambda folder: save_file(state, str(folder / "model.safetensors")))
@@ -150,10 +158,13 @@ class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Iterator[Any], loss_fn: LossFn,
                  eval_fn: Optional[EvalFn] = None, tokenizer: Any = None,
                  save_model: Optional[Callable[[nn.Module, Path], None]] = None, throughput_unit: str = "tok/s",
-                 parallel: Optional[Parallelism] = None):
+                 parallel: Optional[Parallelism] = None, work_per_step: Optional[WorkFn] = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.config = config
         self.device = resolve_device(config.device)
-        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.amp_dtype = self.precision.autocast_dtype
+        self.work_per_step, self.clock = work_per_step, clock
         self.model = model.to(self.device)
         self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
         self.tokenizer, self.save_model, self.unit = tokenizer, save_model or save_state_dict, throughput_unit
@@ -172,6 +183,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
         self.step = 0
+        self.planned_steps = config.max_steps  # a time budget may shorten the schedule (deepseek.train.budget)
         self.accum = config.batch_size // config.micro_batch
 
     # -- one step ------------------------------------------------------------------------------------
@@ -235,7 +247,9 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------------
 
     def _training_state(self) -> dict[str, Any]:
-        state = {"step": self.step, "clipper": self.clipper.state_dict(), "config": to_dict(self.config)}
+        state = {"step": self.step, "clipper": self.clipper.state_dict(), "config": to_dict(self.config),
+                 # only a time budget's plan is kept: a resumed run with a larger max_steps goes on to it otherwise
+                 "planned_steps": self.planned_steps if self.planned_steps != self.config.max_steps else None}
         if hasattr(self.batches, "state_dict"):
             state["data"] = self.batches.state_dict()
         if self.scaler is not None:
@@ -281,6 +295,9 @@ class Trainer:
         position and loss scaler from its ``state``; returns the step."""
         self.step = int(state["step"])
         self.clipper.load_state_dict(state["clipper"])
+        # The same run goes on with its time budget's plan; a run resumed to a new max_steps plans afresh.
+        if state.get("config", {}).get("max_steps") == self.config.max_steps:
+            self._set_planned_steps(min(planned_steps(state, self.config.max_steps), self.config.max_steps))
         if "data" in state and hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(state["data"])
         elif hasattr(self.batches, "state_dict"):
@@ -311,40 +328,55 @@ class Trainer:
         resumed = self.resume() if cfg.checkpoint.resume else None
         log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard) if self.is_main else _NoLog()
         log.truncate_after(self.step)
-        progress = StepProgress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main, unit=self.unit)
+        progress = StepProgress(self.planned_steps, self.step, enabled=cfg.progress and self.is_main, unit=self.unit)
         if resumed is not None:
             progress.print(f"resumed from step {resumed}")
-        started = time.perf_counter()
+        progress.print(f"precision: {self.precision.precision} ({self.precision.reason})")
+        budget = self._time_budget()
+        self._write_run_info(budget)
+        clock = self.clock
+        started = clock()
         window_items, window_time = 0, 0.0
         figures: dict[str, float] = {"loss": float("nan")}
         stopped_early = False
         last_checkpoint = self.step if resumed is not None else None
         final_eval = None
         try:
-            while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
+            while self.step < self.planned_steps:
+                t0 = clock()
                 batch = next(self.batches)
                 figures = self.train_step(batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                window_time += time.perf_counter() - t0
+                took = clock() - t0
+                window_time += took
                 window_items += count_items(batch) * self.parallel.data_parallel_size  # the global batch
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if budget is not None:
+                    budget.record_step(self.step - 1, took)
+                if self.step % cfg.log_every == 0 or self.step == self.planned_steps:
                     throughput = window_items / window_time if window_time else 0.0
                     key = "tokens_per_s" if self.unit == "tok/s" else "samples_per_s"
                     record = {"step": self.step, **figures, key: round(throughput, 1),
                               "seq_len": getattr(batch, "seq_len", None),
-                              "elapsed_s": round(time.perf_counter() - started, 2)}
+                              "elapsed_s": round(clock() - started, 2)}
                     log.log({k: v for k, v in record.items() if v is not None})
                     progress.update(self.step, {**figures, "throughput": throughput})
                     window_items, window_time = 0, 0.0
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.planned_steps:
+                    t0 = clock()
                     self._log_eval(log, progress)
+                    if budget is not None:
+                        budget.record_eval(clock() - t0)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    t0 = clock()
                     self.save_checkpoint()
                     last_checkpoint = self.step
+                    if budget is not None:
+                        budget.record_checkpoint(clock() - t0)
+                if budget is not None and budget.wants_plan():
+                    self._plan(budget, clock() - started, progress)
                 limit = cfg.time_limit_minutes * 60
-                if limit and self.parallel.any_rank(time.perf_counter() - started > limit) and self.step < cfg.max_steps:
+                if limit and self.parallel.any_rank(clock() - started > limit) and self.step < self.planned_steps:
                     progress.print(f"time limit of {cfg.time_limit_minutes:g} min reached at step {self.step}")
                     stopped_early = True
                     break
@@ -359,7 +391,42 @@ class Trainer:
         finally:
             progress.close()
             log.close()
-        return TrainResult(self.step, figures["loss"], time.perf_counter() - started, stopped_early, resumed, final_eval)
+        return TrainResult(self.step, figures["loss"], clock() - started, stopped_early, resumed, final_eval)
+
+    # -- the time budget -----------------------------------------------------------------------------
+
+    def _time_budget(self) -> Optional[TimeBudget]:
+        """A planner for ``time_limit_minutes`` runs whose schedule should end at the limit (else None)."""
+        cfg = self.config
+        if not cfg.time_limit_minutes or not cfg.schedule.fit_time_limit:
+            return None
+        return TimeBudget(cfg.time_limit_minutes * 60, cfg.max_steps, work=self.work_per_step,
+                          eval_every=cfg.eval_every if self.eval_fn is not None else 0,
+                          checkpoint_every=cfg.checkpoint.every)
+
+    def _set_planned_steps(self, steps: int) -> None:
+        self.planned_steps = steps
+        set_schedule_length(self.scheduler, self.config.schedule, steps)
+
+    def _plan(self, budget: TimeBudget, elapsed_s: float, progress: StepProgress) -> None:
+        """Re-plan the run's length from the budget's measurements; every rank takes the shortest plan."""
+        plan = budget.plan_steps(self.step, elapsed_s)
+        steps = self.parallel.min_over_ranks(plan.steps)
+        if steps != self.planned_steps:
+            self._set_planned_steps(steps)
+            progress.set_total(steps)
+        progress.print(plan.describe())
+        self._write_run_info(budget)
+
+    def _write_run_info(self, budget: Optional[TimeBudget]) -> None:
+        """``run_dir/trainer.json``: what this run chose and why (precision, hardware, time-budget plans)."""
+        if not self.is_main:
+            return
+        info = {"precision": self.precision.to_dict(),
+                "hardware": hardware_profile(self.device, measure=False).to_dict(),
+                "max_steps": self.config.max_steps, "planned_steps": self.planned_steps,
+                "time_budget": budget.state_dict() if budget is not None else None}
+        write_json_atomically(self.run_dir / "trainer.json", info)
 
     def _log_eval(self, log: MetricsLog, progress: StepProgress) -> Optional[dict[str, float]]:
         results = self.evaluate()

@@ -155,14 +155,17 @@ class TrainConfig:
     seed: int = _help(0, "Seed for initialisation, data order and dropout: same seed, same run.")
     batch_size: int = _help(16, "Rows per optimizer step: the global batch, whatever the number of processes.")
     micro_batch_size: int = _help(0, "Rows per forward/backward (0 = batch_size): smaller values accumulate gradients.")
-    precision: Literal["fp32", "bf16", "fp16"] = _help(
-        "bf16", "fp32, bf16 (autocast on CPU and GPU) or fp16 (autocast + gradient scaler; CUDA only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "auto", "auto (bf16 where this device runs it measurably faster than fp32, else fp32; bf16 or fp16 on CUDA), "
+                "fp32, bf16 (autocast on CPU and GPU) or fp16 (autocast + gradient scaler; CUDA only).")
     device: str = _help("auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     compile: bool = _help(False, "Compile the model with torch.compile (ds.jit; falls back to eager with a warning).")
     gradient_checkpointing: bool = _help(False, "Recompute each block in backward: less activation memory, more time.")
     log_every: int = _help(10, "Write a metrics.jsonl record every N steps.")
     eval_every: int = _help(100, "Evaluate on the validation split every N steps (0 = only at the end).")
-    time_limit_minutes: float = _help(0.0, "Stop (saving a checkpoint and the model) after this many minutes; 0 = no limit.")
+    time_limit_minutes: float = _help(0.0, "Stop (saving a checkpoint and the model) after this many minutes; 0 = no "
+                                           "limit. With schedule.fit_time_limit the learning-rate schedule is planned "
+                                           "to end at the limit.")
     progress: bool = _help(True, "Show a progress bar.")
     tensorboard: bool = _help(True, "Write TensorBoard scalars to run_dir/tensorboard.")
     model: dict[str, Any] = _help({"preset": "tiny"}, "The model: `preset` (tiny, small, mixtral-tiny, base, large) "

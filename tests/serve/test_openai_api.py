@@ -241,3 +241,9 @@ def test_generation_metrics(server, client):
     assert value("ds_generation_requests", "ds_generation_requests_total", finish_reason="length") >= 1
     assert value("ds_generation_max_running_sequences", "ds_generation_max_running_sequences") == 4
     assert 0 <= value("ds_generation_kv_cache_utilization", "ds_generation_kv_cache_utilization") <= 1
+    # what precision the model runs in, and why (precision: auto picks what decodes fastest on this machine)
+    from deepseek.hardware import choose_precision, hardware_profile
+    expected = choose_precision("auto", hardware_profile(), "decode")
+    info = [smp for smp in families["ds_model_precision_info"].samples if smp.labels["model"] == "lm"]
+    assert len(info) == 1 and info[0].value == 1
+    assert info[0].labels["precision"] == expected.precision and info[0].labels["reason"].startswith("auto: ")

@@ -21,6 +21,7 @@ import torch
 from deepseek.config import ConfigError
 from deepseek.data.tokenizer import PAD
 from deepseek.generate.continuous import ContinuousBatchingEngine
+from deepseek.hardware import resolve_precision
 from deepseek.models.directory import ModelDirectoryError, load
 from deepseek.serve.backends.base import Backend, BackendError
 from deepseek.serve.config import ServingConfig, TensorSpec
@@ -34,8 +35,10 @@ class DeepSeekBackend(Backend):
 
     def __init__(self, name: str, version: int, path: Path, config: ServingConfig):
         super().__init__(name, version, path, config)
+        # Serving is mostly decoding (one row per sequence per step): the precision that is fast for that here.
+        self.precision = resolve_precision(config.precision, "cpu", workload="decode")
         try:
-            self.model, self.tokenizer = load(self.path)
+            self.model, self.tokenizer = load(self.path, dtype=self.precision.autocast_dtype)
         except (ModelDirectoryError, ConfigError, OSError) as exc:
             raise BackendError(f"model {name!r} version {version}: cannot load model directory: {exc}") from exc
         self.model.eval()
