@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every fine-tune's steps")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default="bf16", help="fine-tuning precision (bf16 is ~2x faster on CPU)")
+    parser.add_argument("--precision", default="auto", help="fine-tuning precision (auto: bf16 only where it is fast)")
     args = parser.parse_args()
     if missing_model(args.model, "--model/--data"):
         return

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import deepseek as ds  # noqa: E402
+from deepseek.hardware import bf16_products_fast, hardware_profile  # noqa: E402
 from hf_anchor import hf_mixtral_from_ours  # noqa: E402
 
 TARGETS = {"ours-fp32": ("hf-fp32", 1.2), "ours-bf16": ("hf-fp32", 2.5),
@@ -108,12 +109,19 @@ def main() -> None:
         "hf-fp32": make_step(copy.deepcopy(hf_base).train(), ids, targets, hf=True, bf16=False),
         "ours-logits-fp32": ours(False, fused_loss=False),
         "ours-fp32": ours(False),
-        "ours-bf16": ours(True),
-        "hf-bf16": make_step(copy.deepcopy(hf_base).train(), ids, targets, hf=True, bf16=True),
     }
+    # bf16 cases only where this CPU runs bf16 products fast: without native bf16 each step takes minutes
+    bf16_here = bf16_products_fast(hardware_profile())
+    if bf16_here:
+        cases["ours-bf16"] = ours(True)
+        cases["hf-bf16"] = make_step(copy.deepcopy(hf_base).train(), ids, targets, hf=True, bf16=True)
+    else:
+        print("bf16 cases skipped: this CPU has no fast bf16 products (ds info --hardware)")
     compile_s = {}
     if not args.no_jit:
         for name, bf16 in (("ours-jit-fp32", False), ("ours-jit-bf16", True)):
+            if bf16 and not bf16_here:
+                continue
             if args.cases and name not in args.cases:
                 continue
             step = ours(bf16, jit=True)
@@ -125,10 +133,10 @@ def main() -> None:
     if args.cases:
         cases = {k: v for k, v in cases.items() if k == "hf-fp32" or k in args.cases}
     peak32 = matmul_peak_gflops(torch.float32)
-    peak16 = matmul_peak_gflops(torch.bfloat16)
+    peak16 = matmul_peak_gflops(torch.bfloat16) if bf16_here else float("nan")
     times = interleaved(cases, rounds=args.rounds, warmup=2, inner=args.steps, budget_s=args.budget)
     peak32 = max(peak32, matmul_peak_gflops(torch.float32))  # again after: the host's speed drifts
-    peak16 = max(peak16, matmul_peak_gflops(torch.bfloat16))
+    peak16 = max(peak16, matmul_peak_gflops(torch.bfloat16)) if bf16_here else float("nan")
 
     flops_per_token = 6 * n_active
     results = {}

@@ -362,12 +362,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per measurement")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--precisions", nargs="+", default=None, choices=["bf16", "fp32"],
+                    help="default: fp32, and bf16 where this CPU runs bf16 products fast")
     ap.add_argument("--loader-batches", type=int, default=100, help="next_batch() calls per loader measurement")
     ap.add_argument("--budget", type=float, default=300.0, help="stop after this many seconds (>= 3 rounds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precisions is None:
+        from deepseek.hardware import bf16_products_fast, hardware_profile
+        args.precisions = ["bf16", "fp32"] if bf16_products_fast(hardware_profile()) else ["fp32"]
     info = machine_info()
     print_machine(info)
     t_script = time.perf_counter()

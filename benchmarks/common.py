@@ -52,6 +52,16 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    setup_path()
+    from deepseek.hardware import cpu_name_and_flags
+
+    info["cpu_flags"] = sorted(cpu_name_and_flags()[1])  # avx2, avx512_bf16, amx_bf16, avx512_vnni, ... present
+    info["cpu_class"] = cpu_class(info["cpu_flags"], info["cpu_capability"])
+    # torch/oneDNN held to AVX2 on a newer CPU (docs/hardware.md) emulate the AVX2 class: say so with the numbers
+    limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+              if k in os.environ}
+    if limits:
+        info["isa_limits"] = limits
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -60,9 +70,22 @@ def machine_info() -> dict:
     return info
 
 
+def cpu_class(flags: list[str], capability: str) -> str:
+    """The CPU class a result belongs to (docs/benchmarks.md keeps one table per class)."""
+    if capability.startswith("AVX512") and ("amx_bf16" in flags or "avx512_bf16" in flags):
+        return "AVX-512 + native bf16" + (" + AMX" if "amx_bf16" in flags else "")
+    if capability.startswith("AVX512"):
+        return "AVX-512, no native bf16"
+    if capability == "AVX2":
+        return "AVX2 only" + (" (held to AVX2 on a newer CPU)" if "avx512f" in flags else "")
+    return capability
+
+
 def print_machine(info: dict) -> None:
     print(f"# {info['date']}  {info['cpu']}  cores={info['cores_visible']}  torch={info['torch']} "
           f"({info['cpu_capability']})  threads={info['torch_threads']}  transformers={info['transformers']}")
+    print(f"# CPU class: {info['cpu_class']}; flags: {' '.join(info['cpu_flags']) or '-'}"
+          + (f"; ISA limits: {info['isa_limits']}" if info.get("isa_limits") else ""))
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
