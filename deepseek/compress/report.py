@@ -4,6 +4,11 @@ Parameters, bytes on disk, CPU forward latency at batch 1 and 8 (``seq_len`` tok
 tokens/s at batch 1, and validation perplexity on a prepared data directory. Both models are timed in
 alternating rounds in the same process, so a busy machine slows both alike and the ratios hold.
 
+A quantized model's speed depends on the kernels this CPU runs it with (:mod:`deepseek.nn.quantized`): the int8
+and bf16 kernels where they are fast, a dequantized fp32 product elsewhere (an AVX2-only CPU). The report names
+the kernels and, wherever the compressed model is slower than the original, says so and why
+(:meth:`CompressionReport.notes`): a slower "compressed" model is never shown without that note.
+
     report = compare("runs/quickstart/model", "runs/int8", data="runs/quickstart/data")
     print_report(report); write_report(report, "runs/int8")     # compression-report.json + .png
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +49,11 @@ class ModelMeasurement:
     decode_tokens_per_s: Optional[float] = None
     val_ppl: Optional[float] = None
     val_loss: Optional[float] = None
+    kernels: list[dict[str, str]] = field(default_factory=list)  # distinct kernel choices of its quantized modules
+
+
+# speed metrics: key -> True when lower is better
+SPEED = {"latency_b1_ms": True, "latency_b8_ms": True, "decode_tokens_per_s": False}
 
 
 @dataclass
@@ -50,6 +61,36 @@ class CompressionReport:
     original: ModelMeasurement
     compressed: ModelMeasurement
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def slower(self) -> dict[str, float]:
+        """``{speed metric: how many times slower}`` where the compressed model is slower than the original."""
+        out = {}
+        for key, lower_is_better in SPEED.items():
+            a, b = getattr(self.original, key), getattr(self.compressed, key)
+            if a and b:
+                factor = b / a if lower_is_better else a / b
+                if factor > 1.0:
+                    out[key] = factor
+        return out
+
+    def notes(self) -> list[str]:
+        """Where the compressed model is slower than the original on any speed metric: one line saying by how much
+        on which, and why (the kernels' reason); empty when it is not slower anywhere."""
+        slower = self.slower()
+        if not slower:
+            return []
+        kernels = self.compressed.kernels
+        dequantized = sorted({k["reason"].removeprefix("auto: ") for k in kernels if k["kernel"] == "dequant"})
+        if dequantized:
+            why = "; ".join(dequantized)
+        elif kernels:
+            names = ", ".join(sorted({k["kernel"] for k in kernels}))
+            why = (f"its kernels ({names}) ran slower than the original's fp32 products here, although chosen as "
+                   f"the fast ones ({kernels[0]['reason'].removeprefix('auto: ')}); what it saves is memory")
+        else:
+            why = f"{self.compressed.method} keeps fp32 kernels; the difference is the model itself or timing noise"
+        by = ", ".join(f"{METRICS[key][0]} {factor:.2f}x" for key, factor in slower.items())
+        return [f"the compressed model is slower than the original here ({by}): {why}"]
 
     def ratios(self) -> dict[str, float]:
         """compressed / original for every metric both have."""
@@ -62,12 +103,30 @@ class CompressionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"original": asdict(self.original), "compressed": asdict(self.compressed),
-                "ratios": {k: round(v, 4) for k, v in self.ratios().items()}, "settings": self.settings}
+                "ratios": {k: round(v, 4) for k, v in self.ratios().items()}, "notes": self.notes(),
+                "settings": self.settings}
 
 
 def weight_bytes(path: str | Path) -> int:
     """Bytes of the weight files (``*.safetensors``) of a model directory."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def kernel_summary(model: torch.nn.Module) -> list[dict[str, str]]:
+    """The distinct kernel choices (scheme, requested, kernel, reason) a quantized model runs with here."""
+    from deepseek.nn.quantized import is_quantized, kernel_choices
+
+    if not is_quantized(model):
+        return []
+    distinct = {}
+    for choice in kernel_choices(model).values():
+        distinct.setdefault((choice.scheme, choice.kernel, choice.reason), choice.to_dict())
+    return list(distinct.values())
+
+
+def describe_kernels(measurement: ModelMeasurement) -> str:
+    """``int_mm`` / ``dequant`` ... for a table cell; ``fp32`` for a model without quantized modules."""
+    return ", ".join(sorted({k["kernel"] for k in measurement.kernels})) or "fp32"
 
 
 def describe_method(path: str | Path) -> str:
@@ -99,7 +158,8 @@ def compare(original: str | Path, compressed: str | Path, *, data: Optional[str 
     paths = {"original": Path(original), "compressed": Path(compressed)}
     loaded = {name: load(path) for name, path in paths.items()}
     results = {name: ModelMeasurement(str(path), "original" if name == "original" else describe_method(path),
-                                      loaded[name][0].num_parameters(), weight_bytes(path))
+                                      loaded[name][0].num_parameters(), weight_bytes(path),
+                                      kernels=kernel_summary(loaded[name][0]))
                for name, path in paths.items()}
     vocab = min(m.config.vocab_size for m, _ in loaded.values())
     generator = torch.Generator().manual_seed(0)
@@ -130,8 +190,11 @@ def compare(original: str | Path, compressed: str | Path, *, data: Optional[str 
         results[name].latency_b1_ms = statistics.median(s["b1"])
         results[name].latency_b8_ms = statistics.median(s["b8"])
         results[name].decode_tokens_per_s = statistics.median(s["decode"])
+    from deepseek.hardware import hardware_profile
+
     settings = {"seq_len": seq_len, "rounds": rounds, "decode_tokens": decode_tokens, "eval_batches": eval_batches,
-                "eval_seq_len": eval_seq_len, "data": str(data) if data else None, "threads": torch.get_num_threads()}
+                "eval_seq_len": eval_seq_len, "data": str(data) if data else None, "threads": torch.get_num_threads(),
+                "cpu": hardware_profile().summary()}
     return CompressionReport(results["original"], results["compressed"], settings)
 
 
@@ -159,13 +222,21 @@ def report_table(report: CompressionReport):
             continue
         table.add_row(f"{label}" + (f" ({unit})" if unit else ""), _fmt(key, a), _fmt(key, b),
                       f"{ratios[key]:.3f}x" if key in ratios else "-")
+    table.add_row("kernels on this CPU", describe_kernels(report.original), describe_kernels(report.compressed), "")
     return table
 
 
 def print_report(report: CompressionReport) -> None:
+    """The table, the kernels' reasons and, where the compressed model is slower, the notes saying why."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console().print(report_table(report))
+    console = Console()
+    console.print(report_table(report))
+    for kernel in report.compressed.kernels:
+        console.print(escape(f"kernel {kernel['kernel']} ({kernel['scheme']}): {kernel['reason']}"), highlight=False)
+    for note in report.notes():
+        console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
 
 
 def plot_report(report: CompressionReport, path: str | Path) -> Path:
@@ -180,16 +251,20 @@ def plot_report(report: CompressionReport, path: str | Path) -> Path:
     labels = [METRICS[k][0] for k in keys]
     values = [ratios[k] for k in keys]
     better = [(v <= 1.0) == METRICS[k][2] or abs(v - 1.0) < 0.005 for k, v in zip(keys, values)]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(keys) + 1.5), dpi=120)
+    notes = [textwrap.fill("note: " + note, 100) for note in report.notes()]
+    note_lines = sum(note.count("\n") + 1 for note in notes)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(keys) + 1.5 + 0.16 * note_lines), dpi=120)
     ax.barh(labels, values, color=["tab:green" if b else "tab:red" for b in better])
     ax.axvline(1.0, color="black", linewidth=1)
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:.2f}x", va="center")
     ax.invert_yaxis()
     ax.set_xlabel("compressed / original")
-    ax.set_title(f"{report.compressed.method} vs original")
+    ax.set_title(f"{report.compressed.method} (kernels: {describe_kernels(report.compressed)}) vs original")
     ax.set_xlim(0, max(values + [1.0]) * 1.25)
-    fig.tight_layout()
+    if notes:  # a slower compressed model is never shown without why
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.16 * note_lines / fig.get_figheight(), 1, 1))
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)

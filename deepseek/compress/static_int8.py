@@ -8,10 +8,20 @@
 The flow is the one torch.ao's FX static quantization moved to (torch 2.13 no longer ships pt2e):
 ``torch.export.export(model, dynamic batch).module()`` -> ``prepare_pt2e`` with torchao's
 ``X86InductorQuantizer`` (default config: int8 weights symmetric per output channel, uint8 activations
-affine per tensor; BatchNorm folded into the convolutions) -> calibration forwards that record activation
+affine per tensor, 7-bit (``reduce_range``) on CPUs whose int8 products saturate, see below; BatchNorm folded
+into the convolutions) -> calibration forwards that record activation
 ranges -> ``convert_pt2e`` (quantize/dequantize nodes around fp32 ops, int8 weights as constants) ->
 ``torch.compile`` with inductor's ``freezing``, which pattern-matches dequant -> conv/linear -> quant into
 oneDNN int8 kernels with prepacked weights. Without ``freezing`` there is no int8 kernel and no gain.
+
+Activations by the CPU. oneDNN's int8 kernels without VNNI (AVX2-only CPUs: AMD Zen 2/3, Intel before Cascade
+Lake) multiply uint8 x int8 pairs with ``vpmaddubsw``, which sums each pair into 16 bits with saturation:
+2 * 255 * 127 > 32,767, so large activations times large weights come out clipped (measured under
+``ONEDNN_MAX_CPU_ISA=AVX2``: 156 of the digits CNN's 3,600 compiled logits off by up to 0.69 against the
+reference program). Where :func:`deepseek.hardware.int8_products_exact` says so, activations are quantized to
+0..127 (``reduce_range=True``, PyTorch's answer to the same problem): 2 * 127 * 127 fits, at half the activation
+resolution. The choice is recorded in ``compression.json`` (``reduce_range``); a model quantized with 8-bit
+activations and loaded on a saturating CPU warns, since its compiled outputs will drift there.
 
 Two workarounds for torch 2.13 + torchao 0.18, both measured (docs/compression-distill.md):
 - ``freezing`` must be set in the global inductor config while dynamo traces: passed as
@@ -37,6 +47,7 @@ Legend: B batch, C channels, H/W image height/width.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -102,12 +113,20 @@ class StaticInt8Model(nn.Module):
             config.freezing = previous
 
 
-def _quantizer():
+def int8_saturates_here() -> bool:
+    """This CPU's int8 products saturate 16-bit pair sums (no VNNI, by flags or by the exactness probe)."""
+    from deepseek.hardware import hardware_profile, int8_products_exact, int8_products_exact_probe
+
+    profile = hardware_profile(measure=False)  # flags only; the exactness probe alone is ~1 ms
+    return not int8_products_exact(dataclasses.replace(profile, int8_exact=int8_products_exact_probe()))
+
+
+def _quantizer(reduce_range: bool):
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config())
+    quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     return quantizer
 
 
@@ -134,13 +153,14 @@ def _drop_unused_state(gm: torch.fx.GraphModule) -> None:
 
 
 def quantize_static_int8(model: nn.Module, calibration_batches: Iterable[Any], example_input: torch.Tensor, *,
-                         compile: bool = True) -> StaticInt8Model:
+                         compile: bool = True, reduce_range: Optional[bool] = None) -> StaticInt8Model:
     """Static int8 quantization of ``model`` (a CNN or any exportable module with one tensor input).
 
     ``calibration_batches`` yields inputs [B, C, H, W] (or ``(inputs, labels)`` tuples, labels ignored): the
     activation ranges are recorded on them, so they should look like real data (8-16 batches is plenty for
     a small model). ``example_input`` fixes every dimension but the batch. ``model`` is not modified.
     Returns the compiled :class:`StaticInt8Model` (``compile=False``: the uncompiled reference program).
+    ``reduce_range``: 7-bit activations; None (default) chooses by this CPU (:func:`int8_saturates_here`).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -153,7 +173,9 @@ def quantize_static_int8(model: nn.Module, calibration_batches: Iterable[Any], e
         model.train(was_training)
     with warnings.catch_warnings():  # "The input of maxpool2d is not quantized": expected, not actionable
         warnings.filterwarnings("ignore", message="The input of .* is not quantized")
-        prepared = prepare_pt2e(graph, _quantizer())
+        if reduce_range is None:
+            reduce_range = int8_saturates_here()
+        prepared = prepare_pt2e(graph, _quantizer(reduce_range))
     n_batches = 0
     with torch.no_grad():
         for batch in calibration_batches:
@@ -169,12 +191,20 @@ def quantize_static_int8(model: nn.Module, calibration_batches: Iterable[Any], e
 
     info = {"method": METHOD, "format_version": FORMAT_VERSION,
             "quantizer": "torchao X86InductorQuantizer, default config: int8 weights symmetric per output channel, "
-                         "uint8 activations affine per tensor",
+                         f"uint8 activations affine per tensor ({'0..127' if reduce_range else '0..255'})",
+            "reduce_range": bool(reduce_range),
             "calibration_batches": n_batches, "input_shape": [None, *example.shape[1:]], "input_dtype": "float32",
             "source_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "torch": torch.__version__, "torchao": torchao.__version__,
             "program": PROGRAM, "weights": WEIGHTS}
     return StaticInt8Model(exported, compile=compile, info=info)
+
+
+def _warn_if_saturating(info: dict[str, Any], folder: Path) -> None:
+    if not info.get("reduce_range", False) and int8_saturates_here():
+        warnings.warn(f"{folder}: quantized with 8-bit activations, but this CPU's int8 products saturate 16-bit "
+                      f"pair sums (no VNNI): compiled outputs will differ from the reference program; re-quantize "
+                      f"here (reduce_range is then chosen automatically)", stacklevel=3)
 
 
 # -- saving and loading --------------------------------------------------------------------------------
@@ -290,7 +320,9 @@ def load_static_int8(path: str | Path, *, compile: bool = True) -> StaticInt8Mod
         serialized = _dict_to_dataclass(SerializedProgram, program)
         exported = ExportedProgramDeserializer().deserialize(serialized, state, {}, ((example,), {}))
     except (SerializeError, KeyError, TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise ModelDirectoryError(f"{program_file} does not load with {weights_file.name} "
+        raise ModelDirectoryError(f"{program_file} does not load with {WEIGHTS} "
                                   f"({type(exc).__name__}: {str(exc)[:300]}); re-quantize with this torch "
                                   f"({torch.__version__}; saved with {info.get('torch')})") from exc
+    if compile:
+        _warn_if_saturating(info, folder)
     return StaticInt8Model(exported, compile=compile, info=info)

@@ -3,17 +3,44 @@
 Schemes (the names ``compression.json`` and ``ds compress --method`` use):
 
 ``int8-dynamic``  int8 weights (one symmetric scale per output row) times int8 activations (one scale per token,
-                  computed on the fly); the product runs in int32 (``torch._int_mm``), 3-5x faster than fp32 on CPU.
-``int8-weight``   int8 weights as above, activations stay floating point (bf16 into ``_weight_int8pack_mm``).
+                  computed on the fly): the products are sums of integer products, then both scales are applied.
+``int8-weight``   int8 weights as above, activations stay floating point.
 ``int4-weight``   4-bit weights in groups of ``group_size`` input columns, each group with its own scale and
-                  minimum (asymmetric); two weights per byte on disk; bf16 activations into
-                  ``_weight_int4pack_mm_for_cpu``.
+                  minimum (asymmetric); two weights per byte on disk.
 
-Why these kernels: they ship in torch itself and are the ones that are fast on x86 CPUs (measured in
-docs/benchmarks.md and docs/compression.md); torchao's CPU paths are slow in eager mode or need kernels its PyPI
-wheel does not ship. Every buffer is a plain integer or float tensor, so a quantized model saves to safetensors
-and loads without pickle. Off the CPU (or for shapes a kernel refuses) the weights are dequantized for the
-product: correct everywhere, fast where the kernels exist.
+Kernels. Each scheme has a few named ways to run its products (:data:`KERNELS`), chosen at run time (never saved:
+the same directory runs on every CPU):
+
+``int_mm``         int8-dynamic: ``torch._int_mm`` (int8 x int8 -> int32), 3-5x faster than fp32 where the CPU has
+                   VNNI or AMX; ~38x slower than fp32 on AVX2-only CPUs, where oneDNN also saturates 16-bit pair sums.
+``int_mm_7bit``    int8-dynamic: ``_int_mm`` with the weights as first operand and 7-bit activations as second, so
+                   pair sums stay below 2 * 255 * 63 < 32,768 without VNNI. What a forced ``int_mm`` becomes on a CPU
+                   whose int8 products saturate (:func:`deepseek.hardware.int8_products_exact`). Exact, but slow there.
+``int8pack_bf16``  int8-weight: bf16 activations into ``_weight_int8pack_mm`` (its fast path; fp32 input is ~20x
+                   slower). Logits carry bf16 rounding.
+``int4pack_bf16``  int4-weight: bf16 activations into ``_weight_int4pack_mm_for_cpu`` (its own weight layout, built
+                   from the portable packed form at first use, not saved). Logits carry bf16 rounding.
+``dequant``        every scheme: the weight is dequantized for each call (only the experts that have tokens) and
+                   the product runs in fp32. int8-dynamic still rounds each token's activations to int8 exactly as
+                   ``int_mm`` does and multiplies the integer values in fp32 before applying the scales: integer
+                   sums below 2**24 are exact in fp32, so this path computes what ``int_mm`` computes (bit for bit
+                   up to 1,040 input features) and what QAT trained. The weight-only schemes keep fp32 activations.
+
+``auto`` (the default) resolves once per module, at its first product, from :func:`deepseek.hardware.hardware_profile`
+(:func:`choose_kernel`): ``int_mm`` only where :func:`~deepseek.hardware.int8_products_fast` (VNNI/AMX, exact and
+measured at least as fast as fp32), the bf16 kernels only where :func:`~deepseek.hardware.bf16_products_fast`, else
+``dequant``. :func:`set_quantized_kernel` / :func:`quantized_kernel` force a path on a module tree (tests and
+benchmarks compare paths that way); :func:`kernel_choices` says what a model runs with and why.
+
+Why per-call dequantization rather than a cached fp32 copy: the cache would hold the fp32 model next to the
+compressed one (5x the int8 memory), which defeats compressing; converting an [O, I] int8 weight costs about one
+fp32 matrix-vector product, a few percent of a 128-token forward, but roughly doubles the cost of one decoding step.
+
+Why these kernels: they ship in torch itself and are the ones that are fast on x86 CPUs that have VNNI/AMX and
+native bf16 (measured in docs/benchmarks.md and docs/compression.md); torchao's CPU paths are slow in eager mode or
+need kernels its PyPI wheel does not ship. Every buffer is a plain integer or float tensor, so a quantized model
+saves to safetensors and loads without pickle. Off the CPU (or for shapes a kernel refuses) the products take the
+``dequant`` path: correct everywhere, fast where the kernels exist.
 
 Modules that do not fit are left in floating point: the router (its scores choose experts; tiny), norms, and
 Linear layers with fewer than ``MIN_FEATURES`` outputs (a gate with one output).
@@ -21,17 +48,25 @@ Linear layers with fewer than ``MIN_FEATURES`` outputs (a gate with one output).
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek.hardware import (BF16_FLAGS, INT8_FLAGS, HardwareProfile, bf16_products_fast, hardware_profile,
+                               int8_products_exact, int8_products_fast)
 from deepseek.nn.attention import Attention
 from deepseek.nn.mlp import SwiGLU
 from deepseek.nn.moe import FEW_PAIRS, GroupedExperts, Router
 
 SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
+# The kernel paths of each scheme, fastest-where-supported first; "auto" picks one by the hardware.
+KERNELS = {"int8-dynamic": ("int_mm", "int_mm_7bit", "dequant"),
+           "int8-weight": ("int8pack_bf16", "dequant"),
+           "int4-weight": ("int4pack_bf16", "dequant")}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 MIN_FEATURES = 16
 
@@ -88,34 +123,184 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int4_groups(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    q = unpack_int4(packed).float()
-    g = q.shape[-1] // scale.shape[-1]
-    w = q.unflatten(-1, (-1, g)) * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)
-    return w.flatten(-2)
+    """``q * scale + minimum`` per group as fp32 [..., O, I] (nibbles written straight into fp32, then scaled in
+    place: ~2x fewer passes than unpacking to uint8 first; the same values)."""
+    groups = scale.shape[-1]
+    w = torch.empty(*packed.shape[:-1], packed.shape[-1], 2, device=packed.device)
+    w[..., 0] = packed & 0x0F
+    w[..., 1] = packed >> 4
+    w = w.view(*packed.shape[:-1], groups, -1)
+    return w.mul_(scale.float().unsqueeze(-1)).add_(minimum.float().unsqueeze(-1)).flatten(-2)
 
 
-def quantize_tokens_int8(x_MI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (token) of ``x``: ``(q int8 [M, I], scale fp32 [M, 1])``."""
+def quantize_tokens_int8(x_MI: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (token) of ``x``: ``(q int8 [M, I] in -levels..levels, scale fp32 [M, 1])``.
+
+    ``levels=63``: 7-bit values, for int8 products that would saturate 16-bit pair sums (``int_mm_7bit``).
+    """
+    q, scale = _round_tokens(x_MI, levels)
+    return q.to(torch.int8), scale
+
+
+def _round_tokens(x_MI: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row rounded to integers in -levels..levels with its own scale: ``(fp32 integer values, scale [M, 1])``."""
     x = x_MI.float()
     # abs + amax: linalg.vector_norm(ord=inf) is ~30x slower on CPU for the same maximum.
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(127.0)
-    return (x / scale).round_().to(torch.int8), scale
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(levels)
+    return (x / scale).round_(), scale
+
+
+def quantize_rows(x_MI: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation rows of ``int8-dynamic`` as ``kernel`` multiplies them: int8 for the ``_int_mm`` kernels (7-bit for
+    ``int_mm_7bit``), the same integers as fp32 for ``dequant``; with the per-row scales [M, 1]."""
+    if kernel == "dequant":
+        return _round_tokens(x_MI)
+    return quantize_tokens_int8(x_MI, 63 if kernel == "int_mm_7bit" else 127)
+
+
+# -- kernels: which product runs, chosen by the hardware -------------------------------------------
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What a quantized module runs its products with on this device, and why."""
+
+    scheme: str
+    requested: str   # "auto" or a name of KERNELS[scheme]
+    kernel: str      # the path that runs
+    reason: str
+
+    @property
+    def dequantized(self) -> bool:
+        """The fp32 path: the compressed model saves memory here but computes at (or below) fp32 speed."""
+        return self.kernel == "dequant"
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "requested": self.requested, "kernel": self.kernel, "reason": self.reason}
+
+
+def check_kernel(scheme: str, kernel: str) -> str:
+    """``kernel`` if it is ``auto`` or one of ``scheme``'s paths, else a ValueError listing the valid ones."""
+    valid = ("auto", *KERNELS[check_scheme(scheme)])
+    if kernel not in valid:
+        raise ValueError(f"unknown quantized kernel {kernel!r} for {scheme}; valid kernels: {', '.join(valid)}")
+    return kernel
+
+
+def _int8_evidence(profile: HardwareProfile) -> str:
+    flags = [f for f in INT8_FLAGS if f in profile.flags]
+    speedup = profile.speedup("int8")
+    measured = f", {speedup:.2g}x fp32 measured" if speedup is not None else ""
+    if not profile.native_int8:
+        return "int8 products not fast on this CPU (no VNNI)"
+    if not int8_products_exact(profile):
+        return ("int8 products not exact on this CPU (16-bit pair sums saturate: oneDNN's int8 path without VNNI"
+                f"{measured})")
+    if not int8_products_fast(profile):
+        return f"int8 products not fast on this CPU ({', '.join(flags)}{measured})"
+    return f"int8 products fast on this CPU ({', '.join(flags)}{measured})"
+
+
+def _bf16_evidence(profile: HardwareProfile) -> str:
+    flags = [f for f in BF16_FLAGS if f in profile.flags]
+    speedup = profile.speedup("bf16")
+    measured = f", {speedup:.2g}x fp32 measured" if speedup is not None else ""
+    if not profile.native_bf16:
+        return "bf16 products not fast on this CPU (no native bf16)"
+    fast = "fast" if bf16_products_fast(profile) else "not fast"
+    return f"bf16 products {fast} on this CPU ({', '.join(flags)}{measured})"
+
+
+def choose_kernel(scheme: str, requested: str, profile: HardwareProfile) -> KernelChoice:
+    """The kernel path ``scheme`` runs with on a device of ``profile``: a pure function, so tests inject profiles.
+
+    ``auto``: ``int_mm`` where :func:`~deepseek.hardware.int8_products_fast`, the bf16 kernels where
+    :func:`~deepseek.hardware.bf16_products_fast`, else ``dequant`` (fp32). A forced ``int_mm`` on a CPU whose int8
+    products saturate 16-bit pair sums runs as ``int_mm_7bit`` (7-bit activations), which stays exact there.
+    Off the CPU every scheme dequantizes (the integer kernels used here are CPU kernels).
+    """
+    check_kernel(scheme, requested)
+    if profile.device_type != "cpu":
+        return KernelChoice(scheme, requested, "dequant", f"{profile.device_type}: the quantized kernels here are "
+                                                          f"CPU kernels; dequantized product")
+    if requested == "auto":
+        if scheme == "int8-dynamic":
+            fast, evidence = int8_products_fast(profile), _int8_evidence(profile)
+        else:
+            fast, evidence = bf16_products_fast(profile), _bf16_evidence(profile)
+        kernel = KERNELS[scheme][0] if fast else "dequant"
+        return KernelChoice(scheme, requested, kernel,
+                            f"auto: {evidence}" + ("" if fast else ": dequantized fp32 path"))
+    if requested == "int_mm" and not int8_products_exact(profile):
+        return KernelChoice(scheme, requested, "int_mm_7bit", f"set explicitly; {_int8_evidence(profile)}: "
+                                                              f"7-bit activations keep the sums exact")
+    return KernelChoice(scheme, requested, requested, "set explicitly")
+
+
+def _kernel_choice(module: nn.Module) -> KernelChoice:
+    """``module``'s resolved kernel (a QuantizedWeight or QuantizedExperts): resolved at the first product, kept."""
+    choice = module.__dict__.get("_kernel_choice")
+    if choice is None:
+        choice = module.__dict__["_kernel_choice"] = choose_kernel(module.scheme, module.kernel, hardware_profile())
+    return choice
+
+
+def _kernel_holders(model: nn.Module) -> list[nn.Module]:
+    """The modules that choose a kernel: QuantizedExperts (for all their weights) and QuantizedWeights elsewhere."""
+    holders, inside = [], set()
+    for module in model.modules():
+        if isinstance(module, QuantizedExperts):
+            holders.append(module)
+            inside.update(id(w) for w in (*module.gate_up, *module.down))
+        elif isinstance(module, QuantizedWeight) and id(module) not in inside:
+            holders.append(module)
+    return holders
+
+
+def set_quantized_kernel(model: nn.Module, kernel: str = "auto", *,
+                         profile: Optional[HardwareProfile] = None) -> nn.Module:
+    """Run every quantized module of ``model`` with ``kernel`` (``auto`` or a name of :data:`KERNELS`); returns it.
+
+    Resolved at each module's next product from this process's hardware profile, or now from ``profile`` when
+    given (to see what another CPU would run). A name that is not a path of some module's scheme is a ValueError
+    listing the valid ones, and nothing is changed. Not saved: the kernel is a runtime choice.
+    """
+    holders = _kernel_holders(model)
+    if not holders:
+        raise ValueError("set_quantized_kernel: the model has no quantized modules")
+    for module in holders:
+        check_kernel(module.scheme, kernel)
+    for module in holders:
+        module.kernel = kernel
+        module.__dict__["_kernel_choice"] = None if profile is None else choose_kernel(module.scheme, kernel, profile)
+    return model
+
+
+@contextlib.contextmanager
+def quantized_kernel(model: nn.Module, kernel: str, *,
+                     profile: Optional[HardwareProfile] = None) -> Iterator[nn.Module]:
+    """``with quantized_kernel(model, "dequant"): ...`` runs ``model`` with ``kernel``, then restores what it had."""
+    saved = [(m, m.kernel, m.__dict__.get("_kernel_choice")) for m in _kernel_holders(model)]
+    set_quantized_kernel(model, kernel, profile=profile)
+    try:
+        yield model
+    finally:
+        for module, name, choice in saved:
+            module.kernel = name
+            module.__dict__["_kernel_choice"] = choice
+
+
+def kernel_choices(model: nn.Module) -> dict[str, KernelChoice]:
+    """``{module name: KernelChoice}`` for every quantized module of ``model`` (resolving ``auto`` if not yet)."""
+    holders = {id(m) for m in _kernel_holders(model)}
+    return {name: _kernel_choice(m) for name, m in model.named_modules() if id(m) in holders}
+
+
+def _cpu_kernel(module: nn.Module, x: torch.Tensor) -> str:
+    """The kernel for a product on ``x``: the module's choice on the CPU, ``dequant`` elsewhere."""
+    return _kernel_choice(module).kernel if x.device.type == "cpu" else "dequant"
 
 
 # -- products --------------------------------------------------------------------------------------
-
-def int8_dynamic_matmul(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor,
-                        quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                        transposed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W.T`` with ``W = q * scale``: int8 x int8 -> int32 on CPU, then both scales applied (fp32 [M, O]).
-
-    ``quantized``: ``x`` already quantized (rows and scales); ``transposed``: ``q_OI.t()`` if the caller keeps it.
-    """
-    if x_MI.device.type != "cpu":  # _int_mm's CUDA kernel needs M > 16 and aligned shapes: dequantize instead
-        return F.linear(x_MI.float(), dequantize_int8_rows(q_OI, scale_O))
-    xq, sx = quantized if quantized is not None else quantize_tokens_int8(x_MI)
-    return torch._int_mm(xq, q_OI.t() if transposed is None else transposed).float().mul_(sx).mul_(scale_O)
-
 
 def int8_weight_matmul(x_MI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` with int8 weights and bf16 activations (the kernel's fast path; fp32 input is ~20x slower)."""
@@ -151,7 +336,13 @@ class Int4Kernel:
 # -- modules ---------------------------------------------------------------------------------------
 
 class QuantizedWeight(nn.Module):
-    """One [out, in] weight in a scheme, with the products and row lookups the layers need."""
+    """One [out, in] weight in a scheme, with the products and row lookups the layers need.
+
+    ``kernel``: the requested kernel path (``auto`` unless :func:`set_quantized_kernel` set one), resolved at the
+    first product (:func:`choose_kernel`). Inside :class:`QuantizedExperts` the experts module chooses instead.
+    """
+
+    kernel = "auto"
 
     def __init__(self, scheme: str, out_features: int, in_features: int, group_size: int = 32,
                  device: Optional[torch.device] = None):
@@ -177,10 +368,6 @@ class QuantizedWeight(nn.Module):
             self.q, self.scale = quantize_int8_rows(w_OI)
         return self
 
-    def int8_product(self, x_MI: torch.Tensor, quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        """``x @ W.T`` of the int8-dynamic scheme for 2-D ``x`` (rows already quantized if ``quantized``)."""
-        return int8_dynamic_matmul(x_MI, self.q, self.scale, quantized, self._transposed_q())
-
     def _transposed_q(self) -> torch.Tensor:
         """``q.t()``, kept between calls (a view op per product is ~2 % of a forward), renewed when q changes."""
         q = self.q
@@ -200,18 +387,33 @@ class QuantizedWeight(nn.Module):
             return dequantize_int4_groups(self.packed[ids], self.scale[ids], self.minimum[ids])
         return dequantize_int8_rows(self.q[ids], self.scale[ids])
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for x [..., in]: fp32 [..., out]."""
-        x_MI = x.reshape(-1, self.in_features)
+    def product(self, x_MI: torch.Tensor, kernel: str,
+                quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """``x @ W.T`` for 2-D ``x`` [M, in] with ``kernel`` (a name of ``KERNELS[scheme]``): fp32 [M, out].
+
+        ``quantized``: int8-dynamic only, ``x``'s rows already as :func:`quantize_rows` gives them for ``kernel``.
+        """
         if self.scheme == "int8-dynamic":
-            y = self.int8_product(x_MI)
-        elif self.scheme == "int8-weight":
-            y = int8_weight_matmul(x_MI, self.q, self.scale)
-        elif self._kernel.usable(self.packed, self.scale):
-            y = self._kernel.matmul(x_MI, self.packed, self.scale, self.minimum)
-        else:
-            y = F.linear(x_MI.float(), self.dequantize())
-        return y.view(*x.shape[:-1], self.out_features)
+            xq, sx = quantized if quantized is not None else quantize_rows(x_MI, kernel)
+            if kernel == "int_mm":
+                y = torch._int_mm(xq, self._transposed_q()).float()
+            elif kernel == "int_mm_7bit":  # weights first: oneDNN shifts the first operand, the 7-bit one stays small
+                y = torch._int_mm(self.q, xq.t()).t().to(torch.float32, memory_format=torch.contiguous_format)
+            else:  # integer values in fp32: sums below 2**24 are exact, so this equals the int32 product
+                y = F.linear(xq, self.q.float())
+            return y.mul_(sx).mul_(self.scale)
+        if self.scheme == "int8-weight":
+            if kernel == "int8pack_bf16":
+                return int8_weight_matmul(x_MI, self.q, self.scale)
+            return F.linear(x_MI.float(), self.q.float()).mul_(self.scale)  # row scales applied to the outputs
+        if kernel == "int4pack_bf16" and self._kernel.usable(self.packed, self.scale):
+            return self._kernel.matmul(x_MI, self.packed, self.scale, self.minimum)
+        return F.linear(x_MI.float(), self.dequantize())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for x [..., in] with this module's kernel: fp32 [..., out]."""
+        x_MI = x.reshape(-1, self.in_features)
+        return self.product(x_MI, _cpu_kernel(self, x)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, out={self.out_features}, in={self.in_features}"
@@ -285,10 +487,11 @@ class QuantizedExperts(nn.Module):
 
     Tokens are grouped by expert on the host (one read of the choices), then each expert that has tokens runs
     its two products on its own rows; with ``int8-dynamic`` the rows are quantized once per projection for all
-    experts together.
+    experts together. ``kernel`` (see :class:`QuantizedWeight`) is chosen here for all expert weights.
     """
 
     quantized = True
+    kernel = "auto"
 
     def __init__(self, scheme: str, n_experts: int, d_model: int, ffn_dim: int, group_size: int = 32,
                  device: Optional[torch.device] = None):
@@ -308,27 +511,22 @@ class QuantizedExperts(nn.Module):
             module.down[e].set_weight(experts.down[e], group_size)
         return module
 
-    def _products(self, e: int, rows: torch.Tensor, rows_q, dynamic: bool) -> torch.Tensor:
-        """Expert ``e`` on its rows: down(silu(gate) * up), fp32."""
-        if dynamic:
-            gate_up = self.gate_up[e].int8_product(rows, rows_q)
-        else:
-            gate_up = self.gate_up[e].matmul(rows)
+    def _products(self, e: int, rows: torch.Tensor, rows_q, kernel: str) -> torch.Tensor:
+        """Expert ``e`` on its rows: down(silu(gate) * up), fp32 (``rows_q``: int8-dynamic rows already quantized)."""
+        gate_up = self.gate_up[e].product(rows, kernel, rows_q)
         hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
-        if dynamic:
-            return self.down[e].int8_product(hidden)
-        return self.down[e].matmul(hidden)
+        return self.down[e].product(hidden, kernel)
 
     def _forward_few_tokens(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
-                            dynamic: bool) -> torch.Tensor:
+                            kernel: str) -> torch.Tensor:
         """Decoding: group the pairs on the host (no device sort) and visit only the chosen experts."""
         K = experts_NK.shape[1]
         x = x_ND.float()
         if x.shape[0] == 1:  # one token (batch-1 decoding): a weighted sum of its K experts, rows quantized once
-            x_q = quantize_tokens_int8(x) if dynamic else None
+            x_q = quantize_rows(x, kernel) if self.scheme == "int8-dynamic" else None
             out = None
             for expert, weight in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):
-                y = self._products(expert, x, x_q, dynamic).mul_(weight)
+                y = self._products(expert, x, x_q, kernel).mul_(weight)
                 out = y if out is None else out.add_(y)
             return out.to(x_ND.dtype)
         groups: dict[int, list[int]] = {}
@@ -339,16 +537,16 @@ class QuantizedExperts(nn.Module):
         for expert, pairs in groups.items():
             tokens = [p // K for p in pairs]
             rows = x[tokens]
-            y = self._products(expert, rows, None, dynamic).mul_(weights[pairs].unsqueeze(-1))
+            y = self._products(expert, rows, None, kernel).mul_(weights[pairs].unsqueeze(-1))
             out.index_add_(0, torch.tensor(tokens, device=x.device), y)
         return out.to(x_ND.dtype)
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         N, D = x_ND.shape
         K = experts_NK.shape[1]
-        dynamic = self.scheme == "int8-dynamic" and x_ND.device.type == "cpu"
+        kernel = _cpu_kernel(self, x_ND)
         if N * K <= FEW_PAIRS:
-            return self._forward_few_tokens(x_ND, weights_NK, experts_NK, dynamic)
+            return self._forward_few_tokens(x_ND, weights_NK, experts_NK, kernel)
         flat = experts_NK.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
@@ -356,23 +554,23 @@ class QuantizedExperts(nn.Module):
         x_sorted = x_ND[token_of_pair].float()
         spans, start = [], 0
         for e, count in enumerate(counts):
-            if count:
+            if count:  # only experts with tokens run (and, on the dequant path, are dequantized)
                 spans.append((e, start, start + count))
                 start += count
-        if not dynamic:
+        if self.scheme != "int8-dynamic":
             y_sorted = torch.empty_like(x_sorted)
             for e, a, b in spans:
-                y_sorted[a:b] = self._products(e, x_sorted[a:b], None, False)
+                y_sorted[a:b] = self._products(e, x_sorted[a:b], None, kernel)
         else:  # rows are quantized per row, so one quantization for all experts equals one per expert, in fewer ops
-            x_q, x_scale = quantize_tokens_int8(x_sorted)
+            x_q, x_scale = quantize_rows(x_sorted, kernel)
             hidden = x_sorted.new_empty(x_sorted.shape[0], self.ffn_dim)
             for e, a, b in spans:
-                gate_up = self.gate_up[e].int8_product(x_sorted[a:b], (x_q[a:b], x_scale[a:b]))
+                gate_up = self.gate_up[e].product(x_sorted[a:b], kernel, (x_q[a:b], x_scale[a:b]))
                 hidden[a:b] = F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:]
-            h_q, h_scale = quantize_tokens_int8(hidden)
+            h_q, h_scale = quantize_rows(hidden, kernel)
             y_sorted = torch.empty_like(x_sorted)
             for e, a, b in spans:
-                y_sorted[a:b] = self.down[e].int8_product(hidden[a:b], (h_q[a:b], h_scale[a:b]))
+                y_sorted[a:b] = self.down[e].product(hidden[a:b], kernel, (h_q[a:b], h_scale[a:b]))
         y_sorted.mul_(weights_NK.flatten()[order].unsqueeze(-1).float())
         out = torch.zeros(N, D, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
         return out.to(x_ND.dtype)
@@ -442,4 +640,5 @@ def quantize_modules(model: nn.Module, scheme: str, *, group_size: int = 32, emb
 
 
 def is_quantized(model: nn.Module) -> bool:
+    """The model holds quantized modules (:func:`quantize_modules` ran on it)."""
     return any(getattr(m, "quantized", False) for m in model.modules())

@@ -30,6 +30,14 @@ def test_compress_int8_then_report(tmp_path, trained_tiny, lm_data):
     assert report["ratios"]["bytes"] < 0.35
     assert report["compressed"]["val_ppl"] < report["original"]["val_ppl"] * 1.02
     assert (out / "compression-report.png").stat().st_size > 0
+    (kernel,) = report["compressed"]["kernels"]  # which kernel ran here, and why
+    assert kernel["scheme"] == "int8-dynamic" and kernel["kernel"] in ("int_mm", "dequant") and kernel["reason"]
+    assert "kernels on this CPU" in result.stdout
+    slower = any((report["compressed"][k] > report["original"][k]) if k != "decode_tokens_per_s"
+                 else (report["compressed"][k] < report["original"][k])
+                 for k in ("latency_b1_ms", "latency_b8_ms", "decode_tokens_per_s"))
+    assert len(report["notes"]) == int(slower)  # a slower compressed model always carries its note
+    assert not slower or kernel["reason"].removeprefix("auto: ") in report["notes"][0]
 
     generated = run_ds("generate", out, "def ", "--max-new-tokens", "5", "--temperature", "0")
     assert generated.returncode == 0, generated.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deepseek as ds
-from deepseek.compress.finetune import finetune, finetune_config, validation_perplexity
+from deepseek.compress.finetune import validation_perplexity
 from deepseek.compress.qat import convert_qat, fake_quantize_weight, is_qat, prepare_qat
 from deepseek.compress.quantize import compression_record, quantization_entry, quantize, save_compressed
 from deepseek.models.directory import ModelDirectoryError
@@ -15,15 +15,28 @@ from deepseek.nn.quantized import (SCHEMES, QuantizedExperts, QuantizedLinear, d
                                    dequantize_int8_rows, is_quantized, quantize_int4_groups, quantize_int8_rows,
                                    unpack_int4)
 
-# Relative error of the logits (norm of the difference / norm of the fp32 logits) each scheme stays within, and
-# the validation-loss increase it may cost, on the trained tiny model. The weight-only schemes compute in bf16
-# (their kernels' fast path), so their logits carry bf16 rounding (~3 significant digits) on top of the weights'.
+# Relative error of the outputs (norm of the difference / norm of the fp32 outputs) each scheme stays within in one
+# layer, and the validation-loss increase it may cost on the trained tiny model. Where bf16 products are fast the
+# weight-only schemes run bf16 activations (their kernels' fast path), so their outputs carry bf16 rounding
+# (~3 significant digits) on top of the weights'; elsewhere they dequantize and run fp32.
 LOGIT_TOLERANCE = {"int8-dynamic": 0.03, "int8-weight": 0.05, "int4-weight": 0.15}
 LOSS_TOLERANCE = {"int8-dynamic": 0.01, "int8-weight": 0.01, "int4-weight": 0.05}
+# A whole MoE model, per token. Any rounding flips the top-k experts of a few tokens, whose logits then move by
+# 20-70 %; how many depends on the model (2-6 of the 144 tokens below on fixtures trained on AVX-512 and on AVX2),
+# so the error over all logits counts flips (0.022 vs 0.046 for the same int8-dynamic arithmetic). The typical
+# token's error (median) says what the arithmetic costs, the share of tokens off by more than 10 % how many flip.
+# (Measured: int8 medians 0.003, int4 0.025; int8-dynamic on AVX2 through the saturating _int_mm: 0.026.)
+TOKEN_TOLERANCE = {"int8-dynamic": 0.01, "int8-weight": 0.01, "int4-weight": 0.05}
+FLIPPED_SHARE = {"int8-dynamic": 0.06, "int8-weight": 0.06, "int4-weight": 0.2}
 
 
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def token_errors(a, b):
+    """Relative error of each token's logits: [tokens]."""
+    return ((a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1)).flatten()
 
 
 def quantized_dir(tmp_path, source, scheme):
@@ -51,7 +64,7 @@ def test_quantized_linear_matches_its_dequantized_weight(scheme):
     x = torch.randn(5, 3, 64)
     module = QuantizedLinear.from_linear(linear, scheme)
     reference = torch.nn.functional.linear(x, module.weight_q.dequantize(), linear.bias)
-    # int8-dynamic also rounds the activations; the weight-only schemes run their activations in bf16.
+    # int8-dynamic also rounds the activations; the weight-only schemes run bf16 activations where bf16 is fast.
     assert relative_error(module(x), reference) < (0.01 if scheme == "int8-dynamic" else 0.006)
     assert relative_error(module(x), linear(x)) < LOGIT_TOLERANCE[scheme]
 
@@ -70,7 +83,9 @@ def test_quantized_model_stays_close_to_fp32_and_round_trips(tmp_path, trained_t
         reference, out = original(ids), loaded(ids)
         in_memory = quantize(copy.deepcopy(original), scheme)(ids)
     assert torch.equal(out, in_memory)  # what was saved is what loads
-    assert relative_error(out, reference) < LOGIT_TOLERANCE[scheme]
+    errors = token_errors(out, reference)
+    assert errors.median() < TOKEN_TOLERANCE[scheme], errors.median()
+    assert (errors > 0.1).float().mean() < FLIPPED_SHARE[scheme], errors.sort().values[-10:]
     base = validation_perplexity(original, lm_data, seq_len=64, max_batches=4)["val_loss"]
     quantized = validation_perplexity(loaded, lm_data, seq_len=64, max_batches=4)["val_loss"]
     assert quantized <= base * (1 + LOSS_TOLERANCE[scheme])
@@ -151,26 +166,78 @@ def test_qat_converts_to_what_it_trained(trained_tiny, scheme):
         fake = model(ids)
         real = convert_qat(model)(ids)
     assert not is_qat(model) and is_quantized(model)
-    assert relative_error(real, fake) < (0.01 if scheme == "int8-dynamic" else 0.03)  # int4 runs bf16 activations
+    # int4: bf16 activations where bf16 is fast
+    assert relative_error(real, fake) < (0.01 if scheme == "int8-dynamic" else 0.03)
 
 
-def test_qat_recovers_what_int4_ptq_loses(tmp_path, trained_tiny, lm_data):
-    """Same start, same data, same steps: QAT's converted model beats PTQ of the plainly fine-tuned one."""
-    settings = dict(steps=30, lr=2e-3, batch_size=8, seq_len=64, progress=False, eval_batches=2)
-    plain, _ = ds.load(trained_tiny)
-    finetune(plain, finetune_config(lm_data, tmp_path / "plain", **settings))
-    qat, _ = ds.load(trained_tiny)
+def _fit(model, x, y, steps, lr):
+    """``steps`` full-batch AdamW steps on one fixed batch (deterministic: no sampling, no dropout)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(x, targets=y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _outlier_channels(model, channels=(0, 7), factor=16.0):
+    """Give the inputs ``channels`` of every quantized product the outlier scale real LLMs show (LLM.int8(),
+    SmoothQuant): weights x ``factor``, the RMSNorm weight before them / ``factor`` (the router's columns too).
+    The same function exactly (powers of two); their int4 groups are stretched, the other weights there coarsened."""
+    ch = list(channels)
+    for block in model.blocks:
+        block.attn_norm.weight[ch] /= factor
+        for linear in (block.attn.q, block.attn.k, block.attn.v):
+            linear.weight[:, ch] *= factor
+        block.ffn_norm.weight[ch] /= factor
+        block.ffn.experts.gate_up[:, :, ch] *= factor
+        block.ffn.router.weight[:, ch] *= factor
+    model.norm.weight[ch] /= factor
+    model.lm_head.weight[:, ch] *= factor
+    return model
+
+
+def test_qat_recovers_what_int4_ptq_loses(trained_tiny):
+    """Same start, same data, same steps: QAT's converted int4 model beats PTQ of the plainly fine-tuned one.
+
+    The start must hold something int4 can lose. Fine-tuned on lm_data for 30 steps (this test's first form), the
+    tiny model is barely past byte frequencies: int4 PTQ moved its validation loss by -0.002..+0.007 nats over 4
+    seeds and 30-120 steps, while two fine-tunes from one start (plain and QAT) end 0.01-0.03 nats apart, so
+    `ptq > fp32` and `qat < ptq` were coin flips (ptq 2.7833 < fp32 2.7842 on one machine). Here the model first
+    fits a fixed batch of real source text (sharp predictions), then gets outlier input channels (same function);
+    measured over 6 text windows, on AVX-512 and under AVX2 emulation: PTQ costs 0.13-0.37 nats, and 40 QAT steps
+    recover 45-75 % of it where 40 plain steps from the same start recover none. The asserted margins are a third
+    of the smallest measured values; without fake quantization the two runs are identical and the test fails.
+    """
+    from deepseek.data import python_stdlib_dir
+
+    text = (python_stdlib_dir() / "json" / "decoder.py").read_bytes()
+    ids = torch.tensor(list(text[:8 * 65]), dtype=torch.long).view(8, 65)
+    x, y = ids[:, :-1], ids[:, 1:]
+    start, _ = ds.load(trained_tiny)
+    _outlier_channels(_fit(start, x, y, steps=40, lr=3e-3))
+    state = copy.deepcopy(start.state_dict())
+
+    def fresh():
+        model, _ = ds.load(trained_tiny)
+        model.load_state_dict(state)
+        return model
+
+    def loss(model):
+        with torch.no_grad():
+            return model(x, targets=y).item()
+
+    plain = _fit(fresh(), x, y, steps=40, lr=3e-4)
+    qat = fresh()
     prepare_qat(qat, "int4-weight")
-    finetune(qat, finetune_config(lm_data, tmp_path / "qat", **settings))
-    convert_qat(qat)
-
-    def loss(m):
-        return validation_perplexity(m, lm_data, seq_len=64, max_batches=4)["val_loss"]
-
+    convert_qat(_fit(qat, x, y, steps=40, lr=3e-4))
     fp32 = loss(plain)
     ptq = loss(quantize(plain, "int4-weight"))
-    assert loss(qat) < ptq
-    assert ptq > fp32  # int4 does cost something to recover
+    assert ptq > fp32 + 0.04, (fp32, ptq)                    # int4 does cost something to recover
+    assert ptq - loss(qat) > 0.15 * (ptq - fp32), (fp32, ptq, loss(qat))  # and QAT recovers a real share of it
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

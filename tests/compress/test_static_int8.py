@@ -137,3 +137,24 @@ def test_broken_or_unsafe_folders_give_errors_naming_the_file(quantized, tmp_pat
     (folder / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(ModelDirectoryError, match=r"model\.safetensors is corrupt"):
         load_static_int8(folder, compile=False)
+
+
+def test_activations_are_7_bit_where_int8_products_saturate(digits, tmp_path, monkeypatch):
+    """Without VNNI oneDNN's u8 x s8 pairs saturate 16-bit sums (2 * 255 * 127 > 32,767): there activations
+    are quantized to 0..127 (reduce_range), chosen by the CPU unless given, recorded, and warned about at load."""
+    from deepseek.compress import static_int8
+
+    model, calibration, x_test, _ = digits
+
+    def activation_ranges(qmodel):
+        return {node.args[4] for node in qmodel.exported.graph.nodes
+                if node.op == "call_function" and "quantize_per_tensor" in str(node.target)}
+
+    monkeypatch.setattr(static_int8, "int8_saturates_here", lambda: True)
+    reduced = quantize_static_int8(model, calibration[:2], x_test[:1], compile=False)
+    assert reduced.info["reduce_range"] is True and activation_ranges(reduced) == {127}
+    full = quantize_static_int8(model, calibration[:2], x_test[:1], compile=False, reduce_range=False)
+    assert full.info["reduce_range"] is False and activation_ranges(full) == {255}
+    folder = save_static_int8(full, tmp_path / "int8")
+    with pytest.warns(UserWarning, match="8-bit activations, but this CPU's int8 products saturate"):
+        load_static_int8(folder)
