@@ -19,7 +19,7 @@ from deepseek.train.trainer_config import TrainConfig, load_train_config
 
 
 def finetune_config(data: str | Path, run_dir: str | Path, *, steps: int, lr: float = 3e-4, batch_size: int = 16,
-                    seq_len: int = 256, warmup_steps: int = 0, precision: str = "fp32", seed: int = 0,
+                    seq_len: int = 256, warmup_steps: int = 0, precision: str = "auto", seed: int = 0,
                     resume: bool = False, progress: bool = True, eval_batches: int = 8,
                     overrides: Optional[list[str]] = None) -> TrainConfig:
     """A :class:`TrainConfig` for a short fine-tune on one prepared data directory (``key=value`` overrides last)."""
@@ -52,7 +52,7 @@ def finetune(model: nn.Module, config: TrainConfig, *, tokenizer: Any = None, lo
                            max_batches=config.data.eval_batches or None)
 
     trainer = Trainer(model, config, batches=make_loader(config), loss_fn=loss_fn, eval_fn=eval_fn,
-                      tokenizer=tokenizer)
+                      tokenizer=tokenizer, trial_loss_fn=lm_loss if loss_fn is lm_loss else None)
     try:
         return trainer.fit()
     finally:

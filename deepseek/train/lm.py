@@ -161,7 +161,8 @@ def _train_lm(config: TrainConfig, *, parallel: Optional[Parallelism] = None) ->
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
     trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model, parallel=parallel, work_per_step=tokens_per_step(config))
+                      save_model=save_model, parallel=parallel, work_per_step=tokens_per_step(config),
+                      trial_loss_fn=lm_loss)
     try:
         return trainer.fit()
     finally:

@@ -34,6 +34,7 @@ from deepseek.train.parallelism import Parallelism
 from deepseek.train.trainer_config import TrainConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+TRIAL_BATCHES = 4  # precision=auto's trial on a CPU with native bf16: one warm-up batch, three timed
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
@@ -153,13 +154,18 @@ class Trainer:
     :func:`deepseek.dist.build_parallelism`) applies the layout and answers the loop's questions;
     ``batches`` yields this rank's share of each global batch. The logged loss is averaged over the ranks,
     and only rank 0 writes metrics and the model.
+
+    ``precision="auto"`` picks bf16 on a CPU only where its products are measurably faster than fp32; given
+    ``trial_loss_fn`` (a loss without side effects, e.g. the plain LM loss), that choice is checked by timing a
+    forward + backward of a copy of the model on the first batches in both precisions
+    (:func:`deepseek.train.calibrate.precision_by_trial`).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Iterator[Any], loss_fn: LossFn,
                  eval_fn: Optional[EvalFn] = None, tokenizer: Any = None,
                  save_model: Optional[Callable[[nn.Module, Path], None]] = None, throughput_unit: str = "tok/s",
                  parallel: Optional[Parallelism] = None, work_per_step: Optional[WorkFn] = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, trial_loss_fn: Optional[LossFn] = None):
         self.config = config
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
@@ -175,6 +181,10 @@ class Trainer:
             model.gradient_checkpointing = True
         self.parallel = parallel or Parallelism()
         self.rank, self.world_size, self.is_main = self.parallel.rank, self.parallel.world_size, self.parallel.is_main
+        self.accum = config.batch_size // config.micro_batch
+        if trial_loss_fn is not None and self._precision_needs_trial():  # on the plain model, before any layout
+            self.precision = self._precision_by_trial(model, batches, trial_loss_fn)
+            self.amp_dtype = self.precision.autocast_dtype
         self.parallel_model = self.parallel.wrap(self.model)
         self.forward_model = jit(self.parallel_model) if config.compile else self.parallel_model
         self.optimizer = build_optimizer(model, config.optimizer, device_type=self.device.type)
@@ -184,7 +194,31 @@ class Trainer:
         self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
         self.step = 0
         self.planned_steps = config.max_steps  # a time budget may shorten the schedule (deepseek.train.budget)
-        self.accum = config.batch_size // config.micro_batch
+
+    # -- precision ------------------------------------------------------------------------------------
+
+    def _precision_needs_trial(self) -> bool:
+        """``auto`` picked bf16 on a CPU from its products alone: worth checking on the model itself (eager only)."""
+        return (self.config.precision == "auto" and self.device.type == "cpu" and self.precision.precision == "bf16"
+                and not self.config.compile)
+
+    def _precision_by_trial(self, model: nn.Module, batches: Any, loss_fn: LossFn) -> PrecisionChoice:
+        """Time a forward + backward of the first micro-batch in fp32 and bf16 (on a copy of the model); every rank
+        takes bf16 only if every rank found it faster. Batches are peeked where the loader can rewind (else the
+        product probe's choice stands)."""
+        from deepseek.train.calibrate import precision_by_trial
+
+        if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
+            return self.precision
+        position = batches.state_dict()
+        peeked = [next(batches) for _ in range(TRIAL_BATCHES)]
+        batches.load_state_dict(position)
+        micro = [move_batch(split_batch(batch, self.accum)[0], self.device) for batch in peeked]
+        fp32 = choose_precision("fp32", hardware_profile(self.device, measure=False))
+        choice = precision_by_trial(model, loss_fn, micro, fp32, self.precision)
+        if self.parallel.min_over_ranks(int(choice.precision == "bf16")) == 0 and choice.precision == "bf16":
+            choice = dataclasses.replace(fp32, requested="auto", reason=choice.reason + "; another rank found fp32 faster")
+        return dataclasses.replace(choice, requested="auto")
 
     # -- one step ------------------------------------------------------------------------------------
 

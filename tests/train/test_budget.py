@@ -112,3 +112,21 @@ def test_a_curriculum_phase_that_costs_more_is_planned_for():
         budget.record_step(step, 0.011 * work(step))
     assert budget.wants_plan()
     assert budget.plan_steps(28, 25.6 + 8 * 2.816).steps < expected
+
+
+def test_the_precision_trial_leaves_the_model_and_the_rng_alone():
+    from deepseek.hardware import choose_precision, hardware_profile
+    from deepseek.train.calibrate import precision_by_trial
+
+    profile = hardware_profile(measure=False)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(64, 16), torch.randn(64, 1)) for _ in range(3)]
+    rng = torch.get_rng_state()
+    choice = precision_by_trial(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), batches,
+                                choose_precision("fp32", profile), choose_precision("bf16", profile))
+    assert choice.precision in ("fp32", "bf16")
+    assert "measured this model's training step on 2 batches: fp32" in choice.reason
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
