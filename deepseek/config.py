@@ -164,7 +164,10 @@ def load_file(cls: type[T], path: str | Path) -> T:
 
 
 def save_file(obj: Any, path: str | Path) -> None:
-    """Write a dataclass as JSON (``.json``) or YAML."""
+    """Write a dataclass as JSON (``.json``) or YAML, atomically (its folder is created if needed)."""
+    from deepseek.atomic import write_file_atomically
+
     path = Path(path)
     data = to_dict(obj)
-    path.write_text(json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False))
+    write_file_atomically(path, json.dumps(data, indent=2) + "\n" if path.suffix == ".json"
+                          else yaml.safe_dump(data, sort_keys=False))

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import deepseek as ds
-from deepseek.cli.quickstart import SMALL_MODEL_MIN_TOKENS, plan_for_speed, user_first, versus_gzip
+from deepseek.cli.quickstart import WIDE_MODEL_MIN_TOKENS, plan_for_speed, user_first, versus_gzip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,8 @@ def test_quickstart_trains_compares_with_gzip_and_leaves_a_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "deepseek.cli.main", "quickstart", "--run-dir", str(run), "--no-serve",
          'data.prepare_from=["{stdlib}/json/*.py", "{stdlib}/email/*.py"]', "data.val_fraction=0.2",
-         "model.preset=tiny", "model.vocab_size=512", "time_limit_minutes=0.25", "progress=false",
+         "model.preset=tiny", "model.d_model=64", "model.n_heads=4", "model.ffn_dim=256", "model.moe_ffn_dim=128",
+         "model.vocab_size=512", "time_limit_minutes=0.25", "progress=false",
          "data.eval_batches=4"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     out = result.stdout
@@ -34,11 +35,12 @@ def test_quickstart_trains_compares_with_gzip_and_leaves_a_model(tmp_path):
 
 
 def test_the_plan_follows_the_measured_speed():
-    slow, fast = plan_for_speed(1500, 9), plan_for_speed(7000, 9)
-    assert slow.expected_tokens < SMALL_MODEL_MIN_TOKENS <= fast.expected_tokens
-    assert any(o.startswith("model.d_model=") for o in slow.overrides)        # a narrower model where tokens are few
-    assert not any(o.startswith("model.") for o in fast.overrides)
-    assert slow.expected_steps < fast.expected_steps
+    slow, fast, very_fast = plan_for_speed(1500, 9), plan_for_speed(9000, 9), plan_for_speed(50_000, 9)
+    assert slow.expected_tokens < fast.expected_tokens and slow.expected_steps < fast.expected_steps
+    assert not any(o.startswith("model.") for o in slow.overrides + fast.overrides)  # configs/quickstart.yaml's model
+    assert very_fast.expected_tokens >= WIDE_MODEL_MIN_TOKENS and "model.d_model=256" in very_fast.overrides
+    curriculum = next(o for o in slow.overrides if o.startswith("data.curriculum="))
+    assert curriculum.startswith("data.curriculum=[[0, 64], [") and curriculum.endswith(", 256]]")
     assert "tok/s here" in slow.description
 
 

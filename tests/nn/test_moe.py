@@ -290,6 +290,46 @@ def test_grouped_experts_bf16_weights_close_to_fp32():
     assert (y.float() - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("multiple", [4, 64])
+def test_bucketed_layout_pads_every_group_to_a_multiple(multiple):
+    from deepseek.nn.moe import bucketed_layout
+
+    E, N, K = 8, 50, 2
+    _, idx = random_routing(N, E, K)
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=E).to(torch.int32)
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    rows, ends, total = bucketed_layout(flat[order], counts, offsets, multiple)
+    assert total % multiple == 0 and int(ends[-1]) == total and total >= N * K
+    starts = torch.cat([torch.zeros(1, dtype=torch.int32), ends[:-1]])
+    assert ((ends - starts) % multiple == 0).all() and ((ends - starts) >= counts).all()
+    assert rows.unique().numel() == N * K  # every pair its own row
+    expert = flat[order]
+    assert ((rows >= starts[expert]) & (rows < ends[expert])).all()  # ... inside its expert's padded group
+
+
+def test_bf16_dispatch_with_padded_groups_matches_the_fp32_reference():
+    """Under bf16 autocast on CPU the groups are padded (bounded kernel shapes for oneDNN): same values and grads."""
+    experts = init_(GroupedExperts(8, 64, 32), std=0.2)
+    x = torch.randn(100, 64)
+    weights, idx = random_routing(100, 8, 2)
+    grad_out = torch.randn(100, 64)
+    ref_x = x.clone().requires_grad_(True)
+    ref = experts.forward_reference(ref_x, weights, idx)
+    (ref * grad_out).sum().backward()
+    ref_grads = (ref_x.grad, experts.gate_up.grad.clone(), experts.down.grad.clone())
+    experts.zero_grad(set_to_none=True)
+    x_ = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x_, weights, idx)
+    (y.float() * grad_out).sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert (y.float() - ref).norm() / ref.norm() < 2e-2
+    for got, want in zip((x_.grad, experts.gate_up.grad, experts.down.grad), ref_grads):
+        assert torch.isfinite(got).all() and (got.float() - want).norm() / want.norm() < 3e-2
+
+
 # -- auxiliary-loss-free balancing -----------------------------------------------------------------
 
 def sigmoid_model(**overrides) -> MoETransformer:
