@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from deepseek.models.config import ModelConfig
 from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding,
                          SlotKVCache, SwiGLU)
+from deepseek.nn.few_rows import few_row_linear
 from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.quantized import QuantizedWeight
 from deepseek.nn.sparse_attention import local_global_mask
@@ -141,25 +142,27 @@ class MoETransformer(nn.Module):
         return out
 
     def _head(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V], with the product arranged for CPU BLAS when decoding (a few rows, no grad).
+        """Logits [B, T, V], with the product arranged for this CPU when decoding (a few rows, no grad).
 
-        Decoding is bound by reading weights, and the head is the largest of them. CPU BLAS streams the
-        [V, D] head at ~8 GB/s in ``F.linear`` for 1 to 8 rows, but at ~23 GB/s as ``x @ W_DV`` (one
-        row, a cached contiguous [D, V] copy, rebuilt whenever the weight changes) and ~2x faster as
-        ``(W_VD @ x.T).T`` (2 to 16 rows). Measured in docs/benchmarks.md.
+        Decoding is bound by reading weights, and the head is the largest of them. How fast CPU BLAS streams it
+        depends on the CPU and the arrangement (``F.linear``, ``(W @ x.T).T``, or ``x @ W_DV`` with a cached
+        contiguous [D, V] copy, rebuilt whenever the weight changes): :func:`deepseek.nn.few_rows.few_row_linear`
+        measures them once per shape and keeps the fastest.
         """
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         rows = x_BTD.shape[0] * x_BTD.shape[1]
         if rows > 16 or x_BTD.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(x_BTD, weight_VD)
         x_ND = x_BTD.reshape(rows, -1)
-        if rows > 1:
-            return (weight_VD @ x_ND.t()).t().reshape(*x_BTD.shape[:2], -1)
-        key = (weight_VD.data_ptr(), weight_VD._version, weight_VD.dtype)
-        if getattr(self, "_head_DV_key", None) != key:
-            self._head_DV = weight_VD.detach().t().contiguous()
-            self._head_DV_key = key
-        return (x_ND @ self._head_DV).reshape(*x_BTD.shape[:2], -1)
+
+        def transposed() -> torch.Tensor:
+            key = (weight_VD.data_ptr(), weight_VD._version, weight_VD.dtype)
+            if getattr(self, "_head_DV_key", None) != key:
+                self._head_DV = weight_VD.detach().t().contiguous()
+                self._head_DV_key = key
+            return self._head_DV
+
+        return few_row_linear(x_ND, weight_VD, transposed=transposed).reshape(*x_BTD.shape[:2], -1)
 
     def _attention_inputs(self, ids_BT, cache, attention_mask) -> AttentionInputs:
         cfg = self.config

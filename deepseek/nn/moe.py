@@ -11,13 +11,13 @@ back with their routing weights. Work and memory grow with N*K, not with E.
 from __future__ import annotations
 
 import itertools
-import threading
 from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek.nn.few_rows import few_row_linear
 from deepseek.nn.mlp import SwiGLU
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -175,30 +175,6 @@ def grouped_matmul(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
     return torch.cat([x_MI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
 
-_scratch = threading.local()  # per-thread product buffer of _skinny_linear
-
-
-def _skinny_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` for a handful of rows, arranged the way CPU BLAS streams the weight fastest.
-
-    ``F.linear`` reads a [O, I] weight at ~8-10 GB/s for 1-8 rows; ``w @ x.T`` (x row-major) runs 2-4x faster
-    for 2+ rows, and for a single row a broadcast multiply + row sums beats both (docs/benchmarks.md). The
-    product goes into a reused per-thread buffer: a fresh weight-sized tensor per call costs page faults.
-    Decoding is bound by reading expert weights, so this is most of a decoding step's expert time.
-    """
-    if x_MI.shape[0] != 1:
-        # Row-major x, so that x.T is a column-major view: BLAS streams W 2-4x slower when given a row-major
-        # [I, M] operand (a down projection fed the transposed-view output of its gate_up product ran at 1/3 speed).
-        return (w_OI @ x_MI.contiguous().t()).t()
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < w_OI.numel() or buffer.dtype != w_OI.dtype or buffer.device != w_OI.device:
-        with torch.inference_mode(False):  # a normal tensor may be written both in and out of inference mode
-            buffer = _scratch.buffer = torch.empty(w_OI.numel(), dtype=w_OI.dtype, device=w_OI.device)
-    product = buffer[: w_OI.numel()].view(w_OI.shape)
-    torch.mul(w_OI, x_MI, out=product)
-    return product.sum(dim=-1).unsqueeze(0)
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D weights in the (out, in) layout of nn.Linear and of Hugging Face's
     fused experts: ``gate_up`` [E, 2F, D] (gate rows first, then up) and ``down`` [E, D, F]."""
@@ -299,9 +275,9 @@ class GroupedExperts(nn.Module):
             x = x_ND.to(dtype)
             out = None
             for expert, weight in zip(choices, weights_NK[0].tolist()):
-                gate_up = _skinny_linear(x, self.gate_up[expert].to(dtype))
+                gate_up = few_row_linear(x, self.gate_up[expert].to(dtype))
                 hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
-                y = _skinny_linear(hidden, self.down[expert].to(dtype)).mul_(weight)
+                y = few_row_linear(hidden, self.down[expert].to(dtype)).mul_(weight)
                 out = y if out is None else out.add_(y)
             return out
         order = sorted(range(len(choices)), key=choices.__getitem__)
@@ -312,9 +288,9 @@ class GroupedExperts(nn.Module):
         start = 0
         for expert, pairs in itertools.groupby(order, key=choices.__getitem__):
             end = start + sum(1 for _ in pairs)
-            gate_up = _skinny_linear(x_sorted[start:end], self.gate_up[expert].to(dtype))
+            gate_up = few_row_linear(x_sorted[start:end], self.gate_up[expert].to(dtype))
             hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
-            y_sorted[start:end] = _skinny_linear(hidden, self.down[expert].to(dtype))
+            y_sorted[start:end] = few_row_linear(hidden, self.down[expert].to(dtype))
             start = end
         y_sorted.mul_(weights_NK.flatten()[order_t].unsqueeze(-1).to(dtype))
         return x_sorted.new_zeros(x_ND.shape).index_add_(0, token_of_pair, y_sorted)
