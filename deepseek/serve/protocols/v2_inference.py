@@ -137,6 +137,8 @@ async def _infer(ctx: ServingContext, model: str, version: Optional[str], header
     ctx.check_inference_key(headers)
     text, binary = _split_binary(headers, await ctx.read_body(headers, receive))
     header = parse_json_object(text)
+    if not isinstance(header.get("id", ""), str):  # echoed back: a string, as KServe defines it
+        raise RequestError(f"'id' must be a string, got {type(header['id']).__name__}")
     try:
         timeout_ms, priority, key = request_options(header.get("parameters"))
     except ValueError as exc:
