@@ -19,7 +19,6 @@ import json
 import random
 
 import pytest
-import torch
 import yaml
 
 httpx = pytest.importorskip("httpx")
