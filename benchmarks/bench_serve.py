@@ -14,7 +14,7 @@ Settings per model: ``mbs=1`` (ours: ``max_batch_size: 1``, no dynamic_batching;
 and ``mbs=64/5ms`` (ours: ``max_batch_size: 64, dynamic_batching: {max_queue_delay_ms: 5}``; LitServe
 ``max_batch_size=64, batch_timeout=0.005``); trivial only the first. Each server runs alone as a subprocess
 in its own session (``ds serve --model-repository`` / ``litserve_server.py``) and is stopped by its whole
-process group. Load: :mod:`deepseek.serve.loadgen`, closed loop with 1, 16 and 64 connections, 3 s warm-up
+process group. Load: :mod:`deepseek.bench.loadgen`, closed loop with 1, 16 and 64 connections, 3 s warm-up
 then a window (15 s; ``--quick``: 5 s); only requests completing inside the window count. Server CPU is the
 server's process group over the window (OpenMP spin-waiting included), client CPU this process.
 
@@ -52,7 +52,7 @@ from common import (REPO_ROOT, RESULTS_DIR, machine_info, matmul_peak_gflops, pr
                     print_table, setup_path)
 
 setup_path()
-from deepseek.serve import loadgen  # noqa: E402
+from deepseek.bench import loadgen  # noqa: E402
 
 VOCAB, SEQ, D_MODEL = 8000, 64, 256
 CONCURRENCY = (1, 16, 64)

@@ -10,7 +10,7 @@ Models:
                  embeddings), random weights (seed 0), the same tokenizer: HF's Mixtral carries it exactly, so
                  ours and HF serve the same weights and write the same greedy tokens (checked below).
 
-Load (``deepseek.serve.streamload``): streaming ``/v1/completions``, 128-token prompts cut from the standard
+Load (``deepseek.bench.streamload``): streaming ``/v1/completions``, 128-token prompts cut from the standard
 library's source, 128 output tokens (``ignore_eos``), greedy; closed loop with 1 and 16 streams; 5 s warm-up,
 then a 20 s window (``--quick``: 2 s + 8 s). Servers run alone, one at a time, as subprocesses:
 ``ds serve --model-repository`` and ``hf_generate_server.py`` (the same server, its engine swapped for HF
@@ -44,7 +44,7 @@ setup_path()
 import deepseek as ds  # noqa: E402
 from deepseek.cli.bench import free_port  # noqa: E402
 from deepseek.models.directory import load_tokenizer  # noqa: E402
-from deepseek.serve import loadgen, streamload  # noqa: E402
+from deepseek.bench import loadgen, streamload  # noqa: E402
 
 HF_SERVER = Path(__file__).resolve().parent / "hf_generate_server.py"
 QUICKSTART_MODEL = REPO_ROOT / "runs" / "quickstart" / "model"

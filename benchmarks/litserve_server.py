@@ -11,7 +11,7 @@ option at its default, as in shared/reference/litserve-baseline.md.
 The API classes live at module level: LitServe starts its workers with multiprocessing "spawn" and pickles
 the API object. The models are ``bench_serve.build_model``'s, so the weights are those our server runs.
 The server leaves its Manager, worker and uvicorn processes behind when only its main process is signalled:
-stop it by its whole process group (``deepseek.serve.loadgen.stop_server``).
+stop it by its whole process group (``deepseek.bench.loadgen.stop_server``).
 """
 
 from __future__ import annotations

@@ -14,16 +14,10 @@ from deepseek.generate import GenerationOutput, SamplingParams, generate, genera
 from deepseek.models import PRESETS, ModelConfig, MoETransformer, RouterStats, preset
 from deepseek.models.directory import ModelDirectoryError, load, save
 from deepseek.nn import KVCache, update_router_biases
-
-
-def __getattr__(name):
-    if name == "serve":  # the deepseek.serve package, which is callable: ds.serve(model_or_repo, port=8080)
-        import importlib
-        return importlib.import_module("deepseek.serve")
-    if name in ("Server", "DeepseekServing"):  # imported lazily: serving pulls in FastAPI and friends
-        from deepseek.serve import server
-        return getattr(server, name)
-    raise AttributeError(f"module 'deepseek' has no attribute {name!r}")
+# `ds.serve` is the function (`ds.serve(model_or_repo, port=8080)`), not the deepseek.serve package: this import
+# loads the package (which names it ds.serve) and then binds the function over that name. Reach the package's
+# modules with `from deepseek.serve.manager import ...`, which goes through sys.modules, not ds.serve.
+from deepseek.serve.server import Server, serve
 
 
 __version__ = "0.1.0"
@@ -31,5 +25,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "GenerationOutput", "KVCache", "SamplingParams", "generate", "generate_stream", "pipeline",
     "stream", "ModelConfig", "ModelDirectoryError", "MoETransformer", "PRESETS", "RouterStats",
-    "byte_tokenizer", "jit", "load", "preset", "save", "serve", "update_router_biases",
+    "Server", "byte_tokenizer", "jit", "load", "preset", "save", "serve", "update_router_biases",
 ]

@@ -7,10 +7,10 @@
 With ``--model-repository`` the model is first timed in-process (its backend loaded directly, batch 1 and
 4/16/64 up to ``max_batch_size``), then ``ds serve`` is started on a free port, loaded and stopped again;
 with ``--url`` only the load runs, against a server that is already up. The load comes from
-:mod:`deepseek.serve.loadgen` (raw keep-alive HTTP/1.1, cheap enough not to starve a 2-core server).
+:mod:`deepseek.bench.loadgen` (raw keep-alive HTTP/1.1, cheap enough not to starve a 2-core server).
 
 ``--openai`` loads a language model instead: N concurrent streaming ``/v1/completions`` clients
-(:mod:`deepseek.serve.streamload`), prompts cut from the standard library's source, a fixed output length;
+(:mod:`deepseek.bench.streamload`), prompts cut from the standard library's source, a fixed output length;
 it reports requests/s, output tokens/s, TTFT, TPOT, ITL and E2E percentiles, and each load's tokens/s and TTFT
 p99 over the single-stream run.
 """
@@ -111,7 +111,7 @@ def random_inputs(metadata: dict, batch: Optional[int], shapes: dict, int_high: 
     import torch
 
     from deepseek.serve.config import DATATYPE_TO_TORCH
-    from deepseek.serve.loadgen import fill_shape
+    from deepseek.bench.loadgen import fill_shape
 
     gen = torch.Generator().manual_seed(seed)
     inputs = {}
@@ -194,7 +194,7 @@ def print_raw(raw: dict, model: str) -> None:
 def serving(url: Optional[str], model_repository: Optional[Path]):
     """``(url, pid)`` of the server to load: ``url`` as given (pid None), or ``ds serve --model-repository``
     started on a free port (its output in a temporary log) and stopped again on exit."""
-    from deepseek.serve.loadgen import start_server, stop_server
+    from deepseek.bench.loadgen import start_server, stop_server
 
     if url is not None:
         yield url.rstrip("/"), None
@@ -240,7 +240,7 @@ def serve_command(
     With --openai: streaming text generation (closed loop per --concurrency, default 1,16)."""
     from rich.console import Console
 
-    from deepseek.serve.loadgen import build_kserve_bodies, format_table, run_load
+    from deepseek.bench.loadgen import build_kserve_bodies, format_table, run_load
 
     if url is None and model_repository is None:
         raise typer.BadParameter("give --url (a running server) or --model-repository (one to start)")
@@ -330,7 +330,7 @@ def bench_openai(model: str, url: Optional[str], model_repository: Optional[Path
     """Streams of ``POST /v1/completions`` per concurrency; a table, the scaling over one stream, JSON."""
     from rich.console import Console
 
-    from deepseek.serve.streamload import (completion_bodies, format_stream_table, run_stream_load,
+    from deepseek.bench.streamload import (completion_bodies, format_stream_table, run_stream_load,
                                            scaling_summary, stdlib_prompts)
 
     prompts = stdlib_prompts(_repository_tokenizer(model_repository, model), N_BODIES, prompt_tokens)

@@ -32,16 +32,13 @@ import torch
 from tokenizers import Tokenizer
 
 from deepseek.data.tokenizer import EOS
+from deepseek.errors import QueueFullError
 from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deepseek.generate.engine import GenerationOutput, Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
 from deepseek.generate.sampling import Sampler
 from deepseek.generate.threads import release_openmp_pool
 from deepseek.nn.slot_cache import SlotKVCache
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit: retry later."""
 
 
 class EngineStoppedError(RuntimeError):

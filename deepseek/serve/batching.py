@@ -32,12 +32,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from deepseek.errors import QueueFullError
+
 Inputs = Mapping[str, torch.Tensor]
 Outputs = dict[str, torch.Tensor]
-
-
-class QueueFullError(RuntimeError):
-    """The queue holds ``max_queue_size`` requests: retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
 
 
 class DeadlineExceededError(TimeoutError):

@@ -35,6 +35,7 @@ from deepseek.serve.backends import Backend, load_backend
 from deepseek.serve.batching import (BatcherClosedError, BatchRecord, DeadlineExceededError, DynamicBatcher,
                                      QueueFullError, RequestTrace)
 from deepseek.serve.config import ServingConfig
+from deepseek.serve.errors import ControlModeError, ModelLoadError, ModelNotFoundError, ModelUnavailableError
 from deepseek.serve.repository import ModelRepository, RepositoryWatcher
 from deepseek.serve.routing import Route, Router, parse_policy
 from deepseek.serve.stats import ModelStats
@@ -43,22 +44,6 @@ log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 CONTROL_MODES = ("none", "poll", "explicit")
-
-
-class ModelNotFoundError(LookupError):
-    """No such model or version in the repository (HTTP 404)."""
-
-
-class ModelUnavailableError(RuntimeError):
-    """The model or version exists but is not ready, or the server is closing (HTTP 503)."""
-
-
-class ModelLoadError(ValueError):
-    """A load request after which no version of the model is READY (HTTP 400, gRPC INVALID_ARGUMENT)."""
-
-
-class ControlModeError(RuntimeError):
-    """A load/unload request the model-control mode does not allow (HTTP 400)."""
 
 
 @dataclass(eq=False)
@@ -274,7 +259,20 @@ class ModelManager:
 
     # -- lookups and inference ------------------------------------------------------------------------
 
+    def model_names(self) -> list[str]:
+        """The models the manager serves or tried to load (READY or not), sorted."""
+        return sorted(self._models)
+
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` is one of :meth:`model_names` (routing and experiment routes need no version)."""
+        return name in self._models
+
+    def ready_versions(self, name: str) -> list[int]:
+        """The READY version numbers of a model, ascending (ModelNotFoundError for an unknown one)."""
+        return sorted(v for v, mv in self.versions(name).items() if v is not None and mv.ready)
+
     def versions(self, name: str) -> dict[Optional[int], ModelVersion]:
+        """Every version of a model the manager knows, by number (ModelNotFoundError for an unknown one)."""
         if name not in self._models:
             raise ModelNotFoundError(f"unknown model {name!r}")
         return self._models[name]

@@ -6,8 +6,8 @@
 
 ``model_or_repo`` is a model repository (``<repo>/<model>/<version>/``), one model directory (served as
 model ``<dir name>`` version 1), or a deepseek ``MoETransformer`` in memory (saved to a temporary model
-directory with its tokenizer, or the byte tokenizer). :class:`Server` is what ``ds serve`` runs; the seeds'
-``DeepseekServing(model, port=8080).start()`` is the same class.
+directory with its tokenizer, or the byte tokenizer). :class:`Server` is what ``ds serve`` runs (the seeds'
+``DeepseekServing`` is this class, under its old name in :mod:`deepseek.compat`).
 
 Both front ends share one asyncio loop and one manager. On shutdown the gRPC server stops taking RPCs and
 finishes the running ones, uvicorn does the same for HTTP, and then every model queue drains: no accepted
@@ -234,9 +234,6 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-DeepseekServing = Server  # the seeds' name: DeepseekServing(model, port=8080).start()
 
 
 def serve(model_or_repo: Any, port: int = DEFAULT_HTTP_PORT, *, block: bool = True, **options: Any) -> Server:

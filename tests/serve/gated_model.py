@@ -81,6 +81,35 @@ class GatedModel(torch.nn.Module):
         return x * 2
 
 
+class GatedLinear(torch.nn.Module):
+    """:func:`reference_linear` (a seeded ``Linear(32, 10)``), after waiting at :data:`GATE`."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = reference_linear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        GATE.enter(x)
+        return self.linear(x)
+
+
+def reference_linear() -> torch.nn.Module:
+    """The ``Linear(32, 10)`` inside :class:`GatedLinear`, for computing expected outputs eagerly."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    try:
+        return torch.nn.Linear(32, 10).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def gated_linear_config() -> dict:
+    """config.yaml of :class:`GatedLinear` served batched as x [B, 32] -> y [B, 10]."""
+    return {"backend": "torch", "max_batch_size": 64, "inputs": [{"name": "x", "datatype": "FP32", "shape": [32]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [10]}], "dynamic_batching": {},
+            "parameters": {"entry_point": f"{__name__}:GatedLinear"}}
+
+
 def factory() -> torch.nn.Module:
     """The torch backend's entry point (``parameters.entry_point``)."""
     return GatedModel()

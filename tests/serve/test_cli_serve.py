@@ -133,7 +133,11 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
 def test_sigterm_drains_in_flight_streams_whole(tmp_path):
     """Four completions are streaming when SIGTERM arrives: each still ends whole (every token, finish_reason
     "length", the usage chunk), the server exits 0 saying it drained, and once it began stopping a new request is
-    refused at the socket while the four streams are still running."""
+    refused at the socket while the four streams are still running.
+
+    No timing is assumed: each client reads its first chunk (the stream is in flight) and then stops reading
+    until the refusal has been seen (the gate ``resume``), so none can have finished by then however fast the
+    server decodes; everything the server sent meanwhile waits in the socket and must still arrive whole."""
     torch.manual_seed(0)
     ds.save(ds.MoETransformer(ds.preset("tiny")).eval(), ds.byte_tokenizer(), tmp_path / "repo" / "lm" / "1")
     generation = {"max_running": 4, "max_batched_tokens": 36, "prefill_chunk": 32, "max_queue": 8}
@@ -143,9 +147,10 @@ def test_sigterm_drains_in_flight_streams_whole(tmp_path):
     server = start_server("--model-repository", str(tmp_path / "repo"), "--http-port", str(port), "--no-grpc")
     wait_ready(server, port)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    n_streams, max_tokens = 4, 900  # seconds of decoding (prompt + 900 < max_seq_len): SIGTERM lands mid-stream
+    n_streams, max_tokens = 4, 900  # prompt + 900 < max_seq_len
     tokens, usages, finish_reasons, errors = [0] * n_streams, [None] * n_streams, [None] * n_streams, []
     all_streaming = threading.Barrier(n_streams + 1)
+    resume = threading.Event()  # set once the refusals were seen: until then no client reads past its first chunk
 
     def stream(i: int) -> None:
         try:  # logprobs: one chunk per token, each naming its token, so a lost chunk shows in the count
@@ -153,8 +158,9 @@ def test_sigterm_drains_in_flight_streams_whole(tmp_path):
                                                max_tokens=max_tokens, temperature=0, logprobs=1, stream=True,
                                                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
             for n, chunk in enumerate(chunks):
-                if n == 0:
+                if n == 0:  # the first chunk was read: this stream is in flight; hold it there
                     all_streaming.wait(60)
+                    assert resume.wait(120), "the test never resumed the streams"
                 if chunk.choices:
                     tokens[i] += len(chunk.choices[0].logprobs.tokens) if chunk.choices[0].logprobs else 0
                     finish_reasons[i] = chunk.choices[0].finish_reason or finish_reasons[i]
@@ -184,8 +190,10 @@ def test_sigterm_drains_in_flight_streams_whole(tmp_path):
             httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "lm", "prompt": "late", "max_tokens": 2})
         refused_while_draining = all(t.is_alive() for t in threads)
+        resume.set()
         out, err = server.communicate(timeout=60)
     finally:
+        resume.set()
         if server.poll() is None:
             server.kill()
             server.communicate()

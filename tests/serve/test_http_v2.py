@@ -21,7 +21,8 @@ from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.protocols.http_v2 import create_app  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
-from .gated_model import linear_config  # noqa: E402
+from .gated_model import (GATE, gated_linear_config, linear_config, reference_linear, running_server,  # noqa: E402
+                          wait_for, write_model)
 
 LINEAR_CONFIG = linear_config()
 MAX_BYTES = 1 << 20
@@ -165,25 +166,46 @@ def test_repository_index_reports_live_states(served, http):
     assert {r["name"] for r in ready} == {"linear", "tiny"}
 
 
-def test_concurrent_requests_are_batched(served, client):
-    stats = served["manager"].get("linear").batcher.stats
+def test_concurrent_requests_are_batched(tmp_path):
+    """The first request holds the model (a gated Linear) until all 32 are queued: the rest then batch."""
+    write_model(tmp_path, "held-linear", config=gated_linear_config())
+    manager = ModelManager(ModelRepository(tmp_path))
+    GATE.reset()
+    with running_server(manager) as base:
+        _concurrent_requests_are_batched(manager, base.removeprefix("http://"))
+
+
+def _concurrent_requests_are_batched(manager, url):
+    batcher = manager.get("held-linear").batcher
+    stats = batcher.stats
     before_requests, before_batches = stats.requests, stats.batches
     xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(32)]
 
     def call(x):
-        c = httpclient.InferenceServerClient(served["url"])
+        c = httpclient.InferenceServerClient(url)
         try:
             inp = httpclient.InferInput("x", [1, 32], "FP32")
             inp.set_data_from_numpy(x)
-            return c.infer("linear", [inp]).as_numpy("y")
+            return c.infer("held-linear", [inp]).as_numpy("y")
         finally:
             c.close()
 
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(call, xs))
+    GATE.reset()
+    GATE.close()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(call, x) for x in xs]
+            # the held batch may have taken more than one request if several arrived at once
+            wait_for(lambda: GATE.calls == 1 and len(GATE.values()[0]) + batcher.queue_size == 32,
+                     "every request to queue behind the held one")
+            GATE.open()
+            results = [f.result() for f in futures]
+    finally:
+        GATE.reset()
+    linear = reference_linear()
     with torch.inference_mode():
         for x, y in zip(xs, results):
-            np.testing.assert_allclose(y, served["linear"](torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(y, linear(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
     assert stats.requests - before_requests == 32
     assert stats.batches - before_batches < 32
 

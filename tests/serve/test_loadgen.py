@@ -1,6 +1,10 @@
 """The lean load generator and ``ds bench serve`` against a real uvicorn server (no timing assertions)."""
 
+import contextlib
+import http.server
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ pytest.importorskip("fastapi")
 from typer.testing import CliRunner  # noqa: E402
 
 from deepseek.cli.main import app  # noqa: E402
-from deepseek.serve import loadgen  # noqa: E402
+from deepseek.bench import loadgen  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
@@ -62,6 +66,63 @@ def test_closed_loop_counts_requests_and_orders_percentiles(server):
     assert d["label"] == "linear" and d["completed"] == result.completed
     table = loadgen.format_table([result])
     assert table.row_count == 1
+
+
+SERVICE_S = 0.05  # the injected service time of the stub server: every latency the client reports is at least this
+
+
+@contextlib.contextmanager
+def stub_server(service_s: float):
+    """A real HTTP/1.1 keep-alive server (the standard library's) that answers every POST after ``service_s``
+    and counts the requests it received; yields ``(url, count)`` where ``count()`` reads the tally."""
+    received = []
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # the body, written after the headers, goes out at once
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                received.append(1)
+            time.sleep(service_s)  # the service time under test, not a synchronisation
+            body = b'{"outputs": []}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", lambda: len(received)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_latencies_and_counts_against_a_known_service_time():
+    """Every number we publish comes from this client: against a server that takes a known time per request,
+    no latency may be shorter than it, and the requests counted are exactly those the server saw, less the one
+    each closed-loop connection had in flight when the window closed (answered after it, so not counted)."""
+    with stub_server(SERVICE_S) as (url, received):
+        result = loadgen.run_load(url, "/infer", [b"{}"], concurrency=3, warmup_s=0, duration_s=0.6,
+                                  marker=b'"outputs"')
+        assert result.errors == {} and result.completed > 0
+        assert result.min_ms >= SERVICE_S * 1e3 and result.p50_ms >= SERVICE_S * 1e3
+        assert received() == result.completed + 3
+        before = received()
+        result = loadgen.run_load(url, "/infer", [b"{}"], rate=40, warmup_s=0, duration_s=0.5, seed=1)
+        assert result.errors == {} and result.completed > 0
+        assert result.min_ms >= SERVICE_S * 1e3
+        # the open loop abandons what is in flight at the window's end: the server saw at least what was counted
+        assert received() - before >= result.completed
 
 
 def test_wrong_path_and_missing_marker_are_errors(server):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import deepseek as ds
 from deepseek.cli.main import app
 from deepseek.generate.threads import release_openmp_pool
-from deepseek.serve import streamload
+from deepseek.bench import streamload
 from deepseek.serve.manager import ModelManager
 from deepseek.serve.repository import ModelRepository
 

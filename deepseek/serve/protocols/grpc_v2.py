@@ -23,7 +23,7 @@ answers each request of the stream as soon as it is done (so possibly out of ord
 with ``infer_response``, or with ``error_message`` (prefixed ``[request id: ID]``, and the id also in
 ``infer_response.id``); the stream goes on after an error.
 
-Status codes:
+Status codes (the error table of :mod:`deepseek.serve.errors`, shared with HTTP and OpenAI's API):
 
     NOT_FOUND           unknown model or version (ModelReady answers ready=false instead)
     UNAVAILABLE         the model or version is not ready, or the server is shutting down
@@ -54,14 +54,15 @@ import torch
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from deepseek.serve.batching import BatcherClosedError, DeadlineExceededError, QueueFullError, RequestTrace
+from deepseek.serve.batching import RequestTrace
 from deepseek.serve.config import DATATYPE_TO_TORCH
-from deepseek.serve.manager import (ControlModeError, ModelManager, ModelNotFoundError, ModelUnavailableError,
-                                    ModelVersion, triton_model_config)
+from deepseek.serve.errors import (DEADLINE, FORBIDDEN, INTERNAL, NOT_FOUND, UNAUTHENTICATED, ModelNotFoundError,
+                                   ModelUnavailableError, RequestError, error_kind, error_message)
+from deepseek.serve.manager import ModelManager, ModelVersion, triton_model_config
 from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, key_matches,
                                              kserve_datatype, presented_key, request_options, server_version,
                                              tensor_bytes)
-from deepseek.serve.protocols.http_v2 import DEFAULT_ROUTING_HEADER
+from deepseek.serve.protocols.http_context import DEFAULT_ROUTING_HEADER, is_decimal
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +79,10 @@ _ALL_CONTENTS_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint
                         "fp32_contents", "fp64_contents", "bytes_contents")
 
 
-class RpcError(Exception):
-    """An error answered with ``code`` and ``message`` (see the module docs for the codes)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message for an exception raised while answering a request."""
-    if isinstance(exc, RpcError):
-        return exc.code, exc.message
-    for kind, code in ((ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-                       ((ModelUnavailableError, BatcherClosedError), grpc.StatusCode.UNAVAILABLE),
-                       (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-                       (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-                       (ControlModeError, grpc.StatusCode.FAILED_PRECONDITION),
-                       (ValueError, grpc.StatusCode.INVALID_ARGUMENT)):
-        if isinstance(exc, kind):
-            return code, str(exc) or type(exc).__name__
-    return grpc.StatusCode.INTERNAL, f"internal error: {exc}"
+    """The gRPC status code and message for an exception raised while answering a request (the error table of
+    :mod:`deepseek.serve.errors`)."""
+    return grpc.StatusCode[error_kind(exc).grpc], error_message(exc)
 
 
 def _rpc(method):
@@ -112,7 +96,7 @@ def _rpc(method):
             raise
         except Exception as exc:
             code, message = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, RpcError):
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, RequestError):
                 log.exception("gRPC %s failed", method.__name__)
             await context.abort(code, message)
 
@@ -236,7 +220,7 @@ def encode_response(request: service_pb2.ModelInferRequest, mv: ModelVersion, na
 def _version(text: str) -> Optional[int]:
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not is_decimal(text) or int(text) < 1:
         raise ValueError(f"invalid model version {text!r}: must be a positive integer")
     return int(text)
 
@@ -258,13 +242,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.api_key:
-            raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
-                           "the management API is disabled: start the server with --api-key "
-                           f"(or set {API_KEY_ENV}) to enable it")
+            raise RequestError("the management API is disabled: start the server with --api-key "
+                               f"(or set {API_KEY_ENV}) to enable it", FORBIDDEN)
         metadata = _metadata(context)
         if not key_matches(self.api_key, presented_key(metadata.get("authorization"), metadata.get("x-api-key"))):
-            raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing or wrong API key (send metadata 'authorization: Bearer KEY' or 'x-api-key: KEY')")
+            raise RequestError("missing or wrong API key (send metadata 'authorization: Bearer KEY' or "
+                               "'x-api-key: KEY')", UNAUTHENTICATED)
 
     def _resolve(self, name: str, version_text: str) -> ModelVersion:
         """The READY version metadata/config answers describe: the one named, else the latest ready one
@@ -281,7 +264,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             remaining = context.time_remaining()
             if remaining is not None:  # the client's gRPC deadline bounds the queue wait too
                 if remaining <= 0:
-                    raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline has passed")
+                    raise RequestError("the request's deadline has passed", DEADLINE)
                 timeout_ms = remaining * 1000 if timeout_ms is None else min(timeout_ms, remaining * 1000)
             key = key or _metadata(context).get(self.routing_header)
             mv, route = self.manager.select(request.model_name, _version(request.model_version), key)
@@ -307,7 +290,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             code, message = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:  # the model itself failed: INTERNAL, and the server goes on
                 log.exception("model %s version %s failed", mv.name, mv.version)
-                raise RpcError(code, f"model {mv.name!r} failed: {exc}") from None
+                raise RequestError(f"model {mv.name!r} failed: {exc}", INTERNAL) from None
             raise
         finally:
             if self.access_log is not None:
@@ -386,8 +369,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if self.protect_inference:
             try:
                 self._authorize(context)
-            except RpcError as exc:
-                await context.abort(exc.code, exc.message)
+            except RequestError as exc:
+                await context.abort(*status_of(exc))
         answers: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         end = object()
@@ -399,7 +382,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     infer_response=await self._infer(request, context)))
             except Exception as exc:
                 code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL and not isinstance(exc, RpcError):
+                if code == grpc.StatusCode.INTERNAL and not isinstance(exc, RequestError):
                     log.exception("stream inference failed")
                 prefix = f"[request id: {request.id}] " if request.id else ""
                 answers.put_nowait(service_pb2.ModelStreamInferResponse(
@@ -448,9 +431,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         self._authorize(context)
         if request.parameters:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"load parameters ({', '.join(sorted(request.parameters))}) are not supported; "
-                           "change the repository and load again")
+            raise RequestError(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported; "
+                               "change the repository and load again")
         name = request.model_name
         await self.manager.api_load(name)  # ModelLoadError is a ValueError: INVALID_ARGUMENT
         return service_pb2.RepositoryModelLoadResponse()
@@ -466,15 +448,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def SystemSharedMemoryStatus(self, request, context):
         if request.name:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no system shared memory region {request.name!r} "
-                                                      "(shared memory is not supported)")
+            raise RequestError(f"no system shared memory region {request.name!r} (shared memory is not supported)",
+                               NOT_FOUND)
         return service_pb2.SystemSharedMemoryStatusResponse()
 
     @_rpc
     async def CudaSharedMemoryStatus(self, request, context):
         if request.name:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no CUDA shared memory region {request.name!r} "
-                                                      "(shared memory is not supported)")
+            raise RequestError(f"no CUDA shared memory region {request.name!r} (shared memory is not supported)",
+                               NOT_FOUND)
         return service_pb2.CudaSharedMemoryStatusResponse()
 
     async def _unimplemented(self, request, context):

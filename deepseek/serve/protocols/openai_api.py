@@ -1,4 +1,4 @@
-"""OpenAI-compatible text generation, and KServe v2's generate extension, on the server's HTTP app.
+"""OpenAI-compatible text generation, and KServe v2's generate extension, as a FastAPI router.
 
     GET  /v1/models                      the language models (``backend: deepseek``) with their versions
     POST /v1/completions                 prompt(s) -> text; ``stream: true`` gives server-sent events
@@ -9,8 +9,9 @@
 ``model`` is a model name (the routing policy picks the version, as for inference) or ``name/version``.
 Requests run on the version's continuous batching engine (:mod:`deepseek.generate.continuous`); a client
 that disconnects cancels its request, which frees its slot on the engine's next step. Errors use OpenAI's
-shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed, 404 unknown model, 429 queue
-full (with ``Retry-After``), 503 unavailable. Parameters beyond OpenAI's: ``top_k``,
+shape ``{"error": {"message", "type", "param", "code"}}`` with the status of :mod:`deepseek.serve.errors`:
+400 malformed (also a prompt plus an explicit ``max_tokens`` beyond the model's context), 404 unknown model,
+429 queue full (with ``Retry-After``), 503 unavailable. Parameters beyond OpenAI's: ``top_k``,
 ``repetition_penalty``, ``ignore_eos``.
 """
 
@@ -18,22 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deepseek.config import ConfigError
 from deepseek.data.tokenizer import ASSISTANT, END, SYSTEM, USER
-from deepseek.generate.continuous import (ContinuousBatchingEngine, EngineStoppedError, GenerationEvent,
-                                          QueueFullError)
+from deepseek.generate.continuous import ContinuousBatchingEngine, GenerationEvent
+from deepseek.generate.engine import Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
-from deepseek.serve.manager import ModelManager, ModelNotFoundError, ModelUnavailableError, ModelVersion
+from deepseek.serve.errors import (UNAVAILABLE, ModelNotFoundError, ModelUnavailableError, RequestError,
+                                   error_kind)
+from deepseek.serve.manager import ModelVersion
+from deepseek.serve.protocols.http_context import is_decimal, read_json_object, serving
+from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_N = 16
 _CHAT_ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -43,20 +49,9 @@ _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", 
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                                 "tools", "tool_choice", "parallel_tool_calls"}
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, type_: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-
-    def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
-        return Response(orjson.dumps(body), status_code=self.status, media_type="application/json",
-                        headers=self.headers)
+router = APIRouter(route_class=OpenAIRoute)
 
 
 # -- request parsing ---------------------------------------------------------------------------------------
@@ -66,7 +61,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise OpenAIError(400, f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
+        raise RequestError(f"'{name}' must be a number in [{low}, {high}], got {value!r}", param=name)
     return float(value)
 
 
@@ -76,17 +71,26 @@ def _integer(body: dict, name: str, default: Optional[int], low: int, high: Opti
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise OpenAIError(400, f"'{name}' must be {bound}, got {value!r}", name)
+        raise RequestError(f"'{name}' must be {bound}, got {value!r}", param=name)
+    return value
+
+
+def _boolean(body: dict, name: str, param: Optional[str] = None) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"'{name}' must be a boolean, got {value!r}", param=param or name)
     return value
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise OpenAIError(400, f"Unrecognized request argument(s): {', '.join(unknown)}. "
-                               f"Supported: {', '.join(sorted(allowed))}", unknown[0])
+        raise RequestError(f"Unrecognized request argument(s): {', '.join(unknown)}. "
+                           f"Supported: {', '.join(sorted(allowed))}", param=unknown[0])
     if body.get("logit_bias"):
-        raise OpenAIError(400, "'logit_bias' is not supported", "logit_bias")
+        raise RequestError("'logit_bias' is not supported", param="logit_bias")
 
 
 def _stop(body: dict) -> list[str]:
@@ -95,7 +99,7 @@ def _stop(body: dict) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise OpenAIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+        raise RequestError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
     return stops
 
 
@@ -108,20 +112,21 @@ def sampling_params(body: dict, max_tokens: Optional[int], logprobs: Optional[in
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            stop=_stop(body), ignore_eos=bool(body.get("ignore_eos", False)),
+            stop=_stop(body), ignore_eos=_boolean(body, "ignore_eos"),
             seed=_integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1), logprobs=logprobs)
     except ConfigError as exc:
-        raise OpenAIError(400, str(exc)) from None
+        raise RequestError(str(exc)) from None
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise OpenAIError(400, "'stream' must be a boolean", "stream")
+        raise RequestError("'stream' must be a boolean", param="stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or (options and not stream):
-        raise OpenAIError(400, "'stream_options' is an object and is only allowed with stream: true", "stream_options")
-    return stream, bool(options.get("include_usage", False))
+        raise RequestError("'stream_options' is an object and is only allowed with stream: true",
+                           param="stream_options")
+    return stream, _boolean(options, "include_usage", "stream_options")
 
 
 def _prompts(body: dict) -> list:
@@ -136,24 +141,25 @@ def _prompts(body: dict) -> list:
                 isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
                 for p in prompt):
             return list(prompt)
-    raise OpenAIError(400, "'prompt' must be a string, a list of strings, a list of token ids, or a list of "
-                           "token-id lists (non-empty)", "prompt")
+    raise RequestError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
+                       "token-id lists (non-empty)", param="prompt")
 
 
 def _message_text(message: Any, i: int) -> tuple[str, str]:
-    if not isinstance(message, dict) or message.get("role") not in _CHAT_ROLES:
-        raise OpenAIError(400, f"messages[{i}] must be an object with role system, user or assistant",
-                          f"messages[{i}]")
+    role = message.get("role") if isinstance(message, dict) else None
+    if not isinstance(role, str) or role not in _CHAT_ROLES:  # a JSON object as the role is unhashable
+        raise RequestError(f"messages[{i}] must be an object with role system, user or assistant",
+                           param=f"messages[{i}]")
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text ones can be served by a text model
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
-            raise OpenAIError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            raise RequestError(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise OpenAIError(400, f"messages[{i}].content must be a string or a list of text parts",
-                          f"messages[{i}].content")
-    return message["role"], content
+        raise RequestError(f"messages[{i}].content must be a string or a list of text parts",
+                           param=f"messages[{i}].content")
+    return role, content
 
 
 def chat_prompt(tokenizer, messages: Any) -> tuple[str, list[int], list[str]]:
@@ -163,7 +169,7 @@ def chat_prompt(tokenizer, messages: Any) -> tuple[str, list[int], list[str]]:
     reply ends at ``<|end|>``. Others (the byte tokenizer) get a plain ``User: ...`` transcript.
     """
     if not isinstance(messages, list) or not messages:
-        raise OpenAIError(400, "'messages' must be a non-empty list", "messages")
+        raise RequestError("'messages' must be a non-empty list", param="messages")
     turns = [_message_text(m, i) for i, m in enumerate(messages)]
     role_ids = [tokenizer.token_to_id(t) for t in (*_CHAT_ROLES.values(), END)]
     if all(i is not None for i in role_ids):
@@ -236,7 +242,8 @@ class _Run:
         self.choices: list[_Choice] = []
         self.pending = 0
 
-    def submit(self, prompt, params: SamplingParams, extra_stop_ids: list[int] = ()) -> None:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, extra_stop_ids: Sequence[int] = ()) -> None:
+        """Queue one choice (:func:`prompt_ids` gives the ids); the engine's refusals go to the error table."""
         if extra_stop_ids:
             params = dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra_stop_ids])
         index = len(self.choices)
@@ -247,14 +254,21 @@ class _Run:
             self.mailbox.post(self.queue, (choice, event))
 
         try:
-            self.requests.append(self.engine.submit(prompt, params, on_event=deliver))
-        except QueueFullError as exc:
-            raise OpenAIError(429, f"server busy: {exc}", headers={"Retry-After": "1"}) from None
-        except EngineStoppedError as exc:
-            raise OpenAIError(503, str(exc)) from None
-        except (ValueError, ConfigError) as exc:
-            raise OpenAIError(400, f"{exc} (context: {self.engine.max_len} tokens)", "prompt") from None
+            self.requests.append(self.engine.submit(prompt_ids, params, on_event=deliver))
+        except ValueError as exc:  # token ids outside the vocabulary
+            raise RequestError(f"{exc} (context: {self.engine.max_len} tokens)", param="prompt") from None
         self.pending += 1
+
+    def submit_all(self, prompts: Sequence[list[int]], params: SamplingParams, n: int,
+                   extra_stop_ids: Sequence[int] = ()) -> None:
+        """``n`` choices per prompt; when one is refused (a full queue), the ones queued already are cancelled."""
+        try:
+            for ids in prompts:
+                for j in range(n):
+                    self.submit(ids, _nth_choice(params, j), extra_stop_ids)
+        except BaseException:
+            self.cancel()
+            raise
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -286,6 +300,23 @@ class _Run:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def prompt_ids(engine: ContinuousBatchingEngine, prompt: Prompt, max_tokens: Optional[int],
+               max_tokens_param: str = "max_tokens") -> list[int]:
+    """The prompt's token ids; 400 when the prompt fills the context, or when it and an explicit ``max_tokens``
+    do not fit in it together (as the OpenAI API and vLLM answer; the engine would cut the reply short)."""
+    try:
+        ids = encode_prompts(engine.tokenizer, [prompt])[0]
+    except ValueError as exc:  # an empty prompt and no BOS token
+        raise RequestError(str(exc), param="prompt") from None
+    if len(ids) >= engine.max_len:
+        raise RequestError(f"prompt of {len(ids)} tokens leaves no room in the {engine.max_len}-token context",
+                           param="prompt")
+    if max_tokens is not None and len(ids) + max_tokens > engine.max_len:
+        raise RequestError(f"this model's context is {engine.max_len} tokens, but {len(ids)} prompt tokens plus "
+                           f"{max_tokens_param} {max_tokens} ask for {len(ids) + max_tokens}", param=max_tokens_param)
+    return ids
+
+
 def _nth_choice(params: SamplingParams, j: int) -> SamplingParams:
     """Choice ``j`` of ``n``: a seeded request gives each choice its own seed (seed, seed + 1, ...)."""
     return params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
@@ -300,290 +331,317 @@ def _sse(data: Any) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
 
 
-# -- the routes ----------------------------------------------------------------------------------------------
+# -- answering: one format per route, one way to stream or collect ---------------------------------------------
 
-def register_openai(app: FastAPI, manager: ModelManager, *, read_body: Callable, check_inference_key: Callable,
-                    routing_header: str) -> None:
-    """Add the OpenAI and KServe-generate routes to ``app`` (``read_body`` enforces the size limit;
-    ``check_inference_key(headers)`` raises when inference needs a key the request lacks)."""
-    metrics = app.state.metrics
+def token_text(engine: ContinuousBatchingEngine, token_id: int) -> str:
+    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    async def parse(request: Request) -> dict:
-        try:
-            check_inference_key(request.headers)
-            raw = await read_body(request)
-        except Exception as exc:  # the KServe ProtocolError: keep its status, answer in OpenAI's shape
-            status = getattr(exc, "status", None)
-            if status is None:
-                raise
-            raise OpenAIError(status, getattr(exc, "message", str(exc)), headers=getattr(exc, "headers", None)) from None
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise OpenAIError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "request body must be a JSON object")
-        return body
 
-    def language_model(model: Any, request: Request) -> tuple[ModelVersion, ContinuousBatchingEngine]:
-        if not isinstance(model, str) or not model:
-            raise OpenAIError(400, "'model' is required: a model name, or name/version", "model")
-        name, _, version_text = model.partition("/")
-        version = None
-        if version_text:
-            if not version_text.isdigit() or int(version_text) < 1:
-                raise OpenAIError(400, f"invalid model version in {model!r}", "model")
-            version = int(version_text)
-        try:
-            mv, _ = manager.select(name, version, request.headers.get(routing_header))
-        except ModelNotFoundError as exc:
-            raise OpenAIError(404, str(exc), "model") from None
-        except ModelUnavailableError as exc:
-            raise OpenAIError(503, str(exc), "model") from None
-        engine_of = getattr(mv.backend, "engine", None)
-        if engine_of is None:
-            raise OpenAIError(400, f"model {name!r} is not a language model (backend {mv.config.backend})", "model")
-        try:
-            return mv, engine_of()
-        except Exception as exc:
-            raise OpenAIError(503, f"model {name!r} cannot generate now: {exc}", "model") from None
+@dataclass
+class _Answer:
+    """What every generation answer carries; the subclasses shape the chunks and the whole answer."""
 
-    async def watch_disconnect(request: Request, run: _Run) -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                run.cancel()
-                return
+    run: _Run
+    engine: ContinuousBatchingEngine
+    model: str
+    rid: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    object_name: str = ""
+    include_usage: bool = False
+    done_marker: bool = True  # OpenAI ends a stream with "data: [DONE]"; Triton's generate_stream does not
 
-    async def respond(request: Request, run: _Run, stream: bool, chunk: Callable, final: Callable,
-                      include_usage: bool, created: int, rid: str, model: str, object_name: str) -> Response:
-        if stream:
-            async def body() -> AsyncIterator[bytes]:
-                finished = False
-                try:
-                    async for choice, event in run.events():
-                        for piece in chunk(choice, event):
-                            yield _sse(piece)
-                    if include_usage:
-                        yield _sse({"id": rid, "object": object_name, "created": created, "model": model,
-                                    "choices": [], "usage": run.usage()})
-                    yield _sse(b"[DONE]")
-                    finished = True
-                finally:
-                    if not finished:  # the client went away (or the server is stopping): free the slots
-                        run.cancel()
-            return StreamingResponse(body(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, run))
-        try:
-            async for choice, event in run.events():
-                choice.text.append(event.delta)
-                if event.logprob is not None:
-                    choice.logprobs.append((event.delta, event.logprob))
-        finally:
-            watcher.cancel()
+    def chunks(self, choice: _Choice, event: GenerationEvent) -> list[dict]:
+        raise NotImplementedError
+
+    def whole(self) -> dict:
+        raise NotImplementedError
+
+    def usage_chunk(self) -> dict:
+        return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [], "usage": self.run.usage()}
+
+
+@dataclass
+class CompletionAnswer(_Answer):
+    logprobs: Optional[int] = None
+
+    def __post_init__(self):
+        self.rid, self.object_name = f"cmpl-{uuid.uuid4().hex}", "text_completion"
+
+    def _base(self) -> dict:
+        return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model}
+
+    def _logprobs(self, entries: list) -> Optional[dict]:
+        if self.logprobs is None:
+            return None
+        tokens, offsets, text_len = [], [], 0
+        for delta, lp in entries:
+            tokens.append(token_text(self.engine, lp.token_id))
+            offsets.append(text_len)
+            text_len += len(delta)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for _, lp in entries],
+                "top_logprobs": [{token_text(self.engine, t): v for t, v in lp.top} for _, lp in entries],
+                "text_offset": offsets}
+
+    def chunks(self, choice: _Choice, event: GenerationEvent) -> list[dict]:
+        if not event.delta and event.finish_reason is None and event.logprob is None:
+            return []
+        lp = self._logprobs([(event.delta, event.logprob)]) if event.logprob is not None else None
+        return [{**self._base(), "choices": [{"index": choice.index, "text": event.delta, "logprobs": lp,
+                                              "finish_reason": _finish_reason(event.finish_reason)}]}]
+
+    def whole(self) -> dict:
+        return {**self._base(), "choices": [{"index": c.index, "text": "".join(c.text),
+                                             "logprobs": self._logprobs(c.logprobs),
+                                             "finish_reason": _finish_reason(c.finish_reason)}
+                                            for c in self.run.choices],
+                "usage": self.run.usage()}
+
+
+@dataclass
+class ChatAnswer(_Answer):
+    want_logprobs: bool = False
+    started_choices: set[int] = field(default_factory=set)
+
+    def __post_init__(self):
+        self.rid, self.object_name = f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk"
+
+    def _logprob_entry(self, lp) -> dict:
+        token = token_text(self.engine, lp.token_id)
+        return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
+                "top_logprobs": [{"token": (t := token_text(self.engine, i)), "logprob": v, "bytes": list(t.encode())}
+                                 for i, v in lp.top]}
+
+    def chunks(self, choice: _Choice, event: GenerationEvent) -> list[dict]:
+        base = {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model}
+        pieces = []
+        if choice.index not in self.started_choices:
+            self.started_choices.add(choice.index)
+            pieces.append({**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+        if event.delta or event.logprob is not None:
+            lp = {"content": [self._logprob_entry(event.logprob)]} if event.logprob is not None else None
+            pieces.append({**base, "choices": [{"index": choice.index, "delta": {"content": event.delta},
+                                                "logprobs": lp, "finish_reason": None}]})
+        if event.finish_reason is not None:
+            pieces.append({**base, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
+                                                "finish_reason": _finish_reason(event.finish_reason)}]})
+        return pieces
+
+    def whole(self) -> dict:
+        return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": c.index,
+                             "message": {"role": "assistant", "content": "".join(c.text)},
+                             "logprobs": {"content": [self._logprob_entry(lp) for _, lp in c.logprobs]}
+                             if self.want_logprobs else None,
+                             "finish_reason": _finish_reason(c.finish_reason)} for c in self.run.choices],
+                "usage": self.run.usage()}
+
+
+@dataclass
+class KServeGenerateAnswer(_Answer):
+    done_marker: bool = False
+
+    def _base(self) -> dict:
+        return {"model_name": self.run.mv.name, "model_version": str(self.run.mv.version)}
+
+    def chunks(self, choice: _Choice, event: GenerationEvent) -> list[dict]:
+        if not event.delta and event.finish_reason is None:
+            return []
+        return [{**self._base(), "text_output": event.delta, "finish_reason": event.finish_reason}]
+
+    def whole(self) -> dict:
+        choice = self.run.choices[0]
+        return {**self._base(), "text_output": "".join(choice.text), "finish_reason": choice.finish_reason,
+                "usage": self.run.usage()}
+
+
+async def _cancel_on_disconnect(request: Request, run: _Run) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             run.cancel()
-        return Response(orjson.dumps(final()), media_type="application/json")
-
-    def token_text(engine: ContinuousBatchingEngine, token_id: int) -> str:
-        return engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    # -- /v1/models ------------------------------------------------------------------------------------
-
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        try:
-            check_inference_key(request.headers)
-        except Exception as exc:
-            raise OpenAIError(getattr(exc, "status", 401), getattr(exc, "message", str(exc))) from None
-        models: dict[str, list[str]] = {}
-        for name, version, mv in manager.snapshot():
-            if mv.ready and hasattr(mv.backend, "engine"):
-                models.setdefault(name, []).append(str(version))
-        data = [{"id": name, "object": "model", "created": int(app.state.started_at), "owned_by": "deepseek",
-                 "versions": sorted(versions, key=int)} for name, versions in sorted(models.items())]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
-
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, request: Request):
-        mv, _ = language_model(model, request)
-        return Response(orjson.dumps({"id": model, "object": "model", "created": int(app.state.started_at),
-                                      "owned_by": "deepseek", "version": str(mv.version)}),
-                        media_type="application/json")
-
-    # -- /v1/completions -----------------------------------------------------------------------------------
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        started = time.monotonic()
-        body = await parse(request)
-        _check_fields(body, COMPLETION_FIELDS)
-        n = _integer(body, "n", 1, 1, MAX_N)
-        if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1, n):
-            raise OpenAIError(400, "'echo', 'suffix' and a 'best_of' other than n are not supported")
-        prompts = _prompts(body)
-        stream, include_usage = _stream_flags(body)
-        params = sampling_params(body, _integer(body, "max_tokens", 16, 1), _integer(body, "logprobs", None, 0, 20))
-        mv, engine = language_model(body.get("model"), request)
-        run = _Run(engine, mv, metrics, started)
-        try:
-            for prompt in prompts:
-                for j in range(n):
-                    run.submit(prompt, _nth_choice(params, j))
-        except OpenAIError:
-            run.cancel()
-            raise
-        rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body["model"]
-        base = {"id": rid, "object": "text_completion", "created": created, "model": model}
-
-        def logprobs_block(entries: list) -> Optional[dict]:
-            if params.logprobs is None:
-                return None
-            tokens, offsets, text_len = [], [], 0
-            for delta, lp in entries:
-                tokens.append(token_text(engine, lp.token_id))
-                offsets.append(text_len)
-                text_len += len(delta)
-            return {"tokens": tokens, "token_logprobs": [lp.logprob for _, lp in entries],
-                    "top_logprobs": [{token_text(engine, t): v for t, v in lp.top} for _, lp in entries],
-                    "text_offset": offsets}
-
-        def chunk(choice: _Choice, event: GenerationEvent):
-            if not event.delta and event.finish_reason is None and event.logprob is None:
-                return []
-            lp = logprobs_block([(event.delta, event.logprob)]) if event.logprob is not None else None
-            return [{**base, "choices": [{"index": choice.index, "text": event.delta, "logprobs": lp,
-                                          "finish_reason": _finish_reason(event.finish_reason)}]}]
-
-        def final() -> dict:
-            return {**base, "choices": [{"index": c.index, "text": "".join(c.text),
-                                         "logprobs": logprobs_block(c.logprobs),
-                                         "finish_reason": _finish_reason(c.finish_reason)} for c in run.choices],
-                    "usage": run.usage()}
-
-        return await respond(request, run, stream, chunk, final, include_usage, created, rid, model, "text_completion")
-
-    # -- /v1/chat/completions ------------------------------------------------------------------------------
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        started = time.monotonic()
-        body = await parse(request)
-        _check_fields(body, CHAT_FIELDS)
-        if body.get("tools") or body.get("tool_choice") not in (None, "none"):
-            raise OpenAIError(400, "tool calling is not supported", "tools")
-        response_format = body.get("response_format")
-        if response_format not in (None, {"type": "text"}):
-            raise OpenAIError(400, "only response_format {'type': 'text'} is supported", "response_format")
-        n = _integer(body, "n", 1, 1, MAX_N)
-        stream, include_usage = _stream_flags(body)
-        want_logprobs = body.get("logprobs") or False
-        if not isinstance(want_logprobs, bool):
-            raise OpenAIError(400, "'logprobs' must be a boolean for chat completions", "logprobs")
-        top = _integer(body, "top_logprobs", 0, 0, 20)
-        max_tokens = _integer(body, "max_completion_tokens", None, 1)
-        max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", None, 1)
-        mv, engine = language_model(body.get("model"), request)
-        text, stop_ids, stop_strings = chat_prompt(engine.tokenizer, body.get("messages"))
-        params = sampling_params(body, max_tokens or engine.max_len, top if want_logprobs else None)
-        if stop_strings:
-            params = dataclasses.replace(params, stop=[*params.stop, *stop_strings])
-        run = _Run(engine, mv, metrics, started)
-        try:
-            for j in range(n):
-                run.submit(text, _nth_choice(params, j), stop_ids)
-        except OpenAIError:
-            run.cancel()
-            raise
-        rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body["model"]
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        started_choices: set[int] = set()
-
-        def logprob_entry(lp) -> dict:
-            token = token_text(engine, lp.token_id)
-            return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
-                    "top_logprobs": [{"token": (t := token_text(engine, i)), "logprob": v, "bytes": list(t.encode())}
-                                     for i, v in lp.top]}
-
-        def chunk(choice: _Choice, event: GenerationEvent):
-            pieces = []
-            if choice.index not in started_choices:
-                started_choices.add(choice.index)
-                pieces.append({**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
-            if event.delta or event.logprob is not None:
-                lp = {"content": [logprob_entry(event.logprob)]} if event.logprob is not None else None
-                pieces.append({**base, "choices": [{"index": choice.index, "delta": {"content": event.delta},
-                                                    "logprobs": lp, "finish_reason": None}]})
-            if event.finish_reason is not None:
-                pieces.append({**base, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
-                                                    "finish_reason": _finish_reason(event.finish_reason)}]})
-            return pieces
-
-        def final() -> dict:
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": c.index,
-                                 "message": {"role": "assistant", "content": "".join(c.text)},
-                                 "logprobs": {"content": [logprob_entry(lp) for _, lp in c.logprobs]}
-                                 if want_logprobs else None,
-                                 "finish_reason": _finish_reason(c.finish_reason)} for c in run.choices],
-                    "usage": run.usage()}
-
-        return await respond(request, run, stream, chunk, final, include_usage, created, rid, model,
-                             "chat.completion.chunk")
-
-    # -- KServe v2 generate extension ------------------------------------------------------------------------
-
-    async def kserve_generate(request: Request, model: str, version: Optional[str], stream: bool):
-        started = time.monotonic()
-        body = await parse(request)
-        text = body.get("text_input")
-        if not isinstance(text, str):
-            raise OpenAIError(400, "'text_input' (a string) is required", "text_input")
-        options = body.get("parameters") or {}
-        if not isinstance(options, dict):
-            raise OpenAIError(400, "'parameters' must be an object", "parameters")
-        mv, engine = language_model(model if version is None else f"{model}/{version}", request)
-        try:
-            params = SamplingParams.from_dict({"temperature": 0.0, **options})
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise OpenAIError(400, f"parameters: {exc}", "parameters") from None
-        run = _Run(engine, mv, metrics, started)
-        run.submit(text, params)
-        base = {"model_name": mv.name, "model_version": str(mv.version)}
-
-        def chunk(choice: _Choice, event: GenerationEvent):
-            if not event.delta and event.finish_reason is None:
-                return []
-            return [{**base, "text_output": event.delta, "finish_reason": event.finish_reason}]
-
-        def final() -> dict:
-            choice = run.choices[0]
-            return {**base, "text_output": "".join(choice.text), "finish_reason": choice.finish_reason,
-                    "usage": run.usage()}
-
-        if stream:  # Triton's generate_stream: events, no [DONE] marker
-            response = await respond(request, run, True, chunk, final, False, 0, "", model, "")
-            response.body_iterator = _without_done(response.body_iterator)
-            return response
-        return await respond(request, run, False, chunk, final, False, 0, "", model, "")
-
-    @app.post("/v2/models/{model}/generate")
-    @app.post("/v2/models/{model}/versions/{version}/generate")
-    async def generate(model: str, request: Request, version: Optional[str] = None):
-        return await kserve_generate(request, model, version, stream=False)
-
-    @app.post("/v2/models/{model}/generate_stream")
-    @app.post("/v2/models/{model}/versions/{version}/generate_stream")
-    async def generate_stream(model: str, request: Request, version: Optional[str] = None):
-        return await kserve_generate(request, model, version, stream=True)
-
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError):
-        return exc.response()
+            return
 
 
-async def _without_done(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for piece in chunks:
-        if piece != b"data: [DONE]\n\n":
-            yield piece
+async def _sse_events(answer: _Answer) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for choice, event in answer.run.events():
+            for piece in answer.chunks(choice, event):
+                yield _sse(piece)
+        if answer.include_usage:
+            yield _sse(answer.usage_chunk())
+        if answer.done_marker:
+            yield _sse(b"[DONE]")
+        finished = True
+    finally:
+        if not finished:  # the client went away (or the server is stopping): free the slots
+            answer.run.cancel()
+
+
+async def respond(request: Request, answer: _Answer, stream: bool) -> Response:
+    """Stream ``answer`` as server-sent events, or collect it and answer once."""
+    if stream:
+        return StreamingResponse(_sse_events(answer), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    run = answer.run
+    watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, run))
+    try:
+        async for choice, event in run.events():
+            choice.text.append(event.delta)
+            if event.logprob is not None:
+                choice.logprobs.append((event.delta, event.logprob))
+    finally:
+        watcher.cancel()
+        run.cancel()
+    return Response(orjson.dumps(answer.whole()), media_type="application/json")
+
+
+# -- parsing a request: the key, the body, the model ------------------------------------------------------------
+
+async def _request_body(request: Request) -> dict:
+    serving(request).check_inference_key(request.headers)
+    return await read_json_object(request)
+
+
+def language_model(request: Request, model: Any) -> tuple[ModelVersion, ContinuousBatchingEngine]:
+    """The version ``model`` (a name, or name/version) names, and its generation engine."""
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required: a model name, or name/version", param="model")
+    name, _, version_text = model.partition("/")
+    version = None
+    if version_text:
+        if not is_decimal(version_text) or int(version_text) < 1:
+            raise RequestError(f"invalid model version in {model!r}", param="model")
+        version = int(version_text)
+    ctx = serving(request)
+    try:
+        mv, _ = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
+    except (ModelNotFoundError, ModelUnavailableError) as exc:  # 404 / 503, naming the field at fault
+        raise RequestError(str(exc), error_kind(exc), param="model") from None
+    engine_of = getattr(mv.backend, "engine", None)
+    if engine_of is None:
+        raise RequestError(f"model {name!r} is not a language model (backend {mv.config.backend})", param="model")
+    try:
+        return mv, engine_of()
+    except Exception as exc:
+        raise RequestError(f"model {name!r} cannot generate now: {exc}", UNAVAILABLE, param="model") from None
+
+
+# -- the routes ------------------------------------------------------------------------------------------------
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    ctx = serving(request)
+    ctx.check_inference_key(request.headers)
+    models: dict[str, list[str]] = {}
+    for name, version, mv in ctx.manager.snapshot():
+        if mv.ready and hasattr(mv.backend, "engine"):
+            models.setdefault(name, []).append(str(version))
+    data = [{"id": name, "object": "model", "created": int(ctx.started_at), "owned_by": "deepseek",
+             "versions": sorted(versions, key=int)} for name, versions in sorted(models.items())]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str):
+    mv, _ = language_model(request, model)
+    return Response(orjson.dumps({"id": model, "object": "model", "created": int(serving(request).started_at),
+                                  "owned_by": "deepseek", "version": str(mv.version)}),
+                    media_type="application/json")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    started = time.monotonic()
+    body = await _request_body(request)
+    _check_fields(body, COMPLETION_FIELDS)
+    n = _integer(body, "n", 1, 1, MAX_N)
+    if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1, n):
+        raise RequestError("'echo', 'suffix' and a 'best_of' other than n are not supported")
+    prompts = _prompts(body)
+    stream, include_usage = _stream_flags(body)
+    max_tokens = _integer(body, "max_tokens", None, 1)
+    params = sampling_params(body, 16 if max_tokens is None else max_tokens,
+                             _integer(body, "logprobs", None, 0, 20))
+    mv, engine = language_model(request, body.get("model"))
+    ids = [prompt_ids(engine, prompt, max_tokens) for prompt in prompts]
+    run = _Run(engine, mv, serving(request).metrics, started)
+    run.submit_all(ids, params, n)
+    answer = CompletionAnswer(run, engine, body["model"], include_usage=include_usage, logprobs=params.logprobs)
+    return await respond(request, answer, stream)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    started = time.monotonic()
+    body = await _request_body(request)
+    _check_fields(body, CHAT_FIELDS)
+    if body.get("tools") or body.get("tool_choice") not in (None, "none"):
+        raise RequestError("tool calling is not supported", param="tools")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise RequestError("only response_format {'type': 'text'} is supported", param="response_format")
+    n = _integer(body, "n", 1, 1, MAX_N)
+    stream, include_usage = _stream_flags(body)
+    want_logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, 0, 20)
+    max_tokens, max_tokens_param = _integer(body, "max_completion_tokens", None, 1), "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, max_tokens_param = _integer(body, "max_tokens", None, 1), "max_tokens"
+    mv, engine = language_model(request, body.get("model"))
+    text, stop_ids, stop_strings = chat_prompt(engine.tokenizer, body.get("messages"))
+    ids = prompt_ids(engine, text, max_tokens, max_tokens_param)
+    params = sampling_params(body, max_tokens or engine.max_len, top if want_logprobs else None)
+    if stop_strings:
+        params = dataclasses.replace(params, stop=[*params.stop, *stop_strings])
+    run = _Run(engine, mv, serving(request).metrics, started)
+    run.submit_all([ids], params, n, stop_ids)
+    answer = ChatAnswer(run, engine, body["model"], include_usage=include_usage, want_logprobs=want_logprobs)
+    return await respond(request, answer, stream)
+
+
+def _generate_params(options: dict) -> SamplingParams:
+    """KServe generate's ``parameters`` as sampling parameters (greedy unless asked otherwise)."""
+    try:
+        params = SamplingParams.from_dict({"temperature": 0.0, **options})
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise RequestError(f"parameters: {exc}", param="parameters") from None
+    # from_dict checks types and ranges; these would fail later, in the engine's thread or its sampler
+    floats = (params.temperature, params.top_p, params.repetition_penalty, params.presence_penalty,
+              params.frequency_penalty)
+    if not all(math.isfinite(x) for x in floats):
+        raise RequestError("parameters: sampling parameters must be finite numbers", param="parameters")
+    if params.seed is not None and not INT64[0] <= params.seed <= INT64[1]:
+        raise RequestError(f"parameters: seed must be a 64-bit integer, got {params.seed}", param="parameters")
+    return params
+
+
+async def _kserve_generate(request: Request, model: str, version: Optional[str], stream: bool) -> Response:
+    started = time.monotonic()
+    body = await _request_body(request)
+    text = body.get("text_input")
+    if not isinstance(text, str):
+        raise RequestError("'text_input' (a string) is required", param="text_input")
+    options = body.get("parameters") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'parameters' must be an object", param="parameters")
+    mv, engine = language_model(request, model if version is None else f"{model}/{version}")
+    params = _generate_params(options)
+    asked = options.get("max_new_tokens")
+    ids = prompt_ids(engine, text, params.max_new_tokens if asked is not None else None, "max_new_tokens")
+    run = _Run(engine, mv, serving(request).metrics, started)
+    run.submit_all([ids], params, 1)
+    return await respond(request, KServeGenerateAnswer(run, engine, model), stream)
+
+
+@router.post("/v2/models/{model}/generate")
+@router.post("/v2/models/{model}/versions/{version}/generate")
+async def generate(request: Request, model: str, version: Optional[str] = None):
+    return await _kserve_generate(request, model, version, stream=False)
+
+
+@router.post("/v2/models/{model}/generate_stream")
+@router.post("/v2/models/{model}/versions/{version}/generate_stream")
+async def generate_stream(request: Request, model: str, version: Optional[str] = None):
+    return await _kserve_generate(request, model, version, stream=True)

@@ -184,6 +184,7 @@ class LoadResult:
     mean_ms: float
     max_ms: float
     errors: dict[str, int] = field(default_factory=dict)
+    min_ms: float = math.nan
     client_cpu_cores: float = 0.0
     server_cpu_cores: Optional[float] = None
     send_lag_ms: Optional[float] = None  # open loop: mean delay of a send after its scheduled arrival
@@ -428,7 +429,8 @@ async def run_load_async(url: str, path: str, bodies: Sequence[bytes], *, concur
         duration_s=duration_s, completed=len(latencies), throughput=len(latencies) / duration_s,
         p50_ms=percentile(latencies, 50), p95_ms=percentile(latencies, 95), p99_ms=percentile(latencies, 99),
         mean_ms=sum(latencies) / len(latencies) if latencies else math.nan,
-        max_ms=latencies[-1] if latencies else math.nan, errors=dict(window.errors),
+        max_ms=latencies[-1] if latencies else math.nan, min_ms=latencies[0] if latencies else math.nan,
+        errors=dict(window.errors),
         client_cpu_cores=(cpu["client1"] - cpu["client0"]) / wall, server_cpu_cores=server_cores,
         send_lag_ms=sum(lags) / len(lags) * 1e3 if lags else None, label=label)
 

@@ -5,7 +5,7 @@
     result = run_stream_load("http://127.0.0.1:8080", bodies, concurrency=16, warmup_s=5, duration_s=20)
 
 Closed loop: ``concurrency`` keep-alive connections, each streaming one ``POST /v1/completions``
-(``stream: true``, ``stream_options.include_usage``) after another. Like :mod:`deepseek.serve.loadgen` it
+(``stream: true``, ``stream_options.include_usage``) after another. Like :mod:`deepseek.bench.loadgen` it
 writes pre-built request bytes on raw HTTP/1.1 and parses only what it needs (status, chunked framing,
 ``data:`` lines), so on a 2-core machine the client takes little from the server it measures.
 
@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import orjson
 
-from deepseek.serve.loadgen import check_load, new_event_loop, percentile, sample_cpu
+from deepseek.bench.loadgen import check_load, new_event_loop, percentile, sample_cpu
 
 PATH = "/v1/completions"
 

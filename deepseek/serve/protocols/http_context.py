@@ -1,0 +1,122 @@
+"""What every HTTP route shares: the server's settings and manager, the API key check, and the one body reader.
+
+    ctx = serving(request)                       # the ServingContext the app was built with
+    ctx.authorize(request.headers)               # management routes: 403 without a server key, 401 without it
+    body = parse_json_object(await ctx.read_body(request.headers, request.receive))
+
+The lean infer path (not a FastAPI route) reads its body with the same :meth:`ServingContext.read_body`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Optional
+
+import orjson
+from fastapi import Request
+
+from deepseek.serve.errors import FORBIDDEN, TOO_LARGE, UNAUTHENTICATED, RequestError
+from deepseek.serve.manager import ModelManager
+from deepseek.serve.metrics import ServingMetrics
+from deepseek.serve.protocols.common import API_KEY_ENV, AccessLog, key_matches, presented_key
+
+DEFAULT_ROUTING_HEADER = "X-User-Id"
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+Receive = Callable[[], Awaitable[dict]]
+
+
+class ClientGone(Exception):
+    """The HTTP client went away before its answer was ready: nobody is left to answer."""
+
+
+@dataclass
+class ServingContext:
+    """The settings and state the HTTP routes share (``app.state.serving``)."""
+
+    manager: ModelManager
+    metrics: ServingMetrics
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    api_key: Optional[str] = None
+    protect_inference: bool = False
+    access_log: Optional[AccessLog] = None
+    routing_header: str = DEFAULT_ROUTING_HEADER.lower()  # lower case, as ASGI header names are
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False  # set by the app's lifespan: models loaded and not shutting down
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """Management routes (and inference with ``protect_inference``) need the server's API key."""
+        if not self.api_key:
+            raise RequestError("the management API is disabled: start the server with --api-key "
+                               f"(or set {API_KEY_ENV}) to enable it", FORBIDDEN)
+        if not key_matches(self.api_key, presented_key(headers.get("authorization"), headers.get("x-api-key"))):
+            raise RequestError("missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key')",
+                               UNAUTHENTICATED)
+
+    def check_inference_key(self, headers: Mapping[str, str]) -> None:
+        if self.protect_inference and self.api_key:
+            self.authorize(headers)
+
+    async def read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        """The whole request body, refused (413) past ``max_request_bytes`` before or while it arrives."""
+        length = headers.get("content-length")
+        if length is not None:
+            if not is_decimal(length):
+                raise RequestError(f"bad Content-Length {length!r}")
+            if int(length) > self.max_request_bytes:
+                raise RequestError(f"request body of {length} bytes exceeds the limit of "
+                                   f"{self.max_request_bytes} bytes", TOO_LARGE)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise RequestError(f"request body exceeds the limit of {self.max_request_bytes} bytes", TOO_LARGE)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def serving(request: Request) -> ServingContext:
+    """The :class:`ServingContext` of the app serving ``request``."""
+    return request.app.state.serving
+
+
+async def read_json_object(request: Request) -> dict:
+    """A route's body as a JSON object (size-limited, then :func:`parse_json_object`)."""
+    return parse_json_object(await serving(request).read_body(request.headers, request.receive))
+
+
+def parse_json_object(text: bytes) -> dict:
+    """A request body that must be a JSON object; anything else is a 400 that says why."""
+    try:
+        data: Any = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:  # strict JSON failed: the standard parser also takes NaN/Infinity and big integers, as Triton's does
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(f"malformed JSON request: {exc}") from None
+        except RecursionError:  # json's decoder recurses per nesting level: "[[[[..." is the client's fault
+            raise RequestError("malformed JSON request: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request must be a JSON object")
+    return data
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def parse_version(version: Optional[str]) -> Optional[int]:
+    """A version path segment or field as a number (None: not given); 400 unless a positive integer."""
+    if version is None or version == "":
+        return None
+    if not is_decimal(version) or int(version) < 1:
+        raise RequestError(f"invalid model version {version!r}: must be a positive integer")
+    return int(version)
