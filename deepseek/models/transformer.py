@@ -163,11 +163,13 @@ class MoETransformer(nn.Module):
         x_ND = x_BTD.reshape(rows, -1)
 
         def transposed() -> torch.Tensor:
+            # The cache holds the weight it was made from: a replacement could otherwise be allocated at a freed
+            # weight's address with the same version and pass for it.
             key = (weight_VD.data_ptr(), weight_VD._version, weight_VD.dtype)
-            if getattr(self, "_head_DV_key", None) != key:
-                self._head_DV = weight_VD.detach().t().contiguous()
-                self._head_DV_key = key
-            return self._head_DV
+            cached = self.__dict__.get("_head_DV_cache")  # (weight, key, [D, V] copy)
+            if cached is None or cached[0] is not weight_VD or cached[1] != key:
+                cached = self.__dict__["_head_DV_cache"] = (weight_VD, key, weight_VD.detach().t().contiguous())
+            return cached[2]
 
         return few_row_linear(x_ND, weight_VD, transposed=transposed).reshape(*x_BTD.shape[:2], -1)
 
