@@ -41,6 +41,11 @@ class ExpertCompute(Protocol):
         """Expert e on all rows of ``x`` in plain differentiable, exportable ops (the loop dispatch): [M, D]."""
 
 
+def span_rows(x_MD: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows a:b of ``x``; ``x`` itself when that is all of it (one-token decoding: no slice op per expert)."""
+    return x_MD if b - a == x_MD.shape[0] else x_MD[a:b]
+
+
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -90,9 +95,9 @@ class GroupedProduct:
 
     def spans(self, x_MD: torch.Tensor, spans: list[Span]) -> list[torch.Tensor]:
         """Each chosen expert's two products on its few rows, arranged as this CPU streams them fastest."""
-        out = []
+        out, M = [], x_MD.shape[0]
         for e, a, b in spans:
-            gate_up = few_row_linear(x_MD[a:b], self.gate_up[e].to(x_MD.dtype))
+            gate_up = few_row_linear(x_MD if b - a == M else x_MD[a:b], self.gate_up[e].to(x_MD.dtype))
             hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
             out.append(few_row_linear(hidden, self.down[e].to(x_MD.dtype)))
         return out

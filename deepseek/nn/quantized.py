@@ -61,7 +61,7 @@ from deepseek.hardware import (BF16_FLAGS, INT8_FLAGS, HardwareProfile, bf16_pro
 from deepseek.nn.attention import Attention
 from deepseek.nn.mlp import SwiGLU
 from deepseek.nn.dispatch import Dispatcher, LocalDispatch
-from deepseek.nn.experts import GroupedExperts
+from deepseek.nn.experts import GroupedExperts, span_rows
 from deepseek.nn.router import Router
 
 SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
@@ -538,14 +538,17 @@ class QuantizedExperts(nn.Module):
         """Expert e on rows a:b for each ``(e, a, b)``: down(silu(gate) * up), fp32."""
         kernel = _cpu_kernel(self, x_MD)
         if self.scheme != "int8-dynamic":
-            return [self._products(e, x_MD[a:b], kernel) for e, a, b in spans]
+            return [self._products(e, span_rows(x_MD, a, b), kernel) for e, a, b in spans]
         # Rows are quantized per row, so one quantization for all spans equals one per span, in fewer ops.
         x_q, x_scale = quantize_rows(x_MD, kernel)
         hidden = []
         for e, a, b in spans:
-            gate_up = self.gate_up[e].product(x_MD[a:b], kernel, (x_q[a:b], x_scale[a:b]))
+            rows_q = (span_rows(x_q, a, b), span_rows(x_scale, a, b))
+            gate_up = self.gate_up[e].product(span_rows(x_MD, a, b), kernel, rows_q)
             hidden.append(F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:]))
-        h_q, h_scale = quantize_rows(torch.cat(hidden) if len(hidden) > 1 else hidden[0], kernel)
+        if len(hidden) == 1:
+            return [self.down[spans[0][0]].product(hidden[0], kernel)]
+        h_q, h_scale = quantize_rows(torch.cat(hidden), kernel)
         out, start = [], 0
         for (e, _, _), h in zip(spans, hidden):
             end = start + h.shape[0]
