@@ -317,17 +317,6 @@ def test_bf16_autocast_forward_and_backward():
 
 # -- the decoding head: few-row products and the cached transposed copy ------------------------------------
 
-@pytest.fixture
-def head_arrangement(monkeypatch):
-    """Make the head's few-row product take one named arrangement (where it is a candidate) instead of timing."""
-
-    def force(name: str) -> None:
-        monkeypatch.setattr(few_rows, "_chosen", {})
-        monkeypatch.setattr(few_rows, "_fastest", lambda x, w, w_t, names: name if name in names else "linear")
-
-    return force
-
-
 def head_weight(model: MoETransformer) -> torch.Tensor:
     return model.embed.weight if model.lm_head is None else model.lm_head.weight
 
@@ -335,8 +324,8 @@ def head_weight(model: MoETransformer) -> torch.Tensor:
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("batch, tokens", [(1, 1), (4, 1), (2, 3)])
 @pytest.mark.parametrize("arrangement", list(ARRANGEMENTS))
-def test_decoding_head_equals_linear(tied, batch, tokens, arrangement, head_arrangement):
-    head_arrangement(arrangement)
+def test_decoding_head_equals_linear(tied, batch, tokens, arrangement, few_row_arrangement):
+    few_row_arrangement(arrangement)
     model = make_model(tie_embeddings=tied)
     x = torch.randn(batch, tokens, BASE["d_model"])
     with torch.no_grad():
@@ -346,9 +335,9 @@ def test_decoding_head_equals_linear(tied, batch, tokens, arrangement, head_arra
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_cached_transposed_head_follows_the_weight(tied, head_arrangement):
+def test_cached_transposed_head_follows_the_weight(tied, few_row_arrangement):
     """The [D, V] copy is rebuilt when the weight changes in place, is replaced, or gets new data."""
-    head_arrangement("transposed_copy")
+    few_row_arrangement("transposed_copy")
     model = make_model(tie_embeddings=tied)
     holder, name = (model.embed, "weight") if tied else (model.lm_head, "weight")
     x = torch.randn(1, 1, BASE["d_model"])

@@ -31,25 +31,14 @@ def experts_and_routing(N: int, seed: int = 0):
     return experts, x, weights, choices
 
 
-@pytest.fixture
-def forced_arrangement(monkeypatch):
-    """Make few_row_linear take one named arrangement (where it is a candidate) instead of timing them."""
-
-    def force(name: str) -> None:
-        monkeypatch.setattr(few_rows, "_chosen", {})
-        monkeypatch.setattr(few_rows, "_fastest", lambda x, w, w_t, names: name if name in names else "linear")
-
-    return force
-
-
 # -- each dispatch == the loop reference ---------------------------------------------------------------
 
 @pytest.mark.parametrize("N", [1, 2, 5, 8])
 @pytest.mark.parametrize("arrangement", [a for a in ARRANGEMENTS if a != "transposed_copy"])
-def test_host_grouped_dispatch_equals_reference(N, arrangement, forced_arrangement):
+def test_host_grouped_dispatch_equals_reference(N, arrangement, few_row_arrangement):
     """The CPU decoding dispatch (one token: a weighted sum; a few: host-sorted groups) with every few-row
     arrangement it may be measured to prefer."""
-    forced_arrangement(arrangement)
+    few_row_arrangement(arrangement)
     experts, x, weights, choices = experts_and_routing(N)
     with torch.no_grad():
         got = HOST_GROUPED(x, weights, choices, experts)
