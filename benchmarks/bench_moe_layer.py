@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import deepseek as ds  # noqa: E402
-from deepseek.nn import MoE  # noqa: E402
+from deepseek.nn import MoE, MoEConfig, RouterConfig  # noqa: E402
 from hf_anchor import hf_moe_block  # noqa: E402
 
 D, FFN, TOP_K = 256, 512, 2
@@ -53,7 +53,7 @@ def naive_dense_moe(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:
 
 def build(n_experts: int, seed: int = 0):
     torch.manual_seed(seed)
-    moe = MoE(D, n_experts, FFN, TOP_K, router="softmax")
+    moe = MoE(MoEConfig(D, FFN, RouterConfig(n_experts, TOP_K, "softmax")))
     for p in moe.parameters():
         nn.init.normal_(p, std=0.02)
     hf = hf_moe_block(moe, ds.preset("mixtral-tiny"), n_experts)

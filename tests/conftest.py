@@ -47,3 +47,16 @@ def lm_data(tmp_path_factory):
     prepare([str(stdlib / "json"), str(stdlib / "email" / "*.py")], byte_tokenizer(), out, val_fraction=0.15,
             progress=False)
     return out
+
+
+@pytest.fixture
+def few_row_arrangement(monkeypatch):
+    """``few_row_arrangement(name)``: few-row products (decoding) take arrangement ``name`` wherever it is a
+    candidate (else ``linear``) instead of the one timed fastest, so tests can check every arrangement."""
+    from deepseek.nn import few_rows
+
+    def force(name: str) -> None:
+        monkeypatch.setattr(few_rows, "_chosen", {})
+        monkeypatch.setattr(few_rows, "_fastest", lambda x, w, w_t, names: name if name in names else "linear")
+
+    return force

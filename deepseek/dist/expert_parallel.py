@@ -5,15 +5,18 @@ Legend: N tokens on this rank, D model width, F expert width, E routed experts, 
 W ep ranks, L = E / W experts per rank, P this rank's (token, expert) pairs (N * K), R pairs received.
 
 Applied from outside the model: the expert weights are sliced in place and the :class:`GroupedExperts`
-instance's ``forward`` is replaced by :class:`ExpertParallelDispatch` (the router, shared experts and everything
+instance's ``dispatcher`` is replaced by :class:`AllToAllDispatch` (the router, shared experts and everything
 else stay as they are: replicated and data-parallel). One forward:
 
-1. pairs sorted by expert (so also by owner rank: rank ``w`` owns experts ``w*L .. w*L+L-1``);
+1. pairs sorted by expert (so also by owner rank: rank ``w`` owns experts ``w*L .. w*L+L-1``;
+   :func:`~deepseek.nn.dispatch.sort_by_expert`, as in the local sorted dispatch);
 2. per-expert pair counts exchanged (``all_to_all_single``, equal splits), read on the host for the splits;
 3. the pairs' token rows exchanged with an uneven ``dist.all_to_all_single`` wrapped in an autograd function
    (backward = the reverse exchange; gloo and NCCL both take uneven and empty splits);
-4. received rows regrouped by local expert, one grouped matmul per projection (:func:`grouped_matmul`);
-5. results sent back by the reverse all-to-all, weighted by the routing weights and scatter-added per token.
+4. received rows regrouped by local expert, one grouped matmul per projection (the experts' own
+   :meth:`~deepseek.nn.experts.GroupedProduct.grouped`, on the local slices);
+5. results sent back by the reverse all-to-all, weighted by the routing weights and scatter-added per token
+   (:func:`~deepseek.nn.dispatch.combine`).
 
 Gradients: an expert's gradient on its owner rank sums the contributions of every ep rank's tokens, each taken
 through that rank's own (local mean) loss; :func:`expert_parameters` names the parameters whose gradients the
@@ -27,11 +30,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from deepseek.config import ConfigError
-from deepseek.nn.moe import GroupedExperts, _autocast_dtype, grouped_matmul
+from deepseek.nn.dispatch import combine, sort_by_expert
+from deepseek.nn.experts import GroupedExperts, GroupedProduct
 
 EXPERT_PARAMS = ("gate_up", "down")
 
@@ -60,25 +63,25 @@ def _all_to_all(x_MD: torch.Tensor, out_splits: list[int], in_splits: list[int],
     return _AllToAll.apply(x_MD, out_splits, in_splits, group)
 
 
-class ExpertParallelDispatch:
-    """The replacement ``forward`` of one :class:`GroupedExperts` holding experts ``[first, first + L)`` of E."""
+class AllToAllDispatch:
+    """The :class:`~deepseek.nn.dispatch.Dispatcher` of an expert-parallel layer: this rank holds experts
+    ``[rank * L, rank * L + L)`` of ``n_experts`` and the pairs travel to their owners and back (see the module doc).
 
-    def __init__(self, experts: GroupedExperts, group, n_experts: int):
-        self.experts = experts  # the module (holds the local slices; a plain reference, not a submodule)
+    Installed from outside as the experts module's ``dispatcher``; the products are the module's own
+    (:meth:`~deepseek.nn.experts.GroupedProduct.grouped` on the local slices).
+    """
+
+    def __init__(self, group, n_experts: int):
         self.group = group
         self.world = dist.get_world_size(group)
         self.n_experts = n_experts
         self.n_local = n_experts // self.world
 
-    def __call__(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
-        W, L, E = self.world, self.n_local, self.n_experts
-        N, D = x_ND.shape
-        K = experts_NK.shape[1]
-        flat_experts = experts_NK.flatten()
-        order = flat_experts.argsort(stable=True)  # pairs grouped by expert, hence by owner rank
-        token_of_pair = order // K
-        counts_E = torch.zeros(E, dtype=torch.int64, device=x_ND.device).index_add_(
-            0, flat_experts, torch.ones_like(flat_experts))
+    def __call__(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
+                 compute: GroupedExperts) -> torch.Tensor:
+        W, L = self.world, self.n_local
+        order, counts_E, _ = sort_by_expert(experts_NK, self.n_experts)  # grouped by expert, hence by owner rank
+        token_of_pair = order // experts_NK.shape[1]
         # recv_WL[w, l]: pairs rank w sends to this rank's local expert l.
         recv_WL = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_WL, counts_E, group=self.group)
@@ -87,31 +90,19 @@ class ExpertParallelDispatch:
         in_splits = counts_E.view(W, L).sum(1).tolist()
         out_splits = recv_WL.sum(1).tolist()
 
-        dtype = _autocast_dtype(x_ND) or x_ND.dtype
-        x_PD = x_ND[token_of_pair].to(dtype)
+        x_PD = x_ND[token_of_pair].to(compute.rows_dtype(x_ND))
         x_RD = _all_to_all(x_PD, out_splits, in_splits, self.group)  # ordered by (source rank, local expert)
 
         # Regroup the received rows by local expert (stable: by source rank within an expert).
         local_expert_of_row = torch.arange(L, device=x_ND.device).repeat(W).repeat_interleave(recv_WL.flatten())
         regroup = local_expert_of_row.argsort(stable=True)
-        offsets = recv_WL.sum(0).cumsum(0).to(torch.int32)
-        y_RD = self._local_experts(x_RD[regroup], offsets, dtype)
+        counts_L = recv_WL.sum(0)
+        local = GroupedProduct(_local(compute.gate_up), _local(compute.down))
+        y_RD = local.grouped(x_RD[regroup], counts_L, counts_L.cumsum(0).to(torch.int32))
         y_RD = y_RD[regroup.argsort()]  # back to (source rank, local expert) order
 
         y_PD = _all_to_all(y_RD, in_splits, out_splits, self.group)  # back in this rank's pair order
-        y_PD = y_PD * weights_NK.flatten()[order].unsqueeze(-1).to(dtype)
-        return torch.zeros(N, D, dtype=dtype, device=x_ND.device).index_add_(0, token_of_pair, y_PD)
-
-    def _local_experts(self, x_RD: torch.Tensor, offsets_L: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The SwiGLU of each local expert on its contiguous rows (the sorted dispatch's grouped matmuls)."""
-        experts = self.experts
-        gate_up_w, down_w = _local(experts.gate_up), _local(experts.down)
-        if x_RD.shape[0] == 0:
-            # No rows for any local expert: keep the weights in the graph so that their gradient is zero, not None.
-            return x_RD + 0.0 * (gate_up_w.sum() + down_w.sum()).to(dtype)
-        gate_up = grouped_matmul(x_RD, gate_up_w.to(dtype).transpose(1, 2), offsets_L)
-        gate, up = gate_up.split(experts.ffn_dim, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, down_w.to(dtype).transpose(1, 2), offsets_L)
+        return combine(y_PD, weights_NK.flatten()[order], token_of_pair, x_ND.shape[0])
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -161,7 +152,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, ep_rank: Optional[int] = N
             for p in EXPERT_PARAMS:
                 full = getattr(experts, p)
                 setattr(experts, p, nn.Parameter(full[rank * L:(rank + 1) * L].clone(), requires_grad=full.requires_grad))
-        experts.forward = ExpertParallelDispatch(experts, ep_group, E)
+        experts.dispatcher = AllToAllDispatch(ep_group, E)
     return [name for name, _ in expert_parameters(model)]
 
 

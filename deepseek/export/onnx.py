@@ -6,7 +6,7 @@
     report = export_onnx(cnn, "cnn.onnx", example_inputs=(torch.randn(2, 1, 8, 8),), input_names=["image"])
 
 A language model (a model directory or a :class:`MoETransformer`) becomes a graph with dynamic batch and
-sequence axes. Its MoE layers take :meth:`GroupedExperts._forward_exportable` while exporting (the sorted
+sequence axes. Its MoE layers take :class:`~deepseek.nn.dispatch.LoopDispatch` while exporting (the sorted
 dispatch reads expert counts on the host and calls ``torch._grouped_mm``, neither of which has an ONNX form):
 per expert, the tokens that chose it are found with NonZero, gathered, multiplied and scatter-added back. Only
 the chosen (token, expert) pairs are computed, as in eager; the graph holds E expert blocks per MoE layer.

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek.models.config import ModelConfig
-from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, KVCache, MoE, RMSNorm, Router, RotaryEmbedding,
-                         SlotKVCache, SwiGLU)
+from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, KVCache, MoE, MoEConfig, RMSNorm, Router,
+                         RouterConfig, RotaryEmbedding, SlotKVCache, SwiGLU)
 from deepseek.nn.few_rows import few_row_linear
 from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.quantized import QuantizedWeight
@@ -42,6 +42,15 @@ class RouterStats:
         return self.tokens_per_expert.max(dim=-1).values / mean
 
 
+def moe_config(cfg: ModelConfig) -> MoEConfig:
+    """The settings of one MoE layer of a model of ``cfg``."""
+    router = RouterConfig(n_experts=cfg.n_routed_experts, top_k=cfg.top_k, kind=cfg.router,
+                          norm_topk_prob=cfg.norm_topk_prob, scaling=cfg.routed_scaling_factor,
+                          aux_loss_coef=cfg.aux_loss_coef, bias_update_speed=cfg.bias_update_speed)
+    return MoEConfig(d_model=cfg.d_model, ffn_dim=cfg.moe_ffn_dim, router=router, n_shared_experts=cfg.n_shared_experts,
+                     shared_ffn_dim=cfg.shared_ffn_dim, shared_expert_gate=cfg.shared_expert_gate)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
 
@@ -55,9 +64,7 @@ class Block(nn.Module):
         if layer < cfg.first_k_dense:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
         else:
-            self.ffn = MoE(cfg.d_model, cfg.n_routed_experts, cfg.moe_ffn_dim, cfg.top_k, cfg.router,
-                           cfg.n_shared_experts, cfg.shared_ffn_dim, cfg.shared_expert_gate, cfg.norm_topk_prob,
-                           cfg.routed_scaling_factor, cfg.aux_loss_coef, cfg.bias_update_speed)
+            self.ffn = MoE(moe_config(cfg))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
@@ -156,11 +163,13 @@ class MoETransformer(nn.Module):
         x_ND = x_BTD.reshape(rows, -1)
 
         def transposed() -> torch.Tensor:
+            # The cache holds the weight it was made from: a replacement could otherwise be allocated at a freed
+            # weight's address with the same version and pass for it.
             key = (weight_VD.data_ptr(), weight_VD._version, weight_VD.dtype)
-            if getattr(self, "_head_DV_key", None) != key:
-                self._head_DV = weight_VD.detach().t().contiguous()
-                self._head_DV_key = key
-            return self._head_DV
+            cached = self.__dict__.get("_head_DV_cache")  # (weight, key, [D, V] copy)
+            if cached is None or cached[0] is not weight_VD or cached[1] != key:
+                cached = self.__dict__["_head_DV_cache"] = (weight_VD, key, weight_VD.detach().t().contiguous())
+            return cached[2]
 
         return few_row_linear(x_ND, weight_VD, transposed=transposed).reshape(*x_BTD.shape[:2], -1)
 

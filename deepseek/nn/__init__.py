@@ -1,12 +1,15 @@
 """Building blocks of the MoE transformer, one small module each."""
 
 from deepseek.nn.attention import Attention, AttentionInputs
+from deepseek.nn.dispatch import LocalDispatch
+from deepseek.nn.experts import GroupedExperts
 from deepseek.nn.kv_cache import KVCache
 from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.mlp import SwiGLU
-from deepseek.nn.moe import GroupedExperts, MoE, Router, load_balancing_loss, update_router_biases
+from deepseek.nn.moe import MoE, MoEConfig
 from deepseek.nn.norm import RMSNorm
 from deepseek.nn.rope import RotaryEmbedding, apply_rotary
+from deepseek.nn.router import Router, RouterConfig, load_balancing_loss, update_router_biases
 from deepseek.nn.slot_cache import SlotKVCache
 from deepseek.nn.sparse_attention import (
     blocked_local_global_attention,
@@ -15,7 +18,8 @@ from deepseek.nn.sparse_attention import (
 )
 
 __all__ = [
-    "Attention", "AttentionInputs", "GroupedExperts", "KVCache", "MoE", "RMSNorm", "Router", "RotaryEmbedding",
-    "SlotKVCache", "SwiGLU", "apply_rotary", "blocked_local_global_attention", "dense_local_global_attention",
-    "linear_cross_entropy", "load_balancing_loss", "local_global_mask", "update_router_biases",
+    "Attention", "AttentionInputs", "GroupedExperts", "KVCache", "LocalDispatch", "MoE", "MoEConfig", "RMSNorm",
+    "Router", "RouterConfig", "RotaryEmbedding", "SlotKVCache", "SwiGLU", "apply_rotary",
+    "blocked_local_global_attention", "dense_local_global_attention", "linear_cross_entropy", "load_balancing_loss",
+    "local_global_mask", "update_router_biases",
 ]

@@ -60,7 +60,9 @@ from deepseek.hardware import (BF16_FLAGS, INT8_FLAGS, HardwareProfile, bf16_pro
                                int8_products_exact, int8_products_fast)
 from deepseek.nn.attention import Attention
 from deepseek.nn.mlp import SwiGLU
-from deepseek.nn.moe import FEW_PAIRS, GroupedExperts, Router
+from deepseek.nn.dispatch import Dispatcher, LocalDispatch
+from deepseek.nn.experts import GroupedExperts, span_rows
+from deepseek.nn.router import Router
 
 SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
 # The kernel paths of each scheme, fastest-where-supported first; "auto" picks one by the hardware.
@@ -483,24 +485,28 @@ class QuantizedEmbedding(nn.Module):
 
 
 class QuantizedExperts(nn.Module):
-    """:class:`~deepseek.nn.moe.GroupedExperts` with quantized expert weights (same dispatch contract).
+    """:class:`~deepseek.nn.experts.GroupedExperts` with quantized expert weights (same dispatch contract): an
+    :class:`~deepseek.nn.experts.ExpertCompute` whose products are the scheme's, behind the same dispatchers.
 
-    Tokens are grouped by expert on the host (one read of the choices), then each expert that has tokens runs
-    its two products on its own rows; with ``int8-dynamic`` the rows are quantized once per projection for all
-    experts together. ``kernel`` (see :class:`QuantizedWeight`) is chosen here for all expert weights.
+    Each expert that has rows runs its two products on them, in fp32 (the output is cast back to the input's
+    dtype); with ``int8-dynamic`` the rows are quantized once per projection for all experts together.
+    ``kernel`` (see :class:`QuantizedWeight`) is chosen here for all expert weights. ``dispatcher``: as for
+    :class:`~deepseek.nn.experts.GroupedExperts`, but compiled decoding groups on the host too (quantized weights
+    are not gathered per pair).
     """
 
     quantized = True
     kernel = "auto"
 
     def __init__(self, scheme: str, n_experts: int, d_model: int, ffn_dim: int, group_size: int = 32,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, dispatcher: Optional[Dispatcher] = None):
         super().__init__()
         self.scheme, self.n_experts, self.ffn_dim, self.d_model = check_scheme(scheme), n_experts, ffn_dim, d_model
         self.gate_up = nn.ModuleList(QuantizedWeight(scheme, 2 * ffn_dim, d_model, group_size, device)
                                      for _ in range(n_experts))
         self.down = nn.ModuleList(QuantizedWeight(scheme, d_model, ffn_dim, group_size, device)
                                   for _ in range(n_experts))
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatch(gathered=False)
 
     @classmethod
     def from_experts(cls, experts: nn.Module, scheme: str, group_size: int = 32) -> "QuantizedExperts":
@@ -511,69 +517,52 @@ class QuantizedExperts(nn.Module):
             module.down[e].set_weight(experts.down[e], group_size)
         return module
 
-    def _products(self, e: int, rows: torch.Tensor, rows_q, kernel: str) -> torch.Tensor:
-        """Expert ``e`` on its rows: down(silu(gate) * up), fp32 (``rows_q``: int8-dynamic rows already quantized)."""
-        gate_up = self.gate_up[e].product(rows, kernel, rows_q)
-        hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
-        return self.down[e].product(hidden, kernel)
-
-    def _forward_few_tokens(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
-                            kernel: str) -> torch.Tensor:
-        """Decoding: group the pairs on the host (no device sort) and visit only the chosen experts."""
-        K = experts_NK.shape[1]
-        x = x_ND.float()
-        if x.shape[0] == 1:  # one token (batch-1 decoding): a weighted sum of its K experts, rows quantized once
-            x_q = quantize_rows(x, kernel) if self.scheme == "int8-dynamic" else None
-            out = None
-            for expert, weight in zip(experts_NK[0].tolist(), weights_NK[0].tolist()):
-                y = self._products(expert, x, x_q, kernel).mul_(weight)
-                out = y if out is None else out.add_(y)
-            return out.to(x_ND.dtype)
-        groups: dict[int, list[int]] = {}
-        for pair, expert in enumerate(experts_NK.flatten().tolist()):
-            groups.setdefault(expert, []).append(pair)
-        weights = weights_NK.flatten().float()
-        out = torch.zeros_like(x)
-        for expert, pairs in groups.items():
-            tokens = [p // K for p in pairs]
-            rows = x[tokens]
-            y = self._products(expert, rows, None, kernel).mul_(weights[pairs].unsqueeze(-1))
-            out.index_add_(0, torch.tensor(tokens, device=x.device), y)
-        return out.to(x_ND.dtype)
-
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
-        N, D = x_ND.shape
-        K = experts_NK.shape[1]
-        kernel = _cpu_kernel(self, x_ND)
-        if N * K <= FEW_PAIRS:
-            return self._forward_few_tokens(x_ND, weights_NK, experts_NK, kernel)
-        flat = experts_NK.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_of_pair = order // K
-        x_sorted = x_ND[token_of_pair].float()
+        return self.dispatcher(x_ND, weights_NK, experts_NK, self).to(x_ND.dtype)
+
+    # -- ExpertCompute ---------------------------------------------------------------------------------
+
+    def rows_dtype(self, x_ND: torch.Tensor) -> torch.dtype:
+        return torch.float32
+
+    def grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """The products of the experts that have rows (one host read of the group sizes)."""
         spans, start = [], 0
-        for e, count in enumerate(counts):
-            if count:  # only experts with tokens run (and, on the dequant path, are dequantized)
+        for e, count in enumerate(counts_E.tolist()):
+            if count:  # only experts with rows run (and, on the dequant path, are dequantized)
                 spans.append((e, start, start + count))
                 start += count
+        return torch.cat(self.spans(x_MD, spans)) if spans else torch.zeros_like(x_MD)
+
+    def spans(self, x_MD: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Expert e on rows a:b for each ``(e, a, b)``: down(silu(gate) * up), fp32."""
+        kernel = _cpu_kernel(self, x_MD)
         if self.scheme != "int8-dynamic":
-            y_sorted = torch.empty_like(x_sorted)
-            for e, a, b in spans:
-                y_sorted[a:b] = self._products(e, x_sorted[a:b], None, kernel)
-        else:  # rows are quantized per row, so one quantization for all experts equals one per expert, in fewer ops
-            x_q, x_scale = quantize_rows(x_sorted, kernel)
-            hidden = x_sorted.new_empty(x_sorted.shape[0], self.ffn_dim)
-            for e, a, b in spans:
-                gate_up = self.gate_up[e].product(x_sorted[a:b], kernel, (x_q[a:b], x_scale[a:b]))
-                hidden[a:b] = F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:]
-            h_q, h_scale = quantize_rows(hidden, kernel)
-            y_sorted = torch.empty_like(x_sorted)
-            for e, a, b in spans:
-                y_sorted[a:b] = self.down[e].product(hidden[a:b], kernel, (h_q[a:b], h_scale[a:b]))
-        y_sorted.mul_(weights_NK.flatten()[order].unsqueeze(-1).float())
-        out = torch.zeros(N, D, device=x_ND.device).index_add_(0, token_of_pair, y_sorted)
-        return out.to(x_ND.dtype)
+            return [self._products(e, span_rows(x_MD, a, b), kernel) for e, a, b in spans]
+        # Rows are quantized per row, so one quantization for all spans equals one per span, in fewer ops.
+        x_q, x_scale = quantize_rows(x_MD, kernel)
+        hidden = []
+        for e, a, b in spans:
+            rows_q = (span_rows(x_q, a, b), span_rows(x_scale, a, b))
+            gate_up = self.gate_up[e].product(span_rows(x_MD, a, b), kernel, rows_q)
+            hidden.append(F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:]))
+        if len(hidden) == 1:
+            return [self.down[spans[0][0]].product(hidden[0], kernel)]
+        h_q, h_scale = quantize_rows(torch.cat(hidden), kernel)
+        out, start = [], 0
+        for (e, _, _), h in zip(spans, hidden):
+            end = start + h.shape[0]
+            out.append(self.down[e].product(h, kernel, (h_q[start:end], h_scale[start:end])))
+            start = end
+        return out
+
+    def expert(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
+        return self._products(e, x_MD.float(), _cpu_kernel(self, x_MD))
+
+    def _products(self, e: int, rows: torch.Tensor, kernel: str) -> torch.Tensor:
+        gate_up = self.gate_up[e].product(rows, kernel)
+        hidden = F.silu(gate_up[:, :self.ffn_dim]).mul_(gate_up[:, self.ffn_dim:])
+        return self.down[e].product(hidden, kernel)
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, experts={self.n_experts}, d_model={self.d_model}, ffn_dim={self.ffn_dim}"

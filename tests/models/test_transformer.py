@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from deepseek.models import ModelConfig, MoETransformer, RouterStats
-from deepseek.nn import KVCache, MoE, SwiGLU
+from deepseek.nn import KVCache, MoE, SwiGLU, few_rows
+from deepseek.nn.few_rows import ARRANGEMENTS
 
 V = 64
 BASE = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, moe_ffn_dim=16,
@@ -312,3 +313,53 @@ def test_bf16_autocast_forward_and_backward():
     assert ((logits.float() - ref).norm() / ref.norm()) < 3e-2
     F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# -- the decoding head: few-row products and the cached transposed copy ------------------------------------
+
+def head_weight(model: MoETransformer) -> torch.Tensor:
+    return model.embed.weight if model.lm_head is None else model.lm_head.weight
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("batch, tokens", [(1, 1), (4, 1), (2, 3)])
+@pytest.mark.parametrize("arrangement", list(ARRANGEMENTS))
+def test_decoding_head_equals_linear(tied, batch, tokens, arrangement, few_row_arrangement):
+    few_row_arrangement(arrangement)
+    model = make_model(tie_embeddings=tied)
+    x = torch.randn(batch, tokens, BASE["d_model"])
+    with torch.no_grad():
+        got = model._head(x)
+    assert got.shape == (batch, tokens, V)
+    torch.testing.assert_close(got, F.linear(x, head_weight(model)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cached_transposed_head_follows_the_weight(tied, few_row_arrangement):
+    """The [D, V] copy is rebuilt when the weight changes in place, is replaced, or gets new data."""
+    few_row_arrangement("transposed_copy")
+    model = make_model(tie_embeddings=tied)
+    holder, name = (model.embed, "weight") if tied else (model.lm_head, "weight")
+    x = torch.randn(1, 1, BASE["d_model"])
+    gen = torch.Generator().manual_seed(1)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(model._head(x), F.linear(x, head_weight(model)), atol=1e-5, rtol=1e-5)
+
+    check()
+    assert set(few_rows.chosen_arrangements().values()) == {"transposed_copy"}
+    copy_DV = model.__dict__["_head_DV_cache"][2]
+    check()
+    assert model.__dict__["_head_DV_cache"][2] is copy_DV  # kept while the weight is unchanged
+    with torch.no_grad():
+        getattr(holder, name).mul_(-2.0)  # in place
+    check()
+    setattr(holder, name, torch.nn.Parameter(torch.randn(V, BASE["d_model"], generator=gen)))  # replaced
+    check()
+    getattr(holder, name).data = torch.randn(V, BASE["d_model"], generator=gen)  # new data, same Parameter
+    check()
+    for _ in range(3):  # the old weight freed first, so that the new one may get its address (and version)
+        setattr(holder, name, None)
+        setattr(holder, name, torch.nn.Parameter(torch.randn(V, BASE["d_model"], generator=gen)))
+        check()

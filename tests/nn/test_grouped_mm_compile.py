@@ -35,7 +35,7 @@ def test_compiled_grouped_experts_fp32_match_eager():
 
 def test_grouped_mm_custom_ops_pass_opcheck_with_transposed_weights():
     # Experts pass their (out, in) weights as transposed views; fake kernels must report real strides.
-    from deepseek.nn.moe import _grouped_mm_backward_op, _grouped_mm_op
+    from deepseek.nn.grouped_mm import _grouped_mm_backward_op, _grouped_mm_op
 
     x = torch.randn(10, 8)
     w = torch.randn(3, 16, 8).transpose(1, 2)  # [E, I, O] view of [E, O, I]
@@ -46,7 +46,7 @@ def test_grouped_mm_custom_ops_pass_opcheck_with_transposed_weights():
 
 def test_compiled_decoding_expert_path_matches_reference():
     # Under compile, a handful of tokens take the gathered path; it must equal the per-expert reference.
-    from deepseek.nn.moe import GroupedExperts
+    from deepseek.nn.experts import GroupedExperts
 
     torch.manual_seed(0)
     experts = GroupedExperts(8, 16, 12)

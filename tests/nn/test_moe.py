@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepseek.models import ModelConfig, MoETransformer
-from deepseek.nn import GroupedExperts, MoE, Router, load_balancing_loss, update_router_biases
+from deepseek.nn import GroupedExperts, MoE, MoEConfig, Router, RouterConfig, load_balancing_loss, update_router_biases
 
 
 def init_(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
@@ -111,7 +111,7 @@ def test_dispatch_equals_reference_property(N, E, K, D, Fd, seed):
 def test_softmax_router_weights():
     N, D, E, K = 20, 16, 8, 3
     x = torch.randn(N, D)
-    router = init_(Router(D, E, K, "softmax", norm_topk_prob=True))
+    router = init_(Router(D, RouterConfig(E, K, "softmax", norm_topk_prob=True)))
     weights, idx = router(x)
     assert weights.dtype == torch.float32 and weights.shape == (N, K) and idx.shape == (N, K)
     torch.testing.assert_close(weights.sum(-1), torch.ones(N))
@@ -129,7 +129,7 @@ def test_softmax_router_weights():
     torch.testing.assert_close(router(x)[0].sum(-1), torch.full((N,), 2.5))
 
     # Top-1 with renormalisation gives weight 1 (Mixtral); without it, the top probability.
-    top1 = Router(D, E, 1, "softmax", norm_topk_prob=True)
+    top1 = Router(D, RouterConfig(E, 1, "softmax", norm_topk_prob=True))
     top1.weight.data.copy_(router.weight)
     w1, idx1 = top1(x)
     assert torch.equal(idx1, ref_idx[:, :1])
@@ -141,7 +141,7 @@ def test_softmax_router_weights():
 def test_sigmoid_router_bias_changes_choice_not_weights():
     N, D, E, K = 16, 8, 6, 2
     x = torch.randn(N, D)
-    router = init_(Router(D, E, K, "sigmoid", norm_topk_prob=False))
+    router = init_(Router(D, RouterConfig(E, K, "sigmoid", norm_topk_prob=False)))
     scores = (x @ router.weight.T).sigmoid()
     w0, idx0 = router(x)
     torch.testing.assert_close(w0, scores.gather(1, idx0))
@@ -172,7 +172,7 @@ def test_sigmoid_router_bias_changes_choice_not_weights():
 
 def test_tokens_per_expert_counts_routed_pairs():
     N, D, E, K = 37, 8, 8, 3
-    router = init_(Router(D, E, K, "softmax"))
+    router = init_(Router(D, RouterConfig(E, K, "softmax")))
     _, idx = router(torch.randn(N, D))
     counts = router.last_tokens_per_expert
     assert counts.shape == (E,)
@@ -183,7 +183,7 @@ def test_tokens_per_expert_counts_routed_pairs():
 def test_router_is_fp32_under_bf16_autocast():
     N, D, E, K = 64, 32, 16, 2
     x = torch.randn(N, D)
-    router = init_(Router(D, E, K, "softmax"), std=1.0)
+    router = init_(Router(D, RouterConfig(E, K, "softmax")), std=1.0)
     w_ref, idx_ref = router(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w, idx = router(x)
@@ -196,7 +196,7 @@ def test_router_is_fp32_under_bf16_autocast():
 
 def test_aux_loss_is_one_for_uniform_probabilities():
     N, D, E, K = 32, 8, 8, 2
-    router = Router(D, E, K, "softmax", aux_loss_coef=0.5)
+    router = Router(D, RouterConfig(E, K, "softmax", aux_loss_coef=0.5))
     torch.nn.init.zeros_(router.weight)  # every expert gets probability 1/E
     router.train()
     router(torch.randn(N, D))
@@ -227,7 +227,7 @@ def test_aux_loss_grows_with_imbalance_and_matches_formula():
 
 def test_aux_loss_only_in_training_and_has_router_gradient():
     D, E, K = 8, 4, 2
-    router = init_(Router(D, E, K, "sigmoid", aux_loss_coef=0.1))
+    router = init_(Router(D, RouterConfig(E, K, "sigmoid", aux_loss_coef=0.1)))
     x = torch.randn(10, D)
     router.eval()
     router(x)
@@ -248,8 +248,8 @@ def test_aux_loss_only_in_training_and_has_router_gradient():
 @pytest.mark.parametrize("shared, gate", [(0, False), (1, False), (2, True)])
 def test_moe_matches_reference_composition(router_kind, shared, gate):
     B, T, D, E, Fd, K = 2, 5, 16, 8, 8, 2
-    moe = init_(MoE(D, E, Fd, K, router_kind, n_shared_experts=shared, shared_ffn_dim=shared * Fd,
-                    shared_expert_gate=gate, routed_scaling_factor=1.5))
+    moe = init_(MoE(MoEConfig(D, Fd, RouterConfig(E, K, router_kind, scaling=1.5), n_shared_experts=shared,
+                              shared_ffn_dim=shared * Fd, shared_expert_gate=gate)))
     assert (moe.shared is not None) == (shared > 0) and (moe.shared_gate is not None) == gate
     x = torch.randn(B, T, D)
     y = moe(x)
@@ -265,7 +265,7 @@ def test_moe_matches_reference_composition(router_kind, shared, gate):
 
 def test_moe_bf16_autocast_close_to_fp32():
     D, E, Fd, K = 32, 8, 32, 2
-    moe = init_(MoE(D, E, Fd, K, "softmax", n_shared_experts=1, shared_ffn_dim=Fd), std=0.2)
+    moe = init_(MoE(MoEConfig(D, Fd, RouterConfig(E, K, "softmax"), n_shared_experts=1, shared_ffn_dim=Fd)), std=0.2)
     x = torch.randn(2, 16, D)
     ref = moe(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -292,7 +292,7 @@ def test_grouped_experts_bf16_weights_close_to_fp32():
 
 @pytest.mark.parametrize("multiple", [4, 64])
 def test_bucketed_layout_pads_every_group_to_a_multiple(multiple):
-    from deepseek.nn.moe import bucketed_layout
+    from deepseek.nn.grouped_mm import bucketed_layout
 
     E, N, K = 8, 50, 2
     _, idx = random_routing(N, E, K)

@@ -10,7 +10,7 @@ import deepseek as ds
 from deepseek.compress.quantize import quantize
 from deepseek.hardware import (HardwareProfile, hardware_profile, int8_products_exact, int8_products_exact_probe,
                                int8_products_fast)
-from deepseek.nn.moe import GroupedExperts
+from deepseek.nn.experts import GroupedExperts
 from deepseek.nn.quantized import (KERNELS, SCHEMES, QuantizedExperts, QuantizedLinear, choose_kernel,
                                    kernel_choices, quantize_tokens_int8, quantized_kernel, set_quantized_kernel)
 
