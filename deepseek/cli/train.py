@@ -49,14 +49,14 @@ def train_command(
     args = ["train", *([str(config)] if config is not None else []), *(overrides or []),
             *(["--resume"] if resume else [])]
     if cfg.parallel.mode == "parameter_server" and nproc > 1:
-        from deepseek.dist.parameter_server import launch_parameter_server
+        from deepseek.parallel.parameter_server import launch_parameter_server
 
         if max_restarts:
             raise ConfigError("--max-restarts is for torchrun jobs; parameter_server mode survives lost workers "
                               "itself (docs/parameter_server.md)")
         raise typer.Exit(launch_parameter_server(nproc, args))  # not torchrun: a dead worker must not end the job
     if nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        from deepseek.dist.launch import relaunch
+        from deepseek.parallel.launch import relaunch
 
         raise typer.Exit(relaunch(nproc, args, max_restarts=max_restarts))
     result = train_lm(cfg)

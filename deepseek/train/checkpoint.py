@@ -39,7 +39,7 @@ from deepseek.models.transformer import MoETransformer
 FORMAT = "deepseek-train-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SHARDED_LAYOUT = "sharded"  # manifest "layout" of deepseek.dist.checkpoint's DCP checkpoints (model + optimizer in dcp/)
+SHARDED_LAYOUT = "sharded"  # manifest "layout" of deepseek.parallel.checkpoint's DCP checkpoints (model + optimizer in dcp/)
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Left next to the checkpoints by a crash inside write_atomically or a deletion: .step-00000100.tmp-1a2b3c4d
 _STALE_DIR = re.compile(r"\.(step-\d+)\.(tmp|old|del)-[0-9a-f]+")
@@ -215,7 +215,7 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a sharded (DCP) checkpoint of :mod:`deepseek.dist.checkpoint`, by its manifest."""
+    """Whether ``path`` is a sharded (DCP) checkpoint of :mod:`deepseek.parallel.checkpoint`, by its manifest."""
     try:
         manifest = json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -259,7 +259,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
         verify_checkpoint(path)
     if is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is a sharded checkpoint: read it with "
-                              f"deepseek.dist.checkpoint.load_sharded_checkpoint")
+                              f"deepseek.parallel.checkpoint.load_sharded_checkpoint")
     trainer = _read_trainer(path / "trainer.json")
     _load_model(path / "model", model)
     if optimizer is not None:

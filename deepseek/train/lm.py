@@ -130,11 +130,11 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
 def train_lm(config: TrainConfig) -> TrainResult:
     """Run a language-model training described by ``config`` (what ``ds train`` does)."""
     if config.parallel.mode == "parameter_server":
-        from deepseek.dist.parameter_server import train_parameter_server  # train never imports dist at module level
+        from deepseek.parallel.parameter_server import train_parameter_server  # train never imports dist at module level
 
         return train_parameter_server(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from deepseek.dist.launch import train_lm_distributed  # train never imports dist at module level
+        from deepseek.parallel.launch import train_lm_distributed  # train never imports dist at module level
 
         return train_lm_distributed(config)
     return _train_lm(config)
@@ -142,10 +142,10 @@ def train_lm(config: TrainConfig) -> TrainResult:
 
 def _train_lm(config: TrainConfig, *, parallel: Optional[Parallelism] = None) -> TrainResult:
     """The run itself; under torchrun ``parallel`` picks this rank's rows and applies the layout (see
-    :mod:`deepseek.dist.launch`)."""
+    :mod:`deepseek.parallel.launch`)."""
     parallel = parallel or Parallelism()
     model_config = config.model_config()
-    if parallel.rank == 0:  # the other ranks wait at a barrier (in deepseek.dist.launch) until the data is there
+    if parallel.rank == 0:  # the other ranks wait at a barrier (in deepseek.parallel.launch) until the data is there
         ensure_prepared(config.data, model_config.vocab_size, progress=config.progress)
     paths = [p for p, _ in data_paths(config.data).values()]
     tokenizer = TokenDataset(paths[0], "train").tokenizer()

@@ -1,9 +1,9 @@
 """What the Trainer asks of a parallel layout, and the one-process answer.
 
-:class:`Parallelism` is the seam between the training loop and :mod:`deepseek.dist`: the Trainer calls these
+:class:`Parallelism` is the seam between the training loop and :mod:`deepseek.parallel`: the Trainer calls these
 hooks and never imports ``torch.distributed`` plans itself. This base class is a single process; the
 distributed layouts (DDP, FSDP, tensor, expert and pipeline parallelism on one device mesh) subclass it in
-:mod:`deepseek.dist.plan`.
+:mod:`deepseek.parallel.plan`.
 """
 
 from __future__ import annotations

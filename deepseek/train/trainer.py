@@ -151,7 +151,7 @@ class Trainer:
     along in checkpoints of deepseek models.
 
     Under torchrun, ``parallel`` (a :class:`~deepseek.train.parallelism.Parallelism` from
-    :func:`deepseek.dist.build_parallelism`) applies the layout and answers the loop's questions;
+    :func:`deepseek.parallel.build_parallelism`) applies the layout and answers the loop's questions;
     ``batches`` yields this rank's share of each global batch. The logged loss is averaged over the ranks,
     and only rank 0 writes metrics and the model.
 
@@ -315,7 +315,7 @@ class Trainer:
         if path is None:
             return None
         if is_sharded_checkpoint(path):  # written by N ranks with DCP: read into this layout, whatever it is
-            from deepseek.dist.checkpoint import load_sharded_checkpoint
+            from deepseek.parallel.checkpoint import load_sharded_checkpoint
 
             state = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                             verify=False, local_shards=self.parallel.checkpoint_shards(self.model))

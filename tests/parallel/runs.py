@@ -45,7 +45,7 @@ def train_single(run_dir, data_dir, *extra) -> Path:
 
 def train_torchrun(nproc: int, config_file, run_dir, data_dir, *extra, max_restarts: int = 0) -> Path:
     """The same run on ``nproc`` processes under plain ``torchrun --standalone``."""
-    from deepseek.dist.launch import torchrun_command
+    from deepseek.parallel.launch import torchrun_command
 
     run_cmd(torchrun_command(nproc, ["train", str(config_file), *overrides(run_dir, data_dir, *extra)],
                              max_restarts=max_restarts))

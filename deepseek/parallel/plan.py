@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from deepseek.config import ConfigError
-from deepseek.dist.data_parallel import sync_router_load, wrap_data_parallel
-from deepseek.dist.env import DistEnv
+from deepseek.parallel.data_parallel import sync_router_load, wrap_data_parallel
+from deepseek.parallel.env import DistEnv
 from deepseek.train.parallelism import Parallelism, tensor_device
 from deepseek.train.trainer_config import MESH_DIMS, ParallelConfig
 
@@ -48,7 +48,7 @@ class DistributedParallelism(Parallelism):
             + coord["ep"]
         self._ddp: Optional[nn.Module] = None
         self._fsdp: Optional[nn.Module] = None  # the root FSDPModule (layouts with dp_shard or tp)
-        self._pipeline = None  # deepseek.dist.pipeline.Pipeline under pp: this rank's stage and schedule
+        self._pipeline = None  # deepseek.parallel.pipeline.Pipeline under pp: this rank's stage and schedule
         self._experts = None  # ExpertGradients under ep: the sharded experts' own reduction and norm
 
     # -- applying the layout ------------------------------------------------------------------------
@@ -81,13 +81,13 @@ class DistributedParallelism(Parallelism):
         return ConfigError(f"parallel: {what} is not implemented yet (layout {self.describe()})")
 
     def _apply_pipeline(self, model: nn.Module) -> nn.Module:
-        from deepseek.dist.pipeline import Pipeline
+        from deepseek.parallel.pipeline import Pipeline
 
         self._pipeline = Pipeline(model, self.mesh, self.config.pp_schedule, self.device)
         return self._pipeline.stage_module
 
     def _apply_tensor_parallel(self, model: nn.Module) -> None:
-        from deepseek.dist.tensor_parallel import apply_tensor_parallel
+        from deepseek.parallel.tensor_parallel import apply_tensor_parallel
 
         if self.uses("ep"):
             raise self._not_yet("tp combined with ep (tp composes with dp_shard, dp_replicate and pp)")
@@ -101,7 +101,7 @@ class DistributedParallelism(Parallelism):
         from torch.distributed.tensor import Shard
         from torch.nn.parallel import DistributedDataParallel
 
-        from deepseek.dist.expert_parallel import ExpertGradients, apply_expert_parallel, distribute_experts
+        from deepseek.parallel.expert_parallel import ExpertGradients, apply_expert_parallel, distribute_experts
 
         if any(self.uses(d) for d in ("pp", "tp")):
             raise self._not_yet("ep combined with pp or tp (ep composes with dp_replicate and dp_shard)")
@@ -124,14 +124,14 @@ class DistributedParallelism(Parallelism):
         # too, and fully_shard turns every parameter into a DTensor (the tp-replicated norms, embedding and router
         # too), so foreach optimizers, clipping and DCP see one kind of tensor. dp_replicate > 1 makes it HSDP:
         # sharded within a replica, all-reduced across.
-        from deepseek.dist.fsdp import apply_fsdp
+        from deepseek.parallel.fsdp import apply_fsdp
 
         # Under pp, ``model`` is this rank's PipelineStageModule: it becomes the FSDP root the PipelineStage runs
         # (the schedule defers the reduce-scatter to the last micro-batch and reshards after the step).
         if self.uses("ep"):
             # DeepSeek-V3's layout: the non-expert parameters are sharded over every rank that holds them, the ep
             # ranks included (dp_shard x ep flattened); the rank-local experts are left out (ExpertGradients).
-            from deepseek.dist.expert_parallel import expert_parameters
+            from deepseek.parallel.expert_parallel import expert_parameters
 
             shard = self.mesh["dp_shard", "ep"]._flatten("dp_shard_ep")
             self._fsdp = apply_fsdp(model, self.mesh["dp_replicate", "dp_shard_ep"] if self.uses("dp_replicate")
@@ -150,7 +150,7 @@ class DistributedParallelism(Parallelism):
         if self._ddp is not None and not last_micro_batch:
             return self._ddp.no_sync()  # all-reduce once per step, on the last micro-batch's backward
         if self._fsdp is not None:
-            from deepseek.dist.fsdp import fsdp_gradient_sync
+            from deepseek.parallel.fsdp import fsdp_gradient_sync
 
             sync = fsdp_gradient_sync(self._fsdp, last_micro_batch)  # reduce-scatter on the last one only
             return self._expert_gradient_sync(sync) if self._experts is not None and last_micro_batch else sync
@@ -180,7 +180,7 @@ class DistributedParallelism(Parallelism):
         if self._pipeline is not None:
             return self._pipeline.global_grad_norm  # each stage holds some layers' gradients
         if self._sharded():
-            from deepseek.dist.grad_norm import total_grad_norm
+            from deepseek.parallel.grad_norm import total_grad_norm
 
             return total_grad_norm  # DTensor gradients (experts too): each group's norm reduced over its mesh
         return self._experts.total_norm if self._experts is not None else None
@@ -203,11 +203,11 @@ class DistributedParallelism(Parallelism):
         if self._pipeline is not None:
             return self._pipeline.full_model(model)
         if self._sharded():
-            from deepseek.dist.full_model import gather_full_model
+            from deepseek.parallel.full_model import gather_full_model
 
             return gather_full_model(model, self.is_main)  # distributed experts: full_tensor gathers them over ep
         if self._experts is not None:
-            from deepseek.dist.expert_parallel import full_model
+            from deepseek.parallel.expert_parallel import full_model
 
             return full_model(model, self.mesh["ep"].get_group(), self.is_main)
         return model
@@ -215,7 +215,7 @@ class DistributedParallelism(Parallelism):
     def save_checkpoint(self, trainer) -> Optional[Path]:
         if not self.sharded_checkpoints():
             return None  # replicas: rank 0 writes the Trainer's plain checkpoint
-        from deepseek.dist.checkpoint import save_sharded_checkpoint
+        from deepseek.parallel.checkpoint import save_sharded_checkpoint
 
         return save_sharded_checkpoint(trainer, local_shards=self.checkpoint_shards(trainer.model))
 
@@ -224,7 +224,7 @@ class DistributedParallelism(Parallelism):
             return {}  # under dp_shard the experts are DTensors already (distribute_experts)
         from torch.distributed.tensor import Replicate, Shard
 
-        from deepseek.dist.expert_parallel import expert_parameters
+        from deepseek.parallel.expert_parallel import expert_parameters
 
         # Rank r of the ep dimension holds experts [r*E/ep, (r+1)*E/ep): dim 0 sharded over ep, replicated elsewhere.
         placements = tuple(Shard(0) if d == "ep" else Replicate() for d in self.mesh.mesh_dim_names)
@@ -244,7 +244,7 @@ class DistributedParallelism(Parallelism):
         # checkpoint (every rank keeps its pieces of the whole tensors), e.g. a DDP run continued with FSDP.
         if self.only_data_parallel():
             raise NotImplementedError
-        from deepseek.dist.checkpoint import resume_sharded
+        from deepseek.parallel.checkpoint import resume_sharded
 
         return resume_sharded(trainer, local_shards=self.checkpoint_shards(trainer.model))
 

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from deepseek.config import ConfigError
-from deepseek.dist.tensor_parallel import without_strided_shards
+from deepseek.parallel.tensor_parallel import without_strided_shards
 from deepseek.models.config import ModelConfig
 from deepseek.models.directory import FORMAT as MODEL_FORMAT
 from deepseek.models.directory import FORMAT_VERSION as MODEL_FORMAT_VERSION

@@ -6,10 +6,10 @@ parallelism; ``checkpoint`` writes and reads sharded checkpoints (DCP); ``launch
 ``parameter_server`` is the asynchronous mode. See docs/distributed.md.
 """
 
-from deepseek.dist.data_parallel import sync_router_load, unwrap, wrap_data_parallel
-from deepseek.dist.env import (CollectiveTimeout, DistEnv, barrier, destroy, dist_env, init_distributed,
+from deepseek.parallel.data_parallel import sync_router_load, unwrap, wrap_data_parallel
+from deepseek.parallel.env import (CollectiveTimeout, DistEnv, barrier, destroy, dist_env, init_distributed,
                                is_main_process, rank_errors)
-from deepseek.dist.plan import DistributedParallelism, build_parallelism
+from deepseek.parallel.plan import DistributedParallelism, build_parallelism
 
 __all__ = ["CollectiveTimeout", "DistEnv", "DistributedParallelism", "barrier", "build_parallelism", "destroy",
            "dist_env", "init_distributed", "is_main_process", "rank_errors", "sync_router_load", "unwrap",

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from deepseek.config import ConfigError
-from deepseek.dist.expert_parallel import apply_expert_parallel, check_expert_split
+from deepseek.parallel.expert_parallel import apply_expert_parallel, check_expert_split
 from deepseek.nn.moe import GroupedExperts
 from deepseek.train.checkpoint import is_sharded_checkpoint
 from .runs import assert_same_model, losses, train_single, train_torchrun

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from typing import Optional
 
-from deepseek.dist.env import barrier, destroy, init_distributed, rank_errors
-from deepseek.dist.plan import build_parallelism
+from deepseek.parallel.env import barrier, destroy, init_distributed, rank_errors
+from deepseek.parallel.plan import build_parallelism
 from deepseek.train.trainer import TrainResult, resolve_device
 from deepseek.train.trainer_config import TrainConfig
 

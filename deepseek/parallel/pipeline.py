@@ -210,7 +210,7 @@ class Pipeline:
     def global_grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The L2 norm of every stage's gradients (this stage holds ``params``): squares summed over the pp group.
         A stage's own norm counts DTensor gradients (FSDP shards, tp slices) once over their mesh."""
-        from deepseek.dist.grad_norm import total_grad_norm
+        from deepseek.parallel.grad_norm import total_grad_norm
 
         local = total_grad_norm(params)
         squared = local.detach().double().square().to(tensor_device(self.device))

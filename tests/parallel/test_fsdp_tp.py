@@ -4,7 +4,7 @@ losses and final weights; a model that tp cannot split is a ConfigError before t
 import pytest
 
 from deepseek.config import ConfigError
-from deepseek.dist.tensor_parallel import check_tensor_parallel
+from deepseek.parallel.tensor_parallel import check_tensor_parallel
 from deepseek.models import ModelConfig, MoETransformer
 from .runs import assert_same_model, losses, train_single, train_torchrun
 

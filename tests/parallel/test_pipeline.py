@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepseek.config import ConfigError
-from deepseek.dist.pipeline import PipelineStageModule, check_pipeline_model, stage_layers
+from deepseek.parallel.pipeline import PipelineStageModule, check_pipeline_model, stage_layers
 from deepseek.models import MoETransformer
 from deepseek.models.config import ModelConfig
 from deepseek.train.checkpoint import is_sharded_checkpoint

@@ -15,7 +15,7 @@ scheduler rebalances by itself); a worker whose process is gone (same machine) o
 others: a killed worker does not stop training.
 
 Launch: ``ds train CONFIG --nproc N parallel.mode=parameter_server`` (or ``python -m
-deepseek.dist.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
+deepseek.parallel.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
 torchrun: torchrun's agent tears the whole group down when one worker dies, which is exactly what this
 mode must survive. See docs/parameter_server.md.
 """
@@ -588,7 +588,7 @@ def launch_parameter_server(nproc: int, args: list[str], *, command: Optional[li
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m deepseek.dist.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
+    """``python -m deepseek.parallel.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
     from deepseek.train.trainer_config import load_train_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -601,7 +601,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = argv[1:] if path is not None else argv
     config = load_train_config(path, overrides)  # a bad config fails before anything starts
     if nproc:
-        return launch_parameter_server(nproc, argv, command=[sys.executable, "-m", "deepseek.dist.parameter_server"])
+        return launch_parameter_server(nproc, argv, command=[sys.executable, "-m", "deepseek.parallel.parameter_server"])
     result = train_parameter_server(config)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}", flush=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deepseek.dist.checkpoint import export_model_dir, load_sharded_checkpoint
+from deepseek.parallel.checkpoint import export_model_dir, load_sharded_checkpoint
 from deepseek.models.directory import load_config
 from deepseek.models.transformer import MoETransformer
 from deepseek.train.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
