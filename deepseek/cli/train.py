@@ -9,7 +9,7 @@ import typer
 
 
 def _fields_help() -> str:
-    from deepseek.train.trainer_config import describe_fields
+    from deepseek.train.config import describe_fields
 
     lines, section = [], ""
     for key, default, text in describe_fields():
@@ -42,7 +42,7 @@ def train_command(
 
     from deepseek.config import ConfigError
     from deepseek.train.lm import train_lm
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     extra = ["checkpoint.resume=true"] if resume else []
     cfg = load_train_config(config, [*(overrides or []), *extra])  # a bad config fails here, before any launch

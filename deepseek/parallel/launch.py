@@ -10,7 +10,7 @@ from typing import Optional
 from deepseek.parallel.env import barrier, destroy, init_distributed, rank_errors
 from deepseek.parallel.plan import build_parallelism
 from deepseek.train.trainer import TrainResult, resolve_device
-from deepseek.train.trainer_config import TrainConfig
+from deepseek.train.config import TrainConfig
 
 
 def train_lm_distributed(config: TrainConfig) -> TrainResult:

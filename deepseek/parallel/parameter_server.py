@@ -47,7 +47,7 @@ from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.train.optim import build_optimizer, build_scheduler
 from deepseek.train.trainer import TrainResult, autocast_dtype, count_items, move_batch, resolve_device, split_batch
-from deepseek.train.trainer_config import TrainConfig
+from deepseek.train.config import TrainConfig
 
 SERVER_NAME = "ps"
 STATUS_FILE = "parameter_server.json"
@@ -589,7 +589,7 @@ def launch_parameter_server(nproc: int, args: list[str], *, command: Optional[li
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m deepseek.parallel.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     nproc = 0

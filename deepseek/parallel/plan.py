@@ -21,7 +21,7 @@ from deepseek.config import ConfigError
 from deepseek.parallel.data_parallel import sync_router_load, wrap_data_parallel
 from deepseek.parallel.env import DistEnv
 from deepseek.train.parallelism import Parallelism, tensor_device
-from deepseek.train.trainer_config import MESH_DIMS, ParallelConfig
+from deepseek.parallel.config import MESH_DIMS, ParallelConfig
 
 
 def build_mesh(sizes: dict[str, int], device_type: str):

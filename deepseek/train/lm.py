@@ -2,7 +2,8 @@
 
 ``train_lm(config)`` is what ``ds train`` runs. It prepares the data when the config says how and it has not
 been prepared yet, builds the model from ``model.preset`` + fields (its vocabulary sized to the tokenizer
-unless ``model.vocab_size`` is given), and hands everything to :class:`~deepseek.train.trainer.Trainer`.
+unless the config sets ``model.vocab_size``: ``vocab_from_tokenizer``), and hands everything to
+:class:`~deepseek.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from deepseek.models.directory import save
 from deepseek.models.transformer import MoETransformer
 from deepseek.train.parallelism import Parallelism
 from deepseek.train.trainer import Trainer, TrainResult
-from deepseek.train.trainer_config import DataConfig, TrainConfig
+from deepseek.train.config import DataConfig, TrainConfig
 
 
 def lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -116,7 +117,7 @@ def evaluate_lm(model: torch.nn.Module, paths: list[str], *, batch_size: int, se
 
 def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
     model_config = config.model_config()
-    if "vocab_size" not in config.model:
+    if config.vocab_from_tokenizer:
         model_config.vocab_size = tokenizer.get_vocab_size()
     elif tokenizer.get_vocab_size() > model_config.vocab_size:
         raise ConfigError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "

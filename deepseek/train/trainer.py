@@ -31,7 +31,7 @@ from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.train.optim import build_optimizer, build_scheduler, set_schedule_length
 from deepseek.train.parallelism import Parallelism
-from deepseek.train.trainer_config import TrainConfig
+from deepseek.train.config import TrainConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 TRIAL_BATCHES = 4  # precision=auto's trial on a CPU with native bf16: one warm-up batch, three timed

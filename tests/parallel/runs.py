@@ -36,7 +36,7 @@ def run_cmd(cmd, timeout: float = 300) -> subprocess.CompletedProcess:
 def train_single(run_dir, data_dir, *extra) -> Path:
     """The 1-process reference, in this process (one thread, as each torchrun worker has)."""
     from deepseek.train.lm import train_lm
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     torch.set_num_threads(1)
     train_lm(load_train_config(None, overrides(run_dir, data_dir, *extra)))

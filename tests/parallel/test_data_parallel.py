@@ -9,7 +9,7 @@ import pytest
 import deepseek as ds
 from deepseek.config import ConfigError
 from deepseek.parallel.launch import torchrun_command
-from deepseek.train.trainer_config import load_train_config
+from deepseek.train.config import load_train_config
 from .runs import ROOT, assert_same_model, files, losses, overrides, run_cmd, train_single
 
 

@@ -15,7 +15,7 @@ import deepseek as ds
 from deepseek.data import Batch
 from deepseek.parallel.parameter_server import ParameterServer, process_gone
 from deepseek.models.transformer import MoETransformer
-from deepseek.train.trainer_config import load_train_config
+from deepseek.train.config import load_train_config
 
 from .runs import ROOT, run_env
 
