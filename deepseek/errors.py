@@ -3,6 +3,6 @@
 from deepseek.config import ConfigError
 from deepseek.data.errors import DataError
 from deepseek.models.directory import ModelDirectoryError
-from deepseek.train.checkpoint import CheckpointError
+from deepseek.checkpoint_folder import CheckpointError
 
 UserError = (ConfigError, DataError, CheckpointError, ModelDirectoryError, FileNotFoundError, ValueError)

@@ -49,7 +49,7 @@ def train_command(
     args = ["train", *([str(config)] if config is not None else []), *(overrides or []),
             *(["--resume"] if resume else [])]
     if cfg.parallel.mode == "parameter_server" and nproc > 1:
-        from deepseek.parallel.parameter_server import launch_parameter_server
+        from deepseek.train.parameter_server import launch_parameter_server
 
         if max_restarts:
             raise ConfigError("--max-restarts is for torchrun jobs; parameter_server mode survives lost workers "

@@ -9,3 +9,9 @@ from deepseek.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from deepseek.train.lm import evaluate_lm, train_lm
 from deepseek.train.metrics import read_metrics
 from deepseek.train.trainer import Trainer, TrainResult
+
+__all__ = ["CheckpointConfig", "CheckpointError", "ClipConfig", "ClipResult", "DataConfig", "GradientClipper",
+           "OptimizerConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "Trainer", "build_optimizer",
+           "build_scheduler", "checkpoint_step", "evaluate_lm", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "load_train_config", "lr_multiplier", "param_groups", "read_metrics", "save_checkpoint",
+           "train_lm", "verify_checkpoint"]

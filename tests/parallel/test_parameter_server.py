@@ -13,7 +13,7 @@ import torch
 
 import deepseek as ds
 from deepseek.data import Batch
-from deepseek.parallel.parameter_server import ParameterServer, process_gone
+from deepseek.train.parameter_server import ParameterServer, process_gone
 from deepseek.models.transformer import MoETransformer
 from deepseek.train.config import load_train_config
 

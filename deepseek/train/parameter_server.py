@@ -15,7 +15,7 @@ scheduler rebalances by itself); a worker whose process is gone (same machine) o
 others: a killed worker does not stop training.
 
 Launch: ``ds train CONFIG --nproc N parallel.mode=parameter_server`` (or ``python -m
-deepseek.parallel.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
+deepseek.train.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
 torchrun: torchrun's agent tears the whole group down when one worker dies, which is exactly what this
 mode must survive. See docs/parameter_server.md.
 """
@@ -23,7 +23,6 @@ mode must survive. See docs/parameter_server.md.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import math
 import os
@@ -41,13 +40,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from deepseek.config import ConfigError
+from deepseek.data import TokenDataset
+from deepseek.models.directory import save
+from deepseek.models.transformer import MoETransformer
 from deepseek.nn.moe import Router, update_router_biases
 from deepseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from deepseek.train.clipping import GradientClipper
+from deepseek.train.config import TrainConfig, load_train_config
+from deepseek.train.lm import build_model, data_paths, ensure_prepared, evaluate_lm, lm_loss, make_loader
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.train.optim import build_optimizer, build_scheduler
-from deepseek.train.trainer import TrainResult, autocast_dtype, count_items, move_batch, resolve_device, split_batch
-from deepseek.train.config import TrainConfig
+from deepseek.train.step import ForwardBackward, autocast, move_batch, split_batch
+from deepseek.train.trainer import TrainResult, autocast_dtype, count_items, resolve_device
 
 SERVER_NAME = "ps"
 STATUS_FILE = "parameter_server.json"
@@ -353,8 +358,6 @@ def train_parameter_server(config: TrainConfig) -> TrainResult:
     """This process's part of a parameter-server run: rank 0 serves, ranks 1.. work (RANK / WORLD_SIZE)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size < 2:
-        from deepseek.config import ConfigError
-
         raise ConfigError("parallel.mode=parameter_server needs a server and at least one worker: "
                           "run with --nproc 2 or more")
     _init_rpc(rank, world_size, config.parallel.timeout_s)
@@ -365,10 +368,6 @@ def train_parameter_server(config: TrainConfig) -> TrainResult:
 
 def _serve(config: TrainConfig, world_size: int) -> TrainResult:
     from torch.distributed import rpc
-
-    from deepseek.data import TokenDataset
-    from deepseek.models.directory import save
-    from deepseek.train.lm import build_model, data_paths, ensure_prepared, evaluate_lm, make_loader
 
     global _SERVER, _MODEL_CONFIG
     run_dir = Path(config.run_dir)
@@ -407,7 +406,7 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         def evaluate() -> Optional[dict[str, float]]:
             with server.lock:  # a consistent snapshot, evaluated outside the lock while updates go on
                 eval_model = copy.deepcopy(model).eval()
-            with torch.no_grad(), _autocast(server.device, config.precision):
+            with torch.no_grad(), autocast(server.device.type, autocast_dtype(config.precision, server.device)):
                 results = evaluate_lm(eval_model, paths, batch_size=config.micro_batch, seq_len=eval_seq_len,
                                       max_batches=config.data.eval_batches or None)
             if results:
@@ -469,11 +468,6 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         _SERVER = None
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = autocast_dtype(precision, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _write_status(path: Path, status: dict[str, Any]) -> None:
     import json
 
@@ -486,9 +480,6 @@ def _work(config: TrainConfig, rank: int) -> TrainResult:
     """A worker: pull a batch and the parameters, push the gradient, until the server says it is over."""
     from torch.distributed import rpc
 
-    from deepseek.models.transformer import MoETransformer
-    from deepseek.train.lm import lm_loss
-
     started = time.perf_counter()
     device = resolve_device(config.device)
     steps, loss = 0, math.nan
@@ -500,6 +491,8 @@ def _work(config: TrainConfig, rank: int) -> TrainResult:
         model.gradient_checkpointing = config.gradient_checkpointing
         routers = {name: m for name, m in model.named_modules() if isinstance(m, Router) and m.kind == "sigmoid"}
         accum = config.batch_size // config.micro_batch
+        # The trainer's own forward/backward: accumulation over micro-batches, autocast, the aux loss.
+        forward_backward = ForwardBackward(model, lm_loss, device.type, autocast_dtype(config.precision, device))
         while True:
             work = rpc.rpc_sync(SERVER_NAME, _rpc_get_work, args=(rank,))
             if work is None:
@@ -508,23 +501,13 @@ def _work(config: TrainConfig, rank: int) -> TrainResult:
             model.train()
             for r in routers.values():
                 r.load_accum.zero_()
-            loss_sum, aux_sum, has_aux = 0.0, 0.0, False
-            for micro in split_batch(work.batch, accum):
-                micro = move_batch(micro, device)
-                with _autocast(device, config.precision):
-                    micro_loss = lm_loss(model, micro)
-                aux = getattr(model, "aux_loss", None)
-                aux = aux() if callable(aux) else None
-                total = (micro_loss + aux if aux is not None else micro_loss) / accum
-                total.backward()
-                loss_sum += micro_loss.detach().float().item()
-                if aux is not None:
-                    has_aux, aux_sum = True, aux_sum + aux.detach().float().item()
+            micro_batches = [move_batch(micro, device) for micro in split_batch(work.batch, accum)]
+            loss_sum, aux_sum = forward_backward(micro_batches)
             grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
             load = {n: r.load_accum.clone() for n, r in routers.items()} or None
             loss = loss_sum / accum
             rpc.rpc_sync(SERVER_NAME, _rpc_push, args=(rank, work.item, work.version, grads, loss,
-                                                       aux_sum / accum if has_aux else None, load))
+                                                       aux_sum / accum if aux_sum is not None else None, load))
             model.zero_grad(set_to_none=True)
             steps += 1
         clean = True
@@ -588,9 +571,7 @@ def launch_parameter_server(nproc: int, args: list[str], *, command: Optional[li
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m deepseek.parallel.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
-    from deepseek.train.config import load_train_config
-
+    """``python -m deepseek.train.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     nproc = 0
     if "--nproc" in argv:
@@ -601,7 +582,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = argv[1:] if path is not None else argv
     config = load_train_config(path, overrides)  # a bad config fails before anything starts
     if nproc:
-        return launch_parameter_server(nproc, argv, command=[sys.executable, "-m", "deepseek.parallel.parameter_server"])
+        return launch_parameter_server(nproc, argv, command=[sys.executable, "-m", "deepseek.train.parameter_server"])
     result = train_parameter_server(config)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}", flush=True)
