@@ -12,7 +12,8 @@ parameters more than ``parallel.staleness`` versions old. A stale gradient is dr
 to be computed again from fresh parameters. Work is pulled, so a fast worker simply takes more of it (the
 scheduler rebalances by itself); a worker whose process is gone (same machine) or that was not heard from for
 ``parallel.ps_lease_s`` seconds is declared lost, and the batch it held goes back to the front of the queue for the
-others: a killed worker does not stop training.
+others: a killed worker does not stop training. In the first round every worker gets a batch before any worker gets
+its second (bounded by the lease), so a worker that starts up later than the others still takes part.
 
 Launch: ``ds train CONFIG --nproc N parallel.mode=parameter_server`` (or ``python -m
 deepseek.train.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
@@ -94,6 +95,7 @@ class _Worker:
     state: str = "working"  # working | lost | done
     applied: int = 0
     stale: int = 0
+    pulled: int = 0  # batches handed to it
     last_seen: float = 0.0
 
 
@@ -113,8 +115,9 @@ class ParameterServer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Any, log: Any = None,
                  tokenizer: Any = None, clock: Callable[[], float] = time.monotonic,
-                 staleness: Optional[int] = None, lease_s: Optional[float] = None):
+                 staleness: Optional[int] = None, lease_s: Optional[float] = None, expected_workers: int = 0):
         self.config, self.model, self.batches, self.tokenizer, self.clock = config, model, batches, tokenizer, clock
+        self.expected_workers = expected_workers  # the first round waits for this many (0: no first round)
         default_staleness, default_lease = ps_settings(config)
         self.staleness = default_staleness if staleness is None else staleness
         self.lease_s = default_lease if lease_s is None else lease_s
@@ -154,6 +157,7 @@ class ParameterServer:
         """The next batch for ``worker`` with the current parameters, or None when training is over."""
         with self.lock:
             info = self._seen(worker)
+            self._wait_for_first_round(info)
             if self.done:
                 info.state = "done"
                 self.lock.notify_all()
@@ -164,6 +168,8 @@ class ParameterServer:
                 item, batch = self.next_item, next(self.batches)
                 self.next_item += 1
             self.leases[item] = _Lease(worker, batch, self.clock())
+            info.pulled += 1
+            self.lock.notify_all()  # a worker waiting for the first round may go on
             # clone: the reply is serialized after this returns, while the optimizer may already be updating
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             return WorkItem(item, batch, self.version, state)
@@ -236,6 +242,14 @@ class ParameterServer:
                                 for w, i in sorted(self.workers.items())}}
 
     # -- internals (called with the lock held) ----------------------------------------------------------------
+
+    def _wait_for_first_round(self, info: _Worker) -> None:
+        """The first round: every expected worker pulls its first batch before any worker pulls its second, so that
+        a worker that starts up late still takes part and the run does not hinge on start-up order. A worker lost
+        before then no longer counts; one that has not pulled within ``lease_s`` of the start is not waited for."""
+        while (info.pulled and not self.done and self.clock() < self.started + self.lease_s
+               and sum(w.pulled > 0 or w.state == "lost" for w in self.workers.values()) < self.expected_workers):
+            self.lock.wait(timeout=0.25)
 
     def _seen(self, worker: int) -> _Worker:
         info = self.workers.setdefault(worker, _Worker())
@@ -381,7 +395,8 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         tokenizer = TokenDataset(paths[0], "train").tokenizer()
         model = build_model(config, tokenizer).to(resolve_device(config.device))
         log = MetricsLog(run_dir, tensorboard=config.tensorboard)
-        server = ParameterServer(model, config, batches=make_loader(config), log=log, tokenizer=tokenizer)
+        server = ParameterServer(model, config, batches=make_loader(config), log=log, tokenizer=tokenizer,
+                                 expected_workers=world_size - 1)
         resumed = None
         if config.checkpoint.resume and (path := latest_checkpoint(run_dir / "checkpoints")) is not None:
             server.load_training_state(load_checkpoint(path, model=model, optimizer=server.optimizer,
