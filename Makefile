@@ -39,7 +39,7 @@ test: $(VENV)/.installed-dev
 # The slowest multi-process tests (kill -9 of a torchrun worker, 4-process pipeline and FSDP x ep compositions):
 # .ci/run runs them after `make test`.
 test-dist: $(VENV)/.installed-dev
-	$(PY) -m pytest -m dist_slow tests/distributed
+	$(PY) -m pytest -m dist_slow tests/parallel
 
 bench: $(VENV)/.installed-dev
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done

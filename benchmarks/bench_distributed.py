@@ -2,7 +2,7 @@
 
 Part 1, gradient communication (2 processes under ``torchrun --standalone``, DDP over gloo on CPU, NCCL on a
 GPU): the ``small`` preset (~10M parameters) trains ``--steps`` steps on the standard library's json package
-(byte tokens) with each gradient compression of ``deepseek.dist.wrap_data_parallel``: none (fp32 bucketed
+(byte tokens) with each gradient compression of ``deepseek.parallel.wrap_data_parallel``: none (fp32 bucketed
 all-reduce), fp16 (``fp16_compress_hook``), powersgd (``powerSGD_hook``, rank 2, from iteration 2), and bf16
 where the backend is NCCL. Per rank and step: bytes all-reduced (counted by wrapping ``dist.all_reduce``, which
 the hooks call; for none, the gradient buckets' bytes), median step time, and the loss after the last step
@@ -44,7 +44,7 @@ def comm_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from deepseek.data import TokenLoader
-    from deepseek.dist import destroy, init_distributed, wrap_data_parallel
+    from deepseek.parallel import destroy, init_distributed, wrap_data_parallel
     from deepseek.models import MoETransformer, preset
 
     env = init_distributed(timeout_s=300)

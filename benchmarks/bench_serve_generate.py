@@ -58,7 +58,7 @@ def trained_small(model_dir: Path | None, train_steps: int, tmp: Path) -> Path:
     if (QUICKSTART_MODEL / "config.json").is_file():
         return QUICKSTART_MODEL
     from deepseek.train.lm import ensure_prepared, train_lm
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     run = tmp / "train"
     print(f"no trained small model: training configs/quickstart.yaml for {train_steps} steps in {run} ...")

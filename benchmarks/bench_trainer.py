@@ -83,7 +83,7 @@ from deepseek.data.prepare import is_validation_document  # noqa: E402
 from deepseek.data.sources import iter_documents  # noqa: E402
 from deepseek.train.lm import build_model, lm_loss, make_loader  # noqa: E402
 from deepseek.train.trainer import Trainer  # noqa: E402
-from deepseek.train.trainer_config import load_train_config  # noqa: E402
+from deepseek.train.config import load_train_config  # noqa: E402
 from hf_anchor import hf_mixtral_from_ours  # noqa: E402
 
 QUICKSTART_DATA = REPO_ROOT / "runs" / "quickstart" / "data"

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import re
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -129,7 +128,7 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(obj: T, overrides: list[str] | dict[str, Any]) -> T:
     """Return a copy of dataclass ``obj`` with ``a.b=value`` overrides applied (validated like from_dict)."""
     data = to_dict(obj)
-    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    items = overrides.items() if isinstance(overrides, dict) else (split_override(o) for o in overrides)
     for dotted, value in items:
         node = data
         keys = dotted.split(".")
@@ -142,7 +141,8 @@ def apply_overrides(obj: T, overrides: list[str] | dict[str, Any]) -> T:
     return from_dict(type(obj), data)
 
 
-def _split_override(text: str) -> tuple[str, Any]:
+def split_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``, the value parsed as a YAML scalar."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, value = text.split("=", 1)
@@ -151,6 +151,11 @@ def _split_override(text: str) -> tuple[str, Any]:
 
 def load_file(cls: type[T], path: str | Path) -> T:
     """Read a dataclass from a ``.json`` or ``.yaml``/``.yml`` file."""
+    return from_dict(cls, read_mapping(path))
+
+
+def read_mapping(path: str | Path) -> Any:
+    """What a ``.json`` or ``.yaml``/``.yml`` config file holds, parsed (an empty file is ``{}``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -160,7 +165,7 @@ def load_file(cls: type[T], path: str | Path) -> T:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
-    return from_dict(cls, data or {})
+    return data or {}
 
 
 def save_file(obj: Any, path: str | Path) -> None:

@@ -4,7 +4,7 @@
     python examples/digits_cnn.py max_steps=600 run_dir=runs/d2 optimizer.lr=1e-3
     python examples/digits_cnn.py run_dir=runs/digits max_steps=600 checkpoint.resume=true   # continue a run
 
-Arguments are ``key=value`` overrides of :class:`deepseek.train.trainer_config.TrainConfig` (the keys of
+Arguments are ``key=value`` overrides of :class:`deepseek.train.config.TrainConfig` (the keys of
 ``ds train --help``; ``model.*`` and ``data.*`` are not used here), plus ``threads=N``: torch CPU threads
 for the run (default 1 — the model is so small that more threads only add synchronisation, and on a busy
 machine spinning OpenMP workers made it ~100x slower). The 1797 8x8 images (10 classes, shipped
@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from deepseek.train.metrics import read_metrics  # noqa: E402
 from deepseek.train.trainer import Trainer, TrainResult  # noqa: E402
-from deepseek.train.trainer_config import TrainConfig, load_train_config  # noqa: E402
+from deepseek.train.config import TrainConfig, load_train_config  # noqa: E402
 
 # The example's defaults; command-line overrides are applied on top of them.
 DEFAULTS = [

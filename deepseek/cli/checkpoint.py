@@ -16,7 +16,7 @@ def export_command(
 ) -> None:
     """Assemble a sharded (torch.distributed.checkpoint) checkpoint's model into one model directory; no
     process group needed, any number of ranks may have written it. `ds.load(OUT)` opens the result."""
-    from deepseek.dist.checkpoint import export_model_dir
+    from deepseek.parallel.checkpoint import export_model_dir
 
     path = export_model_dir(checkpoint, out)
     typer.echo(f"model: {path}")

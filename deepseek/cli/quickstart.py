@@ -155,7 +155,7 @@ def quickstart_command(
     from deepseek.train.lm import data_paths, ensure_prepared, evaluate_lm, expand_source, train_lm
     from deepseek.train.plot import plot_loss_curve
     from deepseek.config import save_file
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     console = Console()
     started = time.perf_counter()

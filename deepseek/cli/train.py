@@ -9,7 +9,7 @@ import typer
 
 
 def _fields_help() -> str:
-    from deepseek.train.trainer_config import describe_fields
+    from deepseek.train.config import describe_fields
 
     lines, section = [], ""
     for key, default, text in describe_fields():
@@ -42,21 +42,21 @@ def train_command(
 
     from deepseek.config import ConfigError
     from deepseek.train.lm import train_lm
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     extra = ["checkpoint.resume=true"] if resume else []
     cfg = load_train_config(config, [*(overrides or []), *extra])  # a bad config fails here, before any launch
     args = ["train", *([str(config)] if config is not None else []), *(overrides or []),
             *(["--resume"] if resume else [])]
     if cfg.parallel.mode == "parameter_server" and nproc > 1:
-        from deepseek.dist.parameter_server import launch_parameter_server
+        from deepseek.train.parameter_server import launch_parameter_server
 
         if max_restarts:
             raise ConfigError("--max-restarts is for torchrun jobs; parameter_server mode survives lost workers "
                               "itself (docs/parameter_server.md)")
         raise typer.Exit(launch_parameter_server(nproc, args))  # not torchrun: a dead worker must not end the job
     if nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        from deepseek.dist.launch import relaunch
+        from deepseek.parallel.launch import relaunch
 
         raise typer.Exit(relaunch(nproc, args, max_restarts=max_restarts))
     result = train_lm(cfg)

@@ -33,7 +33,7 @@ from deepseek.compress.finetune import finetune
 from deepseek.models.config import ModelConfig
 from deepseek.models.transformer import MoETransformer
 from deepseek.train.trainer import LossFn, TrainResult
-from deepseek.train.trainer_config import TrainConfig
+from deepseek.train.config import TrainConfig
 
 # Expert-indexed tensors of an MoE layer: [E, ...]. A student with fewer experts takes the teacher's first E.
 EXPERT_TENSORS = ("ffn.router.weight", "ffn.router.expert_bias", "ffn.experts.gate_up", "ffn.experts.down")

@@ -15,7 +15,7 @@ from torch import nn
 
 from deepseek.train.lm import evaluate_lm, lm_loss, make_loader
 from deepseek.train.trainer import LossFn, Trainer, TrainResult
-from deepseek.train.trainer_config import TrainConfig, load_train_config
+from deepseek.train.config import TrainConfig, load_train_config
 
 
 def finetune_config(data: str | Path, run_dir: str | Path, *, steps: int, lr: float = 3e-4, batch_size: int = 16,

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from deepseek.atomic import swap_into_place, write_atomically  # noqa: F401 - re-exported
 from deepseek.config import ConfigError
+from deepseek.errors import UserFacingError
 from deepseek.models.config import ModelConfig
 from deepseek.models.transformer import MoETransformer
 from deepseek.nn.quantized import SCHEMES, quantize_modules
@@ -34,7 +35,7 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
-class ModelDirectoryError(RuntimeError):
+class ModelDirectoryError(UserFacingError, RuntimeError):
     """A model directory is missing a file, or a file in it is corrupt."""
 
 

@@ -85,9 +85,10 @@ class Server:
     def _repository(model_or_repo: Any, tmp: Path, model_name: Optional[str]) -> Path:
         from deepseek.models import MoETransformer
         if isinstance(model_or_repo, MoETransformer):
-            import deepseek as ds
-            tokenizer = getattr(model_or_repo, "tokenizer", None) or ds.byte_tokenizer()
-            model_dir = ds.save(model_or_repo, tokenizer, tmp / "models" / (model_name or "model"))
+            from deepseek.data import byte_tokenizer
+            from deepseek.models.directory import save
+            tokenizer = getattr(model_or_repo, "tokenizer", None) or byte_tokenizer()
+            model_dir = save(model_or_repo, tokenizer, tmp / "models" / (model_name or "model"))
             return repository_for_model_dir(Path(model_dir), tmp / "repo")
         path = Path(model_or_repo)
         if not path.is_dir():

@@ -13,7 +13,7 @@ from deepseek.errors import UserError
 
 def main(argv: list[str]) -> int:
     from deepseek.train.lm import train_lm
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())

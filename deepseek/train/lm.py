@@ -2,13 +2,15 @@
 
 ``train_lm(config)`` is what ``ds train`` runs. It prepares the data when the config says how and it has not
 been prepared yet, builds the model from ``model.preset`` + fields (its vocabulary sized to the tokenizer
-unless ``model.vocab_size`` is given), and hands everything to :class:`~deepseek.train.trainer.Trainer`.
+unless the config sets ``model.vocab_size``: ``vocab_from_tokenizer``), and hands everything to
+:class:`~deepseek.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,9 +23,9 @@ from deepseek.data import (DataError, TokenDataset, TokenLoader, byte_tokenizer,
 from deepseek.data.prepare import is_validation_document
 from deepseek.models.directory import save
 from deepseek.models.transformer import MoETransformer
-from deepseek.train.parallelism import Parallelism
-from deepseek.train.trainer import Trainer, TrainResult
-from deepseek.train.trainer_config import DataConfig, TrainConfig
+from deepseek.parallel import ParallelPlan, barrier, build_plan, destroy, init_distributed, rank_errors
+from deepseek.train.config import DataConfig, TrainConfig
+from deepseek.train.trainer import Trainer, TrainResult, resolve_device
 
 
 def lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -116,7 +118,7 @@ def evaluate_lm(model: torch.nn.Module, paths: list[str], *, batch_size: int, se
 
 def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
     model_config = config.model_config()
-    if "vocab_size" not in config.model:
+    if config.vocab_from_tokenizer:
         model_config.vocab_size = tokenizer.get_vocab_size()
     elif tokenizer.get_vocab_size() > model_config.vocab_size:
         raise ConfigError(f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
@@ -130,27 +132,43 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> MoETransformer:
 def train_lm(config: TrainConfig) -> TrainResult:
     """Run a language-model training described by ``config`` (what ``ds train`` does)."""
     if config.parallel.mode == "parameter_server":
-        from deepseek.dist.parameter_server import train_parameter_server  # train never imports dist at module level
+        from deepseek.train.parameter_server import train_parameter_server  # it imports this module
 
         return train_parameter_server(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from deepseek.dist.launch import train_lm_distributed  # train never imports dist at module level
-
         return train_lm_distributed(config)
-    return _train_lm(config)
+    return _train_lm(config, ParallelPlan())
 
 
-def _train_lm(config: TrainConfig, *, parallel: Optional[Parallelism] = None) -> TrainResult:
-    """The run itself; under torchrun ``parallel`` picks this rank's rows and applies the layout (see
-    :mod:`deepseek.dist.launch`)."""
-    parallel = parallel or Parallelism()
-    model_config = config.model_config()
-    if parallel.rank == 0:  # the other ranks wait at a barrier (in deepseek.dist.launch) until the data is there
-        ensure_prepared(config.data, model_config.vocab_size, progress=config.progress)
+def train_lm_distributed(config: TrainConfig) -> TrainResult:
+    """``train_lm`` on this rank of a torchrun job: process group, the plan, this rank's rows, clean teardown."""
+    env = init_distributed(timeout_s=config.parallel.timeout_s)
+    config.parallel.degrees(env.world_size)  # a layout that does not fit fails before any work
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart not in ("", "0"):
+        config.checkpoint.resume = True  # a restarted job continues from its last checkpoint
+        if env.is_main:
+            print(f"torchrun restart {restart}: resuming from the newest checkpoint in {config.run_dir}",
+                  file=sys.stderr, flush=True)
+    try:
+        with rank_errors(config.parallel.timeout_s):
+            plan = build_plan(config.parallel, env, resolve_device(config.device))
+            if env.is_main:
+                ensure_prepared(config.data, config.model.vocab_size, progress=config.progress)
+            barrier()  # the other ranks wait here until rank 0 has prepared the data
+            return _train_lm(config, plan)
+    finally:
+        destroy()
+
+
+def _train_lm(config: TrainConfig, plan: ParallelPlan) -> TrainResult:
+    """The run itself; ``plan`` picks this rank's rows and applies the layout."""
+    if plan.rank == 0:  # under torchrun rank 0 prepared the data already (train_lm_distributed)
+        ensure_prepared(config.data, config.model.vocab_size, progress=config.progress)
     paths = [p for p, _ in data_paths(config.data).values()]
     tokenizer = TokenDataset(paths[0], "train").tokenizer()
     model = build_model(config, tokenizer)
-    loader = make_loader(config, rank=parallel.data_rank, world_size=parallel.data_parallel_size)
+    loader = make_loader(config, rank=plan.data_rank, world_size=plan.data_parallel_size)
     eval_seq_len = config.data.schedule()[-1][1]
     max_batches = config.data.eval_batches or None
 
@@ -161,10 +179,10 @@ def _train_lm(config: TrainConfig, *, parallel: Optional[Parallelism] = None) ->
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
     trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model, parallel=parallel, work_per_step=tokens_per_step(config),
+                      save_model=save_model, parallel=plan, work_per_step=tokens_per_step(config),
                       trial_loss_fn=lm_loss)
     try:
         return trainer.fit()
     finally:
-        parallel.close()  # DDP reducers and pipeline stages go before the process group
-        trainer.parallel_model = trainer.forward_model = None
+        plan.close()  # DDP reducers and pipeline stages go before the process group
+        trainer.parallel_model = trainer.step_fn = None

@@ -8,7 +8,6 @@ tabular model passes its own ``loss_fn`` (see examples/digits_cnn.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -29,11 +28,12 @@ from deepseek.train.budget import TimeBudget, WorkFn, planned_steps
 from deepseek.train.checkpoint import is_sharded_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
+from deepseek.parallel import ParallelPlan
+from deepseek.parallel.checkpoint import load_sharded_checkpoint
+from deepseek.train.config import TrainConfig
 from deepseek.train.optim import build_optimizer, build_scheduler, set_schedule_length
-from deepseek.train.parallelism import Parallelism
-from deepseek.train.trainer_config import TrainConfig
+from deepseek.train.step import ForwardBackward, LossFn, move_batch, split_batch
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 TRIAL_BATCHES = 4  # precision=auto's trial on a CPU with native bf16: one warm-up batch, three timed
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -61,40 +61,6 @@ def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of a precision setting on a device (None = fp32); see :func:`resolve_precision`."""
     return resolve_precision(precision, device).autocast_dtype
-
-
-def split_batch(batch: Any, parts: int) -> list[Any]:
-    """Cut a batch into ``parts`` micro-batches along dim 0: tensors, tuples/lists/dicts of them, dataclasses."""
-    if parts == 1:
-        return [batch]
-    if isinstance(batch, torch.Tensor):
-        if batch.shape[0] % parts:
-            raise ValueError(f"batch of {batch.shape[0]} rows does not split into {parts} micro-batches")
-        return list(batch.chunk(parts))
-    if isinstance(batch, (tuple, list)):
-        columns = [split_batch(item, parts) if isinstance(item, torch.Tensor) else [item] * parts for item in batch]
-        return [type(batch)(col[i] for col in columns) for i in range(parts)]
-    if isinstance(batch, dict):
-        columns = {k: split_batch(v, parts) if isinstance(v, torch.Tensor) else [v] * parts for k, v in batch.items()}
-        return [{k: col[i] for k, col in columns.items()} for i in range(parts)]
-    if dataclasses.is_dataclass(batch):
-        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        columns = {k: split_batch(v, parts) if isinstance(v, torch.Tensor) else [v] * parts for k, v in fields.items()}
-        return [dataclasses.replace(batch, **{k: col[i] for k, col in columns.items()}) for i in range(parts)]
-    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into micro-batches")
-
-
-def move_batch(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    if dataclasses.is_dataclass(batch):
-        return dataclasses.replace(batch, **{f.name: move_batch(getattr(batch, f.name), device)
-                                             for f in dataclasses.fields(batch)})
-    return batch
 
 
 def count_items(batch: Any) -> int:
@@ -150,8 +116,9 @@ class Trainer:
     ``run_dir/model`` (default: ``model.safetensors`` of the state dict in that folder); ``tokenizer`` rides
     along in checkpoints of deepseek models.
 
-    Under torchrun, ``parallel`` (a :class:`~deepseek.train.parallelism.Parallelism` from
-    :func:`deepseek.dist.build_parallelism`) applies the layout and answers the loop's questions;
+    Under torchrun, ``parallel`` (a :class:`~deepseek.parallel.MeshPlan` from :func:`deepseek.parallel.build_plan`;
+    default: one process) applies the layout and answers the loop's questions, given the model, the step function
+    (:class:`~deepseek.train.step.ForwardBackward`) and the state to checkpoint, never the Trainer;
     ``batches`` yields this rank's share of each global batch. The logged loss is averaged over the ranks,
     and only rank 0 writes metrics and the model.
 
@@ -164,7 +131,7 @@ class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Iterator[Any], loss_fn: LossFn,
                  eval_fn: Optional[EvalFn] = None, tokenizer: Any = None,
                  save_model: Optional[Callable[[nn.Module, Path], None]] = None, throughput_unit: str = "tok/s",
-                 parallel: Optional[Parallelism] = None, work_per_step: Optional[WorkFn] = None,
+                 parallel: Optional[ParallelPlan] = None, work_per_step: Optional[WorkFn] = None,
                  clock: Callable[[], float] = time.perf_counter, trial_loss_fn: Optional[LossFn] = None):
         self.config = config
         self.device = resolve_device(config.device)
@@ -179,18 +146,20 @@ class Trainer:
             if not hasattr(model, "gradient_checkpointing"):
                 raise ConfigError("gradient_checkpointing=true needs a model with a `gradient_checkpointing` flag")
             model.gradient_checkpointing = True
-        self.parallel = parallel or Parallelism()
+        self.parallel = parallel or ParallelPlan()
         self.rank, self.world_size, self.is_main = self.parallel.rank, self.parallel.world_size, self.parallel.is_main
         self.accum = config.batch_size // config.micro_batch
         if trial_loss_fn is not None and self._precision_needs_trial():  # on the plain model, before any layout
             self.precision = self._precision_by_trial(model, batches, trial_loss_fn)
             self.amp_dtype = self.precision.autocast_dtype
         self.parallel_model = self.parallel.wrap(self.model)
-        self.forward_model = jit(self.parallel_model) if config.compile else self.parallel_model
         self.optimizer = build_optimizer(model, config.optimizer, device_type=self.device.type)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.clipper = GradientClipper(config.clip, norm_fn=self.parallel.grad_norm_fn())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        forward_model = jit(self.parallel_model) if config.compile else self.parallel_model
+        self.step_fn = ForwardBackward(forward_model, loss_fn, self.device.type, self.amp_dtype, self.scaler,
+                                       aux_model=self.model)
         self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
         self.step = 0
         self.planned_steps = config.max_steps  # a time budget may shorten the schedule (deepseek.train.budget)
@@ -228,17 +197,11 @@ class Trainer:
         # DeepSeek-V3's aux-loss-free balancing: nudge sigmoid router biases once per optimizer step, before it.
         update_router_biases(self.model)
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def train_step(self, batch: Any) -> dict[str, float]:
         """Forward/backward over the micro-batches of one global batch, clip, step. Returns the step's figures."""
         self.model.train()
         micro_batches = [move_batch(micro, self.device) for micro in split_batch(batch, self.accum)]
-        sums = self.parallel.forward_backward(self, micro_batches)
-        loss_sum, aux_sum = sums if sums is not None else self._forward_backward(micro_batches)
+        loss_sum, aux_sum = self.parallel.forward_backward(self.parallel_model, micro_batches, self.step_fn)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.clipper(self.model.parameters())
@@ -262,22 +225,6 @@ class Trainer:
             figures["expert_load_max_over_mean"] = float(stats.max_over_mean.max())
         return figures
 
-    def _forward_backward(self, micro_batches: list[Any]) -> tuple[float, float]:
-        """Forward and backward of each micro-batch (gradients accumulate); returns (loss sum, aux-loss sum)."""
-        loss_sum = aux_sum = 0.0
-        for i, micro in enumerate(micro_batches):
-            with self.parallel.gradient_sync(self.parallel_model, last_micro_batch=i == len(micro_batches) - 1):
-                with self._autocast():
-                    loss = self.loss_fn(self.forward_model, micro)
-                aux = getattr(self.model, "aux_loss", None)
-                aux = aux() if callable(aux) else None
-                total = (loss + aux if aux is not None else loss) / len(micro_batches)
-                (self.scaler.scale(total) if self.scaler is not None else total).backward()
-            loss_sum += loss.detach().float().item()
-            if aux is not None:
-                aux_sum += aux.detach().float().item()
-        return loss_sum, aux_sum
-
     # -- the run -------------------------------------------------------------------------------------
 
     def _training_state(self) -> dict[str, Any]:
@@ -293,7 +240,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint (replicas are identical; sharded layouts write their own format);
         the others wait for it at a barrier."""
-        sharded = self.parallel.save_checkpoint(self)
+        states = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                  "state": self._training_state()}
+        sharded = self.parallel.save_checkpoint(self.run_dir / "checkpoints", self.step, states,
+                                                tokenizer=self.tokenizer, keep_last=self.config.checkpoint.keep_last)
         if sharded is not None:
             return sharded
         self.parallel.barrier()
@@ -307,18 +257,18 @@ class Trainer:
 
     def resume(self) -> Optional[int]:
         """Restore the newest valid checkpoint of the run (skipping corrupt ones); returns its step or None."""
+        states = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         try:
-            return self.parallel.resume(self)
+            found = self.parallel.resume(self.run_dir / "checkpoints", states)
+            return None if found is None else self.restore_training_state(found[1]["state"], found[0])
         except NotImplementedError:
             pass
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return None
         if is_sharded_checkpoint(path):  # written by N ranks with DCP: read into this layout, whatever it is
-            from deepseek.dist.checkpoint import load_sharded_checkpoint
-
-            state = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                            verify=False, local_shards=self.parallel.checkpoint_shards(self.model))
+            state = load_sharded_checkpoint(path, states, verify=False,
+                                            local_shards=self.parallel.checkpoint_shards(self.model))["state"]
         else:
             state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                     verify=False)  # latest_checkpoint just verified it
@@ -344,16 +294,19 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.eval_fn is None:
             return {}
-        results = self.parallel.evaluate(self)
+        results = self.parallel.evaluate(self.model, self._eval_in_autocast)
         if results is not None:
             return results
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._autocast():
-                return self.eval_fn(self.model)
+            return self._eval_in_autocast(self.model)
         finally:
             self.model.train(was_training)
+
+    def _eval_in_autocast(self, model: nn.Module) -> dict[str, float]:
+        with self.step_fn.autocast():
+            return self.eval_fn(model)
 
     def fit(self) -> TrainResult:
         cfg = self.config

@@ -14,7 +14,7 @@ from deepseek.compress.distill import (classifier_distill_loss_fn, distill_lm, d
 from deepseek.compress.finetune import finetune, finetune_config, validation_perplexity
 from deepseek.data import Batch, byte_tokenizer
 from deepseek.train.trainer import Trainer
-from deepseek.train.trainer_config import load_train_config
+from deepseek.train.config import load_train_config
 
 
 # -- the loss --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch import nn
 from deepseek.train.budget import TimeBudget
 from deepseek.train.optim import lr_multiplier
 from deepseek.train.trainer import Trainer
-from deepseek.train.trainer_config import load_train_config
+from deepseek.train.config import load_train_config
 
 
 class FakeClock:

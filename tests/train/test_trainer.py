@@ -14,7 +14,7 @@ from deepseek.data import byte_tokenizer
 from deepseek.train.lm import build_model, lm_loss, make_loader, train_lm
 from deepseek.train.metrics import read_metrics
 from deepseek.train.trainer import Trainer
-from deepseek.train.trainer_config import TrainConfig, describe_fields, load_train_config
+from deepseek.train.config import TrainConfig, describe_fields, load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -8,8 +8,8 @@ import pytest
 
 import deepseek as ds
 from deepseek.config import ConfigError
-from deepseek.dist.launch import torchrun_command
-from deepseek.train.trainer_config import load_train_config
+from deepseek.parallel.launch import torchrun_command
+from deepseek.train.config import load_train_config
 from .runs import ROOT, assert_same_model, files, losses, overrides, run_cmd, train_single
 
 
@@ -67,7 +67,7 @@ def test_bf16_compression_on_gloo_is_a_clear_error(tmp_path, data_dir, config_fi
 
 HUNG_RANK = """
 import time, torch, torch.distributed as dist
-from deepseek.dist import destroy, init_distributed, rank_errors
+from deepseek.parallel import destroy, init_distributed, rank_errors
 env = init_distributed(timeout_s=2)
 try:
     with rank_errors(2):

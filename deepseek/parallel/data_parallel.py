@@ -7,7 +7,7 @@ import inspect
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,7 +25,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
                        powersgd_rank: int = 2, powersgd_start_iter: int = 2,
-                       process_group: Optional[dist.ProcessGroup] = None) -> DistributedDataParallel:
+                       process_group: Optional[torch_dist.ProcessGroup] = None) -> DistributedDataParallel:
     """Wrap ``model`` (already on its device) in DDP over ``process_group`` (default: every rank).
 
     ``grad_compression``: ``none`` (fp32 all-reduce), ``fp16`` (``fp16_compress_hook``), ``bf16``
@@ -33,11 +33,11 @@ def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
     Buffers are not broadcast each forward: they are identical on every rank by construction (the MoE
     bias update uses the all-reduced expert load, see :func:`sync_router_load`).
     """
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         raise RuntimeError("wrap_data_parallel needs an initialized process group (launch with torchrun)")
     if grad_compression not in COMPRESSIONS:
         raise ConfigError(f"parallel.grad_compression: unknown {grad_compression!r}; valid: {', '.join(COMPRESSIONS)}")
-    backend = dist.get_backend()
+    backend = torch_dist.get_backend()
     if grad_compression == "bf16" and backend != "nccl":
         raise ConfigError(f"parallel.grad_compression=bf16 needs the NCCL backend (GPU); this run uses {backend}. "
                           f"Use fp16 or powersgd on CPU/gloo")
@@ -60,17 +60,17 @@ def wrap_data_parallel(model: nn.Module, *, grad_compression: str = "none",
     return ddp
 
 
-def sync_router_load(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+def sync_router_load(model: nn.Module, group: Optional[torch_dist.ProcessGroup] = None) -> None:
     """Sum every router's accumulated expert load over the ranks of ``group`` (default: every rank), so the
     aux-loss-free bias update (:func:`deepseek.nn.moe.update_router_biases`) sees the global load and stays
     identical on every rank. Pipeline stages pass the ranks that hold the same layers."""
-    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size(group) > 1):
         return
     loads = [b for name, b in unwrap(model).named_buffers() if name.endswith("load_accum")]
     if not loads:
         return
     flat = torch.cat([b.flatten() for b in loads])
-    dist.all_reduce(flat, group=group)
+    torch_dist.all_reduce(flat, group=group)
     offset = 0
     for b in loads:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))

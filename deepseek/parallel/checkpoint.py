@@ -6,18 +6,22 @@
                        {"model": ..., "optimizer": ...} from ``get_state_dict`` (FQN keys, no wrapper prefixes,
                        optimizer state flattened per parameter so that any layout can read it back)
         model/         config.json + tokenizer.json of a deepseek model (no weights: ``export_model_dir``)
-        trainer.json   step, scheduler state and the Trainer's state (clipper, data loader, config), as plain
+        trainer.json   step and every other entry of the saved ``states`` (scheduler, the run's state), as JSON
         rng.pt         rank 0's generator states, as plain
         manifest.json  ``"layout": "sharded"``, size and sha256 of every other file; written last
 
 Every rank writes its own shards (``dcp.save``); rank 0 writes the small files and the manifest, then renames
-the temporary folder into place after a barrier, so a crash leaves no half-written ``step-*`` folder. The
-plain format's :func:`~deepseek.train.checkpoint.latest_checkpoint` verifies both formats and skips corrupt
-ones; :func:`~deepseek.train.checkpoint.is_sharded_checkpoint` tells them apart.
+the temporary folder into place after a barrier, so a crash leaves no half-written ``step-*`` folder. The folder
+protocol is the plain format's (:mod:`deepseek.checkpoint_folder`): ``latest_checkpoint`` verifies both
+formats and skips corrupt ones; ``is_sharded_checkpoint`` tells them apart.
+
+What is saved is a ``{name: Stateful}`` dict (:data:`States`): ``"model"`` (an ``nn.Module``) and ``"optimizer"`` go
+to the DCP shards; every other entry goes to trainer.json under its name, as its ``state_dict()`` (a plain JSON
+value is written as it is). Loading fills the Stateful entries in place and returns trainer.json's entries.
 
 Resharding is DCP's job: a checkpoint written by 2 FSDP ranks loads into 4 DDP ranks, into tp/ep/pp layouts or
 into one process without a process group (the state dict we load into decides the layout). Parameters must be
-replicated, DTensors, or named by the layout as rank-local slices (``Parallelism.checkpoint_shards``: expert
+replicated, DTensors, or named by the layout as rank-local slices (``ParallelPlan.checkpoint_shards``: expert
 parallelism's local experts, presented to DCP as DTensors): any other plain tensor that differs between ranks
 would be de-duplicated to one rank's copy, so :func:`save_sharded_checkpoint` refuses it. A layout that shards
 parameters also resumes from a plain checkpoint (:func:`load_plain_into_layout`); :func:`export_model_dir`
@@ -31,10 +35,10 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -42,20 +46,20 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from deepseek.config import ConfigError
-from deepseek.dist.tensor_parallel import without_strided_shards
+from deepseek.parallel.tensor_parallel import without_strided_shards
 from deepseek.models.config import ModelConfig
 from deepseek.models.directory import FORMAT as MODEL_FORMAT
 from deepseek.models.directory import FORMAT_VERSION as MODEL_FORMAT_VERSION
 from deepseek.models.directory import load_config, load_tokenizer, model_from_state, save, swap_into_place
-from deepseek.train.checkpoint import (FORMAT, FORMAT_VERSION, MANIFEST, SHARDED_LAYOUT, CheckpointError,
-                                       _read_trainer,
-                                       _remove, _remove_stale, _restore_rng, _rng_state, _sha256, _unwrap,
-                                       checkpoint_dir, is_sharded_checkpoint, list_checkpoints, verify_checkpoint)
-
-if TYPE_CHECKING:
-    from deepseek.train.trainer import Trainer
+from deepseek.checkpoint_folder import (FORMAT, FORMAT_VERSION, MANIFEST, SHARDED_LAYOUT, CheckpointError,
+                                                 checkpoint_dir, file_sha256, is_sharded_checkpoint, latest_checkpoint,
+                                                 list_checkpoints, read_trainer_json, remove_checkpoint, remove_stale,
+                                                 restore_rng_state, rng_state, torch_load, unwrap_module,
+                                                 verify_checkpoint)
 
 DCP_DIR = "dcp"
+States = dict[str, Any]  # "model": nn.Module, "optimizer": Optimizer, any other name: a Stateful or a JSON value
+_SHARDED = ("model", "optimizer")  # the entries that go to the DCP shards
 LocalShards = dict[str, tuple[Any, tuple]]  # FQN -> (DeviceMesh, placements) of a rank-local parameter slice
 # Optimizer state keyed per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): ranks that hold
 # different parameters (pipeline stages) merge, and any other layout reads it back.
@@ -63,16 +67,16 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+    return torch_dist.get_rank() if _distributed() else 0
 
 
 def _barrier() -> None:
     if _distributed():
-        dist.barrier()
+        torch_dist.barrier()
 
 
 def _load(state: dict[str, Any], **where) -> None:
@@ -97,7 +101,7 @@ def _failures(exc: BaseException) -> str:
 def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
     """{"model": ..., "optimizer": ...} of the unwrapped model (DDP's ``module.`` and compile's prefixes gone);
     DTensors stay DTensors (FSDP2, tensor parallel), so every rank holds only its shards."""
-    model = _unwrap(model)
+    model = unwrap_module(model)
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -130,20 +134,22 @@ def _as_local(replaced: list[tuple[dict, str]]) -> None:
 
 # -- saving ------------------------------------------------------------------------------------------
 
-def save_sharded_checkpoint(trainer: "Trainer", *, keep_last: Optional[int] = None,
+def save_sharded_checkpoint(root: str | Path, step: int, states: States, *, tokenizer=None, keep_last: int = 3,
                             local_shards: Optional[LocalShards] = None) -> Path:
-    """Every rank writes its shards of the model and optimizer under ``trainer.run_dir/checkpoints``; rank 0
-    writes the rest and renames the folder into place. Collective: every rank calls it. Returns the folder.
+    """Every rank writes its shards of ``states["model"]`` and ``states["optimizer"]`` to ``root/step-NNNNNNNN``;
+    rank 0 writes the rest of ``states`` (trainer.json), the RNG state and the model's config + ``tokenizer``,
+    then renames the folder into place. Collective: every rank calls it. Returns the folder; keeps the
+    ``keep_last`` newest checkpoints (0: all).
 
     ``local_shards`` names plain parameters that hold this rank's slice of a whole one, with the mesh and
-    placements that say which (``Parallelism.checkpoint_shards``)."""
-    root = Path(trainer.run_dir) / "checkpoints"
-    step, rank = trainer.step, _rank()
+    placements that say which (``ParallelPlan.checkpoint_shards``)."""
+    root = Path(root)
+    rank = _rank()
     final = checkpoint_dir(root, step)
-    keep_last = trainer.config.checkpoint.keep_last if keep_last is None else keep_last
+    model = states["model"]
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
-              "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
-              "state": trainer._training_state()}
+              **{name: value.state_dict() if hasattr(value, "state_dict") else value
+                 for name, value in states.items() if name not in _SHARDED}}
     try:  # fail before writing anything
         trainer_json = json.dumps(record, indent=2) + "\n"
     except (TypeError, ValueError) as exc:
@@ -151,16 +157,16 @@ def save_sharded_checkpoint(trainer: "Trainer", *, keep_last: Optional[int] = No
 
     name = [f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"]  # rank 0's name for the temporary folder
     if _distributed():
-        dist.broadcast_object_list(name, src=0)
+        torch_dist.broadcast_object_list(name, src=0)
     tmp = root / name[0]
-    state, _ = without_strided_shards(_state(trainer.model, trainer.optimizer))  # tensor-parallel gate_up
+    state, _ = without_strided_shards(_state(model, states.get("optimizer")))  # tensor-parallel gate_up
     _as_dtensors(state, local_shards or {})
     _refuse_rank_local_tensors(state)
     if rank == 0:
         tmp.mkdir(parents=True)
         (tmp / "trainer.json").write_text(trainer_json)
-        torch.save(_rng_state(), tmp / "rng.pt")
-        _write_model_files(trainer.model, trainer.tokenizer, tmp / "model")
+        torch.save(rng_state(), tmp / "rng.pt")
+        _write_model_files(model, tokenizer, tmp / "model")
     _barrier()
     dcp.save(state, checkpoint_id=tmp / DCP_DIR)  # collective; returns once every rank's shards and .metadata exist
     _barrier()
@@ -170,18 +176,18 @@ def save_sharded_checkpoint(trainer: "Trainer", *, keep_last: Optional[int] = No
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _remove_stale(root)
+        remove_stale(root)
         if keep_last > 0:
             for old in list_checkpoints(root)[:-keep_last]:
                 if old != final:
-                    _remove(old)
+                    remove_checkpoint(old)
     _barrier()
     return final
 
 
 def _write_model_files(model: nn.Module, tokenizer, folder: Path) -> None:
     """config.json and tokenizer.json of a model directory (the weights stay in the DCP shards)."""
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_module(model), "config", None)
     if tokenizer is None or not isinstance(config, ModelConfig):
         return  # a generic module: nothing to export it with
     folder.mkdir()
@@ -191,10 +197,10 @@ def _write_model_files(model: nn.Module, tokenizer, folder: Path) -> None:
 
 
 def _finish(tmp: Path, final: Path, step: int) -> None:
-    files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(tmp.rglob("*")) if f.is_file()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "layout": SHARDED_LAYOUT,
-                "world_size": dist.get_world_size() if _distributed() else 1, "files": files}
+                "world_size": torch_dist.get_world_size() if _distributed() else 1, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     swap_into_place(tmp, final)
 
@@ -203,7 +209,7 @@ def _refuse_rank_local_tensors(state: dict[str, Any]) -> None:
     """DCP keeps one copy of a plain tensor that several ranks hold under one name (it assumes replicas). A
     layout whose ranks hold different plain tensors under the same name (local experts, renamed pipeline stages)
     would lose data silently: compare a checksum of every plain tensor over the ranks and refuse."""
-    if not _distributed() or dist.get_world_size() == 1:
+    if not _distributed() or torch_dist.get_world_size() == 1:
         return
     local: dict[str, tuple] = {}
 
@@ -218,8 +224,8 @@ def _refuse_rank_local_tensors(state: dict[str, Any]) -> None:
             local[prefix] = (tuple(value.shape), float(value.detach().double().sum()))
 
     visit("", state)
-    everyone: list[Optional[dict[str, tuple]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
+    everyone: list[Optional[dict[str, tuple]]] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(everyone, local)
     for key, (shape, total) in local.items():
         for other, theirs in enumerate(everyone):
             shape_o, total_o = theirs.get(key, (shape, total))
@@ -232,13 +238,12 @@ def _refuse_rank_local_tensors(state: dict[str, Any]) -> None:
 
 # -- loading -----------------------------------------------------------------------------------------
 
-def load_sharded_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                            scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-                            restore_rng: bool = True, verify: bool = True,
+def load_sharded_checkpoint(path: str | Path, states: States, *, restore_rng: bool = True, verify: bool = True,
                             local_shards: Optional[LocalShards] = None) -> dict[str, Any]:
-    """Restore a sharded checkpoint into this process's ``model`` / ``optimizer`` / ``scheduler``, whatever the
-    layout it was written with; returns the Trainer's ``state``. Collective when a process group exists (every
-    rank calls it); works without one. Raises :class:`CheckpointError` naming the file and the reason."""
+    """Restore a sharded checkpoint into this process's ``states`` (``"model"``, optionally ``"optimizer"``, and any
+    Stateful entry saved in trainer.json, e.g. ``"scheduler"``), whatever the layout it was written with; returns
+    trainer.json's entries (``"step"``, ``"state"``, ...). Collective when a process group exists (every rank calls
+    it); works without one. Raises :class:`CheckpointError` naming the file and the reason."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder")
@@ -246,7 +251,8 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Op
         verify_checkpoint(path)
     if not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is a plain checkpoint, not a sharded one")
-    record = _read_trainer(path / "trainer.json")
+    record = read_trainer_json(path / "trainer.json")
+    model, optimizer = states["model"], states.get("optimizer")
     state = _state(model, optimizer)
     replaced = _as_dtensors(state, local_shards or {})
     try:
@@ -259,18 +265,24 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Op
                               f"{_failures(exc)}") from exc
     _as_local(replaced)  # loaded in place: the plain slices hold their rows now
     try:
-        set_state_dict(_unwrap(model), optimizer if optimizer is not None else [],
+        set_state_dict(unwrap_module(model), optimizer if optimizer is not None else [],
                        model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}),
                        options=_OPTIONS)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path / DCP_DIR}: the state does not fit the model or optimizer: {exc}") from exc
-    if scheduler is not None:
-        if record["scheduler"] is None:
-            raise CheckpointError(f"{path / 'trainer.json'} holds no scheduler state (saved without a scheduler)")
-        scheduler.load_state_dict(record["scheduler"])
+    for name, value in _json_statefuls(states):
+        if record.get(name) is None:
+            raise CheckpointError(f"{path / 'trainer.json'} holds no {name} state (saved without a {name})")
+        value.load_state_dict(record[name])
     if restore_rng:
-        _restore_rng(path / "rng.pt")
-    return record["state"]
+        restore_rng_state(path / "rng.pt")
+    return record
+
+
+def _json_statefuls(states: States) -> list[tuple[str, Any]]:
+    """The entries of ``states`` that trainer.json restores in place (a scheduler, ...)."""
+    return [(name, value) for name, value in states.items()
+            if name not in _SHARDED and hasattr(value, "load_state_dict")]
 
 
 def _copy_values(dst: dict, src: dict) -> None:
@@ -314,26 +326,26 @@ def export_model_dir(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return save(model, tokenizer, out_dir)
 
 
-def load_plain_into_layout(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-                           local_shards: Optional[LocalShards] = None, restore_rng: bool = True) -> dict[str, Any]:
+def load_plain_into_layout(path: str | Path, states: States, *, local_shards: Optional[LocalShards] = None,
+                           restore_rng: bool = True) -> dict[str, Any]:
     """Restore a plain checkpoint (whole tensors, written by one process or DDP's rank 0) into a layout that
     shards the parameters (FSDP2, tensor or expert parallel): every rank reads the whole tensors and keeps its
-    own pieces. Returns the Trainer's ``state``. Collective: every rank calls it."""
+    own pieces. ``states`` as for :func:`load_sharded_checkpoint` (an optimizer is required); returns trainer.json's
+    entries. Collective: every rank calls it."""
     from torch.distributed.tensor import distribute_tensor
 
     from deepseek.models.directory import ModelDirectoryError, load_weights
-    from deepseek.train.checkpoint import _torch_load
 
     path = Path(path)
-    record = _read_trainer(path / "trainer.json")
+    model, optimizer = states["model"], states["optimizer"]
+    record = read_trainer_json(path / "trainer.json")
     try:
         weights = load_weights(path / "model")
     except ModelDirectoryError as exc:
         raise CheckpointError(str(exc)) from exc
-    saved = _torch_load(path / "optimizer.pt")
+    saved = torch_load(path / "optimizer.pt")
     # optimizer.pt numbers the parameters in param-group order; this optimizer holds the same ones, by name
-    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
+    names = {id(p): n for n, p in unwrap_module(model).named_parameters()}
     fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     ids = [i for group in saved["param_groups"] for i in group["params"]]
     if len(ids) != len(fqns):
@@ -366,28 +378,27 @@ def load_plain_into_layout(path: str | Path, *, model: nn.Module, optimizer: tor
         copy_back()
     _copy_values(state, stored)
     _as_local(replaced)
-    set_state_dict(_unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+    set_state_dict(unwrap_module(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_OPTIONS)
-    if scheduler is not None and record["scheduler"] is not None:
-        scheduler.load_state_dict(record["scheduler"])
+    for name, value in _json_statefuls(states):
+        if record.get(name) is not None:
+            value.load_state_dict(record[name])
     if restore_rng:
-        _restore_rng(path / "rng.pt")
-    return record["state"]
+        restore_rng_state(path / "rng.pt")
+    return record
 
 
-def resume_sharded(trainer: "Trainer", local_shards: Optional[LocalShards] = None) -> Optional[int]:
-    """A layout that shards the parameters resumes from the newest valid checkpoint, sharded (DCP resharding) or
-    plain (each rank keeps its pieces of the whole tensors); returns its step, or None when there is none."""
-    from deepseek.train.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(Path(trainer.run_dir) / "checkpoints")
+def resume_sharded(root: str | Path, states: States,
+                   local_shards: Optional[LocalShards] = None) -> Optional[tuple[Path, dict[str, Any]]]:
+    """A layout that shards the parameters resumes from the newest valid checkpoint under ``root``, sharded (DCP
+    resharding) or plain (each rank keeps its pieces of the whole tensors): ``(its folder, trainer.json's entries)``,
+    or None when there is none."""
+    path = latest_checkpoint(root)
     if path is None:
         return None
-    load = load_sharded_checkpoint if is_sharded_checkpoint(path) else load_plain_into_layout
-    kwargs = {"verify": False} if load is load_sharded_checkpoint else {}
-    state = load(path, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                 local_shards=local_shards, **kwargs)
-    return trainer.restore_training_state(state, path)
+    if is_sharded_checkpoint(path):
+        return path, load_sharded_checkpoint(path, states, verify=False, local_shards=local_shards)
+    return path, load_plain_into_layout(path, states, local_shards=local_shards)
 
 
 __all__ = ["DCP_DIR", "export_model_dir", "load_plain_into_layout", "load_sharded_checkpoint", "resume_sharded",

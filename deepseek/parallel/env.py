@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 from deepseek.config import ConfigError
 
@@ -44,8 +44,8 @@ def dist_env() -> DistEnv:
 
 
 def is_main_process() -> bool:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank() == 0
     return dist_env().is_main
 
 
@@ -56,7 +56,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     error naming the rank (instead of a silent hang). A no-op outside torchrun (world size 1).
     """
     env = dist_env()
-    if not env.is_distributed or dist.is_initialized():
+    if not env.is_distributed or torch_dist.is_initialized():
         return env
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -66,16 +66,16 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     try:
         store = _attempt_store(env, timeout)
         if store is None:
-            dist.init_process_group(backend, timeout=timeout)
+            torch_dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+            torch_dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except Exception as exc:  # rendezvous failures: say who we are
         raise RuntimeError(f"rank {env.rank}/{env.world_size}: could not join the process group "
                            f"({backend}, timeout {timeout_s:g}s): {exc}") from exc
     return env
 
 
-def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[dist.Store]:
+def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[torch_dist.Store]:
     """The torchrun agent's store, with keys private to this restart attempt (None outside torchrun).
 
     torch 2.13's env:// init reuses the agent's TCPStore across restarts without a per-attempt prefix
@@ -85,10 +85,15 @@ def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> Optional[dist.S
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
                           is_master=False, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"/deepseek/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
+    return torch_dist.PrefixStore(f"/deepseek/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
+
+
+def tensor_device(device: torch.device) -> torch.device:
+    """Where small collective tensors live: the GPU for NCCL, the CPU for gloo."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 class CollectiveTimeout(RuntimeError):
@@ -113,13 +118,13 @@ def rank_errors(timeout_s: float):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 def destroy() -> None:
     """Destroy the process group. Drop every DDP module first (``del`` the references): destroying the group
     while a DDP module is still alive aborts rank 0 ("terminate called without an active exception")."""
     gc.collect()  # DDP reducers that only cycles kept alive go now, before their process group
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def run_cmd(cmd, timeout: float = 300) -> subprocess.CompletedProcess:
 def train_single(run_dir, data_dir, *extra) -> Path:
     """The 1-process reference, in this process (one thread, as each torchrun worker has)."""
     from deepseek.train.lm import train_lm
-    from deepseek.train.trainer_config import load_train_config
+    from deepseek.train.config import load_train_config
 
     torch.set_num_threads(1)
     train_lm(load_train_config(None, overrides(run_dir, data_dir, *extra)))
@@ -45,7 +46,7 @@ def train_single(run_dir, data_dir, *extra) -> Path:
 
 def train_torchrun(nproc: int, config_file, run_dir, data_dir, *extra, max_restarts: int = 0) -> Path:
     """The same run on ``nproc`` processes under plain ``torchrun --standalone``."""
-    from deepseek.dist.launch import torchrun_command
+    from deepseek.parallel.launch import torchrun_command
 
     run_cmd(torchrun_command(nproc, ["train", str(config_file), *overrides(run_dir, data_dir, *extra)],
                              max_restarts=max_restarts))
@@ -73,3 +74,57 @@ def assert_same_model(dir_a, dir_b, atol: float = 1e-5) -> None:
     assert state_a.keys() == state_b.keys()
     for key in state_b:
         torch.testing.assert_close(state_a[key], state_b[key], atol=atol, rtol=0, msg=key)
+
+
+# What each rank holds after the plan of ``parallel.*`` is applied to the run's model, exactly as training applies
+# it (build_plan + wrap): every parameter's local shape and DTensor placements, written to DIR/rank{r}.json.
+LAYOUT_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from deepseek.models import MoETransformer
+from deepseek.parallel import build_plan, destroy, init_distributed
+from deepseek.train.config import load_train_config
+
+config = load_train_config(None, sys.argv[2:])
+env = init_distributed(timeout_s=120)
+try:
+    torch.manual_seed(0)
+    model = MoETransformer(config.model_config())
+    plan = build_plan(config.parallel, env, torch.device("cpu"))
+    wrapped = plan.wrap(model)
+    parameters = {}
+    for name, p in model.named_parameters():
+        dtensor = isinstance(p, DTensor)
+        parameters[name] = {"shape": list((p.to_local() if dtensor else p).shape),
+                            "placements": [str(x) for x in p.placements] if dtensor else None}
+    layout = {"rank": env.rank, "layout": plan.describe(), "parameters": parameters}
+    (Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(json.dumps(layout))
+    plan.close()
+    del wrapped, model, plan
+finally:
+    destroy()
+"""
+
+
+def rank_layouts(nproc: int, out_dir, *extra) -> list[dict]:
+    """Each rank's parameters (local shape, placements) under ``parallel.*`` overrides in ``extra``: rank order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    script = out_dir / "layout.py"
+    script.write_text(LAYOUT_SCRIPT)
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, out_dir,
+             "device=cpu", *extra])
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def full_shapes(*extra) -> dict[str, list[int]]:
+    """Every parameter's shape in the one-process model of the run (``model.*`` overrides in ``extra``)."""
+    from deepseek.models import MoETransformer
+    from deepseek.train.config import load_train_config
+
+    model = MoETransformer(load_train_config(None, [e for e in extra if e.startswith("model.")]).model_config())
+    return {name: list(p.shape) for name, p in model.named_parameters()}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deepseek.dist.checkpoint import export_model_dir, load_sharded_checkpoint
+from deepseek.parallel.checkpoint import export_model_dir, load_sharded_checkpoint
 from deepseek.models.directory import load_config
 from deepseek.models.transformer import MoETransformer
 from deepseek.train.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
@@ -96,13 +96,13 @@ def test_a_corrupt_or_missing_shard_is_an_error_naming_the_file(tmp_path, two_ra
     shard.unlink()
     model = MoETransformer(load_config(step5 / "model"))
     with pytest.raises(CheckpointError, match=r"__1_0\.distcp is missing"):
-        load_sharded_checkpoint(step5, model=model)
+        load_sharded_checkpoint(step5, {"model": model})
     with pytest.raises(CheckpointError, match=r"__1_0\.distcp is missing"):
         export_model_dir(step5, tmp_path / "out")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(CheckpointError, match="cannot read the sharded"):  # unverified: DCP's own error
-            load_sharded_checkpoint(step5, model=model, verify=False)
+            load_sharded_checkpoint(step5, {"model": model}, verify=False)
     with pytest.raises(CheckpointError, match="is a sharded checkpoint"):
         load_checkpoint(two_ranks / STEP5, model=model)
 

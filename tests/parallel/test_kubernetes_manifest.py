@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from deepseek.train.trainer_config import load_train_config
+from deepseek.train.config import load_train_config
 
 from .runs import ROOT
 

@@ -5,7 +5,7 @@ Stage 0 holds the embedding and the first blocks, middle stages hold blocks, the
 the final norm and the head; the LM loss is computed on the last stage from its logits and the targets.
 Each rank keeps only its stage's submodules: the others are dropped from its copy of the model (an
 ``nn.Identity`` in place of a foreign block, None for a foreign embedding, norm or head), so the optimizer,
-the clipper and the MoE balancing of the Trainer see this stage's parameters and routers only, under their
+the clipper and the MoE balancing of the training loop see this stage's parameters and routers only, under their
 original names. Layers are split evenly (the first ``n_layers % pp`` stages take one more).
 
 The rest of the layout applies to the stage module: tensor parallelism slices its blocks, FSDP2 makes it the
@@ -22,17 +22,17 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek.config import ConfigError
 from deepseek.nn import AttentionInputs
-from deepseek.train.parallelism import tensor_device
+from deepseek.parallel.env import tensor_device
 
 if TYPE_CHECKING:
-    from deepseek.train.trainer import Trainer
+    from deepseek.parallel.plan import EvalFn, StepFn
 
 
 def stage_layers(n_layers: int, pp: int, stage: int) -> range:
@@ -75,7 +75,7 @@ class PipelineStageModule(nn.Module):
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
         self._model = [model]  # not a submodule (its parameters are these); rope tables, flags, expert load
-        self.autocast: Callable[[], Any] = contextlib.nullcontext  # the Trainer's autocast, set by Pipeline
+        self.autocast: Callable[[], Any] = contextlib.nullcontext  # the step's autocast, set by Pipeline
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model[0]
@@ -121,7 +121,7 @@ def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Pipeline:
-    """This rank's pipeline stage and its schedule, and the pipeline's answers to the Trainer's questions.
+    """This rank's pipeline stage and its schedule, and the pipeline's answers to the plan's hooks.
 
     ``mesh`` is the job's device mesh with a ``pp`` dimension; the stage talks to its neighbours over the pp
     sub-group. Build it with the unsharded model; :attr:`stage_module` is what the rest of the layout (tp, FSDP, or
@@ -143,13 +143,13 @@ class Pipeline:
         # The ranks holding the same layers (same pp coordinate): expert loads are summed over these only.
         # Every rank creates every group, in the same order (new_group is collective).
         for s in range(self.pp):
-            group = dist.new_group(mesh.mesh[s].flatten().tolist())
+            group = torch_dist.new_group(mesh.mesh[s].flatten().tolist())
             if s == self.stage:
                 self.data_group = group
         self._schedule = None
         self._schedule_key: Optional[tuple] = None
         self._losses: list[torch.Tensor] = []
-        self._scaler = None
+        self._scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss  # the step's loss scaling (fp16)
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -171,29 +171,30 @@ class Pipeline:
         stage = PipelineStage(submodule, self.stage, self.pp, self.device, input_args=inputs, output_args=outputs,
                               group=self.group)
         schedule_cls = Schedule1F1B if self.schedule_name == "1F1B" else ScheduleGPipe
-        # scale_grads: the schedule divides the summed gradients by the micro-batch count, as the Trainer's
-        # loop does with each micro-batch's loss.
+        # scale_grads: the schedule divides the summed gradients by the micro-batch count, as the training
+        # loop's step does with each micro-batch's loss.
         # Every stage gets the loss_fn (only the last calls it): a schedule without one runs forward only.
         return schedule_cls(stage, n_microbatches=n_micro, loss_fn=self._loss_fn, scale_grads=True)
 
     def _loss_fn(self, logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
         self._losses.append(loss.detach())
-        return self._scaler.scale(loss) if self._scaler is not None else loss
+        return self._scale(loss)
 
-    def forward_backward(self, trainer: "Trainer", micro_batches: list[Any]) -> tuple[float, float]:
-        """Forward and backward of the step's micro-batches through the pipeline; ``(loss_sum, 0.0)``, the same on
-        every stage (the loss is broadcast from the last stage)."""
+    def forward_backward(self, model: nn.Module, micro_batches: list[Any], step: "StepFn") -> tuple[float, float]:
+        """Forward and backward of the step's micro-batches through the pipeline, ``model`` being this rank's stage
+        module as the plan wrapped it (FSDP, DDP or plain), in ``step``'s autocast and loss scaling;
+        ``(loss_sum, 0.0)``, the same on every stage (the loss is broadcast from the last stage)."""
         if not all(hasattr(m, "inputs") and hasattr(m, "targets") for m in micro_batches):
             raise ConfigError("parallel.pp trains language models: batches need `inputs` and `targets`")
-        self.stage_module.autocast = trainer._autocast
-        self._scaler = trainer.scaler
+        self.stage_module.autocast = step.autocast
+        self._scale = step.scale
         n_micro = len(micro_batches)
         rows, seq_len = micro_batches[0].inputs.shape
-        logits_dtype = trainer.amp_dtype or torch.float32
+        logits_dtype = step.autocast_dtype or torch.float32
         key = (n_micro, rows, seq_len, logits_dtype)
         if key != self._schedule_key:  # a new sequence length (curriculum) needs new receive buffers
-            self._schedule = self._build_schedule(trainer.parallel_model, n_micro, rows, seq_len, logits_dtype)
+            self._schedule = self._build_schedule(model, n_micro, rows, seq_len, logits_dtype)
             self._schedule_key = key
         self._losses = []
         if self.first:
@@ -204,17 +205,17 @@ class Pipeline:
             self._schedule.step()
         loss_sum = torch.stack(self._losses).double().sum() if self.last else torch.zeros((), dtype=torch.float64)
         loss_sum = loss_sum.to(tensor_device(self.device))
-        dist.broadcast(loss_sum, src=dist.get_global_rank(self.group, self.pp - 1), group=self.group)
+        torch_dist.broadcast(loss_sum, src=torch_dist.get_global_rank(self.group, self.pp - 1), group=self.group)
         return loss_sum.item(), 0.0
 
     def global_grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The L2 norm of every stage's gradients (this stage holds ``params``): squares summed over the pp group.
         A stage's own norm counts DTensor gradients (FSDP shards, tp slices) once over their mesh."""
-        from deepseek.dist.grad_norm import total_grad_norm
+        from deepseek.parallel.grad_norm import total_grad_norm
 
         local = total_grad_norm(params)
         squared = local.detach().double().square().to(tensor_device(self.device))
-        dist.all_reduce(squared, group=self.group)
+        torch_dist.all_reduce(squared, group=self.group)
         return squared.sqrt().to(local.device, local.dtype)
 
     # -- the whole model ---------------------------------------------------------------------------------
@@ -224,11 +225,11 @@ class Pipeline:
         rank gathers its stage's DTensors (if any), then the pp group that holds rank 0 sends them to it; the other
         pipelines (data-parallel replicas) return None."""
         state = _full_state(model)  # collective over each stage's data-parallel mesh when sharded (FSDP, tp)
-        if 0 not in dist.get_process_group_ranks(self.group):
+        if 0 not in torch_dist.get_process_group_ranks(self.group):
             return None
-        gathered = [None] * self.pp if dist.get_rank() == 0 else None
-        dist.gather_object(state, gathered, dst=0, group=self.group)
-        if dist.get_rank() != 0:
+        gathered = [None] * self.pp if torch_dist.get_rank() == 0 else None
+        torch_dist.gather_object(state, gathered, dst=0, group=self.group)
+        if torch_dist.get_rank() != 0:
             return None
         from deepseek.models.transformer import MoETransformer
 
@@ -239,15 +240,16 @@ class Pipeline:
         full.gradient_checkpointing = model.gradient_checkpointing
         return full.to(self.device)
 
-    def evaluate(self, trainer: "Trainer") -> Optional[dict[str, float]]:
-        """``eval_fn`` on the gathered whole model on rank 0; the results are broadcast to every rank."""
-        full = self.full_model(trainer.model)
+    def evaluate(self, model: nn.Module, eval_fn: "EvalFn") -> Optional[dict[str, float]]:
+        """``eval_fn`` on the whole model gathered on rank 0 from ``model`` (this rank's copy, other stages dropped);
+        the results are broadcast to every rank."""
+        full = self.full_model(model)
         results: list[Any] = [None]
         if full is not None:
             full.eval()
-            with torch.no_grad(), trainer._autocast():
-                results[0] = trainer.eval_fn(full)
-        dist.broadcast_object_list(results, src=0)
+            with torch.no_grad():
+                results[0] = eval_fn(full)
+        torch_dist.broadcast_object_list(results, src=0)
         return results[0]
 
     def close(self) -> None:

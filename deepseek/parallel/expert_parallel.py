@@ -21,7 +21,7 @@ else stay as they are: replicated and data-parallel). One forward:
 Gradients: an expert's gradient on its owner rank sums the contributions of every ep rank's tokens, each taken
 through that rank's own (local mean) loss; :func:`expert_parameters` names the parameters whose gradients the
 plan reduces over ``dp_replicate x dp_shard`` only (and scales by ``1 / data-parallel size``), see
-:meth:`deepseek.dist.plan.DistributedParallelism._apply_expert_parallel`.
+:meth:`deepseek.parallel.plan.MeshPlan._apply_expert_parallel`.
 """
 
 from __future__ import annotations

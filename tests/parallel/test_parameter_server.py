@@ -13,9 +13,9 @@ import torch
 
 import deepseek as ds
 from deepseek.data import Batch
-from deepseek.dist.parameter_server import ParameterServer, process_gone
+from deepseek.train.parameter_server import ParameterServer, process_gone
 from deepseek.models.transformer import MoETransformer
-from deepseek.train.trainer_config import load_train_config
+from deepseek.train.config import load_train_config
 
 from .runs import ROOT, run_env
 
@@ -29,12 +29,12 @@ def overrides(run_dir, data_dir, max_steps):
             "model.bias_update_speed=0.01", "parallel.mode=parameter_server"]
 
 
-def start(run_dir, data_dir, max_steps, nproc=3):
+def start(run_dir, data_dir, max_steps, nproc=3, extra=()):
     """1 server + (nproc - 1) workers: `ds train --nproc N parallel.mode=parameter_server`."""
     config = run_dir.parent / "ps.yaml"
     config.write_text("seed: 0\n")
     cmd = [sys.executable, "-m", "deepseek.cli.main", "train", str(config), "--nproc", str(nproc),
-           *overrides(run_dir, data_dir, max_steps)]
+           *overrides(run_dir, data_dir, max_steps), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -73,8 +73,10 @@ def check_training(run_dir, max_steps):
 
 
 def test_two_workers_converge(tmp_path, data_dir):
+    """Both workers contribute whatever their start-up order: the first round hands each a batch before either gets
+    a second, and no first gradient is dropped as stale (staleness bound >= max_steps)."""
     run_dir = tmp_path / "ps"
-    out = finish(start(run_dir, data_dir, max_steps=30))
+    out = finish(start(run_dir, data_dir, max_steps=30, extra=["parallel.staleness=30"]))
     assert "trained 30 steps" in out
     _, steps = check_training(run_dir, 30)
     assert {r["worker"] for r in steps} == {1, 2}  # both workers contributed
@@ -191,6 +193,24 @@ def test_a_silent_worker_loses_its_lease_and_its_batch_goes_to_another(server):
     assert late.status == "expired" and server.version == 0  # the late gradient of a lost lease is ignored
     assert server.workers[1].state == "working"  # but the slow worker is back in the pool
     assert server.push(2, taken.item, taken.version, *gradient(worker_model, taken)).status == "applied"
+
+
+def test_the_first_round_waits_for_every_worker(server):
+    """A worker's second batch waits until every expected worker has its first (here: worker 2 joins late)."""
+    import threading
+
+    server.expected_workers = 2
+    server.register(1)
+    first = server.get_work(1)  # its first batch: no waiting
+    second = []
+    fast = threading.Thread(target=lambda: second.append(server.get_work(1)))
+    fast.start()
+    fast.join(timeout=0.5)
+    assert fast.is_alive() and second == []  # worker 1 waits for worker 2's first batch
+    server.register(2)
+    late = server.get_work(2)
+    fast.join(timeout=30)
+    assert not fast.is_alive() and [first.item, late.item, second[0].item] == [0, 1, 2]
 
 
 def test_training_ends_after_max_steps(server):

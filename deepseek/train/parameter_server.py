@@ -12,10 +12,11 @@ parameters more than ``parallel.staleness`` versions old. A stale gradient is dr
 to be computed again from fresh parameters. Work is pulled, so a fast worker simply takes more of it (the
 scheduler rebalances by itself); a worker whose process is gone (same machine) or that was not heard from for
 ``parallel.ps_lease_s`` seconds is declared lost, and the batch it held goes back to the front of the queue for the
-others: a killed worker does not stop training.
+others: a killed worker does not stop training. In the first round every worker gets a batch before any worker gets
+its second (bounded by the lease), so a worker that starts up later than the others still takes part.
 
 Launch: ``ds train CONFIG --nproc N parallel.mode=parameter_server`` (or ``python -m
-deepseek.dist.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
+deepseek.train.parameter_server --nproc N CONFIG key=value…``) starts the N processes itself, not under
 torchrun: torchrun's agent tears the whole group down when one worker dies, which is exactly what this
 mode must survive. See docs/parameter_server.md.
 """
@@ -23,7 +24,6 @@ mode must survive. See docs/parameter_server.md.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import math
 import os
@@ -41,13 +41,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from deepseek.config import ConfigError
+from deepseek.data import TokenDataset
+from deepseek.models.directory import save
+from deepseek.models.transformer import MoETransformer
 from deepseek.nn.moe import Router, update_router_biases
 from deepseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from deepseek.train.clipping import GradientClipper
+from deepseek.train.config import TrainConfig, load_train_config
+from deepseek.train.lm import build_model, data_paths, ensure_prepared, evaluate_lm, lm_loss, make_loader
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.train.optim import build_optimizer, build_scheduler
-from deepseek.train.trainer import TrainResult, autocast_dtype, count_items, move_batch, resolve_device, split_batch
-from deepseek.train.trainer_config import TrainConfig
+from deepseek.train.step import ForwardBackward, autocast, move_batch, split_batch
+from deepseek.train.trainer import TrainResult, autocast_dtype, count_items, resolve_device
 
 SERVER_NAME = "ps"
 STATUS_FILE = "parameter_server.json"
@@ -89,6 +95,7 @@ class _Worker:
     state: str = "working"  # working | lost | done
     applied: int = 0
     stale: int = 0
+    pulled: int = 0  # batches handed to it
     last_seen: float = 0.0
 
 
@@ -108,8 +115,9 @@ class ParameterServer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, batches: Any, log: Any = None,
                  tokenizer: Any = None, clock: Callable[[], float] = time.monotonic,
-                 staleness: Optional[int] = None, lease_s: Optional[float] = None):
+                 staleness: Optional[int] = None, lease_s: Optional[float] = None, expected_workers: int = 0):
         self.config, self.model, self.batches, self.tokenizer, self.clock = config, model, batches, tokenizer, clock
+        self.expected_workers = expected_workers  # the first round waits for this many (0: no first round)
         default_staleness, default_lease = ps_settings(config)
         self.staleness = default_staleness if staleness is None else staleness
         self.lease_s = default_lease if lease_s is None else lease_s
@@ -149,6 +157,7 @@ class ParameterServer:
         """The next batch for ``worker`` with the current parameters, or None when training is over."""
         with self.lock:
             info = self._seen(worker)
+            self._wait_for_first_round(info)
             if self.done:
                 info.state = "done"
                 self.lock.notify_all()
@@ -159,6 +168,8 @@ class ParameterServer:
                 item, batch = self.next_item, next(self.batches)
                 self.next_item += 1
             self.leases[item] = _Lease(worker, batch, self.clock())
+            info.pulled += 1
+            self.lock.notify_all()  # a worker waiting for the first round may go on
             # clone: the reply is serialized after this returns, while the optimizer may already be updating
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             return WorkItem(item, batch, self.version, state)
@@ -231,6 +242,14 @@ class ParameterServer:
                                 for w, i in sorted(self.workers.items())}}
 
     # -- internals (called with the lock held) ----------------------------------------------------------------
+
+    def _wait_for_first_round(self, info: _Worker) -> None:
+        """The first round: every expected worker pulls its first batch before any worker pulls its second, so that
+        a worker that starts up late still takes part and the run does not hinge on start-up order. A worker lost
+        before then no longer counts; one that has not pulled within ``lease_s`` of the start is not waited for."""
+        while (info.pulled and not self.done and self.clock() < self.started + self.lease_s
+               and sum(w.pulled > 0 or w.state == "lost" for w in self.workers.values()) < self.expected_workers):
+            self.lock.wait(timeout=0.25)
 
     def _seen(self, worker: int) -> _Worker:
         info = self.workers.setdefault(worker, _Worker())
@@ -353,8 +372,6 @@ def train_parameter_server(config: TrainConfig) -> TrainResult:
     """This process's part of a parameter-server run: rank 0 serves, ranks 1.. work (RANK / WORLD_SIZE)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size < 2:
-        from deepseek.config import ConfigError
-
         raise ConfigError("parallel.mode=parameter_server needs a server and at least one worker: "
                           "run with --nproc 2 or more")
     _init_rpc(rank, world_size, config.parallel.timeout_s)
@@ -365,10 +382,6 @@ def train_parameter_server(config: TrainConfig) -> TrainResult:
 
 def _serve(config: TrainConfig, world_size: int) -> TrainResult:
     from torch.distributed import rpc
-
-    from deepseek.data import TokenDataset
-    from deepseek.models.directory import save
-    from deepseek.train.lm import build_model, data_paths, ensure_prepared, evaluate_lm, make_loader
 
     global _SERVER, _MODEL_CONFIG
     run_dir = Path(config.run_dir)
@@ -382,7 +395,8 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         tokenizer = TokenDataset(paths[0], "train").tokenizer()
         model = build_model(config, tokenizer).to(resolve_device(config.device))
         log = MetricsLog(run_dir, tensorboard=config.tensorboard)
-        server = ParameterServer(model, config, batches=make_loader(config), log=log, tokenizer=tokenizer)
+        server = ParameterServer(model, config, batches=make_loader(config), log=log, tokenizer=tokenizer,
+                                 expected_workers=world_size - 1)
         resumed = None
         if config.checkpoint.resume and (path := latest_checkpoint(run_dir / "checkpoints")) is not None:
             server.load_training_state(load_checkpoint(path, model=model, optimizer=server.optimizer,
@@ -407,7 +421,7 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         def evaluate() -> Optional[dict[str, float]]:
             with server.lock:  # a consistent snapshot, evaluated outside the lock while updates go on
                 eval_model = copy.deepcopy(model).eval()
-            with torch.no_grad(), _autocast(server.device, config.precision):
+            with torch.no_grad(), autocast(server.device.type, autocast_dtype(config.precision, server.device)):
                 results = evaluate_lm(eval_model, paths, batch_size=config.micro_batch, seq_len=eval_seq_len,
                                       max_batches=config.data.eval_batches or None)
             if results:
@@ -469,11 +483,6 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         _SERVER = None
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = autocast_dtype(precision, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _write_status(path: Path, status: dict[str, Any]) -> None:
     import json
 
@@ -486,9 +495,6 @@ def _work(config: TrainConfig, rank: int) -> TrainResult:
     """A worker: pull a batch and the parameters, push the gradient, until the server says it is over."""
     from torch.distributed import rpc
 
-    from deepseek.models.transformer import MoETransformer
-    from deepseek.train.lm import lm_loss
-
     started = time.perf_counter()
     device = resolve_device(config.device)
     steps, loss = 0, math.nan
@@ -500,6 +506,8 @@ def _work(config: TrainConfig, rank: int) -> TrainResult:
         model.gradient_checkpointing = config.gradient_checkpointing
         routers = {name: m for name, m in model.named_modules() if isinstance(m, Router) and m.kind == "sigmoid"}
         accum = config.batch_size // config.micro_batch
+        # The trainer's own forward/backward: accumulation over micro-batches, autocast, the aux loss.
+        forward_backward = ForwardBackward(model, lm_loss, device.type, autocast_dtype(config.precision, device))
         while True:
             work = rpc.rpc_sync(SERVER_NAME, _rpc_get_work, args=(rank,))
             if work is None:
@@ -508,23 +516,13 @@ def _work(config: TrainConfig, rank: int) -> TrainResult:
             model.train()
             for r in routers.values():
                 r.load_accum.zero_()
-            loss_sum, aux_sum, has_aux = 0.0, 0.0, False
-            for micro in split_batch(work.batch, accum):
-                micro = move_batch(micro, device)
-                with _autocast(device, config.precision):
-                    micro_loss = lm_loss(model, micro)
-                aux = getattr(model, "aux_loss", None)
-                aux = aux() if callable(aux) else None
-                total = (micro_loss + aux if aux is not None else micro_loss) / accum
-                total.backward()
-                loss_sum += micro_loss.detach().float().item()
-                if aux is not None:
-                    has_aux, aux_sum = True, aux_sum + aux.detach().float().item()
+            micro_batches = [move_batch(micro, device) for micro in split_batch(work.batch, accum)]
+            loss_sum, aux_sum = forward_backward(micro_batches)
             grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
             load = {n: r.load_accum.clone() for n, r in routers.items()} or None
             loss = loss_sum / accum
             rpc.rpc_sync(SERVER_NAME, _rpc_push, args=(rank, work.item, work.version, grads, loss,
-                                                       aux_sum / accum if has_aux else None, load))
+                                                       aux_sum / accum if aux_sum is not None else None, load))
             model.zero_grad(set_to_none=True)
             steps += 1
         clean = True
@@ -588,9 +586,7 @@ def launch_parameter_server(nproc: int, args: list[str], *, command: Optional[li
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m deepseek.dist.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
-    from deepseek.train.trainer_config import load_train_config
-
+    """``python -m deepseek.train.parameter_server [--nproc N] [CONFIG] key=value…`` (what ``ds train`` wires to)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     nproc = 0
     if "--nproc" in argv:
@@ -601,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = argv[1:] if path is not None else argv
     config = load_train_config(path, overrides)  # a bad config fails before anything starts
     if nproc:
-        return launch_parameter_server(nproc, argv, command=[sys.executable, "-m", "deepseek.dist.parameter_server"])
+        return launch_parameter_server(nproc, argv, command=[sys.executable, "-m", "deepseek.train.parameter_server"])
     result = train_parameter_server(config)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}", flush=True)
