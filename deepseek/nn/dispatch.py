@@ -18,9 +18,10 @@ each expert multiplies and adds the results back with the routing weights. The p
 ``LocalDispatch``        the default: all experts on this device, one of the above per call (see the class)
 =======================  ==================================================================================
 
-Expert parallelism swaps in an all-to-all dispatcher from outside
-(:class:`deepseek.dist.expert_parallel.AllToAllDispatch`), built from :func:`sort_by_expert` and
-:func:`combine` like :class:`SortedDispatch`.
+Parallelism swaps in its own dispatcher from outside: expert parallelism an all-to-all
+(:class:`deepseek.parallel.expert_parallel.AllToAllDispatch`, built from :func:`sort_by_expert` and
+:func:`combine` like :class:`SortedDispatch`), tensor parallelism the sorted dispatch over each rank's slice of
+the expert width (:class:`deepseek.parallel.tensor_parallel.TensorParallelDispatch`).
 """
 
 from __future__ import annotations

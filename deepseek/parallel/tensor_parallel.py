@@ -20,7 +20,6 @@ Legend: N tokens, D model width, F expert width, E routed experts, K experts per
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 import torch
@@ -29,6 +28,8 @@ from torch import nn
 from deepseek.config import ConfigError
 from deepseek.nn.attention import Attention
 from deepseek.nn.mlp import SwiGLU
+from deepseek.nn.dispatch import SortedDispatch
+from deepseek.nn.experts import ExpertCompute, GroupedProduct
 from deepseek.nn.moe import MoE, GroupedExperts
 
 
@@ -89,29 +90,35 @@ def shard_experts(experts: GroupedExperts, tp_mesh) -> None:
     experts.gate_up = nn.Parameter(distribute_tensor(gate_up.data, tp_mesh, [_StridedShard(1, split_factor=2)]),
                                    requires_grad=gate_up.requires_grad)
     experts.down = nn.Parameter(distribute_tensor(down.data, tp_mesh, [Shard(2)]), requires_grad=down.requires_grad)
-    experts.ffn_dim //= tp_mesh.size()  # forward_sorted splits the local gate_up product at the local width
-    experts.tp_mesh = tp_mesh
-    experts.forward = types.MethodType(_experts_forward, experts)
+    experts.ffn_dim //= tp_mesh.size()  # the width of this rank's slice of every expert
+    experts.dispatcher = TensorParallelDispatch(tp_mesh)
 
 
-def _experts_forward(self: GroupedExperts, x_ND: torch.Tensor, weights_NK: torch.Tensor,
-                     experts_NK: torch.Tensor) -> torch.Tensor:
+class TensorParallelDispatch:
     """This rank's slice of every chosen expert, summed over the tp ranks: [N, D].
 
     The tokens and routing weights enter as replicated values whose gradients are partial sums (all-reduced
-    in backward); the output leaves as a partial sum, all-reduced in forward. Always the sorted dispatch:
-    the decoding shortcuts index the full weights.
+    in backward); the output leaves as a partial sum, all-reduced in forward. Always the sorted dispatch: the
+    decoding shortcuts index the full weights.
     """
-    from torch.distributed.tensor import DTensor, Partial, Replicate
 
-    mesh = self.tp_mesh
+    def __init__(self, tp_mesh):
+        self.mesh, self.sorted = tp_mesh, SortedDispatch()
 
-    def enter(t: torch.Tensor) -> torch.Tensor:  # identity forward, all-reduced gradient
-        return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+    def __call__(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
+                 compute: ExpertCompute) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Partial, Replicate
 
-    y_ND = self.forward_sorted(enter(x_ND), enter(weights_NK), experts_NK, self.gate_up.to_local(),
-                               self.down.to_local())
-    return DTensor.from_local(y_ND, mesh, [Partial()], run_check=False).full_tensor()
+        def enter(t: torch.Tensor) -> torch.Tensor:  # identity forward, all-reduced gradient
+            replicated = DTensor.from_local(t, self.mesh, [Replicate()], run_check=False)
+            return replicated.to_local(grad_placements=[Partial()])
+
+        local = GroupedProduct(compute.gate_up.to_local(), compute.down.to_local())
+        y_ND = self.sorted(enter(x_ND), enter(weights_NK), experts_NK, local)
+        return DTensor.from_local(y_ND, self.mesh, [Partial()], run_check=False).full_tensor()
+
+    def __repr__(self) -> str:
+        return f"TensorParallelDispatch(tp={self.mesh.size()})"
 
 
 def without_strided_shards(state: Any) -> tuple[Any, Callable[[], None]]:
