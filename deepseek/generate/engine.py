@@ -24,9 +24,6 @@ from deepseek.generate.sequence import (FinishReason, Prompt, SequenceState, Tok
                                         encode_prompts, sampling_vocab_size, token_logprobs)
 from deepseek.nn.kv_cache import KVCache
 
-__all__ = ["FinishReason", "GenerationOutput", "Prompt", "StreamEvent", "encode_prompts", "generate",
-           "generate_stream", "stream"]
-
 
 @dataclass
 class GenerationOutput:

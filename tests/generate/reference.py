@@ -32,7 +32,8 @@ def hand_distribution(raw_V: torch.Tensor, context: list[int], previous: list[in
     V = raw_V.shape[0]
     logits = raw_V.clone()
     for token in set(context):
-        logits[token] = logits[token] / p.repetition_penalty if logits[token] > 0 else logits[token] * p.repetition_penalty
+        penalty = p.repetition_penalty
+        logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
     counts = torch.bincount(torch.tensor(previous, dtype=torch.long), minlength=V).double()
     logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).double()
     if p.temperature == 0:
