@@ -29,12 +29,10 @@ from common import setup_path  # noqa: E402
 setup_path()
 from hf_anchor import hf_mixtral_from_ours  # noqa: E402
 
-from deepseek.data.tokenizer import EOS  # noqa: E402
 from deepseek.generate.continuous import (EngineStats, EngineStoppedError, GenerationEvent,  # noqa: E402
                                           GenerationRequest, QueueFullError)
-from deepseek.generate.detokenizer import IncrementalDetokenizer  # noqa: E402
-from deepseek.generate.engine import encode_prompts  # noqa: E402
 from deepseek.generate.params import SamplingParams  # noqa: E402
+from deepseek.generate.sequence import SequenceState, encode_prompts  # noqa: E402
 from deepseek.generate.threads import release_openmp_pool  # noqa: E402
 
 
@@ -52,7 +50,7 @@ class _EventStreamer(BaseStreamer):
         token = int(value.reshape(-1)[0])
         r.token_ids.append(token)
         self.engine.tokens_generated += 1
-        r.on_event(GenerationEvent(r.request_id, r.detok.push(token), token, prompt_tokens=len(r.prompt_ids),
+        r.on_event(GenerationEvent(r.request_id, r.seq.detok.push(token), token, prompt_tokens=len(r.prompt_ids),
                                    completion_tokens=len(r.token_ids)))
 
     def end(self) -> None:
@@ -76,7 +74,6 @@ class HFGenerateEngine:
         self.hf.generation_config.eos_token_id = None  # set per request: ignore_eos must really ignore it
         self.tokenizer, self.name, self.max_queue = tokenizer, name, max_queue
         self.max_len = model.config.max_seq_len
-        self.eos = tokenizer.token_to_id(EOS)
         self._queue: queue.Queue = queue.Queue()
         self._stopping = False
         self._running = 0
@@ -95,10 +92,9 @@ class HFGenerateEngine:
             raise EngineStoppedError("the engine is shutting down")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFullError(f"{self._queue.qsize()} requests waiting (max_queue={self.max_queue})")
-        request = GenerationRequest(request_id or f"{self.name}-{time.monotonic_ns()}", ids, params,
+        request = GenerationRequest(request_id or f"{self.name}-{time.monotonic_ns()}",
+                                    SequenceState(ids, params, self.tokenizer, self.max_len - len(ids)),
                                     on_event or (lambda event: None), None)
-        request.max_new = min(params.max_new_tokens, self.max_len - len(ids))
-        request.detok = IncrementalDetokenizer(self.tokenizer)
         self._queue.put(request)
         return request
 
@@ -131,18 +127,18 @@ class HFGenerateEngine:
 
     def _generate(self, request: GenerationRequest) -> None:
         params = request.params
-        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos or self.eos is None else [self.eos])
+        stop_ids = sorted(request.seq.stop_ids)
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k or None) if params.temperature > 0 else dict(do_sample=False)
         ids = torch.tensor([request.prompt_ids])
         with torch.inference_mode():
-            self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_new,
+            self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.seq.max_new,
                              eos_token_id=stop_ids or None, pad_token_id=0, streamer=_EventStreamer(self, request),
                              stopping_criteria=[_Cancelled(request)], **sampling)
         reason = ("abort" if request.cancelled else
                   "stop" if request.token_ids and request.token_ids[-1] in stop_ids else "length")
         request.finished, request.finish_reason = True, reason
-        request.on_event(GenerationEvent(request.request_id, request.detok.flush(), finish_reason=reason,
+        request.on_event(GenerationEvent(request.request_id, request.seq.detok.flush(), finish_reason=reason,
                                          prompt_tokens=len(request.prompt_ids),
                                          completion_tokens=len(request.token_ids)))
         request.done.set()

@@ -1,4 +1,4 @@
-"""Generation: one engine for the CLI, the Python pipeline and the server."""
+"""Generation: the batch engine (CLI, Python pipeline) and the continuous one (server), one per-sequence state."""
 
 from deepseek.generate.engine import GenerationOutput, StreamEvent, encode_prompts, generate, generate_stream, stream
 from deepseek.generate.params import SamplingParams

@@ -15,8 +15,9 @@ views; the prompt being prefilled has its own staging slot and is moved in when 
 and a bounded waiting queue (:class:`QueueFullError` beyond ``max_queue``).
 
 Every request has its own sampling parameters and seed; greedy outputs do not depend on what else
-is in the batch. Events (text deltas, token ids, log-probabilities, the finish reason) go to each
-request's callback from the engine thread.
+is in the batch. Each request carries a :class:`~deepseek.generate.sequence.SequenceState` (stops, length,
+text, logprobs), the same per-sequence logic as ``generate``'s. Events (text deltas, token ids,
+log-probabilities, the finish reason) go to each request's callback from the engine thread.
 """
 
 from __future__ import annotations
@@ -31,25 +32,18 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tokenizers import Tokenizer
 
-from deepseek.data.tokenizer import EOS
 from deepseek.errors import QueueFullError
-from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from deepseek.generate.engine import GenerationOutput, Prompt, encode_prompts
+from deepseek.generate.engine import GenerationOutput
 from deepseek.generate.params import SamplingParams
 from deepseek.generate.sampling import Sampler
+from deepseek.generate.sequence import (Prompt, SequenceState, TokenLogprob, check_prompt_ids, encode_prompts,
+                                        sampling_vocab_size, token_logprobs)
 from deepseek.generate.threads import release_openmp_pool
 from deepseek.nn.slot_cache import SlotKVCache
 
 
 class EngineStoppedError(RuntimeError):
     """The engine is stopping or stopped and takes no new requests."""
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely alternatives, (token id, log-probability)
 
 
 @dataclass
@@ -85,27 +79,32 @@ class EngineStats:
 
 @dataclass(eq=False)
 class GenerationRequest:
-    """A submitted request; :meth:`cancel` frees its slot on the engine's next iteration."""
+    """A submitted request (its sequence, and how it is delivered); :meth:`cancel` frees its slot on the engine's
+    next iteration. ``finish_reason`` is also ``abort`` or ``timeout``, which end a request, not its sequence."""
 
     request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+    seq: SequenceState
     on_event: EventCallback
     deadline: Optional[float]  # time.monotonic() seconds
     submitted: float = field(default_factory=time.monotonic)
-    token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
     finish_reason: Optional[str] = None
     first_token_at: Optional[float] = None
-    # Engine-side state.
-    stop_ids: set[int] = field(default_factory=set)
-    max_new: int = 0
-    detok: Optional[IncrementalDetokenizer] = None
-    matcher: Optional[StopStringMatcher] = None
-    generator: Optional[torch.Generator] = None
     prefilled: int = 0  # prompt tokens already in the cache
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.seq.prompt_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.seq.params
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -126,15 +125,16 @@ class ContinuousBatchingEngine:
         self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
         self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
         self.device = next(model.parameters()).device
-        self.vocab = min(model.config.vocab_size, tokenizer.get_vocab_size())
-        self.eos = tokenizer.token_to_id(EOS)
+        self.vocab = sampling_vocab_size(model, tokenizer)
         # Slots 0..max_running-1 hold running sequences; the last one stages the prompt being prefilled.
         self.cache = SlotKVCache.for_model(model, max_running + 1, max_len)
         self.max_len = self.cache.max_len
         self._staging = max_running
         self._running: list[GenerationRequest] = []  # row i <-> cache slot i
         self._last_tokens: list[int] = []
-        self._output_counts: Optional[torch.Tensor] = None  # [slots, V], only once a request needs it
+        # Penalty state per slot, [slots, V], allocated once a request needs it; a Sampler sees the rows it samples.
+        self._seen: Optional[torch.Tensor] = None  # tokens in the context, for repetition_penalty
+        self._output_counts: Optional[torch.Tensor] = None  # tokens in the output, for presence/frequency penalties
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._prefilling: Optional[GenerationRequest] = None
         self._lock = threading.Condition()
@@ -187,19 +187,12 @@ class ContinuousBatchingEngine:
         ids = encode_prompts(self.tokenizer, [prompt])[0]
         if len(ids) >= self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.max_len}-token context")
-        if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
-        request = GenerationRequest(request_id or f"{self.name}-{next(self._ids)}", ids, params,
+        check_prompt_ids(ids, self.model.config.vocab_size)
+        # The room left in the slot also bounds max_new: a sequence never outgrows its slot.
+        seq = SequenceState(ids, params, self.tokenizer, self.max_len - len(ids), self.device)
+        request = GenerationRequest(request_id or f"{self.name}-{next(self._ids)}", seq,
                                     on_event or (lambda event: None),
                                     None if timeout_s is None else time.monotonic() + timeout_s)
-        request.stop_ids = set(params.stop_token_ids) | (
-            {self.eos} if self.eos is not None and not params.ignore_eos else set())
-        request.max_new = min(params.max_new_tokens, self.max_len - len(ids))
-        request.detok = IncrementalDetokenizer(self.tokenizer)
-        request.matcher = StopStringMatcher(params.stop)
-        if params.seed is not None:
-            request.generator = torch.Generator(device=self.device)
-            request.generator.manual_seed(params.seed)
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the engine is shutting down")
@@ -277,7 +270,7 @@ class ContinuousBatchingEngine:
         ids = torch.tensor(self._last_tokens, device=self.device).unsqueeze(1)
         logits = self.model(ids, cache=self.cache.bind(0, n), logits_to_keep=1)[:, -1]
         self.steps += 1
-        tokens = self._sample(logits, self._running, self._counts_rows(0, n))
+        tokens = self._sample(logits, 0, self._running)
         finished = []
         for row, request in enumerate(self._running):
             token, logprob = tokens[row]
@@ -308,69 +301,49 @@ class ContinuousBatchingEngine:
         self.cache.move(self._staging, row)
         self._running.append(request)
         self._last_tokens.append(0)
-        if self._output_counts is not None:
-            self._output_counts[row].zero_()
-        (token, logprob), = self._sample(logits, [request], self._counts_rows(row, 1))
+        self._start_penalty_state(row, request.seq)
+        (token, logprob), = self._sample(logits, row, [request])
         self._last_tokens[row] = token
         if self._emit(request, token, logprob):
             self._remove_row(row)
 
     # -- pieces -------------------------------------------------------------------------------------
 
-    def _counts_rows(self, first: int, n: int) -> Optional[torch.Tensor]:
-        if self._output_counts is None:
-            return None
-        return self._output_counts[first:first + n]
+    def _start_penalty_state(self, row: int, seq: SequenceState) -> None:
+        """A sequence joins at ``row``: its penalty state starts from its prompt (rows of sequences without the
+        penalty are left as they are: a penalty of 1 or 0 reads nothing from them)."""
+        params = seq.params
+        if params.repetition_penalty != 1.0:
+            if self._seen is None:
+                self._seen = torch.zeros(self.cache.n_slots, self.vocab, dtype=torch.bool, device=self.device)
+            self._seen[row] = False
+            self._seen[row, torch.tensor(seq.prompt_ids, device=self.device).clamp(0, self.vocab - 1)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            if self._output_counts is None:
+                self._output_counts = torch.zeros(self.cache.n_slots, self.vocab, dtype=torch.int32,
+                                                  device=self.device)
+            self._output_counts[row].zero_()
 
-    def _sample(self, logits_BV: torch.Tensor, requests: list[GenerationRequest],
-                counts: Optional[torch.Tensor]) -> list[tuple[int, Optional[TokenLogprob]]]:
-        params = [r.params for r in requests]
-        if counts is None and any(p.presence_penalty or p.frequency_penalty for p in params):
-            self._output_counts = torch.zeros(self.cache.n_slots, self.vocab, dtype=torch.int32, device=self.device)
-            first = self._running.index(requests[0])
-            counts = self._output_counts[first:first + len(requests)]
-        sampler = Sampler(params, self.vocab, self.device, generators=[r.generator for r in requests],
-                          output_counts=counts)
-        if sampler.seen is not None:  # repetition penalty: everything in the context so far
-            for row, request in enumerate(requests):
-                context = torch.tensor(request.prompt_ids + request.token_ids, device=self.device)
-                sampler.seen[row, context.clamp(0, self.vocab - 1)] = True
+    def _sample(self, logits_BV: torch.Tensor, first_row: int, requests: list[GenerationRequest]
+                ) -> list[tuple[int, Optional[TokenLogprob]]]:
+        """The next token (and its logprobs, if asked) of the requests in rows ``first_row ..``."""
+        rows = slice(first_row, first_row + len(requests))
+        seqs = [r.seq for r in requests]
+        sampler = Sampler([s.params for s in seqs], self.vocab, self.device, generators=[s.generator for s in seqs],
+                          output_counts=None if self._output_counts is None else self._output_counts[rows],
+                          seen=None if self._seen is None else self._seen[rows])
         chosen = sampler(logits_BV)
-        if counts is not None:
-            counts[torch.arange(len(requests), device=self.device), chosen] += 1
-        token_list = chosen.tolist()
-        logprobs: list[Optional[TokenLogprob]] = [None] * len(requests)
-        wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
-        if wanted:
-            log_probs = logits_BV[wanted, : self.vocab].float().log_softmax(-1)
-            for i, row in enumerate(wanted):
-                top_n = params[row].logprobs
-                values, ids = log_probs[i].topk(top_n) if top_n else (torch.empty(0), torch.empty(0, dtype=torch.long))
-                logprobs[row] = TokenLogprob(token_list[row], float(log_probs[i, token_list[row]]),
-                                             list(zip(ids.tolist(), values.tolist())))
-        return list(zip(token_list, logprobs))
+        sampler.record_output(chosen)  # into the slots' penalty state (views)
+        tokens = chosen.tolist()
+        return list(zip(tokens, token_logprobs(logits_BV, tokens, seqs, self.vocab)))
 
     def _emit(self, request: GenerationRequest, token: int, logprob: Optional[TokenLogprob]) -> bool:
         """Account for one new token; returns True when the request is finished."""
-        now = time.monotonic()
         if request.first_token_at is None:
-            request.first_token_at = now
-        request.token_ids.append(token)
+            request.first_token_at = time.monotonic()
         self.tokens_generated += 1
-        reason = None
-        if token in request.stop_ids:
-            text, _ = request.matcher.feed(request.detok.flush())
-            text += request.matcher.finish()
-            reason = "stop"
-        else:
-            text, stopped = request.matcher.feed(request.detok.push(token))
-            if stopped:
-                reason = "stop"
-            elif len(request.token_ids) >= request.max_new:  # max_new also keeps the sequence inside its slot
-                more, _ = request.matcher.feed(request.detok.flush())
-                text += more + request.matcher.finish()
-                reason = "length"
-        event = GenerationEvent(request.request_id, text, token, logprob, reason, len(request.prompt_ids),
+        delta, reason = request.seq.append(token)
+        event = GenerationEvent(request.request_id, delta, token, logprob, reason, len(request.prompt_ids),
                                 len(request.token_ids))
         self._deliver(request, event)
         if reason is not None:
@@ -402,8 +375,9 @@ class ContinuousBatchingEngine:
             self.cache.move(last, row)
             self._running[row] = self._running[last]
             self._last_tokens[row] = self._last_tokens[last]
-            if self._output_counts is not None:
-                self._output_counts[row] = self._output_counts[last]
+            for state in (self._seen, self._output_counts):
+                if state is not None:
+                    state[row] = state[last]
         self.cache.reset(last)
         self._running.pop()
         self._last_tokens.pop()

@@ -1,6 +1,8 @@
-"""The generation engine: batched prompts, static KV cache, per-sequence sampling, stops, streaming.
+"""The batch generation engine: batched prompts, static KV cache, per-sequence sampling, stops, streaming.
 
-One engine for every caller (``ds generate``, ``ds.pipeline``, the server). Prompts of different
+The engine of ``ds generate`` and ``ds.pipeline``; the server's continuous-batching engine
+(``generate/continuous.py``) shares its per-sequence logic (:class:`~deepseek.generate.sequence.SequenceState`:
+stops, length, text, logprobs) and its :class:`~deepseek.generate.sampling.Sampler`. Prompts of different
 lengths are left-padded into one batch and prefilled in a single forward; then each step feeds one
 token per live sequence. Finished sequences leave the batch (their cache rows are dropped), so a
 long request does not keep paying for short ones that are done.
@@ -8,21 +10,19 @@ long request does not keep paying for short ones that are done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from tokenizers import Tokenizer
 
 from deepseek.compile import jit
-from deepseek.data.tokenizer import BOS, EOS, PAD
-from deepseek.generate.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deepseek.data.tokenizer import PAD
 from deepseek.generate.params import SamplingParams
 from deepseek.generate.sampling import Sampler
+from deepseek.generate.sequence import (FinishReason, Prompt, SequenceState, TokenLogprob, check_prompt_ids,
+                                        encode_prompts, sampling_vocab_size, token_logprobs)
 from deepseek.nn.kv_cache import KVCache
-
-Prompt = Union[str, Sequence[int]]
-FinishReason = Literal["stop", "length"]
 
 
 @dataclass
@@ -41,37 +41,13 @@ class GenerationOutput:
 
 @dataclass
 class StreamEvent:
-    """A piece of output for prompt ``index``; the last event of a sequence has ``finish_reason`` set."""
+    """A piece of output for prompt ``index`` (one per token); the last event of a sequence has ``finish_reason``."""
 
     index: int
     delta: str
     token_id: Optional[int] = None
     finish_reason: Optional[FinishReason] = None
-
-
-@dataclass
-class _Sequence:
-    params: SamplingParams
-    stop_ids: set[int]
-    detok: IncrementalDetokenizer
-    matcher: StopStringMatcher
-    prompt_tokens: int
-    max_new: int
-    token_ids: list[int] = field(default_factory=list)
-
-
-def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt (strings are encoded; id lists pass through). Empty prompts get BOS."""
-    encoded = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            bos = tokenizer.token_to_id(BOS)
-            if bos is None:
-                raise ValueError(f"prompt {i} is empty and the tokenizer has no {BOS} token to start from")
-            ids = [bos]
-        encoded.append(ids)
-    return encoded
+    logprob: Optional[TokenLogprob] = None  # when the sequence's parameters ask for ``logprobs``
 
 
 def _as_params(params, n: int, overrides: dict) -> list[SamplingParams]:
@@ -131,12 +107,9 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
     room = config.max_seq_len - longest
     if room < 1:
         raise ValueError(f"prompt of {longest} tokens leaves no room under max_seq_len={config.max_seq_len}")
-    eos = tokenizer.token_to_id(EOS)
-    seqs = []
-    for ids, p in zip(prompt_ids, params):
-        stop_ids = set(p.stop_token_ids) | ({eos} if eos is not None and not p.ignore_eos else set())
-        seqs.append(_Sequence(p, stop_ids, IncrementalDetokenizer(tokenizer), StopStringMatcher(p.stop),
-                              len(ids), min(p.max_new_tokens, room)))
+    for ids in prompt_ids:
+        check_prompt_ids(ids, config.vocab_size)
+    seqs = [SequenceState(ids, p, tokenizer, room, device) for ids, p in zip(prompt_ids, params)]
     max_new = max(s.max_new for s in seqs)
 
     pad_id = tokenizer.token_to_id(PAD) or 0
@@ -145,17 +118,16 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
     for row, ids in enumerate(prompt_ids):
         ids_BT[row, longest - len(ids):] = torch.tensor(ids)
         valid_BT[row, longest - len(ids):] = True
+    all_valid = bool(valid_BT.all())
     ids_BT, valid_BT = ids_BT.to(device), valid_BT.to(device)
-    if int(ids_BT.max()) >= config.vocab_size or int(ids_BT.min()) < 0:
-        raise ValueError(f"prompt token ids must be in [0, {config.vocab_size})")
 
     # A compiled step needs fixed shapes: a static cache, and finished rows stay in the batch (ignored).
     cache = KVCache.for_model(model, batch, longest + max_new, static=compiled)
-    # A model's vocabulary may be padded beyond its tokenizer's: ids the tokenizer cannot decode are never sampled.
-    sampler = Sampler(params, min(config.vocab_size, tokenizer.get_vocab_size()), device)
+    vocab = sampling_vocab_size(model, tokenizer)
+    sampler = Sampler(params, vocab, device, generators=[s.generator for s in seqs])
     sampler.observe(ids_BT, valid_BT)
-    mask = None if bool(valid_BT.all()) else valid_BT
-    logits_BV = model(ids_BT, cache=cache, attention_mask=mask, logits_to_keep=1)[:, -1]
+    want_logprobs = any(p.logprobs is not None for p in params)
+    logits_BV = model(ids_BT, cache=cache, attention_mask=None if all_valid else valid_BT, logits_to_keep=1)[:, -1]
     step = _decode_step(model, compiled)
     live = list(range(batch))  # prompt index of each row of the running batch
     alive = [True] * batch
@@ -163,15 +135,15 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
     while True:
         next_ids = sampler(logits_BV)
         sampler.record_output(next_ids)
-        for row, token in enumerate(next_ids.tolist()):
+        tokens = next_ids.tolist()
+        logprobs = (token_logprobs(logits_BV, tokens, [seqs[i] for i in live], vocab) if want_logprobs
+                    else [None] * len(tokens))
+        for row, (token, logprob) in enumerate(zip(tokens, logprobs)):
             if not alive[row]:
                 continue
-            seq = seqs[live[row]]
-            seq.token_ids.append(token)
-            event = _advance(seq, token)
-            event.index = live[row]
-            yield event
-            alive[row] = event.finish_reason is None
+            delta, reason = seqs[live[row]].append(token)
+            yield StreamEvent(live[row], delta, token, reason, logprob)
+            alive[row] = reason is None
         if not any(alive):
             return
         if not compiled and not all(alive):  # eager: drop finished rows, later steps get cheaper
@@ -182,22 +154,7 @@ def _decode(model, tokenizer: Tokenizer, prompt_ids: list[list[int]], params: li
             next_ids = next_ids[keep]
             live = [live[r] for r in keep_rows]
             alive = [True] * len(keep_rows)
-        sampler.observe(next_ids.unsqueeze(1))
         logits_BV = step(next_ids.unsqueeze(1), cache)[:, -1]
-
-
-def _advance(seq: _Sequence, token: int) -> StreamEvent:
-    """Account for one new token of ``seq``: its text delta and whether the sequence is finished."""
-    if token in seq.stop_ids:
-        text, _ = seq.matcher.feed(seq.detok.flush())
-        return StreamEvent(-1, text + seq.matcher.finish(), token, "stop")
-    text, stopped = seq.matcher.feed(seq.detok.push(token))
-    if stopped:
-        return StreamEvent(-1, text, token, "stop")
-    if len(seq.token_ids) >= seq.max_new:
-        more, _ = seq.matcher.feed(seq.detok.flush())
-        return StreamEvent(-1, text + more + seq.matcher.finish(), token, "length")
-    return StreamEvent(-1, text, token)
 
 
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Union[Prompt, Sequence[Prompt]],

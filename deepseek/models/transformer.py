@@ -15,12 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deepseek.models.config import ModelConfig
-from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, KVCache, MoE, MoEConfig, RMSNorm, Router,
-                         RouterConfig, RotaryEmbedding, SlotKVCache, SwiGLU)
+from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, MoE, MoEConfig, RMSNorm, Router, RouterConfig,
+                         RotaryEmbedding, SwiGLU)
+from deepseek.nn.attention_mask import AttentionPattern
 from deepseek.nn.few_rows import few_row_linear
+from deepseek.nn.kv_cache import AttentionCache
 from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.quantized import QuantizedWeight
-from deepseek.nn.sparse_attention import local_global_mask
 
 
 @dataclass
@@ -75,8 +76,9 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Decoder-only transformer with Mixture-of-Experts feed-forward layers.
 
-    ``model(ids_BT)`` returns logits [B, T, V]. Options: ``cache`` (a :class:`KVCache`, for incremental
-    decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``return_router_stats`` (returns
+    ``model(ids_BT)`` returns logits [B, T, V]. Options: ``cache`` (a :class:`~deepseek.nn.KVCache` or
+    :class:`~deepseek.nn.SlotKVCache`, anything with the :class:`~deepseek.nn.kv_cache.AttentionCache` interface,
+    for incremental decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``return_router_stats`` (returns
     ``(logits, RouterStats)``), ``logits_to_keep`` (compute logits for the last n positions only).
     """
 
@@ -110,7 +112,7 @@ class MoETransformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, ids_BT: torch.Tensor, *, cache: Optional[KVCache] = None,
+    def forward(self, ids_BT: torch.Tensor, *, cache: Optional[AttentionCache] = None,
                 attention_mask: Optional[torch.Tensor] = None, return_router_stats: bool = False,
                 logits_to_keep: int = 0, targets: Optional[torch.Tensor] = None):
         """Logits [B, T, V]; with ``targets`` [B, T] (-100 = ignore) the mean next-token cross-entropy instead.
@@ -173,80 +175,26 @@ class MoETransformer(nn.Module):
 
         return few_row_linear(x_ND, weight_VD, transposed=transposed).reshape(*x_BTD.shape[:2], -1)
 
-    def _attention_inputs(self, ids_BT, cache, attention_mask) -> AttentionInputs:
+    def _attention_inputs(self, ids_BT, cache: Optional[AttentionCache], attention_mask) -> AttentionInputs:
+        """Positions and mask of this forward: laid out by the cache when there is one, whichever cache it is."""
         cfg = self.config
         B, T = ids_BT.shape
-        device = ids_BT.device
-        sparse = cfg.attention == "sparse"
-        valid_BT = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
-        extra = dict(window=cfg.window, n_global=cfg.n_global_tokens, cache=cache)
-
+        valid_BT = None if attention_mask is None else attention_mask.to(device=ids_BT.device, dtype=torch.bool)
+        pattern = AttentionPattern(cfg.attention == "sparse", cfg.window, cfg.n_global_tokens)
         if cache is None:
-            if valid_BT is None:
-                self._check_length(T)
-                positions = torch.arange(T, device=device).expand(B, T)
-                cos, sin = self.rope(positions)
-                return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
-            positions = (valid_BT.long().cumsum(1) - 1).clamp_min(0)
-            slots = torch.arange(T, device=device)
-            mask = self._mask(positions, slots, positions, slots, valid_BT)
             self._check_length(T)
-            cos, sin = self.rope(positions)
-            return AttentionInputs(cos, sin, mask=mask, **extra)
-
-        if cache.batch_size != B:
-            raise ValueError(f"KV cache holds {cache.batch_size} sequences, input has {B}")
-        if isinstance(cache, SlotKVCache):
-            return self._slot_attention_inputs(cache, T, valid_BT, extra)
-        if cache.static:  # fixed shapes, no host values: what a compiled decoding step needs
-            positions, slots = cache.reserve_static(valid_BT, T)
-            mask = self._mask(positions, slots, cache.slot_position, cache.all_slots, cache.slot_valid)
-            cos, sin = self.rope(positions)
-            return AttentionInputs(cos, sin, mask=mask, **extra)
-        start = cache.pos
-        self._check_length(start + T)  # before the cache is touched
-        positions = cache.reserve(valid_BT, T)
-        cos, sin = self.rope(positions)
-        if not cache.has_padding and start == 0 and T > 1:
-            return AttentionInputs(cos, sin, is_causal=not sparse, blocked_sparse=sparse, **extra)
-        if not cache.has_padding and T == 1 and not sparse:
-            return AttentionInputs(cos, sin, **extra)  # one new token sees every cached slot
-        end = start + T
-        mask = self._mask(positions, torch.arange(start, end, device=device), cache.slot_position[:, :end],
-                          torch.arange(end, device=device), cache.slot_valid[:, :end])
-        return AttentionInputs(cos, sin, mask=mask, **extra)
-
-    def _slot_attention_inputs(self, cache: SlotKVCache, T: int, valid_BT, extra: dict) -> AttentionInputs:
-        """Rows of a continuous batch: each continues its own sequence from its own length (no padding)."""
-        if valid_BT is not None:
-            raise ValueError("a SlotKVCache holds unpadded sequences: attention_mask is not supported with it")
-        positions, starts = cache.reserve(T)
-        self._check_length(max(starts) + T)
-        cos, sin = self.rope(positions)
-        sparse = self.config.attention == "sparse"
-        if len(starts) == 1 and starts[0] == 0 and not sparse:
-            return AttentionInputs(cos, sin, is_causal=True, **extra)  # a first prefill chunk
-        if T == 1 and min(starts) == max(starts) and not sparse:
-            return AttentionInputs(cos, sin, **extra)  # every row sees every stored token
-        end = max(starts) + T
-        k_slot = torch.arange(end, device=positions.device)
-        valid = k_slot[None, :] < (positions[:, -1:] + 1)  # a row's own tokens only
-        mask = self._mask(positions, positions, k_slot.expand(len(starts), -1), k_slot, valid)
-        return AttentionInputs(cos, sin, mask=mask, **extra)
-
-    def _mask(self, q_pos_BT, q_slot_T, k_pos_BS, k_slot_S, k_valid_BS) -> torch.Tensor:
-        """[B, 1, T, S] bool: causal by slot, padding excluded, the sparse pattern by position.
-
-        ``q_slot_T`` is [T] (every row writes the same slots) or [B, T] (rows at their own positions).
-        """
-        cfg = self.config
-        q_slot_BT = q_slot_T if q_slot_T.dim() == 2 else q_slot_T[None]
-        mask = (k_slot_S[None, None, :] <= q_slot_BT[:, :, None]) & k_valid_BS[:, None, :]
-        if cfg.attention == "sparse":
-            mask &= local_global_mask(q_pos_BT, k_pos_BS, cfg.window, cfg.n_global_tokens)
-        # Every query sees at least itself, so padding rows stay finite (their outputs are never used).
-        mask |= k_slot_S[None, None, :] == q_slot_BT[:, :, None]
-        return mask.unsqueeze(1)
+            layout = pattern.uncached(B, T, valid_BT, ids_BT.device)
+        else:
+            if cache.batch_size != B:
+                raise ValueError(f"KV cache holds {cache.batch_size} sequences, input has {B}")
+            length = cache.length_after(T)
+            if length is not None:
+                self._check_length(length)  # before the cache is touched
+            layout = cache.begin_forward(T, valid_BT, pattern)
+        cos, sin = self.rope(layout.positions_BT)
+        return AttentionInputs(cos, sin, mask=layout.mask, is_causal=layout.is_causal,
+                               blocked_sparse=layout.blocked_sparse, window=cfg.window, n_global=cfg.n_global_tokens,
+                               cache=cache)
 
     def _check_length(self, n_slots: int) -> None:
         # A position never exceeds its slot, so checking the slot count on the host is enough (no sync).

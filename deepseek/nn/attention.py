@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek.nn.kv_cache import KVCache
+from deepseek.nn.kv_cache import AttentionCache
 from deepseek.nn.norm import RMSNorm
 from deepseek.nn.rope import apply_rotary
 from deepseek.nn.sparse_attention import blocked_local_global_attention, dense_local_global_attention
@@ -35,7 +35,7 @@ class AttentionInputs:
     blocked_sparse: bool = False
     window: int = 0
     n_global: int = 0
-    cache: Optional[KVCache] = None
+    cache: Optional[AttentionCache] = None
 
     def __post_init__(self) -> None:
         if self.cos.dim() == 3:  # [B, T, Dh] -> [B, 1, T, Dh], broadcast over heads

@@ -8,11 +8,47 @@ of real tokens, which gives its rotary positions.
 ``static=True`` keeps every shape fixed from step to step (the write position is a tensor, attention
 always spans all ``max_len`` slots under a mask), so a compiled decoding step is traced once and
 replayed, never recompiled (the approach of gpt-fast).
+
+:class:`AttentionCache` is what the model asks of any cache (this one, or the continuous-batching
+:class:`~deepseek.nn.slot_cache.SlotKVCache`): each cache lays out its own new tokens, so the model has one
+code path whatever cache it is given.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Protocol
+
 import torch
+
+from deepseek.nn.attention_mask import AttentionLayout, AttentionPattern
+
+
+class AttentionCache(Protocol):
+    """The key/value cache interface the model calls, once per forward in this order:
+
+    ``length_after`` (checked against the model's ``max_seq_len`` before anything changes), ``begin_forward``
+    (claims room for the new tokens and lays them out), ``write`` once per layer, ``advance`` after the last.
+    ``k`` / ``v`` are the stored tensors (attention writes in their dtype).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def length_after(self, n_new: int) -> Optional[int]:
+        """The longest row's length in slots after ``n_new`` more tokens, or None where it is not on the host."""
+
+    def begin_forward(self, n_new: int, valid_BT: Optional[torch.Tensor], pattern: AttentionPattern
+                      ) -> AttentionLayout:
+        """Claim ``n_new`` slots per row; ``valid_BT`` [B, n_new] marks real tokens (None: all are)."""
+
+    def write(self, layer: int, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``layer``'s new keys/values; returns the keys/values attention reads [B, Hkv, S, Dh]."""
+
+    def advance(self, n_new: int) -> None:
+        """Called once per forward, after every layer has written."""
 
 
 class KVCache:
@@ -43,6 +79,31 @@ class KVCache:
         param = next(model.parameters())
         return cls(cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim,
                    dtype=dtype or param.dtype, device=param.device, static=static)
+
+    # -- the model's side (AttentionCache) -------------------------------------------------------
+
+    def length_after(self, n_new: int) -> Optional[int]:
+        # Static mode keeps its write position on the device: the engine sized the cache to fit.
+        return None if self.static else self.pos + n_new
+
+    def begin_forward(self, n_new: int, valid_BT: Optional[torch.Tensor], pattern: AttentionPattern
+                      ) -> AttentionLayout:
+        """Claim the next ``n_new`` slots of every row and lay the new tokens out (see :class:`AttentionCache`)."""
+        if self.static:  # fixed shapes, no host values: what a compiled decoding step needs
+            positions, slots = self.reserve_static(valid_BT, n_new)
+            return AttentionLayout(positions, pattern.mask(positions, slots, self.slot_position, self.all_slots,
+                                                           self.slot_valid))
+        start = self.pos
+        positions = self.reserve(valid_BT, n_new)
+        if not self.has_padding and start == 0 and n_new > 1:
+            return AttentionLayout(positions, is_causal=not pattern.sparse, blocked_sparse=pattern.sparse)
+        if not self.has_padding and n_new == 1 and not pattern.sparse:
+            return AttentionLayout(positions)  # one new token sees every cached slot
+        end = start + n_new
+        device = positions.device
+        return AttentionLayout(positions, pattern.mask(positions, torch.arange(start, end, device=device),
+                                                       self.slot_position[:, :end], torch.arange(end, device=device),
+                                                       self.slot_valid[:, :end]))
 
     def reserve_static(self, valid_BT: torch.Tensor | None, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Static-mode :meth:`reserve`: returns positions [B, n_new] and slots [n_new], with no host values.

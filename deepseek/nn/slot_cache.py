@@ -11,18 +11,21 @@ serving and there is no fragmentation; a freed slot is reused by the next sequen
 A forward works on a contiguous range of slots (:meth:`bind`): the scheduler keeps its running
 sequences in slots ``0..n-1`` (when one finishes, the last one moves into its place), so a decoding
 step reads the cache through views, never gathering it. Each row writes at its own position, and
-attention masks every row to its own length.
+attention masks every row to its own length. The model calls it through the same
+:class:`~deepseek.nn.kv_cache.AttentionCache` interface as a :class:`~deepseek.nn.kv_cache.KVCache`.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from deepseek.nn.attention_mask import AttentionLayout, AttentionPattern
 
 
 class SlotKVCache:
     """Keys and values for ``n_slots`` sequences of up to ``max_len`` tokens each."""
-
-    static = False  # the model's static-shape (compiled) path does not apply
 
     def __init__(self, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -80,6 +83,25 @@ class SlotKVCache:
     @property
     def batch_size(self) -> int:
         return self._rows
+
+    def length_after(self, n_new: int) -> Optional[int]:
+        return max(self.lengths[self._first:self._first + self._rows]) + n_new
+
+    def begin_forward(self, n_new: int, valid_BT: Optional[torch.Tensor], pattern: AttentionPattern
+                      ) -> AttentionLayout:
+        """Claim ``n_new`` positions in every bound row, each continuing its own sequence (no padding)."""
+        if valid_BT is not None:
+            raise ValueError("a SlotKVCache holds unpadded sequences: attention_mask is not supported with it")
+        positions, starts = self.reserve(n_new)
+        if len(starts) == 1 and starts[0] == 0 and not pattern.sparse:
+            return AttentionLayout(positions, is_causal=True)  # a first prefill chunk
+        if n_new == 1 and min(starts) == max(starts) and not pattern.sparse:
+            return AttentionLayout(positions)  # every row sees every stored token
+        end = max(starts) + n_new
+        k_slot = torch.arange(end, device=positions.device)
+        valid = k_slot[None, :] < (positions[:, -1:] + 1)  # a row's own tokens only
+        return AttentionLayout(positions, pattern.mask(positions, positions, k_slot.expand(len(starts), -1), k_slot,
+                                                       valid))
 
     def reserve(self, n_new: int) -> tuple[torch.Tensor, list[int]]:
         """Claim ``n_new`` positions in every bound row: rotary positions [B, T] and each row's start."""

@@ -9,6 +9,7 @@ import deepseek as ds
 from deepseek.config import ConfigError
 from deepseek.generate import SamplingParams
 from deepseek.generate.continuous import ContinuousBatchingEngine, QueueFullError
+from tests.generate.reference import assert_follows_hand_sampling, full_forward_logits
 
 PROMPTS = ["def f(x):", "import os\nimport sys\n", "a", "class Point:\n    def __init__(self, x, y):\n", "x = [",
            "for i in range(10):\n    ", "# comment", "return"]
@@ -90,6 +91,52 @@ def test_penalties_stops_and_logprobs(tiny, engine):
     stop = reference.text[4:6]
     out = engine.generate(["x = ["], SamplingParams(max_new_tokens=30, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.text == reference.text[: reference.text.index(stop)]
+
+
+SAMPLED = {
+    "temperature, top-p, OpenAI penalties": (
+        SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=1.5,
+                       seed=11, logprobs=4, ignore_eos=True),
+        dict(temperature=1.0, top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0)),
+    "top-k, repetition penalty": (
+        SamplingParams(max_new_tokens=12, temperature=1.3, top_k=40, repetition_penalty=1.5, seed=5, logprobs=2,
+                       ignore_eos=True),
+        dict(temperature=1.0, top_k=0, repetition_penalty=1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLED))
+def test_logprobs_and_sampled_tokens_against_a_full_forward(tiny, engine, case):
+    # Logprobs are the model's own distribution: log_softmax of a full forward (no cache) of the same sequence.
+    # The sampled tokens are the ones drawn by hand from the distribution the parameters define, computed from
+    # those raw logits; each parameter changes the outcome, so none can be ignored unnoticed.
+    model, tok = tiny
+    params, sensitive_to = SAMPLED[case]
+    events = []
+    neighbour = engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=12, ignore_eos=True))  # shares the batch
+    request = engine.submit("def f(x):", params, on_event=events.append)
+    assert request.done.wait(60) and neighbour.done.wait(60)
+    raw = full_forward_logits(model, request.prompt_ids, request.token_ids, tok.get_vocab_size())
+    log_probs = raw.log_softmax(-1)
+    assert len(events) == len(request.token_ids) == 12
+    for i, event in enumerate(events):
+        lp = event.logprob
+        assert lp.token_id == event.token_id == request.token_ids[i]
+        assert lp.logprob == pytest.approx(float(log_probs[i, lp.token_id]), abs=1e-4)
+        values, ids = log_probs[i].topk(params.logprobs)
+        assert [t for t, _ in lp.top] == ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert_follows_hand_sampling(raw, request.prompt_ids, request.token_ids, params, sensitive_to)
+
+
+def test_repetition_penalty_equals_the_one_batch_engine(tiny, engine):
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True, repetition_penalty=5.0)
+    outs = engine.generate(["aaaa", "abcabc", "def f(x):"], params)
+    for prompt, out in zip(["aaaa", "abcabc", "def f(x):"], outs):
+        assert out.token_ids == solo(model, tok, prompt, params=params).token_ids
+    plain = engine.generate(["aaaa"], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    assert outs[0].token_ids != plain.token_ids
 
 
 def test_cancel_frees_the_slot(tiny, engine):

@@ -6,6 +6,7 @@ import torch
 import deepseek as ds
 from deepseek.config import ConfigError
 from deepseek.generate import SamplingParams
+from tests.generate.reference import full_forward_logits
 
 
 def greedy_without_cache(model, ids, n):
@@ -174,3 +175,20 @@ def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
         model.lm_head.weight[259:] += 1.0  # make the undecodable ids the most likely
     out = ds.generate(model, ds.byte_tokenizer(), "abc", max_new_tokens=20, temperature=1.0, seed=0, ignore_eos=True)
     assert out.completion_tokens == 20 and max(out.token_ids) < 259
+
+
+def test_logprobs_equal_a_full_forward_in_a_padded_batch(tiny):
+    model, tok = tiny
+    prompts = ["a", "import os\n"]
+    events = list(ds.generate_stream(model, tok, prompts, max_new_tokens=6, ignore_eos=True, logprobs=2,
+                                     temperature=0.8, seed=3))
+    for index, prompt in enumerate(prompts):
+        mine = [e for e in events if e.index == index]
+        ids = [e.token_id for e in mine]
+        log_probs = full_forward_logits(model, tok.encode(prompt).ids, ids, tok.get_vocab_size()).log_softmax(-1)
+        assert len(ids) == 6
+        for i, event in enumerate(mine):
+            assert event.logprob.token_id == ids[i]
+            assert event.logprob.logprob == pytest.approx(float(log_probs[i, ids[i]]), abs=1e-4)
+            assert [t for t, _ in event.logprob.top] == log_probs[i].topk(2).indices.tolist()
+    assert all(e.logprob is None for e in ds.generate_stream(model, tok, ["a"], max_new_tokens=2))

@@ -12,8 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import deepseek as ds
 from deepseek.data.tokenizer import train_tokenizer
+from deepseek.generate import SamplingParams
 from deepseek.serve.manager import ModelManager
 from deepseek.serve.repository import ModelRepository
+from tests.generate.reference import assert_follows_hand_sampling, full_forward_logits
 from tests.serve.gated_model import running_server, wait_for, write_model
 
 GENERATION = {"max_running": 4, "max_batched_tokens": 24, "prefill_chunk": 8, "max_queue": 64}
@@ -98,6 +100,40 @@ def test_stop_strings_seeds_n_and_logprobs(server, client):
     lp = client.completions.create(model="lm", prompt="def", max_tokens=4, temperature=0, logprobs=2).choices[0]
     assert len(lp.logprobs.token_logprobs) == len(lp.logprobs.tokens) == len(lp.logprobs.top_logprobs)
     assert all(v <= 0 for v in lp.logprobs.token_logprobs) and all(len(t) <= 2 for t in lp.logprobs.top_logprobs)
+
+
+def test_n_sampled_choices_differ(client):
+    for seed in (42, None):  # seeded choices get seeds 42, 43; unseeded ones their own random draws
+        out = client.completions.create(model="lm", prompt="def", max_tokens=16, temperature=1.0, seed=seed, n=2,
+                                        extra_body={"ignore_eos": True})
+        assert len(out.choices) == 2 and out.choices[0].text != out.choices[1].text
+
+
+def test_logprobs_and_openai_penalties_against_a_full_forward(server, client):
+    # The API's logprobs are log_softmax of a full forward (no cache) of the sequence it produced, and its tokens
+    # are drawn by hand from the distribution temperature, top_p and the presence/frequency penalties define.
+    _, manager, models = server
+    model, tok = models["lm"]
+    options = dict(temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=1.5, seed=5)
+    choice = client.completions.create(model="lm", prompt="def", max_tokens=10, logprobs=3,
+                                       extra_body={"ignore_eos": True}, **options).choices[0]
+    # The ids behind the API's text: the same seeded request straight to the server's engine (batch-independent).
+    params = SamplingParams(max_new_tokens=10, logprobs=3, ignore_eos=True, **options)
+    request = _engine(manager, "lm").submit("def", params)
+    assert request.done.wait(60)
+    ids = request.token_ids
+    raw = full_forward_logits(model, request.prompt_ids, ids, tok.get_vocab_size())
+    log_probs = raw.log_softmax(-1)
+    assert choice.logprobs.tokens == [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert choice.logprobs.token_logprobs == pytest.approx([float(log_probs[i, t]) for i, t in enumerate(ids)],
+                                                           abs=1e-4)
+    for i, top in enumerate(choice.logprobs.top_logprobs):
+        values, top_ids = log_probs[i].topk(3)
+        # keyed by token text, as the API does (byte tokens that are no UTF-8 alone share a text: the last one stays)
+        expected = {tok.decode([t], skip_special_tokens=False): v for t, v in zip(top_ids.tolist(), values.tolist())}
+        assert top.keys() == expected.keys() and list(top.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+    assert_follows_hand_sampling(raw, request.prompt_ids, ids, params,
+                                 dict(temperature=1.0, top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0))
 
 
 def test_chat_uses_the_tokenizers_template(server, client):
