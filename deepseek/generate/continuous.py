@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from deepseek.generate.sequence import (Prompt, SequenceState, TokenLogprob, che
 from deepseek.generate.threads import release_openmp_pool
 from deepseek.nn.slot_cache import SlotKVCache
 
+logger = logging.getLogger(__name__)
+
 
 class EngineStoppedError(RuntimeError):
     """The engine is stopping or stopped and takes no new requests."""
@@ -51,7 +54,8 @@ class GenerationEvent:
     """What one request receives: a text delta per token, and a last event with ``finish_reason``.
 
     ``finish_reason`` is ``stop`` (stop token or string), ``length`` (max tokens or cache capacity),
-    ``abort`` (cancelled) or ``timeout`` (deadline passed); the last event also carries the counts.
+    ``abort`` (cancelled), ``timeout`` (deadline passed) or ``error`` (the model raised: the engine ended every
+    request and refuses new ones; ``error`` says why); the last event also carries the counts.
     """
 
     request_id: str
@@ -61,6 +65,7 @@ class GenerationEvent:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: Optional[str] = None  # with finish_reason "error": the engine failed and ended every request
 
 
 EventCallback = Callable[[GenerationEvent], None]
@@ -140,6 +145,7 @@ class ContinuousBatchingEngine:
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._stopping = False
+        self.failure: Optional[str] = None  # why the engine thread stopped, if it failed
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
         self.tokens_generated = 0
@@ -194,6 +200,8 @@ class ContinuousBatchingEngine:
                                     on_event or (lambda event: None),
                                     None if timeout_s is None else time.monotonic() + timeout_s)
         with self._lock:
+            if self.failure is not None:
+                raise EngineStoppedError(f"the engine stopped after an error: {self.failure}")
             if self._stopping:
                 raise EngineStoppedError("the engine is shutting down")
             if len(self._waiting) >= self.max_queue:
@@ -212,6 +220,8 @@ class ContinuousBatchingEngine:
             requests.append(request)
         for request in requests:
             request.done.wait()
+        if any(r.finish_reason == "error" for r in requests):
+            raise EngineStoppedError(f"the engine stopped after an error: {self.failure}")
         return [GenerationOutput("".join(texts.get(r.request_id, [])), list(r.token_ids),
                                  r.finish_reason or "length", len(r.prompt_ids)) for r in requests]
 
@@ -231,10 +241,14 @@ class ContinuousBatchingEngine:
                         self._lock.wait()
                     if self._stopping and not (self._running or self._waiting or self._prefilling):
                         return
-                self._drop_abandoned()
-                if self._running:
-                    self._decode_step()
-                self._prefill_step()
+                try:
+                    self._drop_abandoned()
+                    if self._running:
+                        self._decode_step()
+                    self._prefill_step()
+                except Exception as exc:  # noqa: BLE001 - a dead engine thread must not leave requests waiting
+                    self._fail(exc)
+                    return
 
     def _drop_abandoned(self) -> None:
         now = time.monotonic()
@@ -356,6 +370,19 @@ class ContinuousBatchingEngine:
         self._deliver(request, GenerationEvent(request.request_id, "", None, None, reason, len(request.prompt_ids),
                                                len(request.token_ids)))
         self._mark_finished(request, reason)
+
+    def _fail(self, exc: Exception) -> None:
+        """The model (or the engine) raised: end every accepted request with ``error`` and refuse new ones."""
+        logger.exception("generation engine %r failed; ending every request", self.name)
+        with self._lock:
+            self.failure, self._stopping = f"{type(exc).__name__}: {exc}", True
+            requests = [*self._running, *([self._prefilling] if self._prefilling else []), *self._waiting]
+            self._running, self._last_tokens, self._prefilling = [], [], None
+            self._waiting.clear()
+        for request in requests:
+            self._deliver(request, GenerationEvent(request.request_id, "", None, None, "error",
+                                                   len(request.prompt_ids), len(request.token_ids), self.failure))
+            self._mark_finished(request, "error")
 
     def _mark_finished(self, request: GenerationRequest, reason: str) -> None:
         request.finished, request.finish_reason = True, reason

@@ -1,5 +1,6 @@
 """Continuous batching engine: outputs equal one-request-at-a-time generation, whatever joins or leaves."""
 
+import copy
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import deepseek as ds
 from deepseek.config import ConfigError
 from deepseek.generate import SamplingParams
-from deepseek.generate.continuous import ContinuousBatchingEngine, QueueFullError
+from deepseek.generate.continuous import ContinuousBatchingEngine, EngineStoppedError, QueueFullError
 from tests.generate.reference import assert_follows_hand_sampling, full_forward_logits
 
 PROMPTS = ["def f(x):", "import os\nimport sys\n", "a", "class Point:\n    def __init__(self, x, y):\n", "x = [",
@@ -163,6 +164,48 @@ def test_deadline_and_full_queue(tiny):
     eng.stop()
     with pytest.raises(RuntimeError):
         eng.submit("d")
+
+
+def failing_copy(model, fail: threading.Event):
+    """A copy of ``model`` whose forward raises once ``fail`` is set (a fault injected into a real model)."""
+    broken = copy.deepcopy(model)
+    forward = broken.forward
+
+    def forward_or_fail(*args, **kwargs):
+        if fail.is_set():
+            raise RuntimeError("injected fault")
+        return forward(*args, **kwargs)
+
+    broken.forward = forward_or_fail
+    return broken
+
+
+def test_a_failing_model_ends_every_request_and_refuses_new_ones(tiny):
+    model, tok = tiny
+    fail, events = threading.Event(), []
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    with ContinuousBatchingEngine(failing_copy(model, fail), tok, max_running=2, max_batched_tokens=8,
+                                  prefill_chunk=5) as engine:
+        requests = [engine.submit(p, params, on_event=events.append) for p in PROMPTS[:4]]  # 2 run, 2 wait
+        fail.set()  # the next forward raises, with every request accepted and none able to finish first
+        for request in requests:
+            assert request.done.wait(60), "a request was left waiting after the engine failed"
+        assert [r.finish_reason for r in requests] == ["error"] * 4
+        last = {e.request_id: e for e in events if e.finish_reason}
+        assert set(last) == {r.request_id for r in requests}
+        assert all("injected fault" in e.error for e in last.values())
+        with pytest.raises(EngineStoppedError, match="injected fault"):
+            engine.submit("x")
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+
+
+def test_generate_raises_when_the_engine_fails(tiny):
+    model, tok = tiny
+    fail = threading.Event()
+    fail.set()
+    with ContinuousBatchingEngine(failing_copy(model, fail), tok, max_running=2, max_batched_tokens=8) as engine:
+        with pytest.raises(EngineStoppedError, match="injected fault"):
+            engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=4))
 
 
 def test_bad_requests_are_refused(tiny, engine):

@@ -217,6 +217,33 @@ def test_queue_full_is_429_and_the_server_keeps_serving(server):
     assert client.completions.create(model="tight", prompt="d", max_tokens=2).choices[0].finish_reason
 
 
+def test_a_failing_engine_answers_503_and_ends_streams_with_an_error(tmp_path):
+    """The model raises inside the engine thread: no request hangs, the stream says why, the server keeps serving."""
+    make_lm(tmp_path, "lm", ds.byte_tokenizer())
+    manager = ModelManager(ModelRepository(tmp_path))
+    with running_server(manager) as base:
+        engine = _engine(manager, "lm")
+        fail, forward = threading.Event(), engine.model.forward
+
+        def forward_or_fail(*args, **kwargs):  # a fault injected into the served model
+            if fail.is_set():
+                raise RuntimeError("injected fault")
+            return forward(*args, **kwargs)
+
+        engine.model.forward = forward_or_fail
+        with httpx.Client(base_url=base, timeout=120) as http:
+            body = {"model": "lm", "prompt": "def", "max_tokens": 200, "ignore_eos": True, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # the first token is out
+                fail.set()
+                rest = [line for line in lines if line.startswith("data: ")]
+            assert "injected fault" in rest[-1] and '"type":"server_error"' in rest[-1] and "[DONE]" not in rest[-1]
+            answer = http.post("/v1/completions", json={"model": "lm", "prompt": "def", "max_tokens": 4})
+            assert answer.status_code == 503 and "injected fault" in answer.json()["error"]["message"]
+            assert http.get("/v2/health/live").status_code == 200
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"prompt": "x"}, 400, "model"),
     ({"model": "lm", "prompt": "x", "temperature": 9}, 400, "temperature"),

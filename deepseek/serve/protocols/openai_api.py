@@ -32,7 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from deepseek.config import ConfigError
 from deepseek.data.tokenizer import ASSISTANT, END, SYSTEM, USER
-from deepseek.generate.continuous import ContinuousBatchingEngine, GenerationEvent
+from deepseek.generate.continuous import ContinuousBatchingEngine, EngineStoppedError, GenerationEvent
 from deepseek.generate.engine import Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
 from deepseek.serve.errors import (UNAVAILABLE, ModelNotFoundError, ModelUnavailableError, RequestError,
@@ -287,6 +287,8 @@ class _Run:
                 if previous is None:
                     choice.first_token_s = now - self.started
                 choice.last_token_at = now
+            if event.error is not None:  # the engine failed and ended every request: 503, or an error chunk
+                raise EngineStoppedError(f"generation failed: {event.error}")
             if event.finish_reason is not None:
                 choice.finish_reason = event.finish_reason
                 self.pending -= 1
@@ -467,9 +469,16 @@ async def _cancel_on_disconnect(request: Request, run: _Run) -> None:
 async def _sse_events(answer: _Answer) -> AsyncIterator[bytes]:
     finished = False
     try:
-        async for choice, event in answer.run.events():
-            for piece in answer.chunks(choice, event):
-                yield _sse(piece)
+        try:
+            async for choice, event in answer.run.events():
+                for piece in answer.chunks(choice, event):
+                    yield _sse(piece)
+        except EngineStoppedError as exc:  # the status line is sent: the stream ends with an error event
+            kind = error_kind(exc)  # OpenAI's error object; Triton's generate_stream sends {"error": message}
+            yield _sse({"error": {"message": str(exc), "type": kind.openai, "code": kind.http}}
+                       if answer.done_marker else {"error": str(exc)})
+            finished = True
+            return
         if answer.include_usage:
             yield _sse(answer.usage_chunk())
         if answer.done_marker:
