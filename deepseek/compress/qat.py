@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek.nn.dispatch import SORTED
+from deepseek.nn.experts import GroupedProduct
 from deepseek.nn.moe import GroupedExperts, Router
 from deepseek.nn.quantized import (MIN_FEATURES, check_scheme, dequantize_int4_groups, dequantize_int8_rows,
                                    is_quantized, quantize_int4_groups, quantize_int8_rows, quantize_modules,
@@ -78,19 +80,20 @@ class FakeQuantEmbedding(nn.Embedding):
 
 
 class FakeQuantExperts(GroupedExperts):
-    """Grouped experts whose weights (and, for int8-dynamic, rows) are fake-quantized; always the sorted path."""
+    """Grouped experts whose weights (and, for int8-dynamic, rows) are fake-quantized; always the sorted dispatch,
+    over a :class:`~deepseek.nn.experts.GroupedProduct` of the rounded weights (rows rounded through ``rows_fn``)."""
 
     def __init__(self, experts: GroupedExperts, scheme: str, group_size: int):
-        nn.Module.__init__(self)
-        self.n_experts, self.ffn_dim = experts.n_experts, experts.ffn_dim
+        with torch.device("meta"):  # placeholder weights: the original parameters replace them below
+            super().__init__(experts.n_experts, experts.gate_up.shape[-1], experts.ffn_dim, dispatcher=SORTED)
         self.gate_up, self.down = experts.gate_up, experts.down
         self.scheme, self.group_size = scheme, group_size
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
-        gate_up = fake_quantize_weight(self.gate_up, self.scheme, self.group_size)
-        down = fake_quantize_weight(self.down, self.scheme, self.group_size)
-        return self.forward_sorted(x_ND, weights_NK, experts_NK, gate_up, down,
-                                   rows_fn=lambda rows: fake_quantize_rows(rows, self.scheme))
+        rounded = GroupedProduct(fake_quantize_weight(self.gate_up, self.scheme, self.group_size),
+                                 fake_quantize_weight(self.down, self.scheme, self.group_size),
+                                 rows_fn=lambda rows: fake_quantize_rows(rows, self.scheme))
+        return self.dispatcher(x_ND, weights_NK, experts_NK, rounded)
 
 
 _FAKE = (FakeQuantLinear, FakeQuantEmbedding, FakeQuantExperts)
@@ -137,10 +140,9 @@ def convert_qat(model: nn.Module) -> nn.Module:
     def walk(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, FakeQuantExperts):
-                plain = GroupedExperts.__new__(GroupedExperts)
-                nn.Module.__init__(plain)
-                plain.n_experts, plain.ffn_dim, plain.gate_up, plain.down = (child.n_experts, child.ffn_dim,
-                                                                             child.gate_up, child.down)
+                with torch.device("meta"):
+                    plain = GroupedExperts(child.n_experts, child.gate_up.shape[-1], child.ffn_dim)
+                plain.gate_up, plain.down = child.gate_up, child.down
             elif isinstance(child, FakeQuantLinear):
                 plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 plain.weight, plain.bias = child.weight, child.bias

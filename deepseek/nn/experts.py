@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek.nn.dispatch import LOOP, SORTED, Dispatcher, LocalDispatch
+from deepseek.nn.dispatch import LOOP, Dispatcher, LocalDispatch
 from deepseek.nn.few_rows import few_row_linear
 from deepseek.nn.grouped_mm import bucketed_layout, grouped_matmul
 
@@ -136,13 +136,6 @@ class GroupedExperts(GroupedProduct, nn.Module):
     def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Slow, obviously correct (:class:`~deepseek.nn.dispatch.LoopDispatch`): the reference of every path."""
         return LOOP(x_ND, weights_NK, experts_NK, self)
-
-    def forward_sorted(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor,
-                       gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor,
-                       rows_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-        """The sorted dispatch with other weights in place of this module's: tensor parallelism's local slices,
-        QAT's fake-quantized weights (and rows, through ``rows_fn``)."""
-        return SORTED(x_ND, weights_NK, experts_NK, GroupedProduct(gate_up_EFD, down_EDF, rows_fn))
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, ffn_dim={self.ffn_dim}, dispatcher={self.dispatcher!r}"

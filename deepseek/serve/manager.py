@@ -62,7 +62,12 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.state == READY
+        return self.state == READY and self.failure is None
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why a loaded version stopped being able to serve (see :meth:`Backend.failure`), else None."""
+        return None if self.backend is None else self.backend.failure()
 
     async def shutdown(self, reason: str) -> None:
         """Stop taking requests, drain what is queued or running, then close the backend."""
@@ -300,7 +305,8 @@ class ModelManager:
         versions = self.versions(name)
         ready = sorted(v for v, mv in versions.items() if v is not None and mv.ready)
         if not ready:
-            reasons = "; ".join(mv.reason for mv in versions.values() if mv.reason) or "no version is loaded"
+            reasons = "; ".join(why for mv in versions.values() if (why := mv.failure or mv.reason)) \
+                or "no version is loaded"
             raise ModelUnavailableError(f"model {name!r} is not ready: {reasons}")
         return versions, ready
 
@@ -323,7 +329,7 @@ class ModelManager:
         if mv is None:
             raise ModelNotFoundError(f"unknown version {version} of model {name!r}")
         if not mv.ready:
-            raise ModelUnavailableError(f"model {name!r} version {version} is not ready: {mv.reason}")
+            raise ModelUnavailableError(f"model {name!r} version {version} is not ready: {mv.failure or mv.reason}")
         return mv, None
 
     async def run(self, mv: ModelVersion, inputs: Mapping[str, torch.Tensor], *, timeout_ms: Optional[float] = None,
@@ -384,7 +390,9 @@ class ModelManager:
         for name, versions in self._models.items():
             for version, mv in versions.items():
                 key = (name, None if version is None else str(version))
-                rows[key] = {"name": name, "version": key[1], "state": mv.state, "reason": mv.reason}
+                failure = mv.failure
+                rows[key] = {"name": name, "version": key[1], "state": UNAVAILABLE if failure else mv.state,
+                             "reason": failure or mv.reason}
         for row in rows.values():
             if row["state"] is None:
                 row["state"], row["reason"] = UNAVAILABLE, "not loaded"

@@ -218,10 +218,11 @@ def test_queue_full_is_429_and_the_server_keeps_serving(server):
 
 
 def test_a_failing_engine_answers_503_and_ends_streams_with_an_error(tmp_path):
-    """The model raises inside the engine thread: no request hangs, the stream says why, the server keeps serving."""
+    """The model raises inside the engine thread: no request hangs, the stream says why, the server keeps serving,
+    the version reports itself unavailable, and a load request brings it back."""
     make_lm(tmp_path, "lm", ds.byte_tokenizer())
-    manager = ModelManager(ModelRepository(tmp_path))
-    with running_server(manager) as base:
+    manager = ModelManager(ModelRepository(tmp_path), control_mode="explicit", startup_models=["lm"])
+    with running_server(manager, api_key="k") as base:
         engine = _engine(manager, "lm")
         fail, forward = threading.Event(), engine.model.forward
 
@@ -242,6 +243,14 @@ def test_a_failing_engine_answers_503_and_ends_streams_with_an_error(tmp_path):
             answer = http.post("/v1/completions", json={"model": "lm", "prompt": "def", "max_tokens": 4})
             assert answer.status_code == 503 and "injected fault" in answer.json()["error"]["message"]
             assert http.get("/v2/health/live").status_code == 200
+            assert http.get("/v2/models/lm/ready").status_code == 503
+            row = next(r for r in http.post("/v2/repository/index", json={}).json() if r["name"] == "lm")
+            assert row["state"] == "UNAVAILABLE" and "injected fault" in row["reason"]
+            assert http.post("/v2/repository/models/lm/load", json={},
+                             headers={"Authorization": "Bearer k"}).status_code == 200
+            assert http.get("/v2/models/lm/ready").status_code == 200
+            again = http.post("/v1/completions", json={"model": "lm", "prompt": "def", "max_tokens": 4})
+            assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
 
 
 @pytest.mark.parametrize("body, status, param", [

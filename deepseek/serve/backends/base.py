@@ -54,6 +54,11 @@ class Backend(ABC):
     def close(self) -> None:
         """Release what the backend holds (the server calls it when a version is unloaded)."""
 
+    def failure(self) -> Optional[str]:
+        """Why this loaded backend can no longer serve (a generation engine whose model raised), else None: the
+        manager then reports the version UNAVAILABLE, and a load request or a repository poll reloads it."""
+        return None
+
     def input_spec(self, name: str) -> Optional[TensorSpec]:
         return next((s for s in self.inputs if s.name == name), None)
 

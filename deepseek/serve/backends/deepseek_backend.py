@@ -100,6 +100,10 @@ class DeepSeekBackend(Backend):
     def engine_started(self) -> Optional[ContinuousBatchingEngine]:
         return self._engine
 
+    def failure(self) -> Optional[str]:
+        engine = self._engine
+        return None if engine is None or engine.failure is None else f"generation engine failed: {engine.failure}"
+
     def close(self) -> None:
         """Finish every accepted generation request, then release the model (blocking: call off the loop)."""
         with self._engine_lock:
