@@ -114,6 +114,28 @@ class LoRALinear(nn.Module):
         low = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y + (low * self.scaling).to(y.dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight [O, I], differentiable into the adapters (no dropout): for code that reads a
+        linear's weight instead of calling it (the model's head does, for its fused loss and decoding)."""
+        weight = self.base_layer.weight
+        if not self.enabled:
+            return weight
+        delta = (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype)) * self.scaling
+        return weight + delta
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` [O, I] in fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
