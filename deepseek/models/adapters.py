@@ -278,8 +278,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                           rslora=bool(config.get("use_rslora", False)), target_modules=tuple(sorted(found)))
     except ValueError as exc:
         raise AdapterError(f"{config_path}: {exc}") from exc
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     apply_lora(model, lora)
+    try:
+        _load_tensors(model, found, hf_of, config, weights_path)
+    except AdapterError:  # leave the model as it was, not half-adapted
+        for name in found:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(name).base_layer)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        raise
+    return sorted(found)
 
+
+def _load_tensors(model: nn.Module, found: dict, hf_of: dict[str, str], config: dict, weights_path: Path) -> None:
     with torch.no_grad():
         for ours, parts in found.items():
             module = model.get_submodule(ours)
@@ -302,7 +315,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                     (module.lora_gate_up_B if param == "gate_up_proj" else module.lora_down_B).zero_()
             if parts:
                 raise AdapterError(f"{where}: unexpected tensors {sorted(parts)}")
-    return sorted(found)
 
 
 def _copy(dest: torch.Tensor, src: Optional[torch.Tensor], where: str) -> None:

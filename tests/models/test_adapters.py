@@ -144,8 +144,11 @@ def test_missing_files_unknown_targets_and_bad_shapes_are_named(tmp_path):
     with pytest.raises(AdapterError, match="no module of the Mixtral export"):
         load_adapter(base_model(), folder)
     save_file({**tensors, key: tensors[key][:, :10].contiguous()}, weights)
+    fresh = base_model()
     with pytest.raises(AdapterError, match=r"q_proj\.lora_A\.weight has shape \[2, 10\], expected \[2, 64\]"):
-        load_adapter(base_model(), folder)
+        load_adapter(fresh, folder)
+    assert isinstance(fresh.blocks[0].attn.q, torch.nn.Linear)  # left as it was, not half-adapted
+    assert all(p.requires_grad for p in fresh.parameters())
 
 
 def test_save_refuses_what_peft_cannot_express(tmp_path):
