@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek.nn.lora import LORA_MODULES, disable_adapters
+from deepseek.nn.router import Router
 
 OBJECTIVES = ("sft", "rl", "dpo")  # the terms MixedObjective knows: SFT cross-entropy, GRPO, DPO
 
@@ -60,13 +61,18 @@ def has_adapters(model: nn.Module) -> bool:
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     # A reference forward in training mode would add its tokens to the routers' expert-load counts (the balancing
     # bias update) and to their aux loss, and would apply dropout: run it in eval mode, then restore each module.
+    # Each router also keeps its last forward's routing and aux loss for the trainer to read: with LoRA the policy
+    # and the reference are one model, so the reference forward must not overwrite the policy's.
     modes = [(m, m.training) for m in model.modules()]
+    routed = [(r, r._last_experts, r.aux_loss) for r in model.modules() if isinstance(r, Router)]
     model.eval()
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
+        for r, last_experts, aux_loss in routed:
+            r._last_experts, r.aux_loss = last_experts, aux_loss
 
 
 def reference_logprobs(model: nn.Module, input_ids_BT: torch.Tensor, completion_mask_BT: torch.Tensor,
