@@ -35,6 +35,7 @@ import inspect
 import json
 import platform
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -99,7 +100,7 @@ def functions_in_source(text: str, *, module: str, path: str = "", min_doc_chars
     for text that does not parse.
     """
     tree = ast.parse(text)
-    lines = text.splitlines()
+    lines = re.split(r"\r\n|\r|\n", text)  # ast's line ends; str.splitlines also splits at \f, found in the stdlib
     found = []
     for node in tree.body:
         if not isinstance(node, ast.FunctionDef) or node.decorator_list:
@@ -120,9 +121,7 @@ def functions_in_source(text: str, *, module: str, path: str = "", min_doc_chars
         if (d_start == start or rest[0].lineno <= d_end or lines[d_start - 1][:doc_node.col_offset].strip()
                 or lines[d_end - 1][doc_node.end_col_offset:].strip()):
             continue
-        def_lines = lines[start - 1:end]
-        indent = len(def_lines[0]) - len(def_lines[0].lstrip())
-        dedented = [line[indent:] for line in def_lines]
+        dedented = lines[start - 1:end]  # top level: nothing to dedent
         source = "\n".join(dedented)
         code = "\n".join(dedented[:d_start - start] + dedented[d_end - start + 1:])
         header = "\n".join(dedented[:d_end - start + 1])
@@ -229,9 +228,10 @@ def _apply(kind: str, node: ast.AST, index: int) -> None:
 
 
 def _without_docstring(source: str) -> ast.FunctionDef:
-    node = ast.parse(source).body[0]
-    if not isinstance(node, ast.FunctionDef):
-        raise DataError(f"expected the source of one function, got {type(node).__name__}")
+    body = ast.parse(source).body
+    if len(body) != 1 or not isinstance(body[0], ast.FunctionDef):
+        raise DataError(f"expected the source of one function, got {[type(n).__name__ for n in body]}")
+    node = body[0]
     if _docstring_node(node) is not None and len(node.body) > 1:
         node.body = node.body[1:]
     return node

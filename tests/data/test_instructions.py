@@ -232,3 +232,9 @@ def test_cli_prepare_examples(tmp_path):
     assert "sft_train.jsonl" in result.output or "sft_heldout.jsonl" in result.output
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["modules"]["train"] + manifest["modules"]["heldout"] == ["textwrap"]
+
+
+def test_form_feed_keeps_lines_aligned():
+    text = 'def f(x):\n    """A docstring that is long enough to be kept by the filter."""\n\x0c\n    return x < 1\n'
+    (fn,) = functions_in_source(text, module="m")
+    assert fn.code == "def f(x):\n\x0c\n    return x < 1" and fn.docstring.startswith("A docstring")
