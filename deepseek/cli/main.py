@@ -10,7 +10,8 @@ import sys
 
 import typer
 
-from deepseek.cli import bench, checkpoint, compress, convert, data, evaluate, export, generate, init, quickstart, serve, train
+from deepseek.cli import (bench, checkpoint, compress, convert, data, evaluate, export, finetune, generate, init,
+                          quickstart, serve, train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
@@ -36,6 +37,7 @@ compress.register(app)
 export.register(app)
 checkpoint.register(app)
 bench.register(app)
+finetune.register(app)
 
 
 def main() -> None:
