@@ -13,7 +13,8 @@ LAYERS = [
     ["cli"],  # the `ds` command: imports anything, imported by nothing
     ["deepseek", "compat"],  # the public API; the seed programs' old names
     ["serve", "bench"],  # repository, backends, protocols; the load clients (client tools, never the server)
-    ["compress", "export"],  # compress fine-tunes through the trainer
+    ["compress", "export", "evaluation"],  # compress fine-tunes through the trainer; evaluation (sandboxed code
+                                           # execution, pass@k) will sample through generate
     ["train"],  # the loop (owns a plan), one forward/backward, configs, plain checkpoints, parameter server
     ["generate", "parallel"],  # sampling engines; parallel plans (never train)
     ["models"],  # the model, presets, model directory, HF interop
