@@ -100,20 +100,27 @@ def run_python(source: str, *, timeout_s: float = 5.0, memory_mb: int = 512, cpu
                                         start_new_session=True, close_fds=True)
             except OSError as e:
                 return ExecutionResult("error", None, "", f"sandbox could not start: {e}", time.monotonic() - start)
+            # Wait without reaping (WNOWAIT): while the child is alive or a zombie its pid, which is also its
+            # process group's id, cannot be reused, so the group kill below can only hit the code's own processes
+            # (what it left running after exiting, or everything at the timeout).
+            deadline, delay = start + timeout_s, 0.0005
+            while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                delay = min(2 * delay, remaining, 0.05)
+                time.sleep(delay)
             try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:  # also reaps what the code left running in its group after the main process ended
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
         seconds = time.monotonic() - start
         stdout, stderr = _tail(out_path, tail_chars), _tail(err_path, tail_chars)
     code = proc.returncode
-    if timed_out or code in (-signal.SIGXCPU, -signal.SIGKILL):  # SIGKILL unasked: the CPU hard limit
+    # SIGKILL we did not send: the CPU hard limit (or the kernel's OOM killer, which RLIMIT_AS normally pre-empts)
+    if timed_out or code in (-signal.SIGXCPU, -signal.SIGKILL):
         status = "timeout"
     elif code == 0:
         status = "passed"

@@ -50,12 +50,13 @@ def test_infinite_loop_and_sleep_time_out():
     assert run_python("import time\ntime.sleep(60)\n", timeout_s=1.0).status == "timeout"
 
 
-def test_timed_out_children_are_killed_with_their_group(tmp_path):
-    # the code starts a grandchild that would outlive it; the group kill must take it too
+@pytest.mark.parametrize("then, status", [("while True:\n    pass\n", "timeout"), ("", "passed")])
+def test_left_over_children_are_killed_with_their_group(tmp_path, then, status):
+    # the code starts a grandchild that would outlive it (at a timeout, or after exiting); the group kill takes it
     marker = tmp_path / "alive"
     grandchild = f"import time; time.sleep(3); open({str(marker)!r}, 'w')"
-    source = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\nwhile True:\n    pass\n"
-    assert run_python(source, timeout_s=1.0).status == "timeout"
+    source = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\n{then}"
+    assert run_python(source, timeout_s=1.0).status == status
     time.sleep(3.5)
     assert not marker.exists()
 
