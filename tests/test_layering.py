@@ -13,7 +13,9 @@ LAYERS = [
     ["cli"],  # the `ds` command: imports anything, imported by nothing
     ["deepseek", "compat"],  # the public API; the seed programs' old names
     ["serve", "bench"],  # repository, backends, protocols; the load clients (client tools, never the server)
-    ["compress", "export", "finetune"],  # compress fine-tunes through the trainer; finetune: DPO/reward/GRPO losses
+    # compress fine-tunes through the trainer; finetune: DPO/reward/GRPO losses; evaluation: sandboxed code
+    # execution and pass@k (it will sample through generate)
+    ["compress", "export", "finetune", "evaluation"],
     ["train"],  # the loop (owns a plan), one forward/backward, configs, plain checkpoints, parameter server
     ["generate", "parallel"],  # sampling engines; parallel plans (never train)
     ["models"],  # the model, presets, model directory, HF interop
