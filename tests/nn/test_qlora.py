@@ -163,3 +163,22 @@ def test_quantized_product_backward_is_straight_through(scheme, kernel):
         x_ref = x.detach().requires_grad_(True)
         F.linear(x_ref, weight.dequantize()).backward(grad_out)
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_qlora_on_a_compressed_model_directory(tmp_path, scheme):
+    """The base as `ds compress` writes it and `ds.load` rebuilds it: adapters start at its logits and train."""
+    from deepseek.compress.quantize import compression_record, quantization_entry, save_compressed
+    from deepseek.data.tokenizer import byte_tokenizer
+
+    record = compression_record(scheme, quantization=quantization_entry(scheme))
+    path = save_compressed(quantized_model(scheme), byte_tokenizer(), tmp_path / scheme, record)
+    base, _ = ds.load(path)
+    model, _ = ds.load(path)
+    apply_lora(model, LoRAConfig(r=4, target_modules=TARGETS))
+    ids, targets = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
+    loss = model(ids, targets=targets)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
