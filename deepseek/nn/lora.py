@@ -9,6 +9,14 @@ get one pair per expert and per projection — gate_up: A [E, R, D], B [E, 2F, R
 and :class:`LoRAExperts` is an :class:`~deepseek.nn.experts.ExpertCompute`, so every dispatcher runs it unchanged;
 its grouped path adds the low-rank products through the same grouped matmul over the same groups.
 
+QLoRA (Dettmers et al., 2023): the base may be quantized (:mod:`deepseek.nn.quantized`, as ``ds compress`` writes
+it): a :class:`~deepseek.nn.quantized.QuantizedLinear` or :class:`~deepseek.nn.quantized.QuantizedExperts` is the
+frozen base and the fp32 adapters add their low-rank term to its output. The base's forward runs its kernel
+unchanged (with B = 0 the logits are the quantized model's exactly); its backward w.r.t. the input is the
+straight-through ``grad @ W_dequantized`` (:class:`~deepseek.nn.quantized.StraightThroughProduct`). A quantized
+model fuses attention's q, k, v into one ``attn.qkv`` product, so target ``"attn.qkv"`` / ``"attn.*"`` there.
+:func:`merge_lora` refuses a quantized base: folding the adapters in would re-quantize them away.
+
 Modules are chosen by name with shell-style patterns (:mod:`fnmatch`, case-sensitive) matched against the full
 module name or any dotted suffix of it: ``"q"`` matches ``blocks.0.attn.q``, ``"attn.*"`` every attention
 projection, ``"blocks.1.ffn.experts"`` one layer's routed experts.
@@ -29,6 +37,7 @@ from torch import nn
 
 from deepseek.nn.experts import GroupedExperts, Span, span_rows
 from deepseek.nn.grouped_mm import grouped_matmul
+from deepseek.nn.quantized import QuantizedExperts, QuantizedLinear, _cpu_kernel
 
 ATTENTION = ("attn.q", "attn.k", "attn.v", "attn.o")
 
@@ -38,7 +47,8 @@ class LoRAConfig:
     """Which modules get adapters and how large: PEFT's semantics (``scaling = alpha / r``, rsLoRA ``alpha / sqrt(r)``).
 
     ``alpha`` None means ``alpha = r`` (scaling 1). ``target_modules``: :mod:`fnmatch` patterns on module names
-    (see the module docstring); the adaptable modules are ``nn.Linear`` and the routed experts (GroupedExperts).
+    (see the module docstring); the adaptable modules are ``nn.Linear`` and the routed experts (GroupedExperts),
+    and their quantized forms (QuantizedLinear, QuantizedExperts: QLoRA).
     """
 
     r: int = 64
@@ -84,6 +94,16 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
+def _adapter_kwargs(base: nn.Module) -> dict:
+    """Device and dtype of the adapters of ``base``: fp32 on a quantized base (its weights are integers)."""
+    if isinstance(base, QuantizedLinear):
+        return {"device": base.weight_q.scale.device, "dtype": torch.float32}
+    if isinstance(base, QuantizedExperts):
+        return {"device": base.gate_up[0].scale.device, "dtype": torch.float32}
+    weight = base.weight if isinstance(base, nn.Linear) else base.gate_up
+    return {"device": weight.device, "dtype": _adapter_dtype(weight)}
+
+
 def _init_a(a: torch.Tensor, in_features: int) -> None:
     """PEFT's ``kaiming_uniform_(a=sqrt(5))`` of each [R, I] matrix: uniform in +-1/sqrt(I) (also per expert)."""
     bound = 1.0 / math.sqrt(in_features)
@@ -91,17 +111,17 @@ def _init_a(a: torch.Tensor, in_features: int) -> None:
 
 
 class LoRALinear(nn.Module):
-    """An ``nn.Linear`` (kept as ``base_layer``, frozen) plus ``scaling * B (A dropout(x))``: [..., I] -> [..., O].
+    """An ``nn.Linear`` or :class:`~deepseek.nn.quantized.QuantizedLinear` (kept as ``base_layer``, frozen) plus
+    ``scaling * B (A dropout(x))``: [..., I] -> [..., O].
 
     ``lora_A`` [R, I], ``lora_B`` [O, R]. With ``enabled`` False (see :func:`disable_adapters`) it is the base exactly.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: LoRAConfig):
+    def __init__(self, base_layer: Union[nn.Linear, QuantizedLinear], config: LoRAConfig):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.scaling, self.enabled = config.scaling, True
-        weight = base_layer.weight
-        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kw = _adapter_kwargs(base_layer)
         self.lora_A = nn.Parameter(torch.empty(config.r, base_layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, config.r, **kw))
         _init_a(self.lora_A.data, base_layer.in_features)
@@ -115,10 +135,15 @@ class LoRALinear(nn.Module):
         return y + (low * self.scaling).to(y.dtype)
 
     @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantizedLinear)
+
+    @property
     def weight(self) -> torch.Tensor:
         """The effective weight [O, I], differentiable into the adapters (no dropout): for code that reads a
-        linear's weight instead of calling it (the model's head does, for its fused loss and decoding)."""
-        weight = self.base_layer.weight
+        linear's weight instead of calling it (the model's head does, for its fused loss and decoding). On a
+        quantized base this is the dequantized fp32 weight (built per call)."""
+        weight = self.base_layer.weight_q.dequantize() if self.quantized else self.base_layer.weight
         if not self.enabled:
             return weight
         delta = (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype)) * self.scaling
@@ -142,6 +167,7 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the adapter folded in, in the base's dtype: [O, I]."""
+        _refuse_quantized_merge(self)
         weight = self.base_layer.weight
         return (weight.float() + self.delta_weight()).to(weight.dtype)
 
@@ -150,9 +176,14 @@ class LoRALinear(nn.Module):
 
 
 class LoRAExperts(nn.Module):
-    """Routed experts (a :class:`~deepseek.nn.experts.GroupedExperts` kept as ``base_layer``, frozen) with one
-    low-rank pair per expert on each projection; the :class:`~deepseek.nn.experts.ExpertCompute` its dispatcher
-    (the base's, so a dispatcher swapped on the base applies here too) calls.
+    """Routed experts (a :class:`~deepseek.nn.experts.GroupedExperts` or
+    :class:`~deepseek.nn.quantized.QuantizedExperts` kept as ``base_layer``, frozen) with one low-rank pair per
+    expert on each projection; the :class:`~deepseek.nn.experts.ExpertCompute` its dispatcher (the base's, so a
+    dispatcher swapped on the base applies here too) calls.
+
+    The base enters only through its per-expert projections (:meth:`_projections`): float weights as ``F.linear``
+    (and, in :meth:`grouped`, as grouped matmuls), quantized ones as their kernel's product (rows in fp32, one
+    host read of the group sizes, as QuantizedExperts itself).
 
     ``lora_gate_up_A`` [E, R, D], ``lora_gate_up_B`` [E, 2F, R], ``lora_down_A`` [E, R, F], ``lora_down_B`` [E, D, R].
     Dropout applies to the rows entering each ``A``. Deliberately not a GroupedExperts and without ``gate_up`` /
@@ -160,14 +191,17 @@ class LoRAExperts(nn.Module):
     products from them) fails loudly instead of silently dropping the adapters.
     """
 
-    def __init__(self, base_layer: GroupedExperts, config: LoRAConfig):
+    def __init__(self, base_layer: Union[GroupedExperts, QuantizedExperts], config: LoRAConfig):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.n_experts, self.ffn_dim = base_layer.n_experts, base_layer.ffn_dim
         self.scaling, self.enabled = config.scaling, True
-        E, F2, D = base_layer.gate_up.shape
+        if isinstance(base_layer, QuantizedExperts):
+            E, F2, D = base_layer.n_experts, 2 * base_layer.ffn_dim, base_layer.d_model
+        else:
+            E, F2, D = base_layer.gate_up.shape
         R = config.r
-        kw = {"device": base_layer.gate_up.device, "dtype": _adapter_dtype(base_layer.gate_up)}
+        kw = _adapter_kwargs(base_layer)
         self.lora_gate_up_A = nn.Parameter(torch.empty(E, R, D, **kw))
         self.lora_gate_up_B = nn.Parameter(torch.zeros(E, F2, R, **kw))
         self.lora_down_A = nn.Parameter(torch.empty(E, R, self.ffn_dim, **kw))
@@ -180,10 +214,16 @@ class LoRAExperts(nn.Module):
         """Routed tokens ``x`` [N, D] with weights [N, K] and expert indices [N, K] -> [N, D]."""
         if not self.enabled:
             return self.base_layer(x_ND, weights_NK, experts_NK)
-        return self.base_layer.dispatcher(x_ND, weights_NK, experts_NK, self)
+        y_ND = self.base_layer.dispatcher(x_ND, weights_NK, experts_NK, self)
+        return y_ND.to(x_ND.dtype) if self.quantized else y_ND  # quantized products are fp32, as QuantizedExperts
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantizedExperts)
 
     def merged_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate_up [E, 2F, D], down [E, D, F])`` with each expert's adapters folded in, in the base's dtype."""
+        _refuse_quantized_merge(self)
         gate_up, down = self.base_layer.gate_up, self.base_layer.down
         delta_gate_up = torch.bmm(self.lora_gate_up_B.float(), self.lora_gate_up_A.float()) * self.scaling
         delta_down = torch.bmm(self.lora_down_B.float(), self.lora_down_A.float()) * self.scaling
@@ -194,8 +234,24 @@ class LoRAExperts(nn.Module):
     def rows_dtype(self, x_ND: torch.Tensor) -> torch.dtype:
         return self.base_layer.rows_dtype(x_ND)
 
+    def _projections(self, e: int, x_MD: torch.Tensor):
+        """Expert e's base products ``(gate_up: [M, D] -> [M, 2F], down: [M, F] -> [M, D])`` on rows like ``x``."""
+        base, dtype = self.base_layer, x_MD.dtype
+        if self.quantized:  # the kernel's value, straight-through gradient (StraightThroughProduct)
+            kernel = _cpu_kernel(base, x_MD)
+            return (lambda rows: base.gate_up[e].product(rows, kernel)), (lambda h: base.down[e].product(h, kernel))
+        return (lambda rows: F.linear(rows, base.gate_up[e].to(dtype))), (lambda h: F.linear(h, base.down[e].to(dtype)))
+
     def grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """Base and low-rank products as grouped matmuls over the same groups (no loop over experts)."""
+        """Base and low-rank products as grouped matmuls over the same groups (no loop over experts); on a
+        quantized base, each expert that has rows in turn (one host read of the group sizes)."""
+        if self.quantized:
+            out, start = [], 0
+            for e, count in enumerate(counts_E.tolist()):
+                if count:
+                    out.append(self.expert(e, x_MD[start:start + count]))
+                    start += count
+            return torch.cat(out) if out else x_MD + 0.0 * sum(w.sum() for w in self.adapters()).to(x_MD.dtype)
         dtype, base = x_MD.dtype, self.base_layer
         adapters = (self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B)
         if x_MD.shape[0] == 0:  # keep every weight in the graph: zero gradients, not None (as GroupedProduct)
@@ -215,22 +271,28 @@ class LoRAExperts(nn.Module):
 
     def expert(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
         """Expert e with its adapters, in plain differentiable ops (the loop dispatch, export): [M, D]."""
-        dtype, base = x_MD.dtype, self.base_layer
+        x_MD = x_MD.float() if self.quantized else x_MD
+        dtype = x_MD.dtype
+        gate_up_of, down_of = self._projections(e, x_MD)
 
         def low_rank(rows, a, b):
             return F.linear(F.linear(self.dropout(rows), a[e].to(dtype)), b[e].to(dtype)) * self.scaling
 
-        gate_up = F.linear(x_MD, base.gate_up[e].to(dtype)) + low_rank(x_MD, self.lora_gate_up_A, self.lora_gate_up_B)
+        gate_up = gate_up_of(x_MD) + low_rank(x_MD, self.lora_gate_up_A, self.lora_gate_up_B)
         gate, up = gate_up.split(self.ffn_dim, dim=-1)
         hidden = F.silu(gate) * up
-        return F.linear(hidden, base.down[e].to(dtype)) + low_rank(hidden, self.lora_down_A, self.lora_down_B)
+        return down_of(hidden) + low_rank(hidden, self.lora_down_A, self.lora_down_B)
+
+    def adapters(self) -> tuple[torch.Tensor, ...]:
+        return (self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B)
 
     def spans(self, x_MD: torch.Tensor, spans: list[Span]) -> list[torch.Tensor]:
         """Inference only: each chosen expert on its rows (per-expert math; decoding visits few experts)."""
         return [self.expert(e, span_rows(x_MD, a, b)) for e, a, b in spans]
 
     def pairs(self, x_PD: torch.Tensor, expert_of_pair: torch.Tensor) -> torch.Tensor:
-        """Each pair's expert on its row, base and adapter weights gathered per pair (compiled decoding): [P, D]."""
+        """Each pair's expert on its row, base and adapter weights gathered per pair (compiled decoding): [P, D].
+        Float bases only: a quantized base's dispatcher groups on the host instead (``gathered=False``)."""
         dtype, base = x_PD.dtype, self.base_layer
 
         def gathered(w_EOI, rows_PI):
@@ -264,6 +326,14 @@ class LoRASummary:
                 f"{self.total_parameters:,} parameters ({share:.2f}%)")
 
 
+def _refuse_quantized_merge(module: nn.Module) -> None:
+    if module.quantized:
+        raise ValueError(f"cannot merge LoRA adapters into a quantized base ({module.base_layer.__class__.__name__}): "
+                         "the merged weight would be re-quantized and the adapters' small update rounded away. Merge "
+                         "onto the floating-point model instead (apply lora_state_dict to the uncompressed model, "
+                         "merge_lora, then `ds compress` it), or keep the adapters unmerged")
+
+
 def _matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
 
@@ -282,18 +352,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> LoRASummary:
     """
     if any(isinstance(m, LORA_MODULES) for m in model.modules()):
         raise ValueError("model already has LoRA adapters (merge_lora them first)")
-    adaptable = [(name, m) for name, m in model.named_modules() if name and isinstance(m, (nn.Linear, GroupedExperts))]
+    adaptable = [(name, m) for name, m in model.named_modules()
+                 if name and isinstance(m, (nn.Linear, GroupedExperts, QuantizedLinear, QuantizedExperts))]
     targets: dict[str, nn.Module] = {}
     for pattern in config.target_modules:
         hits = [(name, m) for name, m in adaptable if _matches(name, pattern)]
         if not hits:
             shown = ", ".join(name for name, _ in adaptable[:12]) + (", ..." if len(adaptable) > 12 else "")
             raise ValueError(f"LoRAConfig.target_modules pattern {pattern!r} matches no nn.Linear or routed-experts "
-                             f"module; adaptable modules: {shown}")
+                             f"module (quantized or not); adaptable modules: {shown}")
         targets.update(hits)
     model.requires_grad_(False)
     for name, module in targets.items():
-        wrapper = LoRAExperts(module, config) if isinstance(module, GroupedExperts) else LoRALinear(module, config)
+        experts = isinstance(module, (GroupedExperts, QuantizedExperts))
+        wrapper = LoRAExperts(module, config) if experts else LoRALinear(module, config)
         _set_child(model, name, wrapper)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return LoRASummary(sorted(targets), trainable, sum(p.numel() for p in model.parameters()))
@@ -303,11 +375,15 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> LoRASummary:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base weights and puts the plain modules back, in place; returns ``model``.
 
-    The base parameters stay frozen (``model.requires_grad_(True)`` to train them all).
+    The base parameters stay frozen (``model.requires_grad_(True)`` to train them all). A quantized base (QLoRA)
+    is a ValueError, raised before anything is changed: see :func:`_refuse_quantized_merge`.
     """
     if isinstance(model, LORA_MODULES):  # nothing to put the plain module back into
         raise ValueError("merge_lora needs the module that contains the adapted ones, not a LoRA module itself")
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_MODULES)]:
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_MODULES)]
+    for _, module in adapted:
+        _refuse_quantized_merge(module)
+    for name, module in adapted:
         base = module.base_layer
         if isinstance(module, LoRALinear):
             base.weight.copy_(module.merged_weight())

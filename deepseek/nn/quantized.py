@@ -146,7 +146,7 @@ def quantize_tokens_int8(x_MI: torch.Tensor, levels: int = 127) -> tuple[torch.T
 
 def _round_tokens(x_MI: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row rounded to integers in -levels..levels with its own scale: ``(fp32 integer values, scale [M, 1])``."""
-    x = x_MI.float()
+    x = x_MI.detach().float()  # rounding has no useful gradient: products go straight through (StraightThroughProduct)
     # abs + amax: linalg.vector_norm(ord=inf) is ~30x slower on CPU for the same maximum.
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(levels)
     return (x / scale).round_(), scale
@@ -394,7 +394,15 @@ class QuantizedWeight(nn.Module):
         """``x @ W.T`` for 2-D ``x`` [M, in] with ``kernel`` (a name of ``KERNELS[scheme]``): fp32 [M, out].
 
         ``quantized``: int8-dynamic only, ``x``'s rows already as :func:`quantize_rows` gives them for ``kernel``.
+        Differentiable w.r.t. ``x`` (for adapters trained on a quantized base, QLoRA): the forward value is the
+        kernel's, the backward the straight-through ``grad @ W_dequantized`` (see :class:`StraightThroughProduct`).
         """
+        if torch.is_grad_enabled() and x_MI.requires_grad:
+            return StraightThroughProduct.apply(x_MI, self, kernel, quantized)
+        return self._product(x_MI, kernel, quantized)
+
+    def _product(self, x_MI: torch.Tensor, kernel: str,
+                 quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         if self.scheme == "int8-dynamic":
             xq, sx = quantized if quantized is not None else quantize_rows(x_MI, kernel)
             if kernel == "int_mm":
@@ -419,6 +427,28 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, out={self.out_features}, in={self.in_features}"
+
+
+class StraightThroughProduct(torch.autograd.Function):
+    """``x @ W.T`` of a :class:`QuantizedWeight`: the forward runs the kernel (its value, bit for bit, whatever the
+    path), the backward returns ``grad_out @ W_dequantized`` for ``x`` (the weights are frozen buffers: no grad).
+
+    Why: only the ``dequant`` path of the weight-only schemes is differentiable as written; ``_int_mm`` and the
+    int8/int4 pack kernels have no autograd formula, and int8-dynamic rounds its activations (zero gradient almost
+    everywhere). Treating the rounding of the activations (int8-dynamic) and their bf16 cast (the pack kernels) as
+    the identity is the straight-through estimator QAT and QLoRA use; for the weight-only ``dequant`` path it is the
+    exact gradient. The dequantized weight is rebuilt in the backward (nothing fp32 is kept between calls).
+    """
+
+    @staticmethod
+    def forward(ctx, x_MI, weight, kernel, quantized):
+        ctx.weight, ctx.x_dtype = weight, x_MI.dtype
+        return weight._product(x_MI, kernel, quantized)
+
+    @staticmethod
+    def backward(ctx, grad_MO):
+        grad_MI = grad_MO.float() @ ctx.weight.dequantize().to(grad_MO.device)
+        return grad_MI.to(ctx.x_dtype), None, None, None
 
 
 class QuantizedLinear(nn.Module):
