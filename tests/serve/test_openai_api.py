@@ -249,7 +249,8 @@ def test_a_failing_engine_answers_503_and_ends_streams_with_an_error(tmp_path):
             assert http.post("/v2/repository/models/lm/load", json={},
                              headers={"Authorization": "Bearer k"}).status_code == 200
             assert http.get("/v2/models/lm/ready").status_code == 200
-            again = http.post("/v1/completions", json={"model": "lm", "prompt": "def", "max_tokens": 4})
+            exactly_4 = {"model": "lm", "prompt": "def", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+            again = http.post("/v1/completions", json=exactly_4)
             assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
 
 
