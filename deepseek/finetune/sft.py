@@ -61,8 +61,11 @@ def chat_turns(row: Any) -> list[tuple[str, str]]:
             if not isinstance(role, str) or role not in ROLES:
                 raise BadRow(f"messages[{i}] has no role system, user or assistant")
             content = m.get("content")
+            if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                 and isinstance(p.get("text"), str) for p in content):
+                content = "".join(p["text"] for p in content)  # text parts, joined as serving joins them
             if not isinstance(content, str):
-                raise BadRow(f"messages[{i}].content must be a string")
+                raise BadRow(f"messages[{i}].content must be a string or a list of text parts")
             if role == "assistant" and not content.strip():
                 raise BadRow(f"messages[{i}] is an empty assistant turn")
             turns.append((role, content))

@@ -64,6 +64,10 @@ def test_the_sft_renderer_is_servings(chat_tok):
         full = tok.decode(ids, skip_special_tokens=False)
         assert full == text + replies[kind]
         assert "".join(labelled_text(tok, ids, labels)).endswith(replies[kind])
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:2]}, {"type": "text", "text": m["content"][2:]}]}
+             for m in CHAT]
+    assert encode_chat(chat_tok, parts) == encode_chat(chat_tok, CHAT)
+    assert chat_prompt(chat_tok, parts[:4])[0] == chat_prompt(chat_tok, CHAT[:4])[0]
     assert chat_prompt(chat_tok, CHAT[:2])[0] == "<|system|>be brief<|end|><|user|>hello<|end|><|assistant|>"
 
 
