@@ -78,8 +78,11 @@ class MoETransformer(nn.Module):
 
     ``model(ids_BT)`` returns logits [B, T, V]. Options: ``cache`` (a :class:`~deepseek.nn.KVCache` or
     :class:`~deepseek.nn.SlotKVCache`, anything with the :class:`~deepseek.nn.kv_cache.AttentionCache` interface,
-    for incremental decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``return_router_stats`` (returns
-    ``(logits, RouterStats)``), ``logits_to_keep`` (compute logits for the last n positions only).
+    for incremental decoding), ``attention_mask`` [B, T] (1 = token, 0 = padding), ``document_ids`` [B, T] (packed
+    rows: tokens attend only within their own document, positions restart at each; see
+    :meth:`~deepseek.nn.attention_mask.AttentionPattern.uncached`), ``positions`` [B, T] (rotary positions, to override
+    the derived ones), ``return_router_stats`` (returns ``(logits, RouterStats)``), ``logits_to_keep`` (compute logits
+    for the last n positions only).
     """
 
     def __init__(self, config: ModelConfig):
@@ -114,7 +117,8 @@ class MoETransformer(nn.Module):
 
     def forward(self, ids_BT: torch.Tensor, *, cache: Optional[AttentionCache] = None,
                 attention_mask: Optional[torch.Tensor] = None, return_router_stats: bool = False,
-                logits_to_keep: int = 0, targets: Optional[torch.Tensor] = None):
+                logits_to_keep: int = 0, targets: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
         """Logits [B, T, V]; with ``targets`` [B, T] (-100 = ignore) the mean next-token cross-entropy instead.
 
         The ``targets`` path never materialises the logits (see :func:`deepseek.nn.loss.linear_cross_entropy`):
@@ -122,7 +126,7 @@ class MoETransformer(nn.Module):
         """
         if ids_BT.dim() != 2:
             raise ValueError(f"expected token ids of shape [batch, tokens], got {tuple(ids_BT.shape)}")
-        inputs = self._attention_inputs(ids_BT, cache, attention_mask)
+        inputs = self._attention_inputs(ids_BT, cache, attention_mask, document_ids, positions)
         x_BTD = self.embed(ids_BT)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -175,7 +179,8 @@ class MoETransformer(nn.Module):
 
         return few_row_linear(x_ND, weight_VD, transposed=transposed).reshape(*x_BTD.shape[:2], -1)
 
-    def _attention_inputs(self, ids_BT, cache: Optional[AttentionCache], attention_mask) -> AttentionInputs:
+    def _attention_inputs(self, ids_BT, cache: Optional[AttentionCache], attention_mask, document_ids=None,
+                          positions=None) -> AttentionInputs:
         """Positions and mask of this forward: laid out by the cache when there is one, whichever cache it is."""
         cfg = self.config
         B, T = ids_BT.shape
@@ -183,8 +188,10 @@ class MoETransformer(nn.Module):
         pattern = AttentionPattern(cfg.attention == "sparse", cfg.window, cfg.n_global_tokens)
         if cache is None:
             self._check_length(T)
-            layout = pattern.uncached(B, T, valid_BT, ids_BT.device)
+            layout = pattern.uncached(B, T, valid_BT, ids_BT.device, document_ids, positions)
         else:
+            if document_ids is not None or positions is not None:
+                raise ValueError("document_ids and positions are for forwards without a KV cache (packed training)")
             if cache.batch_size != B:
                 raise ValueError(f"KV cache holds {cache.batch_size} sequences, input has {B}")
             length = cache.length_after(T)

@@ -54,11 +54,37 @@ class AttentionPattern:
         mask |= k_slot_S[None, None, :] == q_slot_BT[:, :, None]
         return mask.unsqueeze(1)
 
-    def uncached(self, B: int, T: int, valid_BT: Optional[torch.Tensor], device: torch.device) -> AttentionLayout:
-        """The layout of a forward without a cache; ``valid_BT`` marks real tokens (None: all are)."""
+    def uncached(self, B: int, T: int, valid_BT: Optional[torch.Tensor], device: torch.device,
+                 document_ids_BT: Optional[torch.Tensor] = None,
+                 positions_BT: Optional[torch.Tensor] = None) -> AttentionLayout:
+        """The layout of a forward without a cache; ``valid_BT`` marks real tokens (None: all are).
+
+        ``document_ids_BT`` (packed rows): a token attends only to earlier tokens with the same id (block-diagonal
+        causal), and its rotary position counts from the start of its run of equal ids unless ``positions_BT``
+        gives them. A packed example then sees exactly what it would see alone.
+        """
+        if document_ids_BT is not None or positions_BT is not None:
+            if positions_BT is None:
+                positions_BT = document_positions(document_ids_BT)
+            slots = torch.arange(T, device=device)
+            valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid_BT is None else valid_BT
+            mask = self.mask(positions_BT, slots, positions_BT, slots, valid)
+            if document_ids_BT is not None:  # the diagonal survives: a token is in its own document
+                mask &= (document_ids_BT[:, :, None] == document_ids_BT[:, None, :])[:, None]
+            return AttentionLayout(positions_BT, mask=mask)
         if valid_BT is None:
             positions = torch.arange(T, device=device).expand(B, T)
             return AttentionLayout(positions, is_causal=not self.sparse, blocked_sparse=self.sparse)
         positions = (valid_BT.long().cumsum(1) - 1).clamp_min(0)
         slots = torch.arange(T, device=device)
         return AttentionLayout(positions, mask=self.mask(positions, slots, positions, slots, valid_BT))
+
+
+def document_positions(document_ids_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T] long: each token's index within its run of equal document ids (0 at every new document)."""
+    B, T = document_ids_BT.shape
+    index_BT = torch.arange(T, device=document_ids_BT.device).expand(B, T)
+    starts_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    run_start_BT = torch.where(starts_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
+    return index_BT - run_start_BT

@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from deepseek.config import ConfigError
-from deepseek.data.tokenizer import ASSISTANT, END, SYSTEM, USER
+from deepseek.data.chat import ROLES, chat_template
 from deepseek.generate.continuous import ContinuousBatchingEngine, EngineStoppedError, GenerationEvent
 from deepseek.generate.engine import Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
@@ -42,7 +42,6 @@ from deepseek.serve.protocols.http_context import is_decimal, read_json_object, 
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_N = 16
-_CHAT_ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 _COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
                   "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias", "top_k",
                   "repetition_penalty", "ignore_eos"}
@@ -147,7 +146,7 @@ def _prompts(body: dict) -> list:
 
 def _message_text(message: Any, i: int) -> tuple[str, str]:
     role = message.get("role") if isinstance(message, dict) else None
-    if not isinstance(role, str) or role not in _CHAT_ROLES:  # a JSON object as the role is unhashable
+    if not isinstance(role, str) or role not in ROLES:  # a JSON object as the role is unhashable
         raise RequestError(f"messages[{i}] must be an object with role system, user or assistant",
                            param=f"messages[{i}]")
     content = message.get("content")
@@ -165,19 +164,14 @@ def _message_text(message: Any, i: int) -> tuple[str, str]:
 def chat_prompt(tokenizer, messages: Any) -> tuple[str, list[int], list[str]]:
     """The prompt text for ``messages``, plus the stop token ids and stop strings that end the reply.
 
-    Tokenizers trained by the framework have role tokens: ``<|user|>text<|end|>...<|assistant|>``, and the
-    reply ends at ``<|end|>``. Others (the byte tokenizer) get a plain ``User: ...`` transcript.
+    The tokenizer's chat template renders it (:mod:`deepseek.data.chat`, shared with SFT): role tokens
+    ``<|user|>text<|end|>...<|assistant|>`` ending at ``<|end|>``, or a plain ``User: ...`` transcript.
     """
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", param="messages")
     turns = [_message_text(m, i) for i, m in enumerate(messages)]
-    role_ids = [tokenizer.token_to_id(t) for t in (*_CHAT_ROLES.values(), END)]
-    if all(i is not None for i in role_ids):
-        text = "".join(f"{_CHAT_ROLES[role]}{content}{END}" for role, content in turns) + ASSISTANT
-        return text, [role_ids[-1], role_ids[1]], []
-    names = {"system": "System", "user": "User", "assistant": "Assistant"}
-    text = "".join(f"{names[role]}: {content}\n" for role, content in turns) + "Assistant:"
-    return text, [], ["\nUser:", "\nSystem:"]
+    template = chat_template(tokenizer)
+    return template.render(turns), list(template.stop_token_ids), list(template.stop_strings)
 
 
 # -- running requests ----------------------------------------------------------------------------------------
