@@ -14,7 +14,7 @@ LAYERS = [
     ["deepseek", "compat"],  # the public API; the seed programs' old names
     ["serve", "bench"],  # repository, backends, protocols; the load clients (client tools, never the server)
     # compress fine-tunes through the trainer; finetune: DPO/reward/GRPO losses; evaluation: sandboxed code
-    # execution and pass@k (it will sample through generate)
+    # execution and pass@k, sampling models through generate (codegen)
     ["compress", "export", "finetune", "evaluation"],
     ["train"],  # the loop (owns a plan), one forward/backward, configs, plain checkpoints, parameter server
     ["generate", "parallel"],  # sampling engines; parallel plans (never train)

@@ -15,15 +15,30 @@ def register(app: typer.Typer) -> None:
 
 def eval_command(
     model_dir: Path = typer.Argument(..., help="A model directory."),
-    data: list[Path] = typer.Option(..., "--data", help="A directory from `ds prepare` (repeatable)."),
+    data: list[Path] = typer.Option([], "--data", help="A directory from `ds prepare` (repeatable)."),
     split: str = typer.Option("val", help="Which split to score."),
     seq_len: int = typer.Option(256, help="Context length of each scored window."),
     batch_size: int = typer.Option(8, help="Windows per forward."),
     max_batches: Optional[int] = typer.Option(None, help="Score at most this many batches (default: all)."),
     precision: str = typer.Option("auto", help="auto (bf16 only where this CPU runs it faster), fp32 or bf16."),
+    task: Optional[str] = typer.Option(None, help="A code task instead of --data: humaneval or stdlib-doctests "
+                                                  "(samples run in a sandboxed subprocess, never here)."),
+    n: int = typer.Option(10, "--n", help="--task: samples per problem."),
+    k: list[int] = typer.Option([1, 10], "--k", help="--task: pass@k for this k (repeatable; k <= n)."),
+    limit: Optional[int] = typer.Option(None, help="--task: only the first N problems."),
+    temperature: float = typer.Option(0.8, help="--task: sampling temperature (0: greedy)."),
+    max_new_tokens: int = typer.Option(512, help="--task: most tokens per completion."),
+    timeout: float = typer.Option(3.0, help="--task: seconds each completion may run."),
+    out: Optional[Path] = typer.Option(None, help="--task: write the report (pass@k, per problem, samples) as JSON."),
 ) -> None:
-    """Loss, perplexity and bits per byte of a model on prepared data."""
+    """Loss, perplexity and bits per byte of a model on prepared data; with --task, pass@k on code problems."""
     import deepseek as ds
+
+    if task is not None:
+        return code_eval(model_dir, task, n=n, ks=k, limit=limit, temperature=temperature,
+                         max_new_tokens=max_new_tokens, timeout_s=timeout, out=out)
+    if not data:
+        raise typer.BadParameter("give --data (a directory from `ds prepare`) or --task")
     from deepseek.hardware import autocast, resolve_precision
     from deepseek.train.lm import evaluate_lm
 
@@ -39,6 +54,35 @@ def eval_command(
         raise ValueError(f"the {split} split of {', '.join(map(str, data))} has fewer than {seq_len + 1} tokens")
     for key, value in results.items():
         typer.echo(f"{key.removeprefix('val_')}: {value:.4f}")
+
+
+def code_eval(model_dir: Path, task: str, *, n: int, ks: list[int], limit: Optional[int], temperature: float,
+              max_new_tokens: int, timeout_s: float, out: Optional[Path]) -> None:
+    """``ds eval MODEL --task ...``: sample, check in the sandbox, print pass@k, write the JSON report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import deepseek as ds
+    from deepseek.atomic import write_json_atomically
+    from deepseek.evaluation.codegen import TASKS, evaluate_model
+
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; choose one of {', '.join(TASKS)}", param_hint="--task")
+    if n < 1 or any(k < 1 or k > n for k in ks):
+        raise typer.BadParameter(f"need 1 <= k <= n, got n={n}, k={ks}", param_hint="--k")
+    model, tokenizer = ds.load(model_dir)
+    report = evaluate_model(model, tokenizer, task, n=n, ks=ks, limit=limit, temperature=temperature,
+                            max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    table = Table(title=f"{task}: {len(report.per_problem)} problems, n={n}, temperature {temperature}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, value in report.pass_at_k.items():
+        table.add_row(f"pass@{k}", f"{value:.4f}")
+    table.add_row("problems solved (any sample)", str(sum(p["correct"] > 0 for p in report.per_problem.values())))
+    Console().print(table)
+    if out is not None:
+        write_json_atomically(out, report.to_dict())
+        typer.echo(f"report: {out}", err=True)
 
 
 def info_command(

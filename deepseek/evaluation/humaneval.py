@@ -35,8 +35,9 @@ def load_problems() -> dict[str, dict]:
 
 
 def program(problem: dict, completion: str) -> str:
-    """The program that checks one completion: it exits 0 exactly when every test passes."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    """The program that checks one completion: it exits 0 exactly when every test passes. A problem's optional
+    ``prelude`` (not shown to the model) runs first, e.g. the module globals a stdlib doctest needs."""
+    return f"{problem.get('prelude', '')}{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def check_completion(problem: dict, completion: str, *, timeout_s: float = 3.0,

