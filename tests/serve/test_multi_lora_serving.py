@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 import deepseek as ds
 from deepseek.models.adapters import load_adapter
@@ -81,3 +82,17 @@ def test_concurrent_streams_of_different_adapters_equal_each_alone(server):
                      json={"text_input": PROMPTS[0], "parameters": {"max_new_tokens": 12, "adapter": "beta"}},
                      timeout=60).json()
     assert out["text_output"] == alone(adapters, "beta", PROMPTS[0], 12)
+
+
+def test_generation_metrics_per_adapter(server):
+    base, _ = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client.completions.create(model="lm:alpha", prompt="hi", max_tokens=3, temperature=0)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+
+    def value(sample_name, **labels):
+        return sum(s.value for f in families.values() for s in f.samples
+                   if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("ds_generation_adapter_requests_total", model="lm", adapter="alpha", finish_reason="length") >= 1
+    assert value("ds_generation_adapter_completion_tokens_total", model="lm", adapter="alpha") >= 3

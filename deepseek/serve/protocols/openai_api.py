@@ -299,6 +299,9 @@ class _Run:
                 self.pending -= 1
                 self.metrics.observe_generation(name, version, event.finish_reason, event.prompt_tokens,
                                                 choice.first_token_s, now - self.started)
+                if self.engine.adapters:
+                    self.metrics.observe_adapter_generation(name, version, self.adapter, event.finish_reason,
+                                                            event.completion_tokens)
             yield choice, event
 
     def usage(self) -> dict:
