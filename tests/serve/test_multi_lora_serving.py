@@ -15,6 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import deepseek as ds
 from deepseek.models.adapters import load_adapter
 from deepseek.nn.lora import LoRAConfig
+from deepseek.config import ConfigError
+from deepseek.serve.backends.base import BackendError
+from deepseek.serve.backends.deepseek_backend import DeepSeekBackend
+from deepseek.serve.config import parse_serving_config
 from deepseek.serve.manager import ModelManager
 from deepseek.serve.repository import ModelRepository
 from tests.generate.test_multi_lora import ATTENTION, base_model, make_adapter
@@ -96,3 +100,18 @@ def test_generation_metrics_per_adapter(server):
 
     assert value("ds_generation_adapter_requests_total", model="lm", adapter="alpha", finish_reason="length") >= 1
     assert value("ds_generation_adapter_completion_tokens_total", model="lm", adapter="alpha") >= 3
+
+
+def test_config_adapters_are_checked(tmp_path):
+    assert parse_serving_config({"backend": "deepseek", "adapters": {"a-1.x": "dir"}}).adapters == {"a-1.x": "dir"}
+    for bad, match in [({"backend": "deepseek", "adapters": {"a:b": "dir"}}, "must be letters"),
+                       ({"backend": "deepseek", "adapters": {"a": ""}}, "needs a directory"),
+                       ({"backend": "onnx", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}],
+                         "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}], "adapters": {"a": "d"}},
+                        "deepseek backend only")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_serving_config(bad)
+    ds.save(base_model(), ds.byte_tokenizer(), tmp_path / "lm" / "1")
+    config = parse_serving_config({"backend": "deepseek", "adapters": {"gone": "missing"}})
+    with pytest.raises(BackendError, match="missing is not a directory"):
+        DeepSeekBackend("lm", 1, tmp_path / "lm" / "1", config)
