@@ -23,6 +23,7 @@ log-probabilities, the finish reason) go to each request's callback from the eng
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -40,6 +41,7 @@ from deepseek.generate.sampling import Sampler
 from deepseek.generate.sequence import (Prompt, SequenceState, TokenLogprob, check_prompt_ids, encode_prompts,
                                         sampling_vocab_size, token_logprobs)
 from deepseek.generate.threads import release_openmp_pool
+from deepseek.nn.multi_lora import adapter_names, row_adapters
 from deepseek.nn.slot_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class GenerationRequest:
     finish_reason: Optional[str] = None
     first_token_at: Optional[float] = None
     prefilled: int = 0  # prompt tokens already in the cache
+    adapter: Optional[str] = None  # the LoRA adapter its rows use (None: the base model)
+    adapter_index: int = -1  # its index in the model's MultiLoRALinear layers (-1: base)
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -131,6 +135,8 @@ class ContinuousBatchingEngine:
         self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
         self.device = next(model.parameters()).device
         self.vocab = sampling_vocab_size(model, tokenizer)
+        # Adapters served per row (deepseek.models.adapters.load_adapters): name -> index in the stacked weights.
+        self.adapters = {name: i for i, name in enumerate(adapter_names(model))}
         # Slots 0..max_running-1 hold running sequences; the last one stages the prompt being prefilled.
         self.cache = SlotKVCache.for_model(model, max_running + 1, max_len)
         self.max_len = self.cache.max_len
@@ -183,9 +189,12 @@ class ContinuousBatchingEngine:
 
     def submit(self, prompt: Prompt, params: Union[SamplingParams, dict, None] = None, *,
                on_event: Optional[EventCallback] = None, timeout_s: Optional[float] = None,
-               request_id: Optional[str] = None) -> GenerationRequest:
+               request_id: Optional[str] = None, adapter: Optional[str] = None) -> GenerationRequest:
         """Queue one prompt (text or token ids). Raises :class:`QueueFullError` when the queue is full,
-        ``ValueError`` for a prompt that cannot fit; events go to ``on_event`` from the engine thread."""
+        ``ValueError`` for a prompt that cannot fit or an ``adapter`` the model does not hold (see
+        :attr:`adapters`; None = the base model); events go to ``on_event`` from the engine thread."""
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; this model serves {sorted(self.adapters) or 'none'}")
         if params is None:
             params = SamplingParams()
         elif isinstance(params, dict):
@@ -198,7 +207,8 @@ class ContinuousBatchingEngine:
         seq = SequenceState(ids, params, self.tokenizer, self.max_len - len(ids), self.device)
         request = GenerationRequest(request_id or f"{self.name}-{next(self._ids)}", seq,
                                     on_event or (lambda event: None),
-                                    None if timeout_s is None else time.monotonic() + timeout_s)
+                                    None if timeout_s is None else time.monotonic() + timeout_s,
+                                    adapter=adapter, adapter_index=self.adapters.get(adapter, -1))
         with self._lock:
             if self.failure is not None:
                 raise EngineStoppedError(f"the engine stopped after an error: {self.failure}")
@@ -282,7 +292,8 @@ class ContinuousBatchingEngine:
     def _decode_step(self) -> None:
         n = len(self._running)
         ids = torch.tensor(self._last_tokens, device=self.device).unsqueeze(1)
-        logits = self.model(ids, cache=self.cache.bind(0, n), logits_to_keep=1)[:, -1]
+        with self._row_adapters(self._running):
+            logits = self.model(ids, cache=self.cache.bind(0, n), logits_to_keep=1)[:, -1]
         self.steps += 1
         tokens = self._sample(logits, 0, self._running)
         finished = []
@@ -305,7 +316,8 @@ class ContinuousBatchingEngine:
         budget = max(1, self.max_batched_tokens - len(self._running))
         chunk = min(self.prefill_chunk, budget, len(request.prompt_ids) - request.prefilled)
         ids = torch.tensor(request.prompt_ids[request.prefilled:request.prefilled + chunk], device=self.device)
-        logits = self.model(ids.unsqueeze(0), cache=self.cache.bind(self._staging, 1), logits_to_keep=1)[:, -1]
+        with self._row_adapters([request]):
+            logits = self.model(ids.unsqueeze(0), cache=self.cache.bind(self._staging, 1), logits_to_keep=1)[:, -1]
         request.prefilled += chunk
         if request.prefilled < len(request.prompt_ids):
             return
@@ -322,6 +334,13 @@ class ContinuousBatchingEngine:
             self._remove_row(row)
 
     # -- pieces -------------------------------------------------------------------------------------
+
+    def _row_adapters(self, requests: list[GenerationRequest]):
+        """Each row's adapter for the next forward (one small host-to-device copy), if the model serves any."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        ids_B = torch.tensor([r.adapter_index for r in requests], device=self.device)
+        return row_adapters(self.model, ids_B)
 
     def _start_penalty_state(self, row: int, seq: SequenceState) -> None:
         """A sequence joins at ``row``: its penalty state starts from its prompt (rows of sequences without the

@@ -36,6 +36,7 @@ from deepseek.atomic import write_atomically
 from deepseek.errors import UserFacingError
 from deepseek.models.hf import _unwrap, mixtral_incompatibilities
 from deepseek.nn.lora import LoRAConfig, LoRAExperts, LoRALinear, apply_lora
+from deepseek.nn.multi_lora import MultiLoRALinear
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -236,6 +237,24 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     Raises :class:`AdapterError` naming the file and why: a missing or corrupt file, a peft_type other than LORA,
     an unsupported option, a tensor of a module our model lacks, or a shape that does not fit.
     """
+    config, lora, found, hf_of, weights_path = _read_adapter(model, directory)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    apply_lora(model, lora)
+    try:
+        _load_tensors(model, found, hf_of, config, weights_path)
+    except AdapterError:  # leave the model as it was, not half-adapted
+        for name in found:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(name).base_layer)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        raise
+    return sorted(found)
+
+
+def _read_adapter(model: nn.Module, directory: str | Path):
+    """Read and check a PEFT adapter directory against ``model``: (its JSON config, our LoRAConfig, the tensors
+    per our module name {module: {(nesting depth, "A"|"B"): tensor}}, our name -> the HF one, the weights path)."""
     folder = Path(directory)
     if not folder.is_dir():
         raise AdapterError(f"{folder} is not a directory")
@@ -278,18 +297,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                           rslora=bool(config.get("use_rslora", False)), target_modules=tuple(sorted(found)))
     except ValueError as exc:
         raise AdapterError(f"{config_path}: {exc}") from exc
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    apply_lora(model, lora)
-    try:
-        _load_tensors(model, found, hf_of, config, weights_path)
-    except AdapterError:  # leave the model as it was, not half-adapted
-        for name in found:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(name).base_layer)
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(name, p.requires_grad))
-        raise
-    return sorted(found)
+    return config, lora, found, hf_of, weights_path
 
 
 def _load_tensors(model: nn.Module, found: dict, hf_of: dict[str, str], config: dict, weights_path: Path) -> None:
@@ -336,3 +344,56 @@ def _copy_experts(a_ERI: torch.Tensor, b_EOR: torch.Tensor, a: Optional[torch.Te
                            f"{[O, R * E]}")
     a_ERI.copy_(a.reshape(E, R, I))
     b_EOR.copy_(b.reshape(O, R, E).permute(2, 0, 1))
+
+
+def load_adapters(model: nn.Module, adapters: dict[str, str | Path]) -> list[str]:
+    """Serve several PEFT adapter directories on ``model`` at once, each row of a batch choosing its own: every
+    attention projection an adapter targets becomes a :class:`~deepseek.nn.multi_lora.MultiLoRALinear` holding
+    them all (in the order of ``adapters``; select per row with :func:`~deepseek.nn.multi_lora.row_adapters`).
+    Returns the adapter names in index order. The model is left as it was if an adapter is refused.
+
+    Raises :class:`AdapterError` for what :func:`load_adapter` refuses, for an empty name or mapping, for a model
+    that already has adapters, and for adapters of the head or the routed experts (served per row: not yet).
+    """
+    if not adapters:
+        raise AdapterError("no adapters to load")
+    if any(isinstance(m, (LoRALinear, LoRAExperts, MultiLoRALinear)) for m in model.modules()):
+        raise AdapterError("the model already has LoRA adapters")
+    names = list(adapters)
+    read = {}
+    for name, directory in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter names must be non-empty strings, got {name!r}")
+        config, lora, found, hf_of, weights_path = _read_adapter(model, directory)
+        for ours, parts in found.items():
+            module = model.get_submodule(ours)
+            where = f"{weights_path}: {hf_of[ours]}"
+            if not isinstance(module, nn.Linear) or ours == "lm_head":
+                raise AdapterError(f"{where}: only attention projections are served per row (adapter {name!r})")
+            a, b = parts.pop((0, "A"), None), parts.pop((0, "B"), None)
+            if parts:
+                raise AdapterError(f"{where}: unexpected tensors {sorted(parts)}")
+            r = lora.r
+            _check_shape(a, (r, module.in_features), where + ".lora_A.weight")
+            _check_shape(b, (module.out_features, r), where + ".lora_B.weight")
+            found[ours] = (a, b)
+        read[name] = (lora, found)
+    rank = max(lora.r for lora, _ in read.values())
+    targets = sorted({ours for _, found in read.values() for ours in found})
+    for ours in targets:
+        wrapper = MultiLoRALinear(model.get_submodule(ours), names, rank)
+        for index, name in enumerate(names):
+            lora, found = read[name]
+            if ours in found:
+                a, b = found[ours]
+                wrapper.set_adapter(index, a, b, lora.scaling)
+        parent, _, child = ours.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+    return names
+
+
+def _check_shape(tensor: Optional[torch.Tensor], shape: tuple[int, ...], where: str) -> None:
+    if tensor is None:
+        raise AdapterError(f"{where} is missing")
+    if tuple(tensor.shape) != shape:
+        raise AdapterError(f"{where} has shape {list(tensor.shape)}, expected {list(shape)}")

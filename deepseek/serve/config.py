@@ -15,6 +15,8 @@ key is an error listing the valid ones; :func:`load_serving_config` names the fi
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -183,6 +185,9 @@ class ServingConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
     # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # deepseek models: LoRA adapters served per row of one batch, {name: PEFT adapter directory}; a relative path
+    # is read from this file's folder. Requests pick one with the OpenAI model "<model>:<adapter>".
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.max_batch_size < 0:
@@ -196,6 +201,13 @@ class ServingConfig:
                 raise ConfigError(f"{kind}: duplicate names {', '.join(dup)}")
         if self.backend in ("onnx", "torch") and not (self.inputs and self.outputs):
             raise ConfigError(f"backend {self.backend!r} needs inputs and outputs declared")
+        for name, path in self.adapters.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ConfigError(f"adapters: name {name!r} must be letters, digits, '.', '_' or '-'")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"adapters: {name!r} needs a directory path, got {path!r}")
+        if self.adapters and self.backend != "deepseek":
+            raise ConfigError(f"adapters are served by the deepseek backend only, not {self.backend!r}")
         if self.dynamic_batching is not None:
             if self.max_batch_size < 1:
                 raise ConfigError("dynamic_batching needs max_batch_size >= 1")

@@ -153,6 +153,14 @@ class ServingMetrics:
                                      registry=self.registry)
         self.completion_tokens = Counter("ds_generation_completion_tokens", "Generated tokens.", labels,
                                          registry=self.registry)
+        # Multi-LoRA: finished generations and their tokens per adapter ("" = the base model), a family of its own
+        # so the per-version series above keep their labels.
+        adapter_labels = labels + ["adapter"]
+        self.adapter_generations = Counter("ds_generation_adapter_requests", "Finished generation requests by LoRA "
+                                           "adapter ('' = base) and finish reason.", adapter_labels + ["finish_reason"],
+                                           registry=self.registry)
+        self.adapter_tokens = Counter("ds_generation_adapter_completion_tokens", "Generated tokens by LoRA adapter "
+                                      "('' = base).", adapter_labels, registry=self.registry)
         ProcessCollector(registry=self.registry)
         self._failures: dict[tuple[str, str, str], int] = {}
         self._children: dict[tuple, tuple] = {}  # (model, version) -> that version's histogram children
@@ -214,6 +222,13 @@ class ServingMetrics:
         if ttft_s is not None:
             self.ttft.labels(*lv).observe(ttft_s)
         self.e2e.labels(*lv).observe(e2e_s)
+
+    def observe_adapter_generation(self, model: str, version: Optional[int], adapter: Optional[str],
+                                   finish_reason: str, completion_tokens: int) -> None:
+        """One finished generation of a model served with LoRA adapters (``adapter`` None = the base)."""
+        lv = (model, "" if version is None else str(version), adapter or "")
+        self._count(self.adapter_generations, *lv, finish_reason)
+        self.adapter_tokens.labels(*lv).inc(completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

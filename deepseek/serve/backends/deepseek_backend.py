@@ -22,6 +22,7 @@ from deepseek.config import ConfigError
 from deepseek.data.tokenizer import PAD
 from deepseek.generate.continuous import ContinuousBatchingEngine
 from deepseek.hardware import resolve_precision
+from deepseek.models.adapters import AdapterError, load_adapters
 from deepseek.models.directory import ModelDirectoryError, load
 from deepseek.serve.backends.base import Backend, BackendError
 from deepseek.serve.config import ServingConfig, TensorSpec
@@ -42,6 +43,13 @@ class DeepSeekBackend(Backend):
         except (ModelDirectoryError, ConfigError, OSError) as exc:
             raise BackendError(f"model {name!r} version {version}: cannot load model directory: {exc}") from exc
         self.model.eval()
+        self.adapters: tuple[str, ...] = ()
+        if config.adapters:
+            root = self.path.parent  # config.yaml's folder
+            try:
+                self.adapters = tuple(load_adapters(self.model, {n: root / p for n, p in config.adapters.items()}))
+            except AdapterError as exc:
+                raise BackendError(f"model {name!r} version {version}: {exc}") from exc
         self._engine: Optional[ContinuousBatchingEngine] = None
         self._engine_lock = threading.Lock()
         self.vocab_size = self.model.config.vocab_size

@@ -6,7 +6,10 @@
     POST /v2/models/{m}[/versions/{v}]/generate          {"text_input", "parameters"} -> {"text_output"}
     POST /v2/models/{m}[/versions/{v}]/generate_stream   the same as server-sent events, one per token
 
-``model`` is a model name (the routing policy picks the version, as for inference) or ``name/version``.
+``model`` is a model name (the routing policy picks the version, as for inference) or ``name/version``, either
+followed by ``:adapter`` for one of the LoRA adapters its ``config.yaml`` lists (``/v1/models`` lists each as
+``name:adapter`` with ``parent`` = name, as vLLM does; KServe generate takes ``parameters.adapter``). Rows of
+different adapters share one continuous batch (:mod:`deepseek.nn.multi_lora`).
 Requests run on the version's continuous batching engine (:mod:`deepseek.generate.continuous`); a client
 that disconnects cancels its request, which frees its slot on the engine's next step. Errors use OpenAI's
 shape ``{"error": {"message", "type", "param", "code"}}`` with the status of :mod:`deepseek.serve.errors`:
@@ -35,7 +38,7 @@ from deepseek.data.chat import ROLES, chat_template
 from deepseek.generate.continuous import ContinuousBatchingEngine, EngineStoppedError, GenerationEvent
 from deepseek.generate.engine import Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
-from deepseek.serve.errors import (UNAVAILABLE, ModelNotFoundError, ModelUnavailableError, RequestError,
+from deepseek.serve.errors import (NOT_FOUND, UNAVAILABLE, ModelNotFoundError, ModelUnavailableError, RequestError,
                                    error_kind)
 from deepseek.serve.manager import ModelVersion
 from deepseek.serve.protocols.http_context import is_decimal, read_json_object, serving
@@ -228,8 +231,10 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
 class _Run:
     """The engine requests behind one API request, their events funnelled into one asyncio queue."""
 
-    def __init__(self, engine: ContinuousBatchingEngine, mv: ModelVersion, metrics, started: float):
+    def __init__(self, engine: ContinuousBatchingEngine, mv: ModelVersion, metrics, started: float,
+                 adapter: Optional[str] = None):
         self.engine, self.mv, self.metrics, self.started = engine, mv, metrics, started
+        self.adapter = adapter  # the LoRA adapter every choice runs with (None: the base model)
         self.mailbox = _mailbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests: list = []
@@ -248,7 +253,7 @@ class _Run:
             self.mailbox.post(self.queue, (choice, event))
 
         try:
-            self.requests.append(self.engine.submit(prompt_ids, params, on_event=deliver))
+            self.requests.append(self.engine.submit(prompt_ids, params, on_event=deliver, adapter=self.adapter))
         except ValueError as exc:  # token ids outside the vocabulary
             raise RequestError(f"{exc} (context: {self.engine.max_len} tokens)", param="prompt") from None
         self.pending += 1
@@ -288,6 +293,9 @@ class _Run:
                 self.pending -= 1
                 self.metrics.observe_generation(name, version, event.finish_reason, event.prompt_tokens,
                                                 choice.first_token_s, now - self.started)
+                if self.engine.adapters:
+                    self.metrics.observe_adapter_generation(name, version, self.adapter, event.finish_reason,
+                                                            event.completion_tokens)
             yield choice, event
 
     def usage(self) -> dict:
@@ -508,10 +516,14 @@ async def _request_body(request: Request) -> dict:
     return await read_json_object(request)
 
 
-def language_model(request: Request, model: Any) -> tuple[ModelVersion, ContinuousBatchingEngine]:
-    """The version ``model`` (a name, or name/version) names, and its generation engine."""
+def language_model(request: Request, model: Any) -> tuple[ModelVersion, ContinuousBatchingEngine, Optional[str]]:
+    """The version ``model`` (a name, or name/version, with ``:adapter`` for one of its LoRA adapters) names, its
+    generation engine, and the adapter (None: the base model)."""
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required: a model name, or name/version", param="model")
+    model, colon, adapter = model.partition(":")
+    if colon and not adapter:
+        raise RequestError(f"no adapter name after ':' in {model + colon!r}", param="model")
     name, _, version_text = model.partition("/")
     version = None
     if version_text:
@@ -527,9 +539,14 @@ def language_model(request: Request, model: Any) -> tuple[ModelVersion, Continuo
     if engine_of is None:
         raise RequestError(f"model {name!r} is not a language model (backend {mv.config.backend})", param="model")
     try:
-        return mv, engine_of()
+        engine = engine_of()
     except Exception as exc:
         raise RequestError(f"model {name!r} cannot generate now: {exc}", UNAVAILABLE, param="model") from None
+    if colon and adapter not in engine.adapters:
+        served = ", ".join(sorted(engine.adapters)) or "none"
+        raise RequestError(f"model {name!r} has no adapter {adapter!r} (it serves: {served})", NOT_FOUND,
+                           param="model")
+    return mv, engine, adapter or None
 
 
 # -- the routes ------------------------------------------------------------------------------------------------
@@ -539,17 +556,26 @@ async def list_models(request: Request):
     ctx = serving(request)
     ctx.check_inference_key(request.headers)
     models: dict[str, list[str]] = {}
+    adapters: dict[str, dict[str, list[str]]] = {}  # {model: {adapter: versions}}
     for name, version, mv in ctx.manager.snapshot():
         if mv.ready and hasattr(mv.backend, "engine"):
             models.setdefault(name, []).append(str(version))
-    data = [{"id": name, "object": "model", "created": int(ctx.started_at), "owned_by": "deepseek",
-             "versions": sorted(versions, key=int)} for name, versions in sorted(models.items())]
+            for adapter in getattr(mv.backend, "adapters", ()):
+                adapters.setdefault(name, {}).setdefault(adapter, []).append(str(version))
+    data = []
+    for name, versions in sorted(models.items()):
+        data.append({"id": name, "object": "model", "created": int(ctx.started_at), "owned_by": "deepseek",
+                     "versions": sorted(versions, key=int)})
+        # Each LoRA adapter as its own model whose parent is the base, as vLLM lists them.
+        data += [{"id": f"{name}:{adapter}", "object": "model", "created": int(ctx.started_at),
+                  "owned_by": "deepseek", "parent": name, "versions": sorted(vs, key=int)}
+                 for adapter, vs in sorted(adapters.get(name, {}).items())]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(request: Request, model: str):
-    mv, _ = language_model(request, model)
+    mv, _, _ = language_model(request, model)
     return Response(orjson.dumps({"id": model, "object": "model", "created": int(serving(request).started_at),
                                   "owned_by": "deepseek", "version": str(mv.version)}),
                     media_type="application/json")
@@ -568,9 +594,9 @@ async def completions(request: Request):
     max_tokens = _integer(body, "max_tokens", None, 1)
     params = sampling_params(body, 16 if max_tokens is None else max_tokens,
                              _integer(body, "logprobs", None, 0, 20))
-    mv, engine = language_model(request, body.get("model"))
+    mv, engine, adapter = language_model(request, body.get("model"))
     ids = [prompt_ids(engine, prompt, max_tokens) for prompt in prompts]
-    run = _Run(engine, mv, serving(request).metrics, started)
+    run = _Run(engine, mv, serving(request).metrics, started, adapter)
     run.submit_all(ids, params, n)
     answer = CompletionAnswer(run, engine, body["model"], include_usage=include_usage, logprobs=params.logprobs)
     return await respond(request, answer, stream)
@@ -592,13 +618,13 @@ async def chat_completions(request: Request):
     max_tokens, max_tokens_param = _integer(body, "max_completion_tokens", None, 1), "max_completion_tokens"
     if max_tokens is None:
         max_tokens, max_tokens_param = _integer(body, "max_tokens", None, 1), "max_tokens"
-    mv, engine = language_model(request, body.get("model"))
+    mv, engine, adapter = language_model(request, body.get("model"))
     text, stop_ids, stop_strings = chat_prompt(engine.tokenizer, body.get("messages"))
     ids = prompt_ids(engine, text, max_tokens, max_tokens_param)
     params = sampling_params(body, max_tokens or engine.max_len, top if want_logprobs else None)
     if stop_strings:
         params = dataclasses.replace(params, stop=[*params.stop, *stop_strings])
-    run = _Run(engine, mv, serving(request).metrics, started)
+    run = _Run(engine, mv, serving(request).metrics, started, adapter)
     run.submit_all([ids], params, n, stop_ids)
     answer = ChatAnswer(run, engine, body["model"], include_usage=include_usage, want_logprobs=want_logprobs)
     return await respond(request, answer, stream)
@@ -629,11 +655,16 @@ async def _kserve_generate(request: Request, model: str, version: Optional[str],
     options = body.get("parameters") or {}
     if not isinstance(options, dict):
         raise RequestError("'parameters' must be an object", param="parameters")
-    mv, engine = language_model(request, model if version is None else f"{model}/{version}")
+    adapter = options.get("adapter")  # a LoRA adapter of the model, as "<model>:<adapter>" picks in OpenAI's routes
+    options = {k: v for k, v in options.items() if k != "adapter"}
+    if adapter is not None and (not isinstance(adapter, str) or not adapter):
+        raise RequestError("parameters: adapter must be an adapter's name", param="parameters")
+    mv, engine, adapter = language_model(request, (model if version is None else f"{model}/{version}")
+                                         + (f":{adapter}" if adapter else ""))
     params = _generate_params(options)
     asked = options.get("max_new_tokens")
     ids = prompt_ids(engine, text, params.max_new_tokens if asked is not None else None, "max_new_tokens")
-    run = _Run(engine, mv, serving(request).metrics, started)
+    run = _Run(engine, mv, serving(request).metrics, started, adapter)
     run.submit_all([ids], params, 1)
     return await respond(request, KServeGenerateAnswer(run, engine, model), stream)
 
