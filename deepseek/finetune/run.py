@@ -12,9 +12,10 @@ is ``run_dir/adapter`` (a PEFT adapter directory naming its base) or ``run_dir/m
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -47,11 +48,12 @@ def sft_loss(model: nn.Module, batch: SFTBatch) -> torch.Tensor:
     return model(batch.inputs, targets=batch.targets, document_ids=batch.document_ids, positions=batch.positions)
 
 
-def sft_rows(path: str, tokenizer: Any, seq_len: int, *, pack_rows: bool, on_bad: str) -> SFTBatch:
-    """Every row of an SFT JSONL file, packed (or one example per row), as one :class:`SFTBatch` of all rows."""
+def sft_rows(path: str, tokenizer: Any, seq_len: int, *, pack_rows: bool, on_bad: str) -> Optional[SFTBatch]:
+    """Every row of an SFT JSONL file, packed (or one example per row), as one :class:`SFTBatch` of all rows;
+    None when the file has no usable row."""
     examples = read_sft_jsonl(path, tokenizer, max_len=seq_len, on_bad=on_bad)
     if not examples:
-        raise ConfigError(f"{path}: no usable SFT rows (every row was bad or the file is empty)")
+        return None
     if pack_rows:
         batches = pack(examples, seq_len)
     else:  # one example per row: pack() of a single example never shares its row
@@ -145,8 +147,13 @@ def finetune(config: FinetuneConfig) -> TrainResult:
           f"({100 * trainable / total:.2f}%)", flush=True)
     train_rows = sft_rows(config.data.train, tokenizer, config.seq_len, pack_rows=config.pack,
                           on_bad=config.data.on_bad)
+    if train_rows is None:
+        raise ConfigError(f"data.train: {config.data.train} has no usable SFT row (all bad, longer than "
+                          f"seq_len={config.seq_len}, or the file is empty)")
     eval_rows = (sft_rows(config.data.eval, tokenizer, config.seq_len, pack_rows=config.pack,
                           on_bad=config.data.on_bad) if config.data.eval else None)
+    if config.data.eval and eval_rows is None:  # e.g. a held-out split that --module left empty
+        warnings.warn(f"data.eval: {config.data.eval} has no usable SFT row; no evaluation")
     train_config = config.train_config()
 
     def eval_fn(m: nn.Module) -> dict[str, float]:

@@ -150,3 +150,15 @@ def test_bad_key_and_missing_init_are_one_line_errors(setup, tmp_path):
                      f"data.train={data}", check=False)
     assert missing.returncode == 2 and "not a model directory" in missing.stderr
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_eval_file_warns_and_an_unusable_train_file_is_an_error(setup, tmp_path):
+    base_dir, data = setup
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.warns(UserWarning, match="no usable SFT row; no evaluation"):
+        result = finetune(load_finetune_config(None, [*overrides(base_dir, data, tmp_path / "run", "max_steps=1"),
+                                                      f"data.eval={empty}"]))
+    assert result.step == 1 and result.final_eval is None
+    with pytest.raises(ConfigError, match="data.train: .* has no usable SFT row"):
+        finetune(load_finetune_config(None, [*overrides(base_dir, empty, tmp_path / "run2"), f"data.eval={data}"]))
