@@ -23,10 +23,11 @@ from torch import nn
 from deepseek.config import ConfigError
 from deepseek.finetune.config import FinetuneConfig
 from deepseek.finetune.sft import IGNORE_INDEX, pack, read_sft_jsonl, sft_targets
-from deepseek.models.adapters import save_adapter
+from deepseek.models.adapters import hf_module_name, save_adapter
 from deepseek.models.directory import load, save
 from deepseek.models.hf import mixtral_incompatibilities
 from deepseek.nn.lora import apply_lora
+from deepseek.nn.quantized import QuantizedExperts, QuantizedLinear
 from deepseek.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,11 @@ def prepare_model(config: FinetuneConfig) -> tuple[nn.Module, Any]:
     if model.config.max_seq_len < config.seq_len:
         raise ConfigError(f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     lora = config.lora_config()
+    quantized = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))})
+    if lora is None and quantized:  # its integer weights take no gradient: only norms would train
+        raise ConfigError(f"init: {config.init} is quantized ({', '.join(quantized)}); a full fine-tune would train "
+                          f"only its floating-point norms. Add a lora section (QLoRA), or fine-tune the "
+                          f"unquantized model")
     if lora is None:
         model.requires_grad_(True)
     else:
@@ -131,6 +137,11 @@ def prepare_model(config: FinetuneConfig) -> tuple[nn.Module, Any]:
             summary = apply_lora(model, lora)
         except ValueError as exc:
             raise ConfigError(f"lora: {exc}") from None
+        unmapped = [name for name in summary.modules if hf_module_name(name) is None]
+        if unmapped:  # found now, not when the adapter is saved after the run
+            raise ConfigError(f"lora.target_modules: {', '.join(unmapped[:4])}{', ...' if len(unmapped) > 4 else ''} "
+                              f"have no counterpart in PEFT's (Hugging Face Mixtral) module names; adaptable there: "
+                              f"attn.q/k/v/o, ffn.experts, lm_head")
         log.info("LoRA: %s", summary)
     return model.train(), tokenizer
 

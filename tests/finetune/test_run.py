@@ -162,3 +162,19 @@ def test_an_empty_eval_file_warns_and_an_unusable_train_file_is_an_error(setup, 
     assert result.step == 1 and result.final_eval is None
     with pytest.raises(ConfigError, match="data.train: .* has no usable SFT row"):
         finetune(load_finetune_config(None, [*overrides(base_dir, empty, tmp_path / "run2"), f"data.eval={data}"]))
+
+
+def test_a_compressed_base_takes_qlora_and_refuses_a_full_fine_tune(setup, tmp_path):
+    """A `ds compress` output (int8, fused qkv): LoRA on attn.o + experts trains; full or attn.qkv are refused early."""
+    from deepseek.compress.pipeline import compress
+
+    base_dir, data = setup
+    compress(base_dir, tmp_path / "q8", "int8-weight")
+    common = overrides(tmp_path / "q8", data, tmp_path / "run", "max_steps=2", "data.eval=null")
+    with pytest.raises(ConfigError, match="is quantized"):
+        finetune(load_finetune_config(None, common))
+    with pytest.raises(ConfigError, match="no counterpart"):
+        finetune(load_finetune_config(None, [*common, "lora={r: 4, target_modules: [attn.qkv]}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    result = finetune(load_finetune_config(None, [*common, "lora={r: 4, target_modules: [attn.o, ffn.experts]}"]))
+    assert result.step == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
