@@ -178,3 +178,21 @@ def test_a_compressed_base_takes_qlora_and_refuses_a_full_fine_tune(setup, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
     result = finetune(load_finetune_config(None, [*common, "lora={r: 4, target_modules: [attn.o, ffn.experts]}"]))
     assert result.step == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_pack_false_gives_one_example_per_row_and_the_loader_cycles_in_a_seeded_order(setup):
+    from deepseek.finetune.run import SFTLoader, sft_rows
+
+    base_dir, data = setup
+    _, tokenizer = ds.load(base_dir)
+    packed = sft_rows(str(data), tokenizer, 64, pack_rows=True, on_bad="error")
+    single = sft_rows(str(data), tokenizer, 64, pack_rows=False, on_bad="error")
+    assert single.inputs.shape[0] == len(CHATS) > packed.inputs.shape[0]
+    assert (single.document_ids <= 0).all()
+    loader = SFTLoader(single, batch_size=3, seed=5)
+    seen = torch.cat([next(loader).inputs for _ in range(7)])  # 21 rows: three epochs of 7
+    for epoch in range(3):
+        rows = seen[7 * epoch:7 * (epoch + 1)]
+        assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, single.inputs.tolist()))
+    loader.load_state_dict({"epoch": 0, "cursor": 0})
+    assert torch.equal(next(loader).inputs, seen[:3])
