@@ -29,3 +29,34 @@ def prepare_examples_command(
     for file, count in manifest["counts"].items():
         typer.echo(f"{file}: {count:,}")
     typer.echo(f"wrote {out}")
+
+
+def _fields_help() -> str:
+    from deepseek.finetune.config import FinetuneConfig
+    from deepseek.train.config import describe_fields
+
+    rows = describe_fields(FinetuneConfig)
+    return "Config fields (in the YAML file, or key=value on the command line):\n\n" + "\n\n".join(
+        f"  [cyan]{key}[/cyan] = {default}  {text}" for key, default, text in rows)
+
+
+@finetune_app.command("run", epilog=_fields_help())
+def run_command(
+    config: Optional[Path] = typer.Argument(None, help="A YAML fine-tuning config (e.g. configs/finetune-lora.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. init=runs/q/model "
+                                                               "max_steps=20 lora.r=8."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in run_dir."),
+) -> None:
+    """Fine-tune a model directory on SFT chats (LoRA with a `lora:` section, else full): run_dir/adapter or
+    run_dir/model, plus metrics.jsonl and checkpoints."""
+    from deepseek.finetune.config import load_finetune_config
+    from deepseek.finetune.run import finetune, result_path
+
+    cfg = load_finetune_config(config, [*(overrides or []), *(["checkpoint.resume=true"] if resume else [])])
+    result = finetune(cfg)
+    line = f"fine-tuned {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}"
+    if result.final_eval:
+        line += f", val loss {result.final_eval['val_loss']:.4f}"
+    typer.echo(line)
+    typer.echo(f"{'adapter' if cfg.lora is not None else 'model'}: {result_path(cfg)}   "
+               f"metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from deepseek.cli import (bench, checkpoint, compress, convert, data, evaluate, export, finetune, generate, init,
-                          quickstart, serve, train)
+                          lora, quickstart, serve, train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
@@ -38,6 +38,7 @@ export.register(app)
 checkpoint.register(app)
 bench.register(app)
 finetune.register(app)
+lora.register(app)
 
 
 def main() -> None:
