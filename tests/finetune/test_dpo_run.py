@@ -108,3 +108,30 @@ def test_full_dpo_runs_against_a_frozen_reference(setup, tmp_path):
     after = _metrics(model, data, tokenizer, reference=reference.requires_grad_(False))
     assert after["val_loss"] == pytest.approx(result.final_eval["val_loss"], abs=1e-4)
     assert after["val_rewards/accuracy"] > 0.5
+
+
+def test_dpo_resume_reaches_the_uninterrupted_runs_adapter(setup, tmp_path):
+    import shutil
+    from safetensors.torch import load_file
+    base_dir, data, _ = setup
+    common = overrides(base_dir, data, "x", "lora={r: 4}", "checkpoint.every=3", "checkpoint.keep_last=0")
+    finetune(load_finetune_config(None, [*common, f"run_dir={tmp_path / 'a'}"]))
+    finetune(load_finetune_config(None, [*common, f"run_dir={tmp_path / 'b'}"]))
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000006")
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    result = finetune(load_finetune_config(None, [*common, f"run_dir={tmp_path / 'b'}", "checkpoint.resume=true"]))
+    assert result.resumed_from == 3 and result.step == 6
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_dpo_config_errors(setup, tmp_path):
+    from deepseek.config import ConfigError
+    base_dir, data, _ = setup
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        load_finetune_config(None, overrides(base_dir, data, tmp_path / "run", "dpo.beta=0"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")  # an SFT row
+    with pytest.raises(ConfigError, match="no usable preference pair"):
+        finetune(load_finetune_config(None, overrides(base_dir, empty, tmp_path / "run")))
