@@ -25,7 +25,8 @@ class SFTDataConfig:
     """Where the chats come from (JSONL of ``{"messages": [...]}`` or ``{"prompt", "completion"}`` rows)."""
 
     train: Optional[str] = _help(None, "SFT JSONL file to train on (e.g. sft_train.jsonl of `ds finetune "
-                                       "prepare-examples`). Required.")
+                                       "prepare-examples`; method: dpo, a preference JSONL such as "
+                                       "preference_train.jsonl). Required.")
     eval: Optional[str] = _help(None, "SFT JSONL file whose mean assistant-token loss is logged as val_loss.")
     on_bad: Literal["skip", "error"] = _help("skip", "A bad row (not JSON, no assistant turn, longer than seq_len): "
                                                      "skip (with a warning) or error.")
@@ -107,7 +108,7 @@ class FinetuneConfig:
         if not Path(self.init).is_dir():
             raise ConfigError(f"init: {self.init} is not a model directory")
         if not self.data.train:
-            raise ConfigError("data.train: set the SFT JSONL file to train on")
+            raise ConfigError("data.train: set the JSONL file to train on")
         for name in ("train", "eval"):
             path = getattr(self.data, name)
             if path and not Path(path).is_file():

@@ -1,10 +1,12 @@
-"""``ds finetune run``: supervised fine-tuning of a model directory, fully or through LoRA adapters.
+"""``ds finetune run``: supervised (``method: sft``) or preference (``method: dpo``) fine-tuning of a model
+directory, fully or through LoRA adapters.
 
 Legend: B rows, T tokens of a packed row.
 
 ``finetune(config)`` loads ``config.init`` with :func:`deepseek.models.directory.load`, adds adapters when the
 config has a ``lora`` section (everything else frozen) or trains every parameter, reads and packs the SFT chats
-(:mod:`deepseek.finetune.sft`), and hands model, batches and loss to the same
+(:mod:`deepseek.finetune.sft`) or the preference pairs (:mod:`deepseek.finetune.preference`, loss
+:class:`DPOLoss`), and hands model, batches and loss to the same
 :class:`~deepseek.train.trainer.Trainer` as ``ds train``: metrics.jsonl, checkpoints, exact ``--resume``. The result
 is ``run_dir/adapter`` (a PEFT adapter directory naming its base) or ``run_dir/model`` (a model directory).
 """
