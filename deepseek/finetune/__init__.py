@@ -1,7 +1,7 @@
 """Fine-tuning: SFT data (chat template, assistant-only labels, packing) and objectives beyond next-token SFT: DPO,
 a Bradley–Terry reward model, GRPO, and their weighted mix.
 
-SFT runs through the Trainer: :mod:`deepseek.finetune.run` (``ds finetune run``); DPO/GRPO are losses only so far.
+SFT and DPO run through the Trainer: :mod:`deepseek.finetune.run` (``ds finetune run``); GRPO is a loss only so far.
 """
 
 from deepseek.finetune.objectives import (OBJECTIVES, MixedObjective, RewardModel, bradley_terry_loss, dpo_loss,

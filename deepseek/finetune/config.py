@@ -25,10 +25,19 @@ class SFTDataConfig:
     """Where the chats come from (JSONL of ``{"messages": [...]}`` or ``{"prompt", "completion"}`` rows)."""
 
     train: Optional[str] = _help(None, "SFT JSONL file to train on (e.g. sft_train.jsonl of `ds finetune "
-                                       "prepare-examples`). Required.")
+                                       "prepare-examples`; method: dpo, a preference JSONL such as "
+                                       "preference_train.jsonl). Required.")
     eval: Optional[str] = _help(None, "SFT JSONL file whose mean assistant-token loss is logged as val_loss.")
     on_bad: Literal["skip", "error"] = _help("skip", "A bad row (not JSON, no assistant turn, longer than seq_len): "
                                                      "skip (with a warning) or error.")
+
+
+@dataclass
+class DPOConfig:
+    """DPO's settings (``method: dpo``): the sigmoid loss of :func:`deepseek.finetune.objectives.dpo_loss`."""
+
+    beta: float = _help(0.1, "Strength of the KL penalty towards the reference (larger = closer to it).")
+    label_smoothing: float = _help(0.0, "cDPO: probability that a preference label is flipped, in [0, 0.5).")
 
 
 @dataclass
@@ -37,7 +46,9 @@ class FinetuneConfig:
 
     init: Optional[str] = _help(None, "The model directory to start from (ds.save output, a `ds convert --from-hf` "
                                       "import, a `ds compress` output). Required.")
-    method: Literal["sft"] = _help("sft", "The objective: sft (next-token loss on assistant tokens only).")
+    method: Literal["sft", "dpo"] = _help("sft", "The objective: sft (next-token loss on assistant tokens only) or "
+                                                 "dpo (preference pairs; data.train is a preference JSONL).")
+    dpo: DPOConfig = _help(DPOConfig, "The DPO section (method: dpo): beta, label_smoothing.")
     data: SFTDataConfig = _help(SFTDataConfig, "The data section.")
     lora: Optional[dict[str, Any]] = _help(None, "LoRAConfig fields (r, alpha, dropout, rslora, target_modules); "
                                                  "null = full fine-tune (every parameter trains).")
@@ -70,6 +81,10 @@ class FinetuneConfig:
         if self.batch_size % (self.micro_batch_size or self.batch_size):
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
+        if not self.dpo.beta > 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.dpo.beta}")
+        if not 0 <= self.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}")
         if self.lora is not None:
             try:
                 LoRAConfig.from_dict(self.lora)
@@ -83,7 +98,7 @@ class FinetuneConfig:
     def train_config(self) -> TrainConfig:
         """The :class:`TrainConfig` the Trainer runs with: this run's shared fields (model and data are ours)."""
         shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
-        shared -= {"data"}
+        shared -= {"data", "dpo"}
         return TrainConfig(**{name: getattr(self, name) for name in shared}, compile=False)
 
     def check_paths(self) -> None:
@@ -93,7 +108,7 @@ class FinetuneConfig:
         if not Path(self.init).is_dir():
             raise ConfigError(f"init: {self.init} is not a model directory")
         if not self.data.train:
-            raise ConfigError("data.train: set the SFT JSONL file to train on")
+            raise ConfigError("data.train: set the JSONL file to train on")
         for name in ("train", "eval"):
             path = getattr(self.data, name)
             if path and not Path(path).is_file():

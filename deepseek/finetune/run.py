@@ -1,16 +1,20 @@
-"""``ds finetune run``: supervised fine-tuning of a model directory, fully or through LoRA adapters.
+"""``ds finetune run``: supervised (``method: sft``) or preference (``method: dpo``) fine-tuning of a model
+directory, fully or through LoRA adapters.
 
 Legend: B rows, T tokens of a packed row.
 
 ``finetune(config)`` loads ``config.init`` with :func:`deepseek.models.directory.load`, adds adapters when the
 config has a ``lora`` section (everything else frozen) or trains every parameter, reads and packs the SFT chats
-(:mod:`deepseek.finetune.sft`), and hands model, batches and loss to the same
+(:mod:`deepseek.finetune.sft`) or the preference pairs (:mod:`deepseek.finetune.preference`, loss
+:class:`DPOLoss`), and hands model, batches and loss to the same
 :class:`~deepseek.train.trainer.Trainer` as ``ds train``: metrics.jsonl, checkpoints, exact ``--resume``. The result
 is ``run_dir/adapter`` (a PEFT adapter directory naming its base) or ``run_dir/model`` (a model directory).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -22,6 +26,8 @@ from torch import nn
 
 from deepseek.config import ConfigError
 from deepseek.finetune.config import FinetuneConfig
+from deepseek.finetune.objectives import dpo_loss, reference_logprobs, sequence_logprobs
+from deepseek.finetune.preference import PreferenceBatch, collate_pairs, read_preference_jsonl
 from deepseek.finetune.sft import IGNORE_INDEX, pack, read_sft_jsonl, sft_targets
 from deepseek.models.adapters import hf_module_name, save_adapter
 from deepseek.models.directory import load, save
@@ -73,15 +79,18 @@ class SFTLoader:
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.cursor = 0, 0
 
+    def _rows(self) -> int:
+        return getattr(self.rows, dataclasses.fields(self.rows)[0].name).shape[0]
+
     def _order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.rows.inputs.shape[0], generator=generator)
+        return torch.randperm(self._rows(), generator=generator)
 
     def __iter__(self) -> "SFTLoader":
         return self
 
     def __next__(self) -> SFTBatch:
-        n, need, picked = self.rows.inputs.shape[0], self.batch_size, []
+        n, need, picked = self._rows(), self.batch_size, []
         while need:
             take = min(need, n - self.cursor)
             picked.append(self._order(self.epoch)[self.cursor:self.cursor + take])
@@ -89,8 +98,7 @@ class SFTLoader:
             if self.cursor == n:
                 self.epoch, self.cursor = self.epoch + 1, 0
         index = torch.cat(picked)
-        return SFTBatch(*(t[index] for t in (self.rows.inputs, self.rows.targets, self.rows.positions,
-                                            self.rows.document_ids)))
+        return type(self.rows)(*(getattr(self.rows, f.name)[index] for f in dataclasses.fields(self.rows)))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -112,6 +120,61 @@ def evaluate_sft(model: nn.Module, rows: SFTBatch, batch_size: int) -> dict[str,
             nats += float(sft_loss(model, part)) * count
             scored += count
     return {"val_loss": nats / scored} if scored else {}
+
+
+def preference_rows(path: str, tokenizer: Any, seq_len: int, *, on_bad: str) -> Optional[PreferenceBatch]:
+    """Every pair of a preference JSONL file as one right-padded :class:`PreferenceBatch`; None when none is usable."""
+    pairs = read_preference_jsonl(path, tokenizer, max_len=seq_len, on_bad=on_bad)
+    return collate_pairs(pairs) if pairs else None
+
+
+class DPOLoss:
+    """``loss_fn(model, batch)`` of DPO for the Trainer: chosen and rejected in one policy forward of 2B rows, the
+    reference's log-probs of the same rows under no_grad (``reference`` None: the model with its LoRA adapters
+    disabled), then :func:`~deepseek.finetune.objectives.dpo_loss`. ``last`` holds the last call's metrics
+    (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracy``, ``rewards/margin``, floats)."""
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, reference: Optional[nn.Module] = None):
+        self.beta, self.label_smoothing, self.reference = beta, label_smoothing, reference
+        self.last: dict[str, float] = {}
+
+    def terms(self, model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids_BT = torch.cat([batch.chosen_ids, batch.rejected_ids])
+        mask_BT = torch.cat([batch.chosen_mask, batch.rejected_mask])
+        if self.reference is not None and next(self.reference.parameters()).device != ids_BT.device:
+            self.reference.to(ids_BT.device)
+        policy_B = sequence_logprobs(model, ids_BT, mask_BT)
+        ref_B = reference_logprobs(model, ids_BT, mask_BT, reference=self.reference)
+        n = batch.chosen_ids.shape[0]
+        return dpo_loss(policy_B[:n], policy_B[n:], ref_B[:n], ref_B[n:], beta=self.beta,
+                        label_smoothing=self.label_smoothing)
+
+    def __call__(self, model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+        loss, metrics = self.terms(model, batch)
+        self.last = {name: float(value) for name, value in metrics.items()}
+        log.info("dpo loss %.4f %s", float(loss.detach()), " ".join(f"{k}={v:.4f}" for k, v in self.last.items()))
+        return loss
+
+
+@torch.no_grad()
+def evaluate_dpo(model: nn.Module, rows: PreferenceBatch, batch_size: int, loss: DPOLoss) -> dict[str, float]:
+    """DPO loss and reward metrics over all pairs (means weighted by pairs): ``val_loss``, ``val_rewards/...``."""
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    total = rows.chosen_ids.shape[0]
+    try:
+        for start in range(0, total, batch_size):
+            part = PreferenceBatch(*(getattr(rows, f.name)[start:start + batch_size].to(device)
+                                     for f in dataclasses.fields(rows)))
+            value, metrics = loss.terms(model, part)
+            n = part.chosen_ids.shape[0]
+            for name, figure in {"val_loss": value, **{f"val_{k}": v for k, v in metrics.items()}}.items():
+                sums[name] = sums.get(name, 0.0) + float(figure) * n
+    finally:
+        model.train(training)
+    return {name: figure / total for name, figure in sums.items()}
 
 
 def prepare_model(config: FinetuneConfig) -> tuple[nn.Module, Any]:
@@ -156,19 +219,31 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     kind = "LoRA" if config.lora is not None else "full"
     print(f"{kind} fine-tune of {config.init}: {trainable:,} of {total:,} parameters train "
           f"({100 * trainable / total:.2f}%)", flush=True)
-    train_rows = sft_rows(config.data.train, tokenizer, config.seq_len, pack_rows=config.pack,
-                          on_bad=config.data.on_bad)
+    dpo = config.method == "dpo"
+    read = ((lambda path: preference_rows(path, tokenizer, config.seq_len, on_bad=config.data.on_bad)) if dpo else
+            (lambda path: sft_rows(path, tokenizer, config.seq_len, pack_rows=config.pack,
+                                   on_bad=config.data.on_bad)))
+    what = "preference pair" if dpo else "SFT row"
+    train_rows = read(config.data.train)
     if train_rows is None:
-        raise ConfigError(f"data.train: {config.data.train} has no usable SFT row (all bad, longer than "
+        raise ConfigError(f"data.train: {config.data.train} has no usable {what} (all bad, longer than "
                           f"seq_len={config.seq_len}, or the file is empty)")
-    eval_rows = (sft_rows(config.data.eval, tokenizer, config.seq_len, pack_rows=config.pack,
-                          on_bad=config.data.on_bad) if config.data.eval else None)
+    eval_rows = read(config.data.eval) if config.data.eval else None
     if config.data.eval and eval_rows is None:  # e.g. a held-out split that --module left empty
-        warnings.warn(f"data.eval: {config.data.eval} has no usable SFT row; no evaluation")
+        warnings.warn(f"data.eval: {config.data.eval} has no usable {what}; no evaluation")
     train_config = config.train_config()
+    if dpo:  # a full fine-tune's reference is a frozen copy of the init model (twice the weights in memory)
+        reference = None if config.lora is not None else copy.deepcopy(model).requires_grad_(False).eval()
+        loss_fn: Any = DPOLoss(config.dpo.beta, config.dpo.label_smoothing, reference)
+    else:
+        loss_fn = sft_loss
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        return evaluate_sft(m, eval_rows, train_config.micro_batch) if eval_rows is not None else {}
+        if eval_rows is None:
+            return {}
+        if dpo:
+            return evaluate_dpo(m, eval_rows, train_config.micro_batch, loss_fn)
+        return evaluate_sft(m, eval_rows, train_config.micro_batch)
 
     def save_result(m: nn.Module, path: Path) -> None:  # the Trainer's final save of run_dir/model
         if config.lora is not None:
@@ -177,8 +252,8 @@ def finetune(config: FinetuneConfig) -> TrainResult:
             save(m, tokenizer, path)
 
     trainer = Trainer(model, train_config, batches=SFTLoader(train_rows, config.batch_size, config.seed),
-                      loss_fn=sft_loss, eval_fn=eval_fn if eval_rows is not None else None, tokenizer=tokenizer,
-                      save_model=save_result, trial_loss_fn=sft_loss)
+                      loss_fn=loss_fn, eval_fn=eval_fn if eval_rows is not None else None, tokenizer=tokenizer,
+                      save_model=save_result, trial_loss_fn=loss_fn)
     return trainer.fit()
 
 
@@ -199,5 +274,5 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     return save(model, tokenizer, out)
 
 
-__all__ = ["FinetuneConfig", "SFTBatch", "SFTLoader", "evaluate_sft", "finetune", "merge_adapter", "prepare_model",
-           "result_path", "sft_loss", "sft_rows"]
+__all__ = ["DPOLoss", "FinetuneConfig", "SFTBatch", "SFTLoader", "evaluate_dpo", "evaluate_sft", "finetune", "merge_adapter", "prepare_model",
+           "preference_rows", "result_path", "sft_loss", "sft_rows"]
