@@ -11,17 +11,14 @@ exactly on the final assistant turn's tokens and its end marker.
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from deepseek.finetune.sft import IGNORE_INDEX, BadRow, _encode_turns, chat_turns
+from deepseek.finetune.sft import IGNORE_INDEX, BadRow, _encode_turns, chat_turns, read_jsonl_rows
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,30 +74,8 @@ def read_preference_jsonl(path: str | Path, tokenizer, max_len: int, on_bad: str
                           problems: Optional[list[str]] = None) -> list[PreferencePair]:
     """The pairs of a preference JSONL file, every bad row reported as ``path:line: reason`` (as
     :func:`~deepseek.finetune.sft.read_sft_jsonl`: ``skip`` warns and goes on, ``error`` raises ValueError)."""
-    if on_bad not in ("skip", "error"):
-        raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BadRow(f"not JSON ({exc.msg})") from None
-                encoded = encode_pair(tokenizer, row, max_len)
-            except BadRow as exc:
-                message = f"{where}: {exc}"
-                if on_bad == "error":
-                    raise ValueError(message) from None
-                log.warning("skipped %s", message)
-                if problems is not None:
-                    problems.append(message)
-                continue
-            pairs.append(PreferencePair(*encoded, source=where))
-    return pairs
+    return [PreferencePair(*encoded, source=where) for where, encoded in read_jsonl_rows(
+        path, lambda row: encode_pair(tokenizer, row, max_len), on_bad, problems)]
 
 
 @dataclass

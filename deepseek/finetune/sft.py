@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ from deepseek.data.chat import ROLES, chat_template
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -121,9 +122,18 @@ def read_sft_jsonl(path: str | Path, tokenizer, max_len: int, on_bad: str = "ski
     more than ``max_len`` tokens. ``on_bad="skip"`` logs a warning for each (and appends it to ``problems`` if
     given) and goes on; ``on_bad="error"`` raises ValueError at the first. Blank lines are skipped silently.
     """
+    return [SFTExample(ids, labels, where) for where, (ids, labels) in read_jsonl_rows(
+        path, lambda row: _encode_turns(tokenizer, chat_turns(row), max_len), on_bad, problems)]
+
+
+def read_jsonl_rows(path: str | Path, encode: Callable[[Any], T], on_bad: str = "skip",
+                    problems: Optional[list[str]] = None) -> list[tuple[str, T]]:
+    """``(path:line, encode(row))`` for every row of a JSONL file that ``encode`` accepts; ``encode`` refuses a row by
+    raising :class:`BadRow`. ``on_bad="skip"`` logs each refusal as ``path:line: reason`` (and appends it to
+    ``problems`` if given) and goes on; ``on_bad="error"`` raises ValueError at the first. Blank lines are skipped."""
     if on_bad not in ("skip", "error"):
         raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
-    examples = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -134,7 +144,7 @@ def read_sft_jsonl(path: str | Path, tokenizer, max_len: int, on_bad: str = "ski
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise BadRow(f"not JSON ({exc.msg})") from None
-                ids, labels = _encode_turns(tokenizer, chat_turns(row), max_len)
+                encoded = encode(row)
             except BadRow as exc:
                 message = f"{where}: {exc}"
                 if on_bad == "error":
@@ -143,8 +153,8 @@ def read_sft_jsonl(path: str | Path, tokenizer, max_len: int, on_bad: str = "ski
                 if problems is not None:
                     problems.append(message)
                 continue
-            examples.append(SFTExample(ids, labels, where))
-    return examples
+            rows.append((where, encoded))
+    return rows
 
 
 @dataclass
