@@ -12,20 +12,14 @@ from deepseek.generate.params import SamplingParams
 from deepseek.models.adapters import AdapterError, load_adapter, load_adapters, save_adapter
 from deepseek.nn.lora import LoRAConfig, LoRALinear, apply_lora
 from deepseek.nn.multi_lora import MultiLoRALinear, adapter_names, row_adapters
+from tests.models.mixtral_shaped import base_model as mixtral_shaped_model
 
 VOCAB = 300
 ATTENTION = ("attn.q", "attn.k", "attn.v", "attn.o")
 
 
 def base_model() -> ds.MoETransformer:
-    torch.manual_seed(0)
-    config = ds.ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                            rope_theta=10000.0, moe_ffn_dim=32, n_routed_experts=4, top_k=2, router="softmax")
-    model = ds.MoETransformer(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
-    return model
+    return mixtral_shaped_model(max_seq_len=128)
 
 
 def make_adapter(folder, lora: LoRAConfig, seed: int):

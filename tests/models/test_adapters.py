@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+from tests.models.mixtral_shaped import base_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import deepseek as ds  # noqa: E402
@@ -22,18 +24,6 @@ TOL = 1e-4
 VOCAB = 300
 ATTENTION = ("attn.q", "attn.k", "attn.v", "attn.o")
 HF_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def base_model(seed: int = 0) -> ds.MoETransformer:
-    """A tiny Mixtral-shaped model (D=64 != F=32, so gate_up and down adapters cannot be confused)."""
-    torch.manual_seed(seed)
-    config = ds.ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
-                            rope_theta=10000.0, moe_ffn_dim=32, n_routed_experts=4, top_k=2, router="softmax")
-    model = ds.MoETransformer(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
-    return model
 
 
 def randomize_lora(model: torch.nn.Module) -> None:
