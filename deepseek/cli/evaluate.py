@@ -30,13 +30,21 @@ def eval_command(
     max_new_tokens: int = typer.Option(512, help="--task: most tokens per completion."),
     timeout: float = typer.Option(3.0, help="--task: seconds each completion may run."),
     out: Optional[Path] = typer.Option(None, help="--task: write the report (pass@k, per problem, samples) as JSON."),
+    prompt_style: str = typer.Option("completion", help="--task: completion (continue the def + docstring) or chat "
+                                                        "(ask in a user turn with the chat template, as SFT data "
+                                                        "and serving do; the reply's code block is the answer)."),
+    adapter: Optional[Path] = typer.Option(None, help="--task: a LoRA adapter directory (`ds finetune run` "
+                                                      "output) applied to the model first."),
+    heldout_fraction: Optional[float] = typer.Option(None, help="--task stdlib-doctests: the module split the "
+                                                                "examples were prepared with (default 0.1)."),
 ) -> None:
     """Loss, perplexity and bits per byte of a model on prepared data; with --task, pass@k on code problems."""
     import deepseek as ds
 
     if task is not None:
         return code_eval(model_dir, task, n=n, ks=k, limit=limit, temperature=temperature,
-                         max_new_tokens=max_new_tokens, timeout_s=timeout, out=out)
+                         max_new_tokens=max_new_tokens, timeout_s=timeout, out=out, prompt_style=prompt_style,
+                         adapter=adapter, heldout_fraction=heldout_fraction)
     if not data:
         raise typer.BadParameter("give --data (a directory from `ds prepare`) or --task")
     from deepseek.hardware import autocast, resolve_precision
@@ -57,28 +65,42 @@ def eval_command(
 
 
 def code_eval(model_dir: Path, task: str, *, n: int, ks: list[int], limit: Optional[int], temperature: float,
-              max_new_tokens: int, timeout_s: float, out: Optional[Path]) -> None:
+              max_new_tokens: int, timeout_s: float, out: Optional[Path], prompt_style: str = "completion",
+              adapter: Optional[Path] = None, heldout_fraction: Optional[float] = None) -> None:
     """``ds eval MODEL --task ...``: sample, check in the sandbox, print pass@k, write the JSON report."""
     from rich.console import Console
     from rich.table import Table
 
     import deepseek as ds
     from deepseek.atomic import write_json_atomically
-    from deepseek.evaluation.codegen import TASKS, evaluate_model
+    from deepseek.evaluation.codegen import PROMPT_STYLES, TASKS, evaluate_model
 
     if task not in TASKS:
         raise typer.BadParameter(f"unknown task {task!r}; choose one of {', '.join(TASKS)}", param_hint="--task")
+    if prompt_style not in PROMPT_STYLES:
+        raise typer.BadParameter(f"unknown prompt style {prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}",
+                                 param_hint="--prompt-style")
+    if heldout_fraction is not None and not 0 < heldout_fraction < 1:
+        raise typer.BadParameter(f"must be in (0, 1), got {heldout_fraction}", param_hint="--heldout-fraction")
     if n < 1 or any(k < 1 or k > n for k in ks):
         raise typer.BadParameter(f"need 1 <= k <= n, got n={n}, k={ks}", param_hint="--k")
     model, tokenizer = ds.load(model_dir)
+    if adapter is not None:
+        from deepseek.models.adapters import load_adapter
+
+        load_adapter(model, adapter)
+    model.eval()
     report = evaluate_model(model, tokenizer, task, n=n, ks=ks, limit=limit, temperature=temperature,
-                            max_new_tokens=max_new_tokens, timeout_s=timeout_s)
-    table = Table(title=f"{task}: {len(report.per_problem)} problems, n={n}, temperature {temperature}")
+                            max_new_tokens=max_new_tokens, timeout_s=timeout_s, prompt_style=prompt_style,
+                            heldout_fraction=heldout_fraction)
+    table = Table(title=f"{task} ({prompt_style} prompts{', adapter ' + str(adapter) if adapter else ''}): "
+                        f"{len(report.per_problem)} problems, n={n}, temperature {temperature}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, value in report.pass_at_k.items():
         table.add_row(f"pass@{k}", f"{value:.4f}")
     table.add_row("problems solved (any sample)", str(sum(p["correct"] > 0 for p in report.per_problem.values())))
+    table.add_row("samples that parse", f"{report.parse_rate:.4f}")
     Console().print(table)
     if out is not None:
         write_json_atomically(out, report.to_dict())

@@ -15,6 +15,16 @@ Two tasks:
   completion too. Problems whose real source fails its own doctests here (output that depends on the platform or
   the Python version) are dropped when ``validate`` is on, so a perfect model scores 1.
 
+Two prompt styles: ``completion`` (the model continues the prompt's ``def`` line and docstring, HumanEval's way) and
+``chat`` (the prompt is a user turn rendered with the tokenizer's chat template, the same one serving and SFT use:
+"Write a Python function `sig` that does the following: <docstring>" as in
+:func:`deepseek.data.instructions.write_function_prompt`; the reply's first fenced code block, or the whole reply, is
+the answer, checked after the prompt's own stub so the answer's definition replaces it). A chat-tuned model is
+measured the way it is used; a base model can be measured both ways.
+
+Every report also gives ``parse_rate``: the share of samples whose program (prompt + completion) parses as Python
+(``ast.parse`` only, in this process: parsing never runs the code).
+
 Generated code only ever runs in :func:`deepseek.evaluation.sandbox.run_python` subprocesses.
 
     report = evaluate_model(model, tokenizer, task="humaneval", n=10, ks=(1, 10), temperature=0.8)
@@ -23,18 +33,22 @@ Generated code only ever runs in :func:`deepseek.evaluation.sandbox.run_python` 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
+from deepseek.data.chat import chat_template
 from deepseek.evaluation.humaneval import EvalReport, evaluate, load_problems
 from deepseek.generate.continuous import ContinuousBatchingEngine
 from deepseek.generate.params import SamplingParams
 
 TASKS = ("humaneval", "stdlib-doctests")
+PROMPT_STYLES = ("completion", "chat")
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 """HumanEval practice (Chen et al. 2021): a completion ends where a new top-level statement would begin."""
 
@@ -46,7 +60,8 @@ def truncate(completion: str, stop: Sequence[str] = STOP) -> str:
 
 
 def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: dict[str, dict], n: int,
-                       params: SamplingParams, *, seed: int = 0, max_running: int = 16) -> dict[str, list[str]]:
+                       params: SamplingParams, *, seed: int = 0, max_running: int = 16,
+                       prompt_style: str = "completion") -> dict[str, list[str]]:
     """task_id -> ``n`` completions of the problem's ``prompt``, all sampled on one :class:`ContinuousBatchingEngine`.
 
     Every (problem, sample) pair is one request with its own seed (``seed + index``), so the ``n`` samples of a
@@ -54,21 +69,32 @@ def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: d
     completion is also cut at its first stop (:func:`truncate`). ``max_new_tokens`` is bounded by the context:
     a prompt longer than ``max_len - max_new_tokens`` tokens keeps its last tokens (left truncation, as
     evaluation harnesses do), so a short-context model still gets its full token budget.
+
+    ``prompt_style="chat"``: each prompt is :func:`chat_prompt` rendered with the chat template, generation stops at
+    the template's end of turn, and each completion is the reply's code (:func:`reply_code`) on a new line, so that
+    ``prompt + completion`` is the stub followed by the answer's own definition.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    chat = prompt_style == "chat"
+    template = chat_template(tokenizer) if chat else None
     engine = ContinuousBatchingEngine(model, tokenizer, max_running=max_running,
                                       max_batched_tokens=max(512, max_running + 1), max_queue=len(problems) * n,
                                       name="codegen")
     max_new = max(1, min(params.max_new_tokens, engine.max_len // 2))
-    stop = list(dict.fromkeys([*params.stop, *STOP]))
+    stop = list(dict.fromkeys([*params.stop, *(template.stop_strings if chat else STOP)]))
+    stop_ids = list(dict.fromkeys([*params.stop_token_ids, *(template.stop_token_ids if chat else ())]))
     texts: dict[str, list[str]] = {}
     jobs = []
     with engine:
         for p, (task, problem) in enumerate(problems.items()):
-            ids = tokenizer.encode(problem["prompt"]).ids[-(engine.max_len - max_new):]
+            text = template.render(chat_prompt(problem)) if chat else problem["prompt"]
+            ids = tokenizer.encode(text).ids[-(engine.max_len - max_new):]
             for i in range(n):
-                request_params = dataclasses.replace(params, max_new_tokens=max_new, stop=stop, seed=seed + p * n + i)
+                request_params = dataclasses.replace(params, max_new_tokens=max_new, stop=stop, stop_token_ids=stop_ids,
+                                                     seed=seed + p * n + i)
                 request = engine.submit(ids, request_params,
                                         on_event=lambda e: texts.setdefault(e.request_id, []).append(e.delta))
                 jobs.append((task, request))
@@ -78,8 +104,37 @@ def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: d
         raise RuntimeError(f"the generation engine failed: {engine.failure}")
     samples: dict[str, list[str]] = {task: [] for task in problems}
     for task, request in jobs:
-        samples[task].append(truncate("".join(texts.get(request.request_id, []))))
+        reply = "".join(texts.get(request.request_id, []))
+        samples[task].append("\n" + reply_code(reply) if chat else truncate(reply))
     return samples
+
+
+def chat_prompt(problem: dict) -> list[tuple[str, str]]:
+    """The (role, content) turns that ask for ``problem`` in chat style: the SFT data's system prompt and its
+    "write the function" user turn (``problem["instruction"]`` when the task has one, else the stub as code)."""
+    from deepseek.data.instructions import SYSTEM_PROMPT
+
+    instruction = problem.get("instruction") or ("Complete this Python function:\n\n```python\n"
+                                                 f"{problem['prompt'].rstrip()}\n```")
+    return [("system", SYSTEM_PROMPT), ("user", instruction)]
+
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def reply_code(reply: str) -> str:
+    """The code of a chat reply: its first fenced block (an unclosed fence runs to the end), else the reply."""
+    match = _FENCE.search(reply)
+    return (match[1] if match else reply).strip("\n") + "\n"
+
+
+def parses(problem: dict, completion: str) -> bool:
+    """Whether ``problem["prompt"] + completion`` is valid Python (parsed, never run)."""
+    try:
+        ast.parse(problem["prompt"] + completion)
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+        return False
+    return True
 
 
 _DOCTEST_PRELUDE = """\
@@ -112,13 +167,23 @@ def doctest_problem(record: dict) -> dict:
             "canonical_solution": canonical + "\n"}
 
 
-def stdlib_doctest_problems(*, validate: bool = True, timeout_s: float = 10.0) -> dict[str, dict]:
-    """task_id -> problem for the held-out stdlib functions with doctests (:func:`doctest_problem`); with
-    ``validate``, only those whose real source passes its doctests in the sandbox here."""
-    from deepseek.data.instructions import doctest_prompts, is_heldout, stdlib_functions
+def stdlib_doctest_problems(*, validate: bool = True, timeout_s: float = 10.0,
+                            heldout_fraction: Optional[float] = None) -> dict[str, dict]:
+    """task_id -> problem for the held-out stdlib functions with doctests (:func:`doctest_problem`, plus the
+    chat-style ``instruction`` of the SFT data); with ``validate``, only those whose real source passes its doctests
+    in the sandbox here. ``heldout_fraction`` (default: the fine-tuning data's) must match the one the examples
+    were prepared with (``ds finetune prepare-examples --heldout-fraction``), or trained functions leak in."""
+    from deepseek.data.instructions import (HELDOUT_FRACTION, doctest_prompts, is_heldout, stdlib_functions,
+                                            write_function_prompt)
 
-    records = doctest_prompts(f for f in stdlib_functions() if is_heldout(f))
-    problems = {p["task_id"]: p for p in map(doctest_problem, records)}
+    fraction = HELDOUT_FRACTION if heldout_fraction is None else heldout_fraction
+    functions = [f for f in stdlib_functions() if is_heldout(f, fraction)]
+    by_name = {(f.module, f.name): f for f in functions}
+    problems = {}
+    for record in doctest_prompts(functions):
+        problem = doctest_problem(record)
+        problem["instruction"] = write_function_prompt(by_name[record["module"], record["entry_point"]])
+        problems[problem["task_id"]] = problem
     if validate and problems:
         report = evaluate({t: [p["canonical_solution"]] for t, p in problems.items()}, ks=(1,), problems=problems,
                           timeout_s=timeout_s)
@@ -126,54 +191,61 @@ def stdlib_doctest_problems(*, validate: bool = True, timeout_s: float = 10.0) -
     return problems
 
 
-def load_task(task: str) -> dict[str, dict]:
-    """The problems of ``task`` (one of :data:`TASKS`), task_id -> problem."""
+def load_task(task: str, heldout_fraction: Optional[float] = None) -> dict[str, dict]:
+    """The problems of ``task`` (one of :data:`TASKS`), task_id -> problem (``heldout_fraction``: stdlib-doctests'
+    module split, see :func:`stdlib_doctest_problems`)."""
     if task == "humaneval":
         return load_problems()
     if task == "stdlib-doctests":
-        return stdlib_doctest_problems()
+        return stdlib_doctest_problems(heldout_fraction=heldout_fraction)
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
 @dataclass
 class CodegenReport:
-    """pass_at_k: k -> mean over problems. per_problem: task_id -> {"n", "correct", "pass@k"...}.
-    samples: task_id -> the completions; statuses: task_id -> each completion's sandbox status."""
+    """pass_at_k: k -> mean over problems. parse_rate: share of all samples whose program parses.
+    per_problem: task_id -> {"n", "correct", "pass@k"...}. samples: task_id -> the completions; statuses:
+    task_id -> each completion's sandbox status."""
 
     task: str
     n: int
     pass_at_k: dict[int, float]
+    parse_rate: float = 0.0
+    prompt_style: str = "completion"
     per_problem: dict[str, dict] = field(default_factory=dict)
     samples: dict[str, list[str]] = field(default_factory=dict)
     statuses: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready: pass@k keyed ``"pass@k"``."""
-        return {"task": self.task, "n": self.n, "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()},
+        return {"task": self.task, "n": self.n, "prompt_style": self.prompt_style,
+                "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()}, "parse_rate": self.parse_rate,
                 "per_problem": self.per_problem, "samples": self.samples, "statuses": self.statuses}
 
 
 def score(task: str, samples: dict[str, list[str]], problems: dict[str, dict], ks: Sequence[int], *,
-          timeout_s: float = 3.0) -> CodegenReport:
+          timeout_s: float = 3.0, prompt_style: str = "completion") -> CodegenReport:
     """Check sampled (or given) completions in the sandbox and estimate pass@k: the path after sampling."""
     report: EvalReport = evaluate(samples, tuple(ks), problems=problems, timeout_s=timeout_s)
     n = min((len(c) for c in samples.values()), default=0)
-    return CodegenReport(task, n, report.pass_at_k, report.per_problem, samples,
-                         {t: [r.status for r in rs] for t, rs in report.results.items()})
+    parsed = [parses(problems[t], c) for t, cs in samples.items() for c in cs]
+    return CodegenReport(task, n, report.pass_at_k, sum(parsed) / max(1, len(parsed)), prompt_style,
+                         report.per_problem, samples, {t: [r.status for r in rs] for t, rs in report.results.items()})
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Tokenizer, task: str = "humaneval", *, n: int = 10,
                    ks: Sequence[int] = (1, 10), limit: Optional[int] = None, temperature: float = 0.8,
                    top_p: float = 0.95, max_new_tokens: int = 512, timeout_s: float = 3.0, seed: int = 0,
-                   problems: Optional[dict[str, dict]] = None) -> CodegenReport:
-    """Sample ``n`` completions of each problem of ``task`` (the first ``limit`` of them) and score pass@k for the
-    ``ks`` not above ``n``. ``problems`` overrides the task's own set (task_id -> problem)."""
-    problems = load_task(task) if problems is None else problems
+                   problems: Optional[dict[str, dict]] = None, prompt_style: str = "completion",
+                   heldout_fraction: Optional[float] = None) -> CodegenReport:
+    """Sample ``n`` completions of each problem of ``task`` (the first ``limit`` of them) in ``prompt_style`` and
+    score pass@k for the ``ks`` not above ``n``. ``problems`` overrides the task's own set (task_id -> problem)."""
+    problems = load_task(task, heldout_fraction) if problems is None else problems
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
     if not problems:
         raise ValueError(f"task {task!r} has no problems")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p if temperature > 0 else 1.0)
-    samples = sample_completions(model, tokenizer, problems, n, params, seed=seed)
-    return score(task, samples, problems, [k for k in ks if k <= n], timeout_s=timeout_s)
+    samples = sample_completions(model, tokenizer, problems, n, params, seed=seed, prompt_style=prompt_style)
+    return score(task, samples, problems, [k for k in ks if k <= n], timeout_s=timeout_s, prompt_style=prompt_style)

@@ -129,3 +129,55 @@ def test_cli_eval_task_writes_json(tmp_path, problems):
     assert bad.exit_code != 0
     neither = CliRunner().invoke(app, ["eval", str(tmp_path / "tiny")])
     assert neither.exit_code != 0
+
+
+def test_reply_code_takes_the_first_fenced_block_or_the_whole_reply():
+    from deepseek.evaluation.codegen import reply_code
+
+    assert reply_code("Here:\n```python\ndef f():\n    return 1\n```\nmore\n```x\n```") == "def f():\n    return 1\n"
+    assert reply_code("```\ndef f(): pass") == "def f(): pass\n"  # an unclosed fence runs to the end
+    assert reply_code("def f():\n    return 2") == "def f():\n    return 2\n"
+
+
+def test_chat_style_answer_replaces_the_stub_and_parse_rate_counts_programs(problems):
+    from deepseek.evaluation.codegen import parses
+
+    task = "HumanEval/0"
+    problem = problems[task]
+    answer = "\n" + problem["prompt"] + problem["canonical_solution"]  # a whole definition, as a chat reply gives
+    broken = "\ndef has_close_elements(numbers, threshold:\n    return True\n"
+    report = score("humaneval", {task: [answer, broken]}, {task: problem}, (1,), prompt_style="chat")
+    assert report.statuses[task][0] == "passed" and report.statuses[task][1] != "passed"
+    assert report.per_problem[task]["correct"] == 1
+    assert parses(problem, answer) and not parses(problem, broken)
+    assert report.parse_rate == 0.5 and report.to_dict()["parse_rate"] == 0.5
+    assert report.to_dict()["prompt_style"] == "chat"
+
+
+def test_chat_style_sampling_renders_the_chat_template_and_stops_at_the_end_of_turn(model_and_tokenizer, problems):
+    from deepseek.data.chat import chat_template
+    from deepseek.evaluation.codegen import chat_prompt, reply_code
+
+    model, tokenizer = model_and_tokenizer
+    task = "HumanEval/2"
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    chat = sample_completions(model, tokenizer, {task: problems[task]}, 1, params, prompt_style="chat")[task][0]
+    # the same greedy reply, generated from the rendered chat by hand
+    text = chat_template(tokenizer).render(chat_prompt(problems[task]))
+    out = ds.generate(model, tokenizer, text, max_new_tokens=24, temperature=0.0,
+                      stop=list(chat_template(tokenizer).stop_strings))
+    assert chat == "\n" + reply_code(out.text)
+    assert "Complete this Python function" in chat_prompt(problems[task])[1][1]
+    with pytest.raises(ValueError, match="prompt style"):
+        sample_completions(model, tokenizer, {task: problems[task]}, 1, params, prompt_style="essay")
+
+
+def test_stdlib_problems_carry_the_sft_instruction_and_follow_the_heldout_fraction():
+    from deepseek.evaluation.codegen import stdlib_doctest_problems
+
+    default = stdlib_doctest_problems(validate=False)
+    wider = stdlib_doctest_problems(validate=False, heldout_fraction=0.3)
+    assert set(default) <= set(wider) and len(wider) > len(default)
+    for problem in wider.values():
+        assert problem["instruction"].startswith("Write a Python function `")
+        assert problem["entry_point"] in problem["instruction"]
