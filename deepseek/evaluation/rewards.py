@@ -8,7 +8,9 @@ with ``doctests``, ``entry_point`` and ``module``) and one completion, and retur
   otherwise the completion alone.
 - :func:`doctests_rewards`: 1.0 when the finished function passes its doctests, run only in the sandbox
   (:func:`deepseek.evaluation.sandbox.run_python` subprocesses, never in the trainer's process); 0.0 for a row
-  without doctests.
+  without doctests. A policy under optimisation finds shortcuts, so exit status 0 is not enough: the program must
+  also print a fresh random token after the checks, which a completion that exits early (``os._exit(0)`` inside
+  the function) never reaches.
 - :func:`length_reward`: ``1 - tokens / max_new_tokens`` (1 for an empty completion, 0 for one that used the whole
   budget): with a positive weight it favours short completions, with a negative weight long ones.
 """
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import ast
 import os
+import secrets
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from deepseek.evaluation.codegen import doctest_problem
-from deepseek.evaluation.humaneval import check_completion
+from deepseek.evaluation.humaneval import program
+from deepseek.evaluation.sandbox import run_python
 
 BUILTIN_REWARDS = ("parses", "doctests", "length")
 
@@ -54,8 +58,10 @@ def doctests_rewards(rows: Sequence[dict], completions: Sequence[str], *, timeou
         if not (is_code_prompt(row) and row.get("doctests") and row.get("module")):
             return 0.0
         problem = doctest_problem({"solution": "", **row})
-        return float(check_completion(problem, completion, timeout_s=timeout_s, memory_mb=memory_mb).status
-                     == "passed")
+        token = secrets.token_hex(16)
+        result = run_python(f"{program(problem, completion)}\nprint({token!r})\n", timeout_s=timeout_s,
+                            memory_mb=memory_mb)
+        return float(result.status == "passed" and result.stdout.rstrip().endswith(token))
 
     jobs = list(zip(rows, completions))
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
