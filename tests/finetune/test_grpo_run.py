@@ -160,3 +160,44 @@ def test_a_missing_reward_model_directory_and_an_unusable_prompt_file_are_errors
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "no prompt"}])
     with pytest.raises(ConfigError, match="data.train: .* has no usable prompt"):
         finetune(load_finetune_config(None, overrides(setup, tmp_path / "run", f"data.train={empty}")))
+
+
+def test_a_full_grpo_run_scores_with_a_trained_reward_model_against_a_frozen_reference(setup, tmp_path):
+    from tests.finetune.tiny_base import preference_pairs
+    base, _, _ = setup
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(range(4)))
+    finetune(load_finetune_config(None, common_overrides(base, tmp_path / "rm", "method=reward", f"data.train={pairs}",
+                                                         "lora={r: 4}", "max_steps=1", "batch_size=2")))
+    config = load_finetune_config(None, overrides(setup, tmp_path / "run", "lora=null", "max_steps=2",
+                                                  "grpo.rewards={model: 1.0}",
+                                                  f"grpo.reward_model={tmp_path / 'rm' / 'reward'}"))
+    result = finetune(config)
+    steps = [r for r in read_records(tmp_path / "run") if "loss" in r]
+    assert result.step == 2 and all("rewards/model" in r for r in steps)
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0  # the frozen copy stays where the policy started
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_a_reward_that_prefers_some_tokens_raises_their_probability(setup):
+    """Four GRPO steps (plain SGD, one-token completions) with a reward of 1 for a token id below 150 move the
+    policy's probability of such a first token from about one half to nearly all."""
+    base, tokenizer, prompts_path = setup
+    config = load_finetune_config(None, overrides(setup, "unused", "lora=null", "grpo.beta=0.0"))
+    model, _ = prepare_model(config)
+    prompts = read_prompts(prompts_path, tokenizer, 64)[:1]
+    grpo = GRPOConfig(group_size=8, beta=0.0, max_new_tokens=1, rewards={"length": 1e-6})
+    loss_fn = GRPOLoss(grpo, prompts, tokenizer, reward_fns={"low": (1.0, lambda row, text, ids: float(ids[0] < 150))})
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([prompts[0].ids])
+
+    def preferred_mass():
+        with torch.no_grad():
+            return float(model.eval()(ids)[0, -1].softmax(-1)[:150].sum())
+
+    before = preferred_mass()
+    for step in range(4):
+        model.train()
+        loss_fn(model, PromptBatch(torch.tensor([0]), torch.tensor([step]))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert 0.3 < before < 0.7 and preferred_mass() > 0.9
