@@ -54,3 +54,19 @@ def test_loading_a_directory_that_is_no_reward_model_is_a_one_line_error(setup):
     from deepseek.config import ConfigError
     with pytest.raises(ConfigError, match="not a reward model directory"):
         load_reward_model(setup[0])
+
+
+def test_a_resumed_reward_run_ends_with_the_uninterrupted_runs_head_and_adapter(setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    common = overrides(setup, "x", "lora={r: 4}", "max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=0")
+    finetune(load_finetune_config(None, [*common, f"run_dir={tmp_path / 'a'}"]))
+    finetune(load_finetune_config(None, [*common, f"run_dir={tmp_path / 'b'}"]))
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000004")
+    shutil.rmtree(tmp_path / "b" / "reward")
+    result = finetune(load_finetune_config(None, [*common, f"run_dir={tmp_path / 'b'}", "checkpoint.resume=true"]))
+    assert result.resumed_from == 2 and result.step == 4
+    for file in ("reward_head.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / "reward" / file), load_file(tmp_path / "b" / "reward" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a), file
