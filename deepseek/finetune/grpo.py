@@ -163,7 +163,8 @@ class GRPOLoss:
     (the adapters disabled). ``reward_model``: a :class:`~deepseek.finetune.objectives.RewardModel` scored with the
     weight ``config.rewards["model"]``. ``reward_fns``: extra Python rewards, name -> (weight, function).
     ``last`` holds the call's ``rewards/<name>`` (mean of each reward), ``rewards/total`` (mean weighted sum),
-    ``kl``, ``clip_fraction`` and ``completion_tokens`` (mean completion length).
+    ``kl``, ``clip_fraction`` and ``completion_tokens`` (mean completion length); :meth:`evaluate` scores greedy
+    completions of held-out prompts.
     """
 
     def __init__(self, config: GRPOConfig, prompts: Sequence[Prompt], tokenizer: Any, *,
@@ -206,6 +207,26 @@ class GRPOLoss:
         device = next(self.reward_model.parameters()).device
         return self.reward_model.eval()(ids_BT.to(device), real_BT.to(device)).tolist()
 
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, prompts: Sequence[Prompt], batch_size: int = 16) -> dict[str, float]:
+        """Held-out prompts: one greedy completion each, scored by the same rewards; ``val_rewards/<name>`` (means,
+        unweighted), ``val_rewards/total`` and ``val_completion_tokens``."""
+        greedy = dataclasses.replace(self.params, temperature=0.0, top_p=1.0)
+        sums: dict[str, float] = {}
+        for start in range(0, len(prompts), batch_size):
+            part = prompts[start:start + batch_size]
+            samples = sample_groups(model, self.tokenizer, [p.ids for p in part], [0] * len(part), 1, greedy)
+            rewards = self.rewards([p.row for p in part], [p.ids for p in part], samples)
+            figures = {**{f"val_rewards/{name}": values.sum() for name, values in rewards.items()},
+                       "val_rewards/total": sum(self._weight(name) * values for name, values in rewards.items()).sum(),
+                       "val_completion_tokens": sum(len(ids) for ids, _ in samples)}
+            for name, value in figures.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        return {name: value / len(prompts) for name, value in sums.items()}
+
+    def _weight(self, name: str) -> float:
+        return self.weights[name] if name in self.weights else self.reward_fns[name][0]
+
     def __call__(self, model: nn.Module, batch: PromptBatch) -> torch.Tensor:
         cfg, G = self.config, self.config.group_size
         prompts = [self.prompts[int(i)] for i in batch.index.tolist()]
@@ -213,8 +234,7 @@ class GRPOLoss:
         rows = [p.row for p in prompts for _ in range(G)]
         prompt_ids = [p.ids for p in prompts for _ in range(G)]
         rewards = self.rewards(rows, prompt_ids, samples)
-        weights = {**self.weights, **{name: w for name, (w, _) in self.reward_fns.items()}}
-        total_B = sum(weights[name] * values for name, values in rewards.items())
+        total_B = sum(self._weight(name) * values for name, values in rewards.items())
         advantages_B = grpo_advantages(total_B, G)
         device = batch.index.device
         ids_BT, mask_BT = (t.to(device) for t in right_padded(prompt_ids, [ids for ids, _ in samples]))

@@ -237,7 +237,12 @@ def build_objective(config: FinetuneConfig, term: str, section: SFTDataConfig, t
                               f"at most seq_len - grpo.max_new_tokens tokens)")
         reward_model = load_reward_model(config.grpo.reward_model)[0] if config.grpo.reward_model else None
         loss = GRPOLoss(config.grpo, prompts, tokenizer, reference=reference, reward_model=reward_model)
-        return Objective(PromptLoader(len(prompts), config.batch_size, config.seed), loss)
+        held_out = read_prompts(section.eval, tokenizer, config.seq_len - config.grpo.max_new_tokens,
+                                on_bad=section.on_bad) if section.eval else []
+        if section.eval and not held_out:
+            warnings.warn(f"{where}.eval: {section.eval} has no usable prompt; no evaluation")
+        return Objective(PromptLoader(len(prompts), config.batch_size, config.seed), loss,
+                         (lambda m: loss.evaluate(m, held_out)) if held_out else None)
     dpo = term == "dpo"
     read = ((lambda path: preference_rows(path, tokenizer, config.seq_len, on_bad=section.on_bad)) if dpo else
             (lambda path: sft_rows(path, tokenizer, config.seq_len, pack_rows=config.pack, on_bad=section.on_bad)))

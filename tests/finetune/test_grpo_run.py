@@ -35,8 +35,11 @@ def overrides(setup, run_dir, *extra):
 
 
 def test_a_grpo_run_logs_each_reward_kl_and_clip_fraction_and_writes_an_adapter(setup, tmp_path):
-    result = finetune(load_finetune_config(None, overrides(setup, tmp_path / "run")))
+    result = finetune(load_finetune_config(None, overrides(setup, tmp_path / "run", f"data.eval={setup[2]}")))
     assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
+    assert set(result.final_eval) == {"val_rewards/parses", "val_rewards/length", "val_rewards/total",
+                                      "val_completion_tokens"}  # greedy completions of the held-out prompts
+    assert 0 <= result.final_eval["val_rewards/parses"] <= 1 and result.final_eval["val_completion_tokens"] <= 6
     steps = [r for r in read_records(tmp_path / "run") if "loss" in r]
     assert len(steps) == 3
     for record in steps:

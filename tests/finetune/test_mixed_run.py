@@ -106,3 +106,10 @@ def test_a_weighted_term_without_data_and_micro_batches_are_refused(setup, tmp_p
         finetune(load_finetune_config(None, overrides(setup, tmp_path / "run", "mixed.dpo.train=null")))
     with pytest.raises(ConfigError, match="micro_batch_size: method: mixed"):
         finetune(load_finetune_config(None, overrides(setup, tmp_path / "run", "micro_batch_size=1")))
+
+
+def test_the_shipped_mixed_config_loads_with_the_seeds_weights():
+    from pathlib import Path
+    config = load_finetune_config(Path(__file__).resolve().parents[2] / "configs" / "finetune-mixed.yaml")
+    assert config.method == "mixed" and config.mixed_terms() == {"sft": 0.7, "rl": 0.2, "dpo": 0.1}
+    assert set(config.data_sections()) == {"mixed.sft", "mixed.rl", "mixed.dpo"}
