@@ -13,9 +13,11 @@ LAYERS = [
     ["cli"],  # the `ds` command: imports anything, imported by nothing
     ["deepseek", "compat"],  # the public API; the seed programs' old names
     ["serve", "bench"],  # repository, backends, protocols; the load clients (client tools, never the server)
-    # compress fine-tunes through the trainer; finetune: DPO/reward/GRPO losses; evaluation: sandboxed code
-    # execution and pass@k, sampling models through generate (codegen)
-    ["compress", "export", "finetune", "evaluation"],
+    # compress fine-tunes through the trainer; finetune: SFT/DPO/reward/GRPO runs
+    ["compress", "export", "finetune"],
+    # sandboxed code execution, pass@k and the code rewards (sampling through generate): below finetune, whose GRPO
+    # scores completions with them; it imports only generate, data and itself
+    ["evaluation"],
     ["train"],  # the loop (owns a plan), one forward/backward, configs, plain checkpoints, parameter server
     ["generate", "parallel"],  # sampling engines; parallel plans (never train)
     ["models"],  # the model, presets, model directory, HF interop

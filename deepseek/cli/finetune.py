@@ -47,8 +47,8 @@ def run_command(
                                                                "max_steps=20 lora.r=8."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in run_dir."),
 ) -> None:
-    """Fine-tune a model directory on SFT chats (LoRA with a `lora:` section, else full): run_dir/adapter or
-    run_dir/model, plus metrics.jsonl and checkpoints."""
+    """Fine-tune a model directory (method: sft, dpo, reward, grpo or mixed; LoRA with a `lora:` section, else
+    full): run_dir/adapter, run_dir/model or run_dir/reward, plus metrics.jsonl and checkpoints."""
     from deepseek.finetune.config import load_finetune_config
     from deepseek.finetune.run import finetune, result_path
 
@@ -56,7 +56,17 @@ def run_command(
     result = finetune(cfg)
     line = f"fine-tuned {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}"
     if result.final_eval:
-        line += f", val loss {result.final_eval['val_loss']:.4f}"
+        line += ", " + ", ".join(f"{name} {value:.4f}" for name, value in result.final_eval.items())
     typer.echo(line)
-    typer.echo(f"{'adapter' if cfg.lora is not None else 'model'}: {result_path(cfg)}   "
-               f"metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")
+    typer.echo(f"{result_path(cfg).name}: {result_path(cfg)}   metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")
+
+
+@finetune_app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="The run_dir of a `ds finetune run` (holding metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The PNG to write (default RUN_DIR/report.png)."),
+) -> None:
+    """A PNG of the run's loss terms, rewards and KL to the reference over the steps."""
+    from deepseek.finetune.report import plot_finetune_report
+
+    typer.echo(f"wrote {plot_finetune_report(run_dir, out)}")

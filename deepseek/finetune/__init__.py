@@ -1,7 +1,9 @@
 """Fine-tuning: SFT data (chat template, assistant-only labels, packing) and objectives beyond next-token SFT: DPO,
 a Bradley–Terry reward model, GRPO, and their weighted mix.
 
-SFT and DPO run through the Trainer: :mod:`deepseek.finetune.run` (``ds finetune run``); GRPO is a loss only so far.
+Every method runs through the Trainer from :mod:`deepseek.finetune.run` (``ds finetune run``): SFT, DPO, a reward
+model (:mod:`~deepseek.finetune.reward`), GRPO (:mod:`~deepseek.finetune.grpo`) and the mixed objective
+(:mod:`~deepseek.finetune.mixed`); ``ds finetune report`` draws a run (:mod:`~deepseek.finetune.report`).
 """
 
 from deepseek.finetune.objectives import (OBJECTIVES, MixedObjective, RewardModel, bradley_terry_loss, dpo_loss,

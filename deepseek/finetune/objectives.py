@@ -75,6 +75,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             r._last_experts, r.aux_loss = last_experts, aux_loss
 
 
+def _reference_forward(model: nn.Module, reference: Optional[nn.Module], forward):
+    """``forward(m)`` on the reference without gradients, in eval mode: ``reference`` itself, or ``model`` with its
+    LoRA adapters disabled (see :func:`reference_logprobs`)."""
+    if reference is model:
+        raise ValueError("reference is the policy model itself; pass a frozen copy, or use LoRA adapters and no "
+                         "reference (the base with the adapters disabled is the reference)")
+    if reference is None and not has_adapters(model):
+        raise ValueError("a full fine-tune needs an explicit frozen reference model (reference=...); only a model "
+                         "with LoRA adapters serves as its own reference, with the adapters disabled")
+    with torch.no_grad():
+        if reference is not None:
+            with _eval_mode(reference):
+                return forward(reference)
+        with disable_adapters(model), _eval_mode(model):
+            return forward(model)
+
+
 def reference_logprobs(model: nn.Module, input_ids_BT: torch.Tensor, completion_mask_BT: torch.Tensor,
                        attention_mask_BT: Optional[torch.Tensor] = None,
                        reference: Optional[nn.Module] = None) -> torch.Tensor:
@@ -85,18 +102,16 @@ def reference_logprobs(model: nn.Module, input_ids_BT: torch.Tensor, completion_
     no second copy of the weights. A model without adapters and no ``reference`` is a ValueError (the policy is not
     its own reference).
     """
-    if reference is model:
-        raise ValueError("reference is the policy model itself; pass a frozen copy, or use LoRA adapters and no "
-                         "reference (the base with the adapters disabled is the reference)")
-    if reference is None and not has_adapters(model):
-        raise ValueError("a full fine-tune needs an explicit frozen reference model (reference=...); only a model "
-                         "with LoRA adapters serves as its own reference, with the adapters disabled")
-    with torch.no_grad():
-        if reference is not None:
-            with _eval_mode(reference):
-                return sequence_logprobs(reference, input_ids_BT, completion_mask_BT, attention_mask_BT)
-        with disable_adapters(model), _eval_mode(model):
-            return sequence_logprobs(model, input_ids_BT, completion_mask_BT, attention_mask_BT)
+    return _reference_forward(model, reference, lambda m: sequence_logprobs(m, input_ids_BT, completion_mask_BT,
+                                                                            attention_mask_BT))
+
+
+def reference_token_logprobs(model: nn.Module, input_ids_BT: torch.Tensor,
+                             attention_mask_BT: Optional[torch.Tensor] = None,
+                             reference: Optional[nn.Module] = None) -> torch.Tensor:
+    """The reference model's :func:`token_logprobs` [B, T-1] (GRPO's per-token KL), chosen as
+    :func:`reference_logprobs` chooses it."""
+    return _reference_forward(model, reference, lambda m: token_logprobs(m, input_ids_BT, attention_mask_BT))
 
 
 # -- DPO -------------------------------------------------------------------------------------------------------

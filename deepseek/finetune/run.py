@@ -1,5 +1,7 @@
-"""``ds finetune run``: supervised (``method: sft``) or preference (``method: dpo``) fine-tuning of a model
-directory, fully or through LoRA adapters.
+"""``ds finetune run``: supervised (``method: sft``), preference (``method: dpo``), reward-model (``method: reward``,
+:mod:`deepseek.finetune.reward`), GRPO (``method: grpo``, :mod:`deepseek.finetune.grpo`) or mixed (``method: mixed``,
+:mod:`deepseek.finetune.mixed`) fine-tuning of a model directory, fully or through LoRA adapters: this module
+dispatches to them.
 
 Legend: B rows, T tokens of a packed row.
 
@@ -19,13 +21,13 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from deepseek.config import ConfigError
-from deepseek.finetune.config import FinetuneConfig
+from deepseek.finetune.config import FinetuneConfig, SFTDataConfig
 from deepseek.finetune.objectives import dpo_loss, reference_logprobs, sequence_logprobs
 from deepseek.finetune.preference import PreferenceBatch, collate_pairs, read_preference_jsonl
 from deepseek.finetune.sft import IGNORE_INDEX, pack, read_sft_jsonl, sft_targets
@@ -209,41 +211,94 @@ def prepare_model(config: FinetuneConfig) -> tuple[nn.Module, Any]:
     return model.train(), tokenizer
 
 
+@dataclass
+class Objective:
+    """One objective's parts for the Trainer: its batch iterator, ``loss_fn(model, batch)`` and evaluation (None
+    without held-out data)."""
+
+    batches: Any
+    loss_fn: Any
+    eval_fn: Optional[Callable[[nn.Module], dict[str, float]]] = None
+
+
+def build_objective(config: FinetuneConfig, term: str, section: SFTDataConfig, tokenizer: Any,
+                    reference: Optional[nn.Module], where: str = "data") -> Objective:
+    """The ``sft``, ``dpo`` or ``rl`` (GRPO) objective reading the files of the data ``section`` (named ``where``
+    in errors); ``reference`` is the frozen copy of a full fine-tune (None with LoRA)."""
+    micro = config.train_config().micro_batch
+    if term == "rl":
+        from deepseek.finetune.grpo import GRPOLoss, PromptLoader, read_prompts
+        from deepseek.finetune.reward import load_reward_model
+
+        prompts = read_prompts(section.train, tokenizer, config.seq_len - config.grpo.max_new_tokens,
+                               on_bad=section.on_bad)
+        if not prompts:
+            raise ConfigError(f"{where}.train: {section.train} has no usable prompt (rows need a string 'prompt' of "
+                              f"at most seq_len - grpo.max_new_tokens tokens)")
+        reward_model = load_reward_model(config.grpo.reward_model)[0] if config.grpo.reward_model else None
+        loss = GRPOLoss(config.grpo, prompts, tokenizer, reference=reference, reward_model=reward_model)
+        held_out = read_prompts(section.eval, tokenizer, config.seq_len - config.grpo.max_new_tokens,
+                                on_bad=section.on_bad) if section.eval else []
+        if section.eval and not held_out:
+            warnings.warn(f"{where}.eval: {section.eval} has no usable prompt; no evaluation")
+        return Objective(PromptLoader(len(prompts), config.batch_size, config.seed), loss,
+                         (lambda m: loss.evaluate(m, held_out)) if held_out else None)
+    dpo = term == "dpo"
+    read = ((lambda path: preference_rows(path, tokenizer, config.seq_len, on_bad=section.on_bad)) if dpo else
+            (lambda path: sft_rows(path, tokenizer, config.seq_len, pack_rows=config.pack, on_bad=section.on_bad)))
+    what = "preference pair" if dpo else "SFT row"
+    train_rows = read(section.train)
+    if train_rows is None:
+        raise ConfigError(f"{where}.train: {section.train} has no usable {what} (all bad, longer than "
+                          f"seq_len={config.seq_len}, or the file is empty)")
+    eval_rows = read(section.eval) if section.eval else None
+    if section.eval and eval_rows is None:  # e.g. a held-out split that --module left empty
+        warnings.warn(f"{where}.eval: {section.eval} has no usable {what}; no evaluation")
+    loss_fn: Any = DPOLoss(config.dpo.beta, config.dpo.label_smoothing, reference) if dpo else sft_loss
+    eval_fn = None
+    if eval_rows is not None:
+        eval_fn = ((lambda m: evaluate_dpo(m, eval_rows, micro, loss_fn)) if dpo else
+                   (lambda m: evaluate_sft(m, eval_rows, micro)))
+    return Objective(SFTLoader(train_rows, config.batch_size, config.seed), loss_fn, eval_fn)
+
+
 def finetune(config: FinetuneConfig) -> TrainResult:
     """Run the fine-tune ``config`` describes (what ``ds finetune run`` does); the result lands in
-    ``run_dir/adapter`` (LoRA) or ``run_dir/model`` (full)."""
+    ``run_dir/adapter`` (LoRA), ``run_dir/model`` (full) or ``run_dir/reward`` (``method: reward``)."""
     config.check_paths()
+    if config.method == "mixed" and config.micro_batch_size not in (0, config.batch_size):
+        raise ConfigError("micro_batch_size: method: mixed draws one batch per term per step and does not split "
+                          "it; leave micro_batch_size at 0")
     model, tokenizer = prepare_model(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     kind = "LoRA" if config.lora is not None else "full"
-    print(f"{kind} fine-tune of {config.init}: {trainable:,} of {total:,} parameters train "
+    print(f"{kind} fine-tune ({config.method}) of {config.init}: {trainable:,} of {total:,} parameters train "
           f"({100 * trainable / total:.2f}%)", flush=True)
-    dpo = config.method == "dpo"
-    read = ((lambda path: preference_rows(path, tokenizer, config.seq_len, on_bad=config.data.on_bad)) if dpo else
-            (lambda path: sft_rows(path, tokenizer, config.seq_len, pack_rows=config.pack,
-                                   on_bad=config.data.on_bad)))
-    what = "preference pair" if dpo else "SFT row"
-    train_rows = read(config.data.train)
-    if train_rows is None:
-        raise ConfigError(f"data.train: {config.data.train} has no usable {what} (all bad, longer than "
-                          f"seq_len={config.seq_len}, or the file is empty)")
-    eval_rows = read(config.data.eval) if config.data.eval else None
-    if config.data.eval and eval_rows is None:  # e.g. a held-out split that --module left empty
-        warnings.warn(f"data.eval: {config.data.eval} has no usable {what}; no evaluation")
     train_config = config.train_config()
-    if dpo:  # a full fine-tune's reference is a frozen copy of the init model (twice the weights in memory)
-        reference = None if config.lora is not None else copy.deepcopy(model).requires_grad_(False).eval()
-        loss_fn: Any = DPOLoss(config.dpo.beta, config.dpo.label_smoothing, reference)
-    else:
-        loss_fn = sft_loss
+    if config.method == "reward":
+        return _finetune_reward(config, model, tokenizer)
+    terms = config.mixed_terms() if config.method == "mixed" else {"rl" if config.method == "grpo" else
+                                                                    config.method: 1.0}
+    # DPO and GRPO compare with a reference: with LoRA the base (adapters disabled), else a frozen copy of the init
+    # model (twice the weights in memory)
+    needs_reference = config.lora is None and ({"dpo", "rl"} & set(terms))
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference else None
+    sections = config.data_sections()
+    objectives = {term: build_objective(config, term, section, tokenizer, reference, where)
+                  for term, (where, section) in zip(terms, sections.items())}
+    if config.method == "mixed":
+        from deepseek.finetune.mixed import MixedLoader, MixedLoss
+        from deepseek.finetune.objectives import MixedObjective
 
-    def eval_fn(m: nn.Module) -> dict[str, float]:
-        if eval_rows is None:
-            return {}
-        if dpo:
-            return evaluate_dpo(m, eval_rows, train_config.micro_batch, loss_fn)
-        return evaluate_sft(m, eval_rows, train_config.micro_batch)
+        batches: Any = MixedLoader({term: o.batches for term, o in objectives.items()})
+        loss_fn: Any = MixedLoss(MixedObjective(terms), {term: o.loss_fn for term, o in objectives.items()})
+        evals = {term: o.eval_fn for term, o in objectives.items() if o.eval_fn is not None}
+        eval_fn = (lambda m: {f"{name[:4]}{term}/{name[4:]}" if name.startswith("val_") else name: value
+                              for term, fn in evals.items() for name, value in fn(m).items()}) if evals else None
+    else:
+        (only,) = objectives.values()
+        batches, loss_fn, eval_fn = only.batches, only.loss_fn, only.eval_fn
 
     def save_result(m: nn.Module, path: Path) -> None:  # the Trainer's final save of run_dir/model
         if config.lora is not None:
@@ -251,14 +306,48 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         else:
             save(m, tokenizer, path)
 
+    # sampling (GRPO) is no side-effect-free trial of the precision: only plain losses time it
+    trial = loss_fn if config.method in ("sft", "dpo") else None
+    trainer = Trainer(model, train_config, batches=batches, loss_fn=loss_fn, eval_fn=eval_fn, tokenizer=tokenizer,
+                      save_model=save_result, trial_loss_fn=trial)
+    return trainer.fit()
+
+
+def _finetune_reward(config: FinetuneConfig, lm: nn.Module, tokenizer: Any) -> TrainResult:
+    """``method: reward``: a :class:`~deepseek.finetune.objectives.RewardModel` on ``lm`` trained on the
+    preference pairs of ``data``; the result is ``run_dir/reward`` (:mod:`deepseek.finetune.reward`)."""
+    from deepseek.finetune.reward import RewardLoss, evaluate_reward, reward_model_of, save_reward_model
+
+    train_config = config.train_config()
+    if train_config.gradient_checkpointing:  # the flag lives on the LM, not on the reward model around it
+        lm.gradient_checkpointing = True
+        train_config = dataclasses.replace(train_config, gradient_checkpointing=False)
+    model = reward_model_of(lm, config.seed)
+    read = lambda path: preference_rows(path, tokenizer, config.seq_len, on_bad=config.data.on_bad)  # noqa: E731
+    train_rows = read(config.data.train)
+    if train_rows is None:
+        raise ConfigError(f"data.train: {config.data.train} has no usable preference pair (all bad, longer than "
+                          f"seq_len={config.seq_len}, or the file is empty)")
+    eval_rows = read(config.data.eval) if config.data.eval else None
+    if config.data.eval and eval_rows is None:
+        warnings.warn(f"data.eval: {config.data.eval} has no usable preference pair; no evaluation")
+    eval_fn = (lambda m: evaluate_reward(m, eval_rows, train_config.micro_batch)) if eval_rows is not None else None
+
+    def save_result(m: nn.Module, path: Path) -> None:
+        save_reward_model(m, tokenizer, path.with_name("reward"), base=str(config.init),
+                          adapter=config.lora is not None)
+
+    loss_fn = RewardLoss()
     trainer = Trainer(model, train_config, batches=SFTLoader(train_rows, config.batch_size, config.seed),
-                      loss_fn=loss_fn, eval_fn=eval_fn if eval_rows is not None else None, tokenizer=tokenizer,
-                      save_model=save_result, trial_loss_fn=loss_fn)
+                      loss_fn=loss_fn, eval_fn=eval_fn, save_model=save_result, trial_loss_fn=loss_fn)
+    # (no tokenizer for the checkpoints: they hold the reward model's state dict, head included, not a model dir)
     return trainer.fit()
 
 
 def result_path(config: FinetuneConfig) -> Path:
     """Where ``finetune(config)`` writes its result."""
+    if config.method == "reward":
+        return Path(config.run_dir) / "reward"
     return Path(config.run_dir) / ("adapter" if config.lora is not None else "model")
 
 
@@ -274,5 +363,6 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     return save(model, tokenizer, out)
 
 
-__all__ = ["DPOLoss", "FinetuneConfig", "SFTBatch", "SFTLoader", "evaluate_dpo", "evaluate_sft", "finetune", "merge_adapter", "prepare_model",
-           "preference_rows", "result_path", "sft_loss", "sft_rows"]
+__all__ = ["DPOLoss", "FinetuneConfig", "Objective", "SFTBatch", "SFTLoader", "build_objective", "evaluate_dpo",
+           "evaluate_sft", "finetune", "merge_adapter", "prepare_model", "preference_rows", "result_path", "sft_loss",
+           "sft_rows"]

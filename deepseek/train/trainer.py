@@ -38,6 +38,31 @@ TRIAL_BATCHES = 4  # precision=auto's trial on a CPU with native bf16: one warm-
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
+class StepMetrics:
+    """``loss_fn`` wrapped so that the figures it exposes reach metrics.jsonl: after each call the loss function's
+    ``last`` attribute (a dict of floats, e.g. DPO's ``rewards/accuracy``, GRPO's ``kl``), when it has one, is
+    added up; :meth:`take` returns the means over the micro-batches since the last take, and starts afresh."""
+
+    def __init__(self, loss_fn: LossFn):
+        self.loss_fn = loss_fn
+        self._sums: dict[str, float] = {}
+        self._calls = 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        loss = self.loss_fn(model, batch)
+        last = getattr(self.loss_fn, "last", None)
+        if last:
+            self._calls += 1
+            for name, value in last.items():
+                self._sums[name] = self._sums.get(name, 0.0) + float(value)
+        return loss
+
+    def take(self) -> dict[str, float]:
+        means = {name: total / self._calls for name, total in self._sums.items()} if self._calls else {}
+        self._sums, self._calls = {}, 0
+        return means
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +136,9 @@ class Trainer:
 
     ``batches`` is an iterator of batches; if it has ``state_dict()``/``load_state_dict()`` (like
     :class:`deepseek.data.TokenLoader`) its position is checkpointed too, so a resumed run sees exactly the
-    batches the uninterrupted run would have seen. ``eval_fn(model) -> {"val_loss": …}`` runs every
+    batches the uninterrupted run would have seen. A ``loss_fn`` with a ``last`` attribute (a dict of floats set
+    by each call) has those figures, averaged over the step's micro-batches, logged with the loss
+    (:class:`StepMetrics`). ``eval_fn(model) -> {"val_loss": …}`` runs every
     ``eval_every`` steps and at the end. ``save_model(model, path)`` writes the final model to
     ``run_dir/model`` (default: ``model.safetensors`` of the state dict in that folder); ``tokenizer`` rides
     along in checkpoints of deepseek models.
@@ -158,8 +185,9 @@ class Trainer:
         self.clipper = GradientClipper(config.clip, norm_fn=self.parallel.grad_norm_fn())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         forward_model = jit(self.parallel_model) if config.compile else self.parallel_model
-        self.step_fn = ForwardBackward(forward_model, loss_fn, self.device.type, self.amp_dtype, self.scaler,
-                                       aux_model=self.model)
+        self.step_metrics = StepMetrics(loss_fn)
+        self.step_fn = ForwardBackward(forward_model, self.step_metrics, self.device.type, self.amp_dtype,
+                                       self.scaler, aux_model=self.model)
         self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
         self.step = 0
         self.planned_steps = config.max_steps  # a time budget may shorten the schedule (deepseek.train.budget)
@@ -219,7 +247,9 @@ class Trainer:
                    "clip_threshold": clip.threshold, "clipped": clip.clipped, "skipped": not finite}
         if aux_sum:
             figures["aux_loss"] = aux_sum / len(micro_batches)
-        figures = self.parallel.mean_over_ranks(figures, ("loss", "aux_loss"))
+        extra = {name: value for name, value in self.step_metrics.take().items() if name not in figures}
+        figures.update(extra)
+        figures = self.parallel.mean_over_ranks(figures, ("loss", "aux_loss", *extra))
         stats = self.model.router_stats() if hasattr(self.model, "router_stats") else None
         if stats is not None:
             figures["expert_load_max_over_mean"] = float(stats.max_over_mean.max())

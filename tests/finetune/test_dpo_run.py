@@ -87,6 +87,10 @@ def test_lora_dpo_writes_an_adapter_and_learns_the_preferences(setup, tmp_path):
     assert result.step == 6 and torch.isfinite(torch.tensor(result.loss))
     adapter = tmp_path / "run" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and not (tmp_path / "run" / "model").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 6  # the loss's reward figures are logged with each step's loss
+    assert all({"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= set(r) for r in steps)
     model, _ = ds.load(base_dir)
     reference, _ = ds.load(base_dir)
     before = _metrics(model, data, tokenizer, reference.requires_grad_(False))  # adapters start at zero

@@ -198,3 +198,29 @@ def test_every_field_has_help_and_the_shipped_configs_load():
         assert isinstance(cfg, TrainConfig)
     assert load_train_config(CONFIGS / "quickstart.yaml").model_config().n_routed_experts == 8
     assert json.dumps(describe_fields())
+
+
+def test_a_loss_functions_last_figures_are_logged_as_means_over_the_micro_batches(tmp_path):
+    """A loss_fn with a ``last`` dict (DPO's rewards, GRPO's kl) has it logged with the step's loss."""
+
+    class LossWithFigures:
+        def __init__(self):
+            self.last = {}
+
+        def __call__(self, model, batch):
+            self.last = {"first_value": float(batch[0, 0]), "loss": -1.0}  # a figure may not shadow the loss
+            return model(batch).pow(2).mean()
+
+    def batches():
+        step = 0
+        while True:
+            step += 1
+            yield torch.arange(4.0).repeat_interleave(2).view(4, 2) + 10 * step  # micro-batch b starts at 10s + b
+
+    cfg = load_train_config(None, [f"run_dir={tmp_path}", "max_steps=2", "batch_size=4", "micro_batch_size=1",
+                                   "precision=fp32", "progress=false", "tensorboard=false", "eval_every=0",
+                                   "checkpoint.every=0", "checkpoint.save_final=false", "log_every=1"])
+    Trainer(nn.Linear(2, 1), cfg, batches=batches(), loss_fn=LossWithFigures()).fit()
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["first_value"] for r in records] == [11.5, 21.5]  # mean of 10s + 0..3
+    assert all(r["loss"] >= 0 for r in records)
