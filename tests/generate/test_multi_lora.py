@@ -106,7 +106,7 @@ def test_unknown_adapter_and_refused_targets(adapters, tmp_path):
     with pytest.raises(ValueError, match="unknown adapter 'alpha'"):
         engine.submit("hi", adapter="alpha")
     experts = make_adapter(tmp_path / "experts", LoRAConfig(r=2, target_modules=("experts",)), 3)
-    with pytest.raises(AdapterError, match="only attention projections"):
+    with pytest.raises(AdapterError, match="not the head or routed experts, are served per row"):
         load_adapters(model, {"alpha": adapters["alpha"], "experts": experts})
     assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())  # left as it was
     with pytest.raises(AdapterError, match="no adapters"):
