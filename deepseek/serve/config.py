@@ -187,8 +187,9 @@ class ServingConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
     # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # deepseek models: LoRA adapters served per row of one batch, {name: PEFT adapter directory}; a relative path
-    # is read from this file's folder. Requests pick one with the OpenAI model "<model>:<adapter>".
+    # deepseek models: LoRA adapters served per row of one batch, {name: adapter directory (PEFT's format or
+    # ours)}; a relative path is read from this file's folder. Requests pick one with the OpenAI model
+    # "<model>:<adapter>"; the management API adds and removes adapters at run time.
     adapters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
