@@ -275,7 +275,8 @@ class ContinuousBatchingEngine:
         in_use = {r.adapter_index for r in live if r is not None and r.adapter_index >= 0}
         for pending in changes:
             try:
-                pending.result = pending.change(in_use)
+                with torch.inference_mode(False):  # new weights are ordinary tensors, usable outside the engine too
+                    pending.result = pending.change(in_use)
             except Exception as exc:  # noqa: BLE001 - handed to the caller of between_steps
                 pending.error = exc
             pending.done.set()

@@ -305,7 +305,11 @@ def read_adapter(model: nn.Module, directory: str | Path) -> AdapterFile:
     """Read an adapter directory of either format and check it against ``model`` (unchanged); AdapterError
     naming the file and why otherwise."""
     folder = Path(directory)
-    if not folder.is_dir():
+    try:
+        is_dir = folder.is_dir()
+    except OSError as exc:  # e.g. a name too long: the caller's path, not our failure
+        raise AdapterError(f"{folder} is not a readable directory: {exc.strerror or exc}") from None
+    if not is_dir:
         raise AdapterError(f"{folder} is not a directory")
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     config = _read_config(config_path)
