@@ -1,6 +1,7 @@
-"""Serving LoRA adapters of a quickstart-shaped model (our adapter format): ``ds serve MODEL_DIR --adapter
-NAME=DIR`` answers the real ``openai`` client as local generation with the adapter applied does, and the
-key-protected management API loads and unloads adapters at run time while the server keeps serving."""
+"""Serving LoRA adapters of a quickstart-shaped model (our adapter format): a served adapter answers the real
+``openai`` client as local generation with the adapter applied does, ``ds serve MODEL_DIR --adapter NAME=DIR``
+serves it, and the key-protected management API loads and unloads adapters at run time while the server keeps
+serving."""
 
 import json
 import threading
@@ -9,12 +10,16 @@ import httpx
 import openai
 import pytest
 import torch
+import yaml
 
 import deepseek as ds
 from deepseek.finetune.config import load_finetune_config
 from deepseek.finetune.run import finetune
 from deepseek.models.adapters import load_adapter, save_adapter
 from deepseek.nn.lora import LoRAConfig, apply_lora
+from deepseek.nn.multi_lora import multi_lora_modules
+from deepseek.serve.backends.deepseek_backend import DeepSeekBackend
+from deepseek.serve.config import ServingConfig
 from deepseek.serve.protocols.openai_api import chat_prompt
 from tests.finetune.test_run import CHATS, overrides
 from tests.models.quickstart_shaped import quickstart_shaped_model, save_quickstart_shaped
@@ -54,9 +59,16 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(setup):
+def server(setup, tmp_path_factory):
+    """The base as model "base" with "sft" from its config.yaml (what ``--adapter`` writes, plus fp32: local
+    generation runs in fp32, and precision auto may pick bf16 on a CPU that decodes faster in it)."""
     base, adapters = setup
-    with ds.serve(base, port=free_port(), block=False, adapters={"sft": str(adapters["sft"])}, api_key=KEY) as s:
+    root = tmp_path_factory.mktemp("repo")
+    (root / "base").mkdir()
+    (root / "base" / "1").symlink_to(base, target_is_directory=True)
+    (root / "base" / "config.yaml").write_text(yaml.safe_dump({
+        "backend": "deepseek", "precision": "fp32", "adapters": {"sft": str(adapters["sft"])}}))
+    with ds.serve(root, port=free_port(), block=False, api_key=KEY) as s:
         yield s.url, setup
 
 
@@ -91,6 +103,7 @@ def test_served_adapter_answers_the_openai_client_as_local_generation(server):
     assert reply.choices[0].message.content == local_chat(base, adapters["sft"], MESSAGES)
     plain = c.chat.completions.create(model="base", messages=MESSAGES, max_tokens=16, temperature=0)
     assert plain.choices[0].message.content == local_chat(base, None, MESSAGES)
+    assert reply.choices[0].message.content != plain.choices[0].message.content  # the fine-tune changed the reply
 
 
 def test_management_api_loads_and_unloads_adapters_at_run_time(server):
@@ -157,8 +170,35 @@ def test_ds_serve_cli_takes_adapters(setup, tmp_path):
         wait_ready(server, port)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
         assert [m["id"] for m in models] == ["base", "base:sft"]
+        reply = client(f"http://127.0.0.1:{port}").chat.completions.create(model="base:sft", messages=MESSAGES,
+                                                                          max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1
     finally:
         stop(server)
     bad = start_server(str(base), "--adapter", "sft")
     _, err = bad.communicate(timeout=60)
     assert bad.returncode != 0 and "expected NAME=DIR" in err and "Traceback" not in err
+
+
+def test_backend_changes_adapters_before_and_after_its_engine_starts(setup):
+    base, adapters = setup
+    backend = DeepSeekBackend("base", 1, base, ServingConfig(backend="deepseek", precision="fp32"))
+    try:
+        backend.load_adapter("loud", adapters["loud"])  # no engine yet: applied at once
+        assert backend.adapters == ("loud",)
+        engine = backend.engine()
+        assert engine.adapters == {"loud": 0}
+        deltas = []
+        request = engine.submit(PROMPT, {"max_new_tokens": 12, "temperature": 0}, adapter="loud",
+                                on_event=lambda event: deltas.append(event.delta))
+        assert request.done.wait(120)
+        assert "".join(deltas) == local(base, adapters["loud"], PROMPT, 12)
+        backend.unload_adapter("loud")  # through the running engine
+        assert backend.adapters == () and engine.adapters == {}
+        with pytest.raises(ValueError, match="unknown adapter 'loud'"):
+            engine.submit(PROMPT, adapter="loud")
+        with pytest.raises(KeyError, match="no adapter 'loud'"):
+            backend.unload_adapter("loud")
+        assert not multi_lora_modules(backend.model)  # no slot left in use: the layers are plain again
+    finally:
+        backend.close()
