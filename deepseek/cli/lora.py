@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
 @lora_app.command("merge")
 def merge_command(
     base: Path = typer.Argument(..., help="The base model directory the adapter was trained on."),
-    adapter: Path = typer.Argument(..., help="A PEFT adapter directory (e.g. run_dir/adapter of `ds finetune run`)."),
+    adapter: Path = typer.Argument(..., help="An adapter directory, PEFT's format or ours (e.g. run_dir/adapter "
+                                             "of `ds finetune run`)."),
     out: Path = typer.Argument(..., help="Output model directory (the adapter folded into the weights)."),
 ) -> None:
     """Fold a LoRA adapter into its base: an ordinary model directory that computes as base + adapter."""

@@ -38,6 +38,8 @@ def serve_command(
                                                          "variant."),
     torch_threads: Optional[int] = typer.Option(None, help="Intra-op threads for the models (default: torch's, "
                                                            "one per core)."),
+    adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR: serve the LoRA adapter directory DIR with "
+                                                           "MODEL_DIR as model '<model>:NAME' (repeatable)."),
 ) -> None:
     """Serve models over KServe v2 HTTP and gRPC (tritonclient, KServe clients) until Ctrl-C; drains on exit."""
     from deepseek.config import ConfigError
@@ -51,10 +53,14 @@ def serve_command(
     root = model_repository if model_repository is not None else model_dir
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
+    adapters = parse_adapters(adapter or [])
+    if adapters and model_dir is None:
+        raise ConfigError("--adapter needs MODEL_DIR; with --model-repository list adapters in the model's "
+                          "config.yaml (adapters: {name: dir})")
     server = Server(root, host=host, port=http_port, grpc_port=None if no_grpc else grpc_port, api_key=api_key,
                     protect_inference=protect_inference, model_control=model_control, load_models=load_model,
                     poll_interval_s=repository_poll_secs, max_request_mb=max_request_mb, access_log=access_log,
-                    routing_header=routing_header, torch_threads=torch_threads)
+                    routing_header=routing_header, torch_threads=torch_threads, adapters=adapters)
     server.check_ports()
     grpc = "" if no_grpc else f", gRPC on {host}:{grpc_port}"
     typer.echo(f"serving {root} on http://{host}:{http_port}/v2{grpc}; metrics at /metrics "
@@ -71,3 +77,21 @@ def serve_command(
     finally:  # also on the SystemExit of the signal handlers above
         if server.started:
             typer.echo("stopped; in-flight requests were drained")
+
+
+def parse_adapters(options: List[str]) -> dict[str, str]:
+    """``--adapter NAME=DIR`` options -> {NAME: DIR}; a ConfigError (one line) for a malformed or repeated one."""
+    from deepseek.config import ConfigError
+    from deepseek.serve.config import ADAPTER_NAME
+
+    adapters: dict[str, str] = {}
+    for option in options:
+        name, equals, directory = option.partition("=")
+        if not equals or not ADAPTER_NAME.fullmatch(name) or not directory:
+            raise ConfigError(f"--adapter {option!r}: expected NAME=DIR, NAME of letters, digits, '.', '_' or '-'")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name!r} is given twice")
+        if not Path(directory).is_dir():
+            raise ConfigError(f"--adapter {name}={directory}: {directory} is not a directory")
+        adapters[name] = directory
+    return adapters

@@ -10,7 +10,8 @@ config has a ``lora`` section (everything else frozen) or trains every parameter
 (:mod:`deepseek.finetune.sft`) or the preference pairs (:mod:`deepseek.finetune.preference`, loss
 :class:`DPOLoss`), and hands model, batches and loss to the same
 :class:`~deepseek.train.trainer.Trainer` as ``ds train``: metrics.jsonl, checkpoints, exact ``--resume``. The result
-is ``run_dir/adapter`` (a PEFT adapter directory naming its base) or ``run_dir/model`` (a model directory).
+is ``run_dir/adapter`` (an adapter directory naming its base: PEFT's format when the base has a Hugging Face
+Mixtral export, else ours, :mod:`deepseek.models.adapters`) or ``run_dir/model`` (a model directory).
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from deepseek.finetune.config import FinetuneConfig, SFTDataConfig
 from deepseek.finetune.objectives import dpo_loss, reference_logprobs, sequence_logprobs
 from deepseek.finetune.preference import PreferenceBatch, collate_pairs, read_preference_jsonl
 from deepseek.finetune.sft import IGNORE_INDEX, pack, read_sft_jsonl, sft_targets
-from deepseek.models.adapters import hf_module_name, save_adapter
+from deepseek.models.adapters import save_adapter, writes_peft_format
 from deepseek.models.directory import load, save
-from deepseek.models.hf import mixtral_incompatibilities
 from deepseek.nn.lora import apply_lora
 from deepseek.nn.quantized import QuantizedExperts, QuantizedLinear
 from deepseek.train.trainer import Trainer, TrainResult
@@ -193,21 +193,13 @@ def prepare_model(config: FinetuneConfig) -> tuple[nn.Module, Any]:
     if lora is None:
         model.requires_grad_(True)
     else:
-        reasons = mixtral_incompatibilities(model.config)
-        if reasons:  # found now, not after the run: the adapter is saved in PEFT's format for the HF export
-            raise ConfigError("lora: the adapter directory is PEFT's format for the Hugging Face export of the base, "
-                              "which this model has none of: " + "; ".join(reasons))
         torch.manual_seed(config.seed)
         try:
             summary = apply_lora(model, lora)
         except ValueError as exc:
             raise ConfigError(f"lora: {exc}") from None
-        unmapped = [name for name in summary.modules if hf_module_name(name) is None]
-        if unmapped:  # found now, not when the adapter is saved after the run
-            raise ConfigError(f"lora.target_modules: {', '.join(unmapped[:4])}{', ...' if len(unmapped) > 4 else ''} "
-                              f"have no counterpart in PEFT's (Hugging Face Mixtral) module names; adaptable there: "
-                              f"attn.q/k/v/o, ffn.experts, lm_head")
-        log.info("LoRA: %s", summary)
+        fmt = "PEFT's (Hugging Face Mixtral names)" if writes_peft_format(model, summary.modules) else "deepseek's"
+        log.info("LoRA: %s; the adapter will be saved in %s format", summary, fmt)
     return model.train(), tokenizer
 
 
@@ -352,8 +344,8 @@ def result_path(config: FinetuneConfig) -> Path:
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """``ds lora merge``: the model directory ``base`` with the PEFT adapter ``adapter`` folded into its weights,
-    written as the model directory ``out``."""
+    """``ds lora merge``: the model directory ``base`` with the adapter directory ``adapter`` (either format)
+    folded into its weights, written as the model directory ``out``."""
     from deepseek.models.adapters import load_adapter
     from deepseek.nn.lora import merge_lora
 

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 from tokenizers import Tokenizer
@@ -45,6 +45,7 @@ from deepseek.nn.multi_lora import adapter_names, row_adapters
 from deepseek.nn.slot_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineStoppedError(RuntimeError):
@@ -119,6 +120,16 @@ class GenerationRequest:
         self.cancelled = True
 
 
+@dataclass
+class _Change:
+    """A :meth:`ContinuousBatchingEngine.between_steps` call waiting for the engine thread."""
+
+    change: Callable[[set[int]], object]
+    result: object = None
+    error: Optional[BaseException] = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class ContinuousBatchingEngine:
     """Serve many generation requests at once on one model (see the module docstring)."""
 
@@ -136,7 +147,8 @@ class ContinuousBatchingEngine:
         self.device = next(model.parameters()).device
         self.vocab = sampling_vocab_size(model, tokenizer)
         # Adapters served per row (deepseek.models.adapters.load_adapters): name -> index in the stacked weights.
-        self.adapters = {name: i for i, name in enumerate(adapter_names(model))}
+        # Changed at run time only through between_steps ("" names an empty slot).
+        self.adapters = {name: i for i, name in enumerate(adapter_names(model)) if name}
         # Slots 0..max_running-1 hold running sequences; the last one stages the prompt being prefilled.
         self.cache = SlotKVCache.for_model(model, max_running + 1, max_len)
         self.max_len = self.cache.max_len
@@ -149,6 +161,7 @@ class ContinuousBatchingEngine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._prefilling: Optional[GenerationRequest] = None
         self._lock = threading.Condition()
+        self._changes: list[_Change] = []  # run by the engine thread between iterations: see between_steps
         self._ids = itertools.count()
         self._stopping = False
         self.failure: Optional[str] = None  # why the engine thread stopped, if it failed
@@ -193,8 +206,6 @@ class ContinuousBatchingEngine:
         """Queue one prompt (text or token ids). Raises :class:`QueueFullError` when the queue is full,
         ``ValueError`` for a prompt that cannot fit or an ``adapter`` the model does not hold (see
         :attr:`adapters`; None = the base model); events go to ``on_event`` from the engine thread."""
-        if adapter is not None and adapter not in self.adapters:
-            raise ValueError(f"unknown adapter {adapter!r}; this model serves {sorted(self.adapters) or 'none'}")
         if params is None:
             params = SamplingParams()
         elif isinstance(params, dict):
@@ -208,8 +219,12 @@ class ContinuousBatchingEngine:
         request = GenerationRequest(request_id or f"{self.name}-{next(self._ids)}", seq,
                                     on_event or (lambda event: None),
                                     None if timeout_s is None else time.monotonic() + timeout_s,
-                                    adapter=adapter, adapter_index=self.adapters.get(adapter, -1))
+                                    adapter=adapter)
         with self._lock:
+            # Under the lock: between_steps may change the adapters, and the index must be the current one.
+            if adapter is not None and adapter not in self.adapters:
+                raise ValueError(f"unknown adapter {adapter!r}; this model serves {sorted(self.adapters) or 'none'}")
+            request.adapter_index = self.adapters.get(adapter, -1)
             if self.failure is not None:
                 raise EngineStoppedError(f"the engine stopped after an error: {self.failure}")
             if self._stopping:
@@ -235,6 +250,37 @@ class ContinuousBatchingEngine:
         return [GenerationOutput("".join(texts.get(r.request_id, [])), list(r.token_ids),
                                  r.finish_reason or "length", len(r.prompt_ids)) for r in requests]
 
+    def between_steps(self, change: Callable[[set[int]], T]) -> T:
+        """Run ``change(adapter indices of the queued and running requests)`` while no iteration runs and no
+        request is being queued, and return its result (or raise its exception): the place to swap the model's
+        adapter layers and :attr:`adapters` (the serving backend's run-time adapter load/unload). The engine
+        thread runs it before its next iteration (inline when that thread is not running). A running request
+        keeps its index for its whole life, so ``change`` must keep those slots' weights."""
+        pending = _Change(change)
+        with self._lock:
+            self._changes.append(pending)
+            self._lock.notify_all()
+        while not pending.done.wait(0.05):  # the engine thread may have stopped (or never started) meanwhile
+            if self._thread is None or not self._thread.is_alive():
+                with self._lock:
+                    self._run_changes()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _run_changes(self) -> None:
+        """Run the queued :meth:`between_steps` changes (holding ``_lock``, between iterations)."""
+        changes, self._changes = self._changes, []
+        live = [*self._waiting, *self._running, self._prefilling]
+        in_use = {r.adapter_index for r in live if r is not None and r.adapter_index >= 0}
+        for pending in changes:
+            try:
+                with torch.inference_mode(False):  # new weights are ordinary tensors, usable outside the engine too
+                    pending.result = pending.change(in_use)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller of between_steps
+                pending.error = exc
+            pending.done.set()
+
     def stats(self) -> EngineStats:
         with self._lock:
             waiting = len(self._waiting) + (self._prefilling is not None)
@@ -247,8 +293,10 @@ class ContinuousBatchingEngine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._running or self._waiting or self._prefilling or self._stopping):
+                    while not (self._running or self._waiting or self._prefilling or self._stopping
+                               or self._changes):
                         self._lock.wait()
+                    self._run_changes()
                     if self._stopping and not (self._running or self._waiting or self._prefilling):
                         return
                 try:
@@ -336,8 +384,8 @@ class ContinuousBatchingEngine:
     # -- pieces -------------------------------------------------------------------------------------
 
     def _row_adapters(self, requests: list[GenerationRequest]):
-        """Each row's adapter for the next forward (one small host-to-device copy), if the model serves any."""
-        if not self.adapters:
+        """Each row's adapter for the next forward (one small host-to-device copy), if any row has one."""
+        if all(r.adapter_index < 0 for r in requests):
             return contextlib.nullcontext()
         ids_B = torch.tensor([r.adapter_index for r in requests], device=self.device)
         return row_adapters(self.model, ids_B)

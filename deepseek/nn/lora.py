@@ -121,6 +121,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.scaling, self.enabled = config.scaling, True
+        self.lora_config = config  # r, alpha and rsLoRA as given: an adapter file keeps them, not only the scaling
         kw = _adapter_kwargs(base_layer)
         self.lora_A = nn.Parameter(torch.empty(config.r, base_layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, config.r, **kw))
@@ -196,6 +197,7 @@ class LoRAExperts(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         self.n_experts, self.ffn_dim = base_layer.n_experts, base_layer.ffn_dim
         self.scaling, self.enabled = config.scaling, True
+        self.lora_config = config  # as LoRALinear's
         if isinstance(base_layer, QuantizedExperts):
             E, F2, D = base_layer.n_experts, 2 * base_layer.ffn_dim, base_layer.d_model
         else:

@@ -5,7 +5,8 @@ Legend: B rows, T tokens per row, I/O the linear's input/output width, K adapter
 :class:`MultiLoRALinear` keeps the base ``nn.Linear`` and K adapters stacked as buffers, ``lora_A`` [K, R, I] and
 ``lora_B`` [K, O, R] (a smaller rank is zero-padded, which adds exact zeros; an adapter that does not target this
 module has B = 0), with ``scaling`` [K]. Before a forward the caller sets each row's adapter index
-(:func:`row_adapters`; −1 = the base alone): ``y_b = base(x_b) + scaling[k_b] * B[k_b] (A[k_b] x_b)``.
+(:func:`row_adapters`; −1 = the base alone): ``y_b = base(x_b) + scaling[k_b] * B[k_b] (A[k_b] x_b)``. The input
+is [B, T, I], or [B·T, I] with the rows' tokens flattened row-major (what an MoE layer hands its shared expert).
 
 Mixing rows of different adapters in one forward — three ways, measured by ``benchmarks/bench_multi_lora.py``
 (x86 CPU, 1 thread, fp32, one D×D linear, K adapters of rank R, best of 5 interleaved rounds, µs):
@@ -26,8 +27,9 @@ Mixing rows of different adapters in one forward — three ways, measured by ``b
   low-rank work grows with K·R (every row pays all adapters' shrink), so past a few dozen adapters the grouped
   product would win.
 
-Only plain linears (the attention projections) are served this way; routed experts and the head are not (the
-head's product is read as ``weight`` by the model, and per-row expert adapters need (adapter, expert) groups).
+Only plain linears (attention, dense and shared-expert projections) are served this way; routed experts and the
+head are not (the head's product is read as ``weight`` by the model, and per-row expert adapters need (adapter,
+expert) groups).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from torch import nn
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` (``base_layer``) with K named adapters, applied per row: [B, T, I] -> [B, T, O].
+    """A frozen ``nn.Linear`` (``base_layer``) with K named adapters, applied per row: [B, T, I] -> [B, T, O]
+    (or [B·T, I] -> [B·T, O]).
 
-    ``names`` the adapters in index order; ``lora_A`` [K, R, I], ``lora_B`` [K, O, R], ``scaling`` [K] (buffers:
-    serving never trains them). ``row_ids`` [B] (long, −1 = base) is set by :func:`row_adapters`; None computes
+    ``names`` the adapters in index order ("" = an empty slot); ``lora_A`` [K, R, I], ``lora_B`` [K, O, R],
+    ``scaling`` [K] (buffers: serving never trains them). ``row_ids`` [B] (long, −1 = base) is set by :func:`row_adapters`; None computes
     the base alone.
     """
 
@@ -77,10 +80,8 @@ class MultiLoRALinear(nn.Module):
         ids_B = self.row_ids
         if ids_B is None:
             return y
-        if ids_B.shape[0] != x.shape[0]:
-            raise ValueError(f"row adapters set for {ids_B.shape[0]} rows, input has {x.shape[0]}")
         K, R, I = self.lora_A.shape
-        x_BTI = x.reshape(x.shape[0], -1, I)
+        x_BTI = _rows(x, ids_B.shape[0])
         dtype = x.dtype
         a_QI = self.lora_A.reshape(K * R, I).to(dtype)  # Q = K·R, adapter-major
         b_OQ = self.lora_B.permute(1, 0, 2).reshape(-1, K * R).to(dtype)
@@ -94,7 +95,7 @@ class MultiLoRALinear(nn.Module):
         against :meth:`forward`, see the module docstring)."""
         y = self.base_layer(x)
         ids_B = self.row_ids
-        x_BTI = x.reshape(x.shape[0], -1, x.shape[-1])
+        x_BTI = _rows(x, ids_B.shape[0])
         k_B = ids_B.clamp(min=0)
         a_BRI, b_BOR = self.lora_A[k_B].to(x.dtype), self.lora_B[k_B].to(x.dtype)
         scale_B = torch.where(ids_B >= 0, self.scaling[k_B], 0).to(x.dtype)
@@ -106,17 +107,26 @@ class MultiLoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.row_ids is None:
             return y
+        x_BTI = _rows(x, self.row_ids.shape[0])
+        y_BTO = y.reshape(x_BTI.shape[0], x_BTI.shape[1], -1)
         rows = []
         for b, k in enumerate(self.row_ids.tolist()):
             if k < 0:
-                rows.append(y[b])
+                rows.append(y_BTO[b])
             else:
-                low = nn.functional.linear(nn.functional.linear(x[b], self.lora_A[k]), self.lora_B[k])
-                rows.append(y[b] + low * self.scaling[k])
-        return torch.stack(rows)
+                low = nn.functional.linear(nn.functional.linear(x_BTI[b], self.lora_A[k]), self.lora_B[k])
+                rows.append(y_BTO[b] + low * self.scaling[k])
+        return torch.stack(rows).reshape(y.shape)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.names)}, r={self.lora_A.shape[1]}"
+
+
+def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``x`` [B, T, I] (or [B, I]), or [B·T, I] flattened row-major, as [B, T, I] for ``n_rows`` = B rows."""
+    if x.shape[0] != n_rows and not (x.dim() == 2 and x.shape[0] % n_rows == 0):
+        raise ValueError(f"row adapters set for {n_rows} rows, input has {x.shape[0]}")
+    return x.reshape(n_rows, -1, x.shape[-1])
 
 
 def multi_lora_modules(model: nn.Module) -> list[MultiLoRALinear]:

@@ -26,6 +26,8 @@ import yaml
 
 from deepseek.config import ConfigError, from_dict
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # LoRA adapter names: the OpenAI model "<model>:<name>"
+
 DATATYPE_TO_TORCH: dict[str, Optional[torch.dtype]] = {
     "BOOL": torch.bool,
     "UINT8": torch.uint8,
@@ -185,8 +187,9 @@ class ServingConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
     # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # deepseek models: LoRA adapters served per row of one batch, {name: PEFT adapter directory}; a relative path
-    # is read from this file's folder. Requests pick one with the OpenAI model "<model>:<adapter>".
+    # deepseek models: LoRA adapters served per row of one batch, {name: adapter directory (PEFT's format or
+    # ours)}; a relative path is read from this file's folder. Requests pick one with the OpenAI model
+    # "<model>:<adapter>"; the management API adds and removes adapters at run time.
     adapters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -202,7 +205,7 @@ class ServingConfig:
         if self.backend in ("onnx", "torch") and not (self.inputs and self.outputs):
             raise ConfigError(f"backend {self.backend!r} needs inputs and outputs declared")
         for name, path in self.adapters.items():
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
                 raise ConfigError(f"adapters: name {name!r} must be letters, digits, '.', '_' or '-'")
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"adapters: {name!r} needs a directory path, got {path!r}")

@@ -227,6 +227,41 @@ class ModelManager:
         self._check_control("unload")
         await self.unload(name)
 
+    # -- LoRA adapters at run time (the management API) ----------------------------------------------
+
+    def _adapter_backends(self, name: str) -> list[Any]:
+        """The READY versions' backends of ``name``, which must all serve adapters (ValueError otherwise)."""
+        backends = [self.versions(name)[v].backend for v in self.ready_versions(name)]
+        if not backends:
+            raise ModelUnavailableError(f"model {name!r} has no READY version")
+        if not all(hasattr(b, "load_adapter") for b in backends):
+            raise ValueError(f"model {name!r} is served by the {backends[0].platform!r} backend; LoRA adapters need "
+                             f"the deepseek backend")
+        return backends
+
+    async def load_adapter(self, name: str, adapter: str, directory: str) -> list[int]:
+        """Serve the adapter directory (on this machine) as ``<name>:<adapter>`` on every READY version of
+        ``name``; returns the versions. Every version reads and checks it first (an AdapterError, a ValueError,
+        changes nothing), then each swaps it in between two engine iterations. It lasts until the model is
+        reloaded (a reload serves what its config.yaml lists)."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            backends = self._adapter_backends(name)
+            read = [await asyncio.to_thread(b.read_adapter, adapter, directory) for b in backends]
+            for backend, served in zip(backends, read):
+                await asyncio.to_thread(backend.install_adapter, served)
+            return self.ready_versions(name)
+
+    async def unload_adapter(self, name: str, adapter: str) -> list[int]:
+        """Stop serving ``<name>:<adapter>`` to new requests on every READY version that has it (its running
+        requests finish with it); ModelNotFoundError when none has it. Returns the versions."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            backends = [b for b in self._adapter_backends(name) if adapter in b.adapters]
+            if not backends:
+                raise ModelNotFoundError(f"model {name!r} has no adapter {adapter!r}")
+            for backend in backends:
+                await asyncio.to_thread(backend.unload_adapter, adapter)
+            return [b.version for b in backends]
+
     async def poll(self) -> list[str]:
         """Follow the repository once: load new models, reload changed ones, unload removed ones.
 

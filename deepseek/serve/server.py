@@ -23,7 +23,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 
 class ServeError(ValueError):
@@ -34,13 +34,19 @@ DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
 
 
-def repository_for_model_dir(model_dir: Path, into: Path) -> Path:
-    """A one-model repository ``into/<name>/1 -> model_dir``: the ``ds serve MODEL_DIR`` shortcut."""
+def repository_for_model_dir(model_dir: Path, into: Path, adapters: Optional[Mapping[str, str]] = None) -> Path:
+    """A one-model repository ``into/<name>/1 -> model_dir``: the ``ds serve MODEL_DIR`` shortcut. ``adapters``
+    ({name: LoRA adapter directory}, ``ds serve --adapter``) go into its config.yaml, as absolute paths."""
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in model_dir.resolve().name) or "model"
     (into / name).mkdir(parents=True)
     (into / name / "1").symlink_to(model_dir.resolve(), target_is_directory=True)
+    if adapters:
+        import yaml
+
+        config = {"backend": "deepseek", "adapters": {n: str(Path(p).resolve()) for n, p in adapters.items()}}
+        (into / name / "config.yaml").write_text(yaml.safe_dump(config))
     return into
 
 
@@ -67,7 +73,7 @@ class Server:
                  model_control: str = "none", load_models: Optional[Sequence[str]] = None,
                  poll_interval_s: float = 15.0, max_request_mb: float = 64.0, access_log: Optional[str] = None,
                  routing_header: str = "X-User-Id", model_name: Optional[str] = None, log_level: str = "warning",
-                 torch_threads: Optional[int] = None):
+                 torch_threads: Optional[int] = None, adapters: Optional[Mapping[str, str]] = None):
         self.host, self.port, self.grpc_port = host, port, grpc_port
         self.api_key = api_key if api_key is not None else os.environ.get("DS_API_KEY") or None
         self.protect_inference = protect_inference
@@ -76,25 +82,29 @@ class Server:
         self.access_log_target, self.routing_header, self.log_level = access_log, routing_header, log_level
         self.torch_threads = torch_threads
         self._tmp = tempfile.mkdtemp(prefix="ds-serve-")
-        self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name)
+        self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name, adapters)
         self._uvicorn = None
         self._thread: Optional[threading.Thread] = None
         self.manager = None
 
     @staticmethod
-    def _repository(model_or_repo: Any, tmp: Path, model_name: Optional[str]) -> Path:
+    def _repository(model_or_repo: Any, tmp: Path, model_name: Optional[str],
+                    adapters: Optional[Mapping[str, str]] = None) -> Path:
         from deepseek.models import MoETransformer
         if isinstance(model_or_repo, MoETransformer):
             from deepseek.data import byte_tokenizer
             from deepseek.models.directory import save
             tokenizer = getattr(model_or_repo, "tokenizer", None) or byte_tokenizer()
             model_dir = save(model_or_repo, tokenizer, tmp / "models" / (model_name or "model"))
-            return repository_for_model_dir(Path(model_dir), tmp / "repo")
+            return repository_for_model_dir(Path(model_dir), tmp / "repo", adapters)
         path = Path(model_or_repo)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is neither a model repository nor a model directory")
         if (path / "config.json").is_file():
-            return repository_for_model_dir(path, tmp / "repo")
+            return repository_for_model_dir(path, tmp / "repo", adapters)
+        if adapters:
+            raise ServeError("adapters given with a model repository: list them in the model's config.yaml "
+                             "(adapters: {name: dir}) instead")
         return path
 
     # -- building ------------------------------------------------------------------------------------------

@@ -173,11 +173,16 @@ def test_a_compressed_base_takes_qlora_and_refuses_a_full_fine_tune(setup, tmp_p
     common = overrides(tmp_path / "q8", data, tmp_path / "run", "max_steps=2", "data.eval=null")
     with pytest.raises(ConfigError, match="is quantized"):
         finetune(load_finetune_config(None, common))
-    with pytest.raises(ConfigError, match="no counterpart"):
-        finetune(load_finetune_config(None, [*common, "lora={r: 4, target_modules: [attn.qkv]}"]))
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
     result = finetune(load_finetune_config(None, [*common, "lora={r: 4, target_modules: [attn.o, ffn.experts]}"]))
     assert result.step == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # The fused attn.qkv has no Hugging Face name: its adapter is saved in our format, and loads onto the q8 base.
+    finetune(load_finetune_config(None, [*common, "lora={r: 4, target_modules: [attn.qkv]}",
+                                         f"run_dir={tmp_path / 'qkv'}"]))
+    adapter = tmp_path / "qkv" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["deepseek_format"] == 1
+    q8, _ = ds.load(tmp_path / "q8")
+    assert load_adapter(q8, adapter) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
 
 
 def test_pack_false_gives_one_example_per_row_and_the_loader_cycles_in_a_seeded_order(setup):

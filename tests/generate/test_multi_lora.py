@@ -65,6 +65,12 @@ def test_gathered_product_equals_reference_and_lora_linear():
         for b, k in enumerate([1, -1, 0, 1]):
             if k >= 0:
                 torch.testing.assert_close(fast[b], singles[k](x[b]))
+        # Tokens flattened row-major [B·T, I], as an MoE layer hands them to its shared expert: the same rows.
+        flat = x.reshape(-1, 16)
+        torch.testing.assert_close(layer(flat), fast.reshape(-1, 12))
+        torch.testing.assert_close(layer.reference(flat), slow.reshape(-1, 12))
+        with pytest.raises(ValueError, match="row adapters set for 4 rows, input has 7"):
+            layer(torch.randn(7, 16))
 
 
 def test_mixed_batch_equals_each_adapter_alone(adapters):
@@ -106,7 +112,7 @@ def test_unknown_adapter_and_refused_targets(adapters, tmp_path):
     with pytest.raises(ValueError, match="unknown adapter 'alpha'"):
         engine.submit("hi", adapter="alpha")
     experts = make_adapter(tmp_path / "experts", LoRAConfig(r=2, target_modules=("experts",)), 3)
-    with pytest.raises(AdapterError, match="only attention projections"):
+    with pytest.raises(AdapterError, match="not the head or routed experts, are served per row"):
         load_adapters(model, {"alpha": adapters["alpha"], "experts": experts})
     assert not any(isinstance(m, MultiLoRALinear) for m in model.modules())  # left as it was
     with pytest.raises(AdapterError, match="no adapters"):

@@ -50,6 +50,8 @@ VALID = [
     ("POST", "/v2/models/ids/versions/1/infer", _infer("INT64", [1, 2, 3, 4]), {}),
     ("POST", "/v2/repository/index", {"ready": True}, {}),
     ("POST", "/v2/repository/models/m/load", {"parameters": {}}, {"Authorization": f"Bearer {KEY}"}),
+    ("POST", "/v2/repository/models/lm/adapters/a/load", {"path": "no-such-adapter"},
+     {"Authorization": f"Bearer {KEY}"}),
     ("PUT", "/v2/models/m/routing", {"policy": "latest"}, {"Authorization": f"Bearer {KEY}"}),
     ("POST", "/v2/models/m/experiment/outcome", {"key": "u1", "metric": "click", "value": 1.0},
      {"Authorization": f"Bearer {KEY}"}),

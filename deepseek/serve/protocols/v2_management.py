@@ -2,6 +2,8 @@
 
     POST           /v2/repository/index                      [{name, version, state, reason}] (open)
     POST           /v2/repository/models/{m}/load | unload   ``--model-control explicit`` only
+    POST           /v2/repository/models/{m}/adapters/{a}/load   {"path": DIR}: serve LoRA adapter DIR as m:a
+    POST           /v2/repository/models/{m}/adapters/{a}/unload new requests may no longer pick m:a
     GET|PUT|DELETE /v2/models/{m}/routing                    pinned / weighted canary / A/B policy
     GET            /v2/models/{m}/experiment                 the A/B report
     POST           /v2/models/{m}/experiment/outcome         {"key", "metric", "value"}
@@ -55,6 +57,28 @@ async def repository_unload(request: Request, model: str):
     await ctx.read_body(request.headers, request.receive)
     await ctx.manager.api_unload(model)
     return Response(status_code=200)
+
+
+@router.post("/v2/repository/models/{model}/adapters/{adapter}/load")
+async def adapter_load(request: Request, model: str, adapter: str):
+    """Any control mode: adapters change what a loaded model serves, not which models are loaded. The path is a
+    directory on the server (relative: to the server's working directory); nothing is uploaded."""
+    ctx = serving(request)
+    ctx.authorize(request.headers)
+    path = parse_json_object(await ctx.read_body(request.headers, request.receive)).get("path")
+    if not isinstance(path, str) or not path:
+        raise RequestError("'path' must be the adapter directory on the server", param="path")
+    versions = await ctx.manager.load_adapter(model, adapter, path)  # AdapterError (a ValueError): 400
+    return {"model": model, "adapter": adapter, "versions": versions}
+
+
+@router.post("/v2/repository/models/{model}/adapters/{adapter}/unload")
+async def adapter_unload(request: Request, model: str, adapter: str):
+    ctx = serving(request)
+    ctx.authorize(request.headers)
+    await ctx.read_body(request.headers, request.receive)
+    versions = await ctx.manager.unload_adapter(model, adapter)
+    return {"model": model, "adapter": adapter, "versions": versions}
 
 
 # -- routing and experiments -------------------------------------------------------------------------------
