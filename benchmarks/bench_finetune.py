@@ -5,8 +5,9 @@ Both sides start from the same model: a Mixtral-shaped preset saved with ``ds.sa
 ``transformers.MixtralForCausalLM.from_pretrained``. Data: SFT chats and preference pairs that
 ``ds finetune prepare-examples`` builds from a few standard-library modules (``--module``), tokenized by a BPE
 trained here on those chats (role tokens, the serving chat template); the same token ids go to both sides.
-Precision: fp32 on both sides (stated in the output; the hardware profile's ``auto`` is not used, so that the
-anchors, which do not read it, run the same arithmetic).
+Precision (``--precision``): fp32 on every side by default, or bf16 autocast on every side (ours
+``precision=bf16``, HF ``torch.autocast``, TRL ``bf16=True``); the hardware profile's ``auto`` choice for this CPU
+is printed, not applied, so that the anchors, which do not read it, run the same arithmetic.
 
 Parts (``--part``), each timed interleaved in one process (every case once per round, rotating order, ``--steps``
 optimizer steps per measurement, ``--warmup`` steps per case excluded):
@@ -33,7 +34,7 @@ Targets (issue 18): LoRA tokens/s >= 1.5x PEFT; full SFT tokens/s >= 1.2x HF; DP
 ``--profile`` prints torch.profiler's top operators of one step of each case (after the timing).
 
     python benchmarks/bench_finetune.py [--part lora|full|dpo|all] [--size small|tiny] [--rounds 8] [--steps 2]
-                                        [--threads N] [--json PATH] [--profile]
+                                        [--precision fp32|bf16] [--experts] [--threads N] [--json PATH] [--profile]
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from deepseek.finetune.objectives import sequence_logprobs  # noqa: E402
 from deepseek.finetune.preference import collate_pairs, preference_turns, read_preference_jsonl  # noqa: E402
 from deepseek.finetune.run import DPOLoss, SFTBatch, prepare_model, sft_loss, sft_rows  # noqa: E402
 from deepseek.finetune.sft import IGNORE_INDEX  # noqa: E402
+from deepseek.hardware import bf16_products_fast, hardware_profile  # noqa: E402
 from deepseek.models.hf import convert_to_hf  # noqa: E402
 from deepseek.train.trainer import Trainer  # noqa: E402
 
@@ -125,9 +127,10 @@ def quiet_skips():
         logger.setLevel(level)
 
 
-def finetune_config(setup: Setup, scratch: Path, *, lora: dict | None, method: str, batch: int) -> FinetuneConfig:
+def finetune_config(setup: Setup, scratch: Path, *, lora: dict | None, method: str, batch: int,
+                    precision: str) -> FinetuneConfig:
     return from_dict(FinetuneConfig, dict(
-        init=str(setup.model_dir), method=method, lora=lora, seq_len=setup.seq, batch_size=batch, precision="fp32",
+        init=str(setup.model_dir), method=method, lora=lora, seq_len=setup.seq, batch_size=batch, precision=precision,
         device="cpu", run_dir=str(scratch / f"run-{method}"), max_steps=100_000, progress=False, tensorboard=False,
         optimizer={"lr": LR}, dpo={"beta": BETA}))
 
@@ -153,13 +156,18 @@ def hf_labels(targets_BT: torch.Tensor) -> torch.Tensor:
 ANCHOR_ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "default": {}}
 
 
-def plain_loop_step(model, batch: SFTBatch, adamw: str) -> Callable[[], object]:
+def hf_loss(model, batch: SFTBatch, bf16: bool) -> torch.Tensor:
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        return model(input_ids=batch.inputs, labels=hf_labels(batch.targets), position_ids=batch.positions,
+                     use_cache=False).loss
+
+
+def plain_loop_step(model, batch: SFTBatch, adamw: str, bf16: bool) -> Callable[[], object]:
     """The loop a user writes around a HF (or PEFT) model: loss from labels, backward, AdamW, zero_grad."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, **ANCHOR_ADAMW[adamw])
-    labels = hf_labels(batch.targets)
 
     def step():
-        loss = model(input_ids=batch.inputs, labels=labels, position_ids=batch.positions, use_cache=False).loss
+        loss = hf_loss(model, batch, bf16)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -170,8 +178,8 @@ def plain_loop_step(model, batch: SFTBatch, adamw: str) -> Callable[[], object]:
 
 # -- SFT: LoRA and full ------------------------------------------------------------------------------------
 
-def sft_cases(part: str, setup: Setup, size: dict, scratch: Path, experts: bool,
-              adamw: str = "fused") -> tuple[dict, dict]:
+def sft_cases(part: str, setup: Setup, size: dict, scratch: Path, experts: bool, adamw: str = "fused",
+              precision: str = "fp32") -> tuple[dict, dict]:
     with quiet_skips():
         rows = sft_rows(str(setup.data_dir / "sft_train.jsonl"), setup.tokenizer, setup.seq, pack_rows=True,
                         on_bad="skip")
@@ -190,12 +198,13 @@ def sft_cases(part: str, setup: Setup, size: dict, scratch: Path, experts: bool,
                                  target_parameters=(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts
                                                     else None), task_type="CAUSAL_LM")
         hf = get_peft_model(hf, peft_config)
-    config = finetune_config(setup, scratch, lora=lora, method="sft", batch=size["batch"])
+    config = finetune_config(setup, scratch, lora=lora, method="sft", batch=size["batch"], precision=precision)
     ours, model = our_step(config, sft_loss, batch)
+    bf16 = precision == "bf16"
     with torch.no_grad():  # same weights, same batch => same loss (checked, not assumed)
-        loss_ours = float(sft_loss(model, batch))
-        loss_hf = float(hf(input_ids=batch.inputs, labels=hf_labels(batch.targets), position_ids=batch.positions,
-                           use_cache=False).loss)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss_ours = float(sft_loss(model, batch))
+        loss_hf = float(hf_loss(hf, batch, bf16))
     trainable = {"ours": sum(p.numel() for p in model.parameters() if p.requires_grad),
                  "anchor": sum(p.numel() for p in hf.parameters() if p.requires_grad)}
     check = {"loss_ours": loss_ours, "loss_anchor": loss_hf, "trainable_ours": trainable["ours"],
@@ -210,7 +219,7 @@ def sft_cases(part: str, setup: Setup, size: dict, scratch: Path, experts: bool,
           f"(|diff| {abs(loss_ours - loss_hf):.1e}); trainable ours {trainable['ours']:,} vs anchor "
           f"{trainable['anchor']:,}; HF {check['hf_implementations']}; AdamW ours {ours_adamw}, anchor {adamw}")
     anchor = "peft" if part == "lora" else "hf"
-    return {"ours": ours, anchor: plain_loop_step(hf, batch, adamw)}, check
+    return {"ours": ours, anchor: plain_loop_step(hf, batch, adamw, bf16)}, check
 
 
 # -- DPO: ours vs TRL's DPOTrainer in a parked worker thread -----------------------------------------------
@@ -281,7 +290,7 @@ class SteppedTRL:
             self.thread.join()
 
 
-def dpo_cases(setup: Setup, size: dict, scratch: Path, experts: bool, total_steps: int):
+def dpo_cases(setup: Setup, size: dict, scratch: Path, experts: bool, total_steps: int, precision: str = "fp32"):
     import datasets
     from peft import LoraConfig
     from transformers import AutoTokenizer
@@ -306,7 +315,7 @@ def dpo_cases(setup: Setup, size: dict, scratch: Path, experts: bool, total_step
     r = size["r"]
     ours_targets = ATTENTION[0] + (["ffn.experts"] if experts else [])
     lora = {"r": r, "alpha": 2 * r, "target_modules": ours_targets}
-    config = finetune_config(setup, scratch, lora=lora, method="dpo", batch=size["pairs"])
+    config = finetune_config(setup, scratch, lora=lora, method="dpo", batch=size["pairs"], precision=precision)
     dpo = DPOLoss(BETA)
     ours, model = our_step(config, dpo, batch)
 
@@ -314,7 +323,7 @@ def dpo_cases(setup: Setup, size: dict, scratch: Path, experts: bool, total_step
     tok.eos_token = template.suffix  # the reply already ends with it: TRL appends no extra token
     args = DPOConfig(output_dir=str(scratch / "trl"), per_device_train_batch_size=size["pairs"],
                      gradient_accumulation_steps=1, max_steps=total_steps, learning_rate=LR, beta=BETA,
-                     loss_type=["sigmoid"], precompute_ref_log_probs=False, bf16=False, fp16=False,
+                     loss_type=["sigmoid"], precompute_ref_log_probs=False, bf16=precision == "bf16", fp16=False,
                      gradient_checkpointing=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
                      report_to="none", use_cpu=True, max_length=None, disable_tqdm=True, seed=0,
                      router_aux_loss_coef=0.0, dataloader_num_workers=0)
@@ -425,6 +434,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--module", action="append", default=None, help="stdlib module for the data (repeatable)")
     ap.add_argument("--experts", action="store_true", help="LoRA on the routed experts too (PEFT target_parameters)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="both sides: fp32, or bf16 autocast (ours precision=bf16, HF torch.autocast, TRL bf16=True)")
     ap.add_argument("--anchor-adamw", choices=list(ANCHOR_ADAMW), default="fused",
                     help="the plain loops' AdamW kernel: fused (what HF Trainer and TRL pick, and ours on CPU), "
                          "foreach, or torch's default (a per-parameter loop on CPU)")
@@ -436,21 +447,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     info = machine_info()
     print_machine(info)
-    print("precision: fp32 on every side (no autocast)")
+    auto = "bf16" if bf16_products_fast(hardware_profile()) else "fp32"
+    how = "bf16 autocast" if args.precision == "bf16" else "no autocast"
+    print(f"precision: {args.precision} on every side ({how}); the hardware profile's `auto` picks {auto} on this CPU")
+    results_precision = {"precision": args.precision, "hardware_auto": auto}
     size = SIZES[args.size]
     parts = ["lora", "full", "dpo"] if args.part == "all" else [args.part]
-    results = {"machine": info, "size": args.size, "size_settings": size, "rounds": args.rounds, "steps": args.steps,
-               "warmup": args.warmup, "experts": args.experts, "parts": {}}
+    results = {"machine": info, **results_precision, "size": args.size, "size_settings": size, "rounds": args.rounds,
+               "steps": args.steps, "warmup": args.warmup, "experts": args.experts, "anchor_adamw": args.anchor_adamw,
+               "parts": {}}
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
         scratch = Path(tmp)
         setup = build_setup(size, args.module or MODULES, scratch)
         for part in parts:
             if part == "dpo":
                 total = args.warmup + args.steps * args.rounds + 2 + (1 if args.profile else 0)
-                cases, check = dpo_cases(setup, size, scratch, args.experts, total)
+                cases, check = dpo_cases(setup, size, scratch, args.experts, total, args.precision)
                 tokens = 2 * check["pairs"] * check["length"]
             else:
-                cases, check = sft_cases(part, setup, size, scratch, args.experts, args.anchor_adamw)
+                cases, check = sft_cases(part, setup, size, scratch, args.experts, args.anchor_adamw,
+                                         args.precision)
                 tokens = check["tokens_per_step"]
             try:
                 times = time_part(part, cases, args)

@@ -83,7 +83,8 @@ def test_all_padding_columns_are_trimmed_without_changing_the_loss(setup):
     padded = PreferenceBatch(*(torch.cat([t, torch.zeros(t.shape[0], 9, dtype=t.dtype)], dim=1)
                                for t in (tight.chosen_ids, tight.chosen_mask, tight.rejected_ids, tight.rejected_mask)))
     trimmed = trim_padding(padded)
-    assert trimmed.chosen_ids.shape == tight.chosen_ids.shape and torch.equal(trimmed.rejected_mask, tight.rejected_mask)
+    assert trimmed.chosen_ids.shape == tight.chosen_ids.shape
+    assert torch.equal(trimmed.rejected_mask, tight.rejected_mask)
     assert trim_padding(tight) is tight
     model, _ = ds.load(base_dir)
     apply_lora(model, LoRAConfig(r=4))
