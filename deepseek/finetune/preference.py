@@ -99,3 +99,19 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int = 0) -> PreferenceBat
             out[b, :len(values)] = torch.tensor(values, dtype=torch.long)
         tensors.append(out)
     return PreferenceBatch(*tensors)
+
+
+def trim_padding(batch: PreferenceBatch) -> PreferenceBatch:
+    """``batch`` without its trailing columns that are padding in every row (one host read).
+
+    A loader's batch is a slice of all pairs collated at once (:func:`collate_pairs`), so it is padded to the longest
+    chat of the whole file; forwards over those columns are wasted work. The completion mask ends where each chat
+    ends (the scored assistant turn is the last one), and right padding is invisible to the tokens before it under
+    causal attention, so the log-probabilities are unchanged.
+    """
+    used_T = (batch.chosen_mask.any(dim=0) | batch.rejected_mask.any(dim=0)).nonzero()
+    length = int(used_T.max()) + 1 if used_T.numel() else batch.chosen_ids.shape[1]
+    if length == batch.chosen_ids.shape[1]:
+        return batch
+    return PreferenceBatch(*(t[:, :length] for t in (batch.chosen_ids, batch.chosen_mask, batch.rejected_ids,
+                                                        batch.rejected_mask)))

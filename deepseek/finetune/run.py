@@ -30,7 +30,7 @@ from torch import nn
 from deepseek.config import ConfigError
 from deepseek.finetune.config import FinetuneConfig, SFTDataConfig
 from deepseek.finetune.objectives import dpo_loss, reference_logprobs, sequence_logprobs
-from deepseek.finetune.preference import PreferenceBatch, collate_pairs, read_preference_jsonl
+from deepseek.finetune.preference import PreferenceBatch, collate_pairs, read_preference_jsonl, trim_padding
 from deepseek.finetune.sft import IGNORE_INDEX, pack, read_sft_jsonl, sft_targets
 from deepseek.models.adapters import save_adapter, writes_peft_format
 from deepseek.models.directory import load, save
@@ -141,6 +141,7 @@ class DPOLoss:
         self.last: dict[str, float] = {}
 
     def terms(self, model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = trim_padding(batch)  # padded to the file's longest pair: forwards over all-padding columns are waste
         ids_BT = torch.cat([batch.chosen_ids, batch.rejected_ids])
         mask_BT = torch.cat([batch.chosen_mask, batch.rejected_mask])
         if self.reference is not None and next(self.reference.parameters()).device != ids_BT.device:

@@ -28,7 +28,8 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, weight_VD, targets_N, ignore_index: int, chunk: int, dtype: torch.dtype, need_grad: bool):
+    def forward(ctx, x_ND, weight_VD, targets_N, ignore_index: int, chunk: int, dtype: torch.dtype, need_x: bool,
+                need_w: bool):
         N, V = x_ND.shape[0], weight_VD.shape[0]
         w = weight_VD.to(dtype)
         xc = x_ND.to(dtype)
@@ -36,8 +37,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid_N.sum()
         safe_N = torch.where(valid_N, targets_N, 0)
         loss = torch.zeros((), dtype=torch.float32, device=x_ND.device)
-        grad_x = torch.empty(x_ND.shape, dtype=dtype, device=x_ND.device) if need_grad else None
-        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=x_ND.device) if need_grad else None
+        # Only the gradients autograd will ask for: a frozen head (LoRA) skips grad_w, a third of the head's FLOPs.
+        need_grad = need_x or need_w
+        grad_x = torch.empty(x_ND.shape, dtype=dtype, device=x_ND.device) if need_x else None
+        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=x_ND.device) if need_w else None
         scale = 1.0 / n_valid.clamp_min(1).float()
         # One logits buffer for every chunk, and the softmax formed in place in it: a fresh [C, V] tensor per
         # chunk (matmul output, logsumexp's shifted copy) costs page faults comparable to the matmul itself.
@@ -57,10 +60,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_CV.scatter_add_(1, safe_N[rows, None], torch.full_like(lse_C[:, None], -1.0))
                 grad_CV.mul_((valid_N[rows].float() * scale)[:, None])
                 grad_CV = grad_CV.to(dtype)
-                torch.mm(grad_CV, w, out=grad_x[rows])
-                if dtype == torch.float32:
+                if need_x:
+                    torch.mm(grad_CV, w, out=grad_x[rows])
+                if need_w and dtype == torch.float32:
                     grad_w.addmm_(grad_CV.t(), xc[rows])
-                else:  # a bf16 product per chunk, accumulated in fp32
+                elif need_w:  # a bf16 product per chunk, accumulated in fp32
                     grad_w += (grad_CV.t() @ xc[rows]).float()
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
@@ -72,7 +76,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        return (grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None, None
+        grad_x = None if grad_x is None else (grad_x * grad_loss).to(x_dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_loss).to(w_dtype)
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
@@ -86,6 +92,7 @@ def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
     dtype = _autocast_dtype(x_ND) or x_ND.dtype
     V = weight_VD.shape[0]
     chunk = chunk_size or max(16, _CHUNK_BYTES // (4 * V))
-    need_grad = torch.is_grad_enabled() and (x_ND.requires_grad or weight_VD.requires_grad)
+    grad_on = torch.is_grad_enabled()
+    need_x, need_w = grad_on and x_ND.requires_grad, grad_on and weight_VD.requires_grad
     with torch.autocast(x_ND.device.type, enabled=False):  # dtypes are handled explicitly above
-        return _LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, chunk, dtype, need_grad)
+        return _LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, chunk, dtype, need_x, need_w)

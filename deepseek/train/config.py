@@ -38,7 +38,8 @@ class OptimizerConfig:
     decay_embeddings: bool = field(default=False, metadata={
         "help": "also decay embedding (and tied head) weights"})
     fused: Optional[bool] = field(default=None, metadata={
-        "help": "fused AdamW kernel; null = auto (fused on CUDA, foreach elsewhere)"})
+        "help": "fused AdamW kernel; null = auto (fused on CUDA, and on CPU for plain (non-DTensor) parameters; "
+                "foreach otherwise)"})
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

@@ -42,13 +42,24 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str = "cpu") -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` of ``model``.
 
-    ``cfg.fused=None`` picks the fused kernel on CUDA and the multi-tensor (foreach) one elsewhere.
+    ``cfg.fused=None`` picks the fused kernel on CUDA, and on CPU when every parameter is a plain floating-point
+    tensor (not a DTensor of a parallel layout); the multi-tensor (foreach) one otherwise. On CPU the fused kernel
+    makes one pass over parameter, gradient and moments where foreach makes one per operation: 3-4x faster
+    (17.6M parameters, 1 thread: 55 vs 230 ms per step; benchmarks/bench_finetune.py).
     """
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    fused = cfg.fused if cfg.fused is not None else _fused_by_default(groups, device_type)
     kernel = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, **kernel)
+
+
+def _fused_by_default(groups: list[dict], device_type: str) -> bool:
+    if device_type == "cuda":
+        return True
+    plain = all(type(p) is nn.Parameter and p.dtype.is_floating_point and p.device.type == "cpu"
+                for group in groups for p in group["params"])
+    return device_type == "cpu" and plain
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, decay: str, min_lr_ratio: float) -> float:

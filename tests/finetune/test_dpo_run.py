@@ -73,6 +73,31 @@ def test_bad_row_is_reported_by_path_and_line(setup, tmp_path):
         read_preference_jsonl(path, tokenizer, max_len=64, on_bad="error")
 
 
+def test_all_padding_columns_are_trimmed_without_changing_the_loss(setup):
+    # A loader's batch is padded to the file's longest pair; DPOLoss drops the columns no row of the batch uses.
+    from deepseek.finetune.preference import PreferenceBatch, collate_pairs, trim_padding
+    from deepseek.nn.lora import LoRAConfig, apply_lora
+    base_dir, data, tokenizer = setup
+    pairs = read_preference_jsonl(data, tokenizer, max_len=64)[:2]
+    tight = collate_pairs(pairs)
+    padded = PreferenceBatch(*(torch.cat([t, torch.zeros(t.shape[0], 9, dtype=t.dtype)], dim=1)
+                               for t in (tight.chosen_ids, tight.chosen_mask, tight.rejected_ids, tight.rejected_mask)))
+    trimmed = trim_padding(padded)
+    assert trimmed.chosen_ids.shape == tight.chosen_ids.shape
+    assert torch.equal(trimmed.rejected_mask, tight.rejected_mask)
+    assert trim_padding(tight) is tight
+    model, _ = ds.load(base_dir)
+    apply_lora(model, LoRAConfig(r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a policy away from its reference: a loss that depends on every log-prob
+        loss_padded, metrics_padded = DPOLoss(0.5).terms(model, padded)
+        loss_tight, metrics_tight = DPOLoss(0.5).terms(model, tight)
+    torch.testing.assert_close(loss_padded, loss_tight)
+    torch.testing.assert_close(metrics_padded["rewards/margin"], metrics_tight["rewards/margin"])
+
+
 def _metrics(model, data, tokenizer, reference=None):
     rows = preference_rows(str(data), tokenizer, 64, on_bad="error")
     return evaluate_dpo(model, rows, 8, DPOLoss(0.5, reference=reference))

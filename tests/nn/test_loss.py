@@ -56,3 +56,22 @@ def test_model_targets_path_equals_logits_path():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_frozen_head_gets_no_gradient_and_the_same_input_gradient():
+    # LoRA freezes the head: its [V, D] gradient (a third of the head's FLOPs) is not computed, x's is unchanged.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g)
+    t = torch.randint(0, 40, (50,), generator=g)
+    t[::7] = -100
+    (gx_ref,) = torch.autograd.grad(reference(x, w, t), (x,))
+    out = linear_cross_entropy(x, w, t, chunk_size=16)
+    out.backward()
+    torch.testing.assert_close(x.grad, gx_ref, atol=1e-6, rtol=1e-5)
+    assert w.grad is None
+    # ... and a frozen input with a trainable head: only the head's gradient
+    x2, w2 = x.detach(), w.clone().requires_grad_()
+    (gw_ref,) = torch.autograd.grad(reference(x2, w2, t), (w2,))
+    (gw,) = torch.autograd.grad(linear_cross_entropy(x2, w2, t, chunk_size=16), (w2,))
+    torch.testing.assert_close(gw, gw_ref, atol=1e-6, rtol=1e-5)

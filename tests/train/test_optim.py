@@ -86,7 +86,7 @@ def test_adamw_decays_only_the_decay_group():
             if isinstance(m, RMSNorm):
                 m.weight.fill_(1.5)  # a norm weight away from 0 would visibly shrink if decayed
     opt = build_optimizer(model, OptimizerConfig(lr=0.1, weight_decay=0.5))
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] is True
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True  # CPU, plain parameters
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -105,6 +105,9 @@ def test_adamw_decays_only_the_decay_group():
 def test_fused_choice():
     model = nn.Linear(3, 3)
     assert build_optimizer(model, OptimizerConfig(), device_type="cuda").defaults["fused"] is True
+    assert build_optimizer(model, OptimizerConfig()).defaults["fused"] is True  # CPU: one pass instead of one per op
+    assert build_optimizer(model, OptimizerConfig(fused=False)).defaults["foreach"] is True
+    assert build_optimizer(model, OptimizerConfig(), device_type="mps").defaults["foreach"] is True
     opt = build_optimizer(model, OptimizerConfig(fused=True, betas=(0.8, 0.9)))
     assert opt.defaults["fused"] is True and opt.defaults["betas"] == (0.8, 0.9)
 
@@ -153,3 +156,21 @@ def test_configs_validate_and_coerce():
         from_dict(ScheduleConfig, {"decay": "exponential"})
     with pytest.raises(ConfigError, match="min_lr_ratio"):
         ScheduleConfig(min_lr_ratio=2.0)
+
+
+def test_fused_cpu_step_equals_foreach_step():
+    # The CPU default changed from foreach to the fused kernel: the same AdamW update, to rounding.
+    torch.manual_seed(0)
+    models = [ds.MoETransformer(ds.preset("tiny")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, models[0].config.vocab_size, (2, 16))
+    opts = [build_optimizer(models[0], OptimizerConfig(lr=1e-2)), build_optimizer(models[1], OptimizerConfig(lr=1e-2,
+                                                                                                        fused=False))]
+    assert opts[0].defaults["fused"] is True and opts[1].defaults["foreach"] is True
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            model(ids[:, :-1], targets=ids[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
