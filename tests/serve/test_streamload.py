@@ -88,7 +88,7 @@ def test_ds_bench_serve_openai_starts_a_server_and_writes_json(lm_repo, tmp_path
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
     assert [r["concurrency"] for r in summary["results"]] == [1, 2]
-    assert all(r["errors"] == {} and r["completion_tokens_mean"] == MAX_TOKENS for r in summary["results"])
+    assert all(r["errors"] == {} and r["completion_tokens_mean"] == MAX_TOKENS for r in summary["results"]), summary
     assert all(r["server_cpu_cores"] is not None for r in summary["results"])
     assert set(summary["scaling_over_one_stream"]) == {"2"}
     assert "TTFT" in result.output and "2 streams:" in result.output
