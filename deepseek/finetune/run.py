@@ -34,6 +34,7 @@ from deepseek.models.directory import load, save
 from deepseek.models.hf import mixtral_incompatibilities
 from deepseek.nn.lora import apply_lora
 from deepseek.nn.quantized import QuantizedExperts, QuantizedLinear
+from deepseek.parallel import ParallelPlan
 from deepseek.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,17 @@ def sft_rows(path: str, tokenizer: Any, seq_len: int, *, pack_rows: bool, on_bad
 
 class SFTLoader:
     """Batches of ``batch_size`` rows drawn from ``rows`` in a seeded order reshuffled every epoch (an epoch's
-    leftover rows start the next batch). ``state_dict()`` is the position, so a resumed run sees the same batches."""
+    leftover rows start the next batch). ``state_dict()`` is the position, so a resumed run sees the same batches.
 
-    def __init__(self, rows: SFTBatch, batch_size: int, seed: int = 0):
+    With ``world_size`` data-parallel ranks, every rank draws the same global batch and keeps rows
+    ``[rank * B / W, (rank + 1) * B / W)`` of it: the ranks together train on what one process would."""
+
+    def __init__(self, rows: SFTBatch, batch_size: int, seed: int = 0, *, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ConfigError(f"batch_size ({batch_size}) must be a multiple of the {world_size} data-parallel "
+                              f"processes (and 0 <= rank < {world_size}, got rank {rank})")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.cursor = 0, 0
 
     def _rows(self) -> int:
@@ -97,7 +105,8 @@ class SFTLoader:
             self.cursor, need = self.cursor + take, need - take
             if self.cursor == n:
                 self.epoch, self.cursor = self.epoch + 1, 0
-        index = torch.cat(picked)
+        share = self.batch_size // self.world_size
+        index = torch.cat(picked)[self.rank * share:(self.rank + 1) * share]
         return type(self.rows)(*(getattr(self.rows, f.name)[index] for f in dataclasses.fields(self.rows)))
 
     def state_dict(self) -> dict[str, int]:
@@ -209,16 +218,20 @@ def prepare_model(config: FinetuneConfig) -> tuple[nn.Module, Any]:
     return model.train(), tokenizer
 
 
-def finetune(config: FinetuneConfig) -> TrainResult:
+def finetune(config: FinetuneConfig, parallel: Optional[ParallelPlan] = None) -> TrainResult:
     """Run the fine-tune ``config`` describes (what ``ds finetune run`` does); the result lands in
-    ``run_dir/adapter`` (LoRA) or ``run_dir/model`` (full)."""
+    ``run_dir/adapter`` (LoRA) or ``run_dir/model`` (full). ``parallel``: this rank's plan under torchrun
+    (:func:`deepseek.finetune.distributed.finetune_distributed`); each rank then trains on its share of every
+    batch, and rank 0 writes the result."""
+    plan = parallel or ParallelPlan()
     config.check_paths()
     model, tokenizer = prepare_model(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     kind = "LoRA" if config.lora is not None else "full"
-    print(f"{kind} fine-tune of {config.init}: {trainable:,} of {total:,} parameters train "
-          f"({100 * trainable / total:.2f}%)", flush=True)
+    if plan.is_main:
+        print(f"{kind} fine-tune of {config.init}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.2f}%)", flush=True)
     dpo = config.method == "dpo"
     read = ((lambda path: preference_rows(path, tokenizer, config.seq_len, on_bad=config.data.on_bad)) if dpo else
             (lambda path: sft_rows(path, tokenizer, config.seq_len, pack_rows=config.pack,
@@ -251,10 +264,16 @@ def finetune(config: FinetuneConfig) -> TrainResult:
         else:
             save(m, tokenizer, path)
 
-    trainer = Trainer(model, train_config, batches=SFTLoader(train_rows, config.batch_size, config.seed),
-                      loss_fn=loss_fn, eval_fn=eval_fn if eval_rows is not None else None, tokenizer=tokenizer,
-                      save_model=save_result, trial_loss_fn=loss_fn)
-    return trainer.fit()
+    loader = SFTLoader(train_rows, config.batch_size, config.seed, rank=plan.data_rank,
+                       world_size=plan.data_parallel_size)
+    trainer = Trainer(model, train_config, batches=loader, loss_fn=loss_fn,
+                      eval_fn=eval_fn if eval_rows is not None else None, tokenizer=tokenizer,
+                      save_model=save_result, trial_loss_fn=loss_fn, parallel=plan)
+    try:
+        return trainer.fit()
+    finally:
+        plan.close()  # DDP reducers go before the process group
+        trainer.parallel_model = trainer.step_fn = None
 
 
 def result_path(config: FinetuneConfig) -> Path:
