@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from deepseek.cli.main import app
 from deepseek.config import ConfigError
-
 from deepseek.finetune.config import load_finetune_config
 from deepseek.finetune.run import SFTBatch, SFTLoader, finetune
 from tests.finetune.test_run import overrides, run_ds, setup  # noqa: F401  (setup is a fixture)
