@@ -336,8 +336,9 @@ class ContinuousBatchingEngine:
     # -- pieces -------------------------------------------------------------------------------------
 
     def _row_adapters(self, requests: list[GenerationRequest]):
-        """Each row's adapter for the next forward (one small host-to-device copy), if the model serves any."""
-        if not self.adapters:
+        """Each row's adapter for the next forward (one small host-to-device copy), if the model serves any and
+        a row uses one: a batch of base rows alone skips the low-rank products (as if no adapter were loaded)."""
+        if not self.adapters or all(r.adapter_index < 0 for r in requests):
             return contextlib.nullcontext()
         ids_B = torch.tensor([r.adapter_index for r in requests], device=self.device)
         return row_adapters(self.model, ids_B)
