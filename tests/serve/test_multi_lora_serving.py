@@ -160,7 +160,7 @@ def test_stream_load_spreads_streams_over_adapters(server):
     base, _ = server
     prompts = streamload.stdlib_prompts(ds.byte_tokenizer(), 4, 12)
     mix = {name: streamload.completion_bodies(name, prompts, 4) for name in ("lm:alpha", "lm:beta", "lm")}
-    result = streamload.run_stream_load(base, mix, concurrency=4, warmup_s=0.2, duration_s=1.5)
+    result = streamload.run_stream_load(base, mix, concurrency=4, warmup_s=0, duration_s=1.5)
     assert result.errors == {} and list(result.by_group) == ["lm:alpha", "lm:beta", "lm"]
     assert [g.concurrency for g in result.by_group.values()] == [2, 1, 1]  # round-robin: stream 3 is alpha's
     assert all(g.requests > 0 and g.completion_tokens_mean == 4 for g in result.by_group.values())
@@ -173,7 +173,7 @@ def test_stream_load_spreads_streams_over_adapters(server):
 def test_ds_bench_serve_openai_adapter_mix(server, tmp_path):
     base, _ = server
     out = tmp_path / "mix.json"
-    args = ["bench", "serve", "--openai", "--model", "lm", "--url", base, "--duration", "1", "--warmup", "0.2",
+    args = ["bench", "serve", "--openai", "--model", "lm", "--url", base, "--duration", "1", "--warmup", "0",
             "--prompt-tokens", "8", "--max-tokens", "3"]
     result = CliRunner().invoke(app, [*args, "--concurrency", "2", "--adapters", "alpha,beta", "--json", str(out)])
     assert result.exit_code == 0, result.output
