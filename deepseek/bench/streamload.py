@@ -5,7 +5,9 @@
     result = run_stream_load("http://127.0.0.1:8080", bodies, concurrency=16, warmup_s=5, duration_s=20)
 
 Closed loop: ``concurrency`` keep-alive connections, each streaming one ``POST /v1/completions``
-(``stream: true``, ``stream_options.include_usage``) after another. Like :mod:`deepseek.bench.loadgen` it
+(``stream: true``, ``stream_options.include_usage``) after another. A mix of models (e.g. a base model's LoRA
+adapters, ``{"lm:a": bodies_a, "lm:b": bodies_b}``) spreads the streams round-robin over them: stream s sends
+group ``s mod G``'s bodies, and the result has one summary per group (``by_group``) besides the total. Like :mod:`deepseek.bench.loadgen` it
 writes pre-built request bytes on raw HTTP/1.1 and parses only what it needs (status, chunked framing,
 ``data:`` lines), so on a 2-core machine the client takes little from the server it measures.
 
@@ -28,7 +30,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import orjson
 
@@ -47,6 +49,7 @@ class StreamRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    group: str = ""  # the model mix's group this stream belongs to ("" without a mix)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class StreamLoadResult:
     client_cpu_cores: float = 0.0
     server_cpu_cores: Optional[float] = None
     label: str = ""
+    by_group: dict[str, StreamLoadResult] = field(default_factory=dict)  # a model mix: each group's own figures
 
     @property
     def error_count(self) -> int:
@@ -208,13 +212,22 @@ async def stream_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 
 # -- the load -------------------------------------------------------------------------------------------------
 
-async def run_stream_load_async(url: str, bodies: Sequence[bytes], *, concurrency: int, warmup_s: float = 5.0,
-                                duration_s: float = 20.0, path: str = PATH, headers: Optional[dict] = None,
-                                server_pid: Optional[int] = None, label: str = "") -> StreamLoadResult:
+async def run_stream_load_async(url: str, bodies: Sequence[bytes] | Mapping[str, Sequence[bytes]], *,
+                                concurrency: int, warmup_s: float = 5.0, duration_s: float = 20.0, path: str = PATH,
+                                headers: Optional[dict] = None, server_pid: Optional[int] = None,
+                                label: str = "") -> StreamLoadResult:
+    """``bodies``: one list rotated by every stream, or ``{group: bodies}`` (a model mix, see the module docs)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    host, port = check_load(url, bodies, warmup_s, duration_s)
-    requests = [_request_bytes(host, port, path, b, headers or {}) for b in bodies]
+    groups = dict(bodies) if isinstance(bodies, Mapping) else {"": bodies}
+    if any(not group_bodies for group_bodies in groups.values()):
+        raise ValueError("every group of a model mix needs request bodies")
+    host, port = check_load(url, [b for group_bodies in groups.values() for b in group_bodies], warmup_s, duration_s)
+    names = list(groups)
+    if concurrency < len(names):
+        raise ValueError(f"{concurrency} streams cannot spread over {len(names)} models: give at least one each")
+    requests = {name: [_request_bytes(host, port, path, b, headers or {}) for b in group_bodies]
+                for name, group_bodies in groups.items()}
     start = time.perf_counter() + warmup_s
     end = start + duration_s
     records: list[StreamRecord] = []
@@ -223,34 +236,46 @@ async def run_stream_load_async(url: str, bodies: Sequence[bytes], *, concurrenc
 
     async def worker(index: int) -> None:
         conn = None
-        i = index
+        group = names[index % len(names)]  # streams round-robin over the mix's groups
+        mine = requests[group]
+        i, step = index // len(names), len(range(index % len(names), concurrency, len(names)))
         while time.perf_counter() < end:
-            record = StreamRecord(sent=time.perf_counter())
+            record = StreamRecord(sent=time.perf_counter(), group=group)
             try:
                 if conn is None:
                     conn = await asyncio.open_connection(host, port)
                 record.sent = time.perf_counter()
-                if not await stream_once(*conn, requests[i % len(requests)], record):
+                if not await stream_once(*conn, mine[i % len(mine)], record):
                     conn[1].close()
                     conn = None
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, StreamError) as exc:
                 if start <= record.sent < end:
-                    errors[exc.kind if isinstance(exc, StreamError) else type(exc).__name__] += 1
+                    errors[group, exc.kind if isinstance(exc, StreamError) else type(exc).__name__] += 1
                 if conn is not None:
                     conn[1].close()
                     conn = None
                 await asyncio.sleep(0.05)  # a refusing or dead server: do not spin
             else:
                 records.append(record)  # warm-up requests too: their tokens may arrive inside the window
-            i += concurrency
+            i += step
         if conn is not None:
             conn[1].close()
 
     sampler = asyncio.get_running_loop().create_task(sample_cpu(cpu, start, end, server_pid))
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     await sampler
-    return summarize(records, errors, concurrency=concurrency, start=start, end=end, cpu=cpu,
-                     server=server_pid is not None, label=label)
+    summary = {"start": start, "end": end, "cpu": cpu, "server": server_pid is not None}
+    total_errors: collections.Counter = collections.Counter()
+    for (_, kind), count in errors.items():
+        total_errors[kind] += count
+    result = summarize(records, total_errors, concurrency=concurrency, **summary, label=label)
+    if isinstance(bodies, Mapping):  # CPU figures are the whole run's
+        for g, name in enumerate(names):
+            streams = len(range(g, concurrency, len(names)))
+            result.by_group[name] = summarize(
+                [r for r in records if r.group == name], {k: c for (n, k), c in errors.items() if n == name},
+                concurrency=streams, **summary, label=name)
+    return result
 
 
 def _tokens_inside(records: Sequence[StreamRecord], start: float, end: float) -> float:
@@ -291,7 +316,7 @@ def summarize(records: Sequence[StreamRecord], errors: dict, *, concurrency: int
         server_cpu_cores=(cpu["server1"] - cpu["server0"]) / wall if server else None, label=label)
 
 
-def run_stream_load(url: str, bodies: Sequence[bytes], **kwargs) -> StreamLoadResult:
+def run_stream_load(url: str, bodies: Sequence[bytes] | Mapping[str, Sequence[bytes]], **kwargs) -> StreamLoadResult:
     """:func:`run_stream_load_async` on an event loop of its own (uvloop when installed); blocks until done.
 
     The objects alive now (torch and the rest of this process: ~3 x 10^5) are frozen out of the collector for

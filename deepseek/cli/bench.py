@@ -3,6 +3,7 @@
     ds bench serve --model clf --model-repository models/ --concurrency 1,16,64 --json bench.json
     ds bench serve --model clf --url http://127.0.0.1:8080 --rate 100 --rate 200
     ds bench serve --openai --model lm --model-repository models/ --concurrency 1,16 --max-tokens 128
+    ds bench serve --openai --model lm --model-repository models/ --concurrency 16 --adapters a,b,c,d
 
 With ``--model-repository`` the model is first timed in-process (its backend loaded directly, batch 1 and
 4/16/64 up to ``max_batch_size``), then ``ds serve`` is started on a free port, loaded and stopped again;
@@ -12,7 +13,8 @@ with ``--url`` only the load runs, against a server that is already up. The load
 ``--openai`` loads a language model instead: N concurrent streaming ``/v1/completions`` clients
 (:mod:`deepseek.bench.streamload`), prompts cut from the standard library's source, a fixed output length;
 it reports requests/s, output tokens/s, TTFT, TPOT, ITL and E2E percentiles, and each load's tokens/s and TTFT
-p99 over the single-stream run.
+p99 over the single-stream run. ``--adapters a,b,c,d`` spreads the streams round-robin over the model's LoRA
+adapters (``lm:a``, ``lm:b``, ...; the OpenAI ``model`` field picks one) and reports each adapter and the total.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import typer
 
@@ -234,6 +236,9 @@ def serve_command(
                                 "/v1/completions clients; reports req/s, output tokens/s, TTFT and TPOT."),
     prompt_tokens: int = typer.Option(128, help="--openai: prompt length in tokens (cut from stdlib source)."),
     max_tokens: int = typer.Option(128, help="--openai: tokens generated per request (EOS ignored)."),
+    adapters: Optional[str] = typer.Option(None, "--adapters", metavar="A[,A...]",
+                                           help="--openai: spread the streams round-robin over these LoRA adapters "
+                                                "of --model (MODEL:A, ...); results per adapter and in total."),
 ) -> None:
     """Load a served model (closed loop per --concurrency, open loop per --rate) and report req/s and latency.
 
@@ -250,6 +255,11 @@ def serve_command(
         raise typer.BadParameter("--int-high must be >= 1")
     concurrencies = _split_numbers(concurrency, int, "--concurrency")
     rates = _split_numbers(rate, float, "--rate")
+    mix = [a.strip() for a in adapters.split(",")] if adapters is not None else []
+    if mix and not openai:
+        raise typer.BadParameter("--adapters needs --openai (text generation)")
+    if any(not a for a in mix) or len(set(mix)) != len(mix):
+        raise typer.BadParameter(f"--adapters: distinct, non-empty adapter names, comma-separated; got {adapters!r}")
     if openai:
         if rates:
             raise typer.BadParameter("--rate is not supported with --openai (closed loop only)")
@@ -257,8 +267,11 @@ def serve_command(
             raise typer.BadParameter("--prompt-tokens and --max-tokens must be >= 1")
         if model_repository is not None and not model_repository.is_dir():
             raise FileNotFoundError(f"model repository {model_repository} is not a directory")
-        bench_openai(model, url, model_repository, concurrencies or [1, 16], duration=duration, warmup=warmup,
-                     prompt_tokens=prompt_tokens, max_tokens=max_tokens, json_out=json_out)
+        loads = concurrencies or ([16] if mix else [1, 16])
+        if any(c < len(mix) for c in loads):
+            raise typer.BadParameter(f"--concurrency: each load needs at least one stream per adapter ({len(mix)})")
+        bench_openai(model, url, model_repository, loads, duration=duration, warmup=warmup,
+                     prompt_tokens=prompt_tokens, max_tokens=max_tokens, json_out=json_out, adapters=mix)
         return
     if not concurrencies and not rates:
         concurrencies = [1, 16, 64]
@@ -326,31 +339,41 @@ def _repository_tokenizer(model_repository: Optional[Path], model: str):
 
 def bench_openai(model: str, url: Optional[str], model_repository: Optional[Path], concurrencies: list[int], *,
                  duration: float, warmup: float, prompt_tokens: int, max_tokens: int,
-                 json_out: Optional[Path]) -> dict:
-    """Streams of ``POST /v1/completions`` per concurrency; a table, the scaling over one stream, JSON."""
+                 json_out: Optional[Path], adapters: Sequence[str] = ()) -> dict:
+    """Streams of ``POST /v1/completions`` per concurrency; a table, the scaling over one stream, JSON.
+    ``adapters``: the streams go round-robin to ``model:adapter`` for each, with a row per adapter."""
     from rich.console import Console
 
     from deepseek.bench.streamload import (completion_bodies, format_stream_table, run_stream_load,
                                            scaling_summary, stdlib_prompts)
 
     prompts = stdlib_prompts(_repository_tokenizer(model_repository, model), N_BODIES, prompt_tokens)
-    bodies = completion_bodies(model, prompts, max_tokens)
+    names = [f"{model}:{a}" for a in adapters] or [model]
+    bodies = {name: completion_bodies(name, prompts, max_tokens) for name in names}
     results = []
     with serving(url, model_repository) as (url, server_pid):
-        status, answer = _get_json(f"{url}/v1/models/{model}")
-        if status != 200:
-            raise ValueError(f"{url}/v1/models/{model} answered {status}: {answer}")
+        for name in names:  # fail fast, with the server's reason (e.g. an adapter it does not serve)
+            status, answer = _get_json(f"{url}/v1/models/{name}")
+            if status != 200:
+                raise ValueError(f"{url}/v1/models/{name} answered {status}: {answer}")
         for c in concurrencies:
             typer.echo(f"load: {c} concurrent streams, {warmup:g} s warm-up + {duration:g} s ...")
-            results.append(run_stream_load(url, bodies, concurrency=c, warmup_s=warmup, duration_s=duration,
-                                           server_pid=server_pid))
-    Console().print(format_stream_table(results, title=f"{model} at {url}: {prompt_tokens} prompt tokens, "
-                                                       f"{max_tokens} output tokens per request"))
+            results.append(run_stream_load(url, bodies if adapters else bodies[model], concurrency=c,
+                                           warmup_s=warmup, duration_s=duration, server_pid=server_pid,
+                                           label="all adapters" if adapters else ""))
+    rows = [row for r in results for row in (r, *r.by_group.values())]  # a mix: the total, then each adapter
+    Console().print(format_stream_table(rows, title=f"{model} at {url}: {prompt_tokens} prompt tokens, "
+                                                    f"{max_tokens} output tokens per request"))
+    for r in results:
+        for name, g in r.by_group.items():
+            typer.echo(f"{r.concurrency} streams, {name}: {g.concurrency} of them, {g.output_tokens_per_s:.1f} output "
+                       f"tokens/s of {r.output_tokens_per_s:.1f} in total")
     scaling = scaling_summary(results)
     for c, ratios in scaling.items():
         typer.echo(f"{c} streams: {ratios['tokens_per_s_x']:.2f}x the output tokens/s of one stream, "
                    f"TTFT p99 {ratios['ttft_p99_x']:.2f}x")
-    summary = {"model": model, "url": url, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+    summary = {"model": model, "adapters": list(adapters), "url": url, "prompt_tokens": prompt_tokens,
+               "max_tokens": max_tokens,
                "results": [r.to_dict() for r in results], "scaling_over_one_stream": scaling}
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

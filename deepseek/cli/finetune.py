@@ -46,14 +46,37 @@ def run_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. init=runs/q/model "
                                                                "max_steps=20 lora.r=8."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in run_dir."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine: >1 re-launches this command "
+                                                        "under `torchrun --standalone` (data parallel, gloo on CPU; "
+                                                        "batch_size is the global batch)."),
 ) -> None:
     """Fine-tune a model directory (method: sft, dpo, reward, grpo or mixed; LoRA with a `lora:` section, else
     full): run_dir/adapter, run_dir/model or run_dir/reward, plus metrics.jsonl and checkpoints."""
+    import os
+
+    from deepseek.config import ConfigError
     from deepseek.finetune.config import load_finetune_config
     from deepseek.finetune.run import finetune, result_path
 
     cfg = load_finetune_config(config, [*(overrides or []), *(["checkpoint.resume=true"] if resume else [])])
-    result = finetune(cfg)
+    cfg.check_paths()  # a bad config fails here, before any launch
+    if nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        if cfg.batch_size % nproc or (cfg.micro_batch_size or cfg.batch_size) % nproc:
+            raise ConfigError(f"batch_size ({cfg.batch_size}) and micro_batch_size ({cfg.micro_batch_size}) must be "
+                              f"multiples of --nproc ({nproc}): each process trains on its share of every batch")
+        from deepseek.parallel.launch import relaunch
+
+        args = ["finetune", "run", *([str(config)] if config is not None else []), *(overrides or []),
+                *(["--resume"] if resume else [])]
+        raise typer.Exit(relaunch(nproc, args))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from deepseek.finetune.distributed import finetune_distributed
+
+        result = finetune_distributed(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+    else:
+        result = finetune(cfg)
     line = f"fine-tuned {result.step} steps in {result.elapsed_s:.0f}s, final loss {result.loss:.4f}"
     if result.final_eval:
         line += ", " + ", ".join(f"{name} {value:.4f}" for name, value in result.final_eval.items())

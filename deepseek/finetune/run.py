@@ -36,6 +36,7 @@ from deepseek.models.adapters import save_adapter, writes_peft_format
 from deepseek.models.directory import load, save
 from deepseek.nn.lora import apply_lora
 from deepseek.nn.quantized import QuantizedExperts, QuantizedLinear
+from deepseek.parallel import ParallelPlan
 from deepseek.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,17 @@ def sft_rows(path: str, tokenizer: Any, seq_len: int, *, pack_rows: bool, on_bad
 
 class SFTLoader:
     """Batches of ``batch_size`` rows drawn from ``rows`` in a seeded order reshuffled every epoch (an epoch's
-    leftover rows start the next batch). ``state_dict()`` is the position, so a resumed run sees the same batches."""
+    leftover rows start the next batch). ``state_dict()`` is the position, so a resumed run sees the same batches.
 
-    def __init__(self, rows: SFTBatch, batch_size: int, seed: int = 0):
+    With ``world_size`` data-parallel ranks, every rank draws the same global batch and keeps rows
+    ``[rank * B / W, (rank + 1) * B / W)`` of it: the ranks together train on what one process would."""
+
+    def __init__(self, rows: SFTBatch, batch_size: int, seed: int = 0, *, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ConfigError(f"batch_size ({batch_size}) must be a multiple of the {world_size} data-parallel "
+                              f"processes (and 0 <= rank < {world_size}, got rank {rank})")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.cursor = 0, 0
 
     def _rows(self) -> int:
@@ -99,7 +107,8 @@ class SFTLoader:
             self.cursor, need = self.cursor + take, need - take
             if self.cursor == n:
                 self.epoch, self.cursor = self.epoch + 1, 0
-        index = torch.cat(picked)
+        share = self.batch_size // self.world_size
+        index = torch.cat(picked)[self.rank * share:(self.rank + 1) * share]
         return type(self.rows)(*(getattr(self.rows, f.name)[index] for f in dataclasses.fields(self.rows)))
 
     def state_dict(self) -> dict[str, int]:
@@ -215,9 +224,12 @@ class Objective:
 
 
 def build_objective(config: FinetuneConfig, term: str, section: SFTDataConfig, tokenizer: Any,
-                    reference: Optional[nn.Module], where: str = "data") -> Objective:
+                    reference: Optional[nn.Module], where: str = "data",
+                    plan: Optional[ParallelPlan] = None) -> Objective:
     """The ``sft``, ``dpo`` or ``rl`` (GRPO) objective reading the files of the data ``section`` (named ``where``
-    in errors); ``reference`` is the frozen copy of a full fine-tune (None with LoRA)."""
+    in errors); ``reference`` is the frozen copy of a full fine-tune (None with LoRA); ``plan``: this rank's share
+    of every batch under ``--nproc``."""
+    plan = plan or ParallelPlan()
     micro = config.train_config().micro_batch
     if term == "rl":
         from deepseek.finetune.grpo import GRPOLoss, PromptLoader, read_prompts
@@ -252,12 +264,20 @@ def build_objective(config: FinetuneConfig, term: str, section: SFTDataConfig, t
     if eval_rows is not None:
         eval_fn = ((lambda m: evaluate_dpo(m, eval_rows, micro, loss_fn)) if dpo else
                    (lambda m: evaluate_sft(m, eval_rows, micro)))
-    return Objective(SFTLoader(train_rows, config.batch_size, config.seed), loss_fn, eval_fn)
+    loader = SFTLoader(train_rows, config.batch_size, config.seed, rank=plan.data_rank,
+                       world_size=plan.data_parallel_size)
+    return Objective(loader, loss_fn, eval_fn)
 
 
-def finetune(config: FinetuneConfig) -> TrainResult:
+def finetune(config: FinetuneConfig, parallel: Optional[ParallelPlan] = None) -> TrainResult:
     """Run the fine-tune ``config`` describes (what ``ds finetune run`` does); the result lands in
-    ``run_dir/adapter`` (LoRA), ``run_dir/model`` (full) or ``run_dir/reward`` (``method: reward``)."""
+    ``run_dir/adapter`` (LoRA), ``run_dir/model`` (full) or ``run_dir/reward`` (``method: reward``).
+    ``parallel``: this rank's plan under torchrun (:func:`deepseek.finetune.distributed.finetune_distributed`);
+    each rank then trains on its share of every batch, and rank 0 writes the result (methods sft and dpo)."""
+    plan = parallel or ParallelPlan()
+    if plan.data_parallel_size > 1 and config.method not in ("sft", "dpo"):
+        raise ConfigError(f"--nproc: method {config.method} runs in one process (sampling and the reward head "
+                          f"are not data-parallel yet); methods sft and dpo take --nproc")
     config.check_paths()
     if config.method == "mixed" and config.micro_batch_size not in (0, config.batch_size):
         raise ConfigError("micro_batch_size: method: mixed draws one batch per term per step and does not split "
@@ -266,8 +286,9 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     kind = "LoRA" if config.lora is not None else "full"
-    print(f"{kind} fine-tune ({config.method}) of {config.init}: {trainable:,} of {total:,} parameters train "
-          f"({100 * trainable / total:.2f}%)", flush=True)
+    if plan.is_main:
+        print(f"{kind} fine-tune ({config.method}) of {config.init}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.2f}%)", flush=True)
     train_config = config.train_config()
     if config.method == "reward":
         return _finetune_reward(config, model, tokenizer)
@@ -278,7 +299,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     needs_reference = config.lora is None and ({"dpo", "rl"} & set(terms))
     reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference else None
     sections = config.data_sections()
-    objectives = {term: build_objective(config, term, section, tokenizer, reference, where)
+    objectives = {term: build_objective(config, term, section, tokenizer, reference, where, plan)
                   for term, (where, section) in zip(terms, sections.items())}
     if config.method == "mixed":
         from deepseek.finetune.mixed import MixedLoader, MixedLoss
@@ -302,8 +323,12 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     # sampling (GRPO) is no side-effect-free trial of the precision: only plain losses time it
     trial = loss_fn if config.method in ("sft", "dpo") else None
     trainer = Trainer(model, train_config, batches=batches, loss_fn=loss_fn, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_result, trial_loss_fn=trial)
-    return trainer.fit()
+                      save_model=save_result, trial_loss_fn=trial, parallel=plan)
+    try:
+        return trainer.fit()
+    finally:
+        plan.close()  # DDP reducers go before the process group
+        trainer.parallel_model = trainer.step_fn = None
 
 
 def _finetune_reward(config: FinetuneConfig, lm: nn.Module, tokenizer: Any) -> TrainResult:

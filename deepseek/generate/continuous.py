@@ -384,7 +384,8 @@ class ContinuousBatchingEngine:
     # -- pieces -------------------------------------------------------------------------------------
 
     def _row_adapters(self, requests: list[GenerationRequest]):
-        """Each row's adapter for the next forward (one small host-to-device copy), if any row has one."""
+        """Each row's adapter for the next forward (one small host-to-device copy), if a row uses one: a batch of
+        base rows alone skips the low-rank products (as if no adapter were loaded)."""
         if all(r.adapter_index < 0 for r in requests):
             return contextlib.nullcontext()
         ids_B = torch.tensor([r.adapter_index for r in requests], device=self.device)

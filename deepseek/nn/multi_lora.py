@@ -25,7 +25,11 @@ Mixing rows of different adapters in one forward — three ways, measured by ``b
 * stacked and masked (:meth:`MultiLoRALinear.forward`, used): all rows through all adapters' A at once, each
   row's columns of other adapters zeroed, then all B at once. Fixed shapes, no sync, each adapter read once; its
   low-rank work grows with K·R (every row pays all adapters' shrink), so past a few dozen adapters the grouped
-  product would win.
+  product would win. B is stored [O, K, R] so that its [O, K·R] matrix is a view (the first version copied it
+  from [K, O, R] every call), the row mask is computed once per forward for all layers (:func:`row_adapters`),
+  and the B product accumulates into the base's output (``addmm_``): at the quickstart's width (D=192, decode
+  16×1, K=4, R=16; same Xeon, shared, 1 thread, best of 15) 173 → 134 µs against the base's 22 µs, prefill
+  1×128 482 → 308 µs (base 72). A continuous batch whose rows all use the base skips the low-rank products.
 
 Only plain linears (attention, dense and shared-expert projections) are served this way; routed experts and the
 head are not (the head's product is read as ``weight`` by the model, and per-row expert adapters need (adapter,
@@ -46,8 +50,9 @@ class MultiLoRALinear(nn.Module):
     (or [B·T, I] -> [B·T, O]).
 
     ``names`` the adapters in index order ("" = an empty slot); ``lora_A`` [K, R, I], ``lora_B`` [K, O, R],
-    ``scaling`` [K] (buffers: serving never trains them). ``row_ids`` [B] (long, −1 = base) is set by :func:`row_adapters`; None computes
-    the base alone.
+    ``scaling`` [K] (buffers: serving never trains them; ``lora_B`` is a view of the buffer ``lora_B_OKR``
+    [O, K, R], the layout whose [O, K·R] reshape the forward multiplies without a copy). ``row_ids`` [B] (long,
+    −1 = base) is set by :func:`row_adapters`; None computes the base alone.
     """
 
     def __init__(self, base_layer: nn.Linear, names: Sequence[str], rank: int):
@@ -58,9 +63,23 @@ class MultiLoRALinear(nn.Module):
         kw = {"device": weight.device, "dtype": weight.dtype}
         K = len(self.names)
         self.register_buffer("lora_A", torch.zeros(K, rank, base_layer.in_features, **kw))
-        self.register_buffer("lora_B", torch.zeros(K, base_layer.out_features, rank, **kw))
+        self.register_buffer("lora_B_OKR", torch.zeros(base_layer.out_features, K, rank, **kw))
         self.register_buffer("scaling", torch.zeros(K, **kw))
-        self.row_ids: Optional[torch.Tensor] = None
+        self.row_ids = None
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """[K, O, R]: adapter k's B is ``lora_B[k]`` (a view: writes go to ``lora_B_OKR``)."""
+        return self.lora_B_OKR.permute(1, 0, 2)
+
+    @property
+    def row_ids(self) -> Optional[torch.Tensor]:
+        return self._row_ids
+
+    @row_ids.setter
+    def row_ids(self, ids_B: Optional[torch.Tensor]) -> None:
+        self._row_ids = ids_B
+        self.row_onehot_BK: Optional[torch.Tensor] = None  # row_adapters shares one across the model's layers
 
     @torch.no_grad()
     def set_adapter(self, index: int, a_RI: torch.Tensor, b_OR: torch.Tensor, scaling: float) -> None:
@@ -74,21 +93,23 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stacked, masked product: every row through all K adapters' A at once ([B, T, K·R]), each row's
-        columns of other adapters zeroed (its own scaled), then all B at once. Two GEMMs of fixed shape, no host
-        sync, each adapter's weights read once."""
+        columns of other adapters zeroed (its own scaled), then all B at once, accumulated into the base's output.
+        Two GEMMs of fixed shape, no host sync, no weight copies, each adapter's weights read once."""
         y = self.base_layer(x)
         ids_B = self.row_ids
         if ids_B is None:
             return y
         K, R, I = self.lora_A.shape
-        x_BTI = _rows(x, ids_B.shape[0])
-        dtype = x.dtype
-        a_QI = self.lora_A.reshape(K * R, I).to(dtype)  # Q = K·R, adapter-major
-        b_OQ = self.lora_B.permute(1, 0, 2).reshape(-1, K * R).to(dtype)
+        B, O, dtype = ids_B.shape[0], y.shape[-1], x.dtype
+        x_BTI = _rows(x, B)
+        onehot_BK = self.row_onehot_BK if self.row_onehot_BK is not None else row_onehot(ids_B, K)
         # A row's own adapter's columns carry its scaling, the others 0 (−1 matches none: the base alone).
-        scale_BK = (ids_B[:, None] == torch.arange(K, device=ids_B.device)).to(dtype) * self.scaling.to(dtype)
-        inner_BTQ = (x_BTI @ a_QI.t()) * scale_BK.repeat_interleave(R, dim=1)[:, None, :]
-        return y + (inner_BTQ @ b_OQ.t()).reshape(y.shape).to(y.dtype)
+        scale_BK = onehot_BK.to(dtype) * self.scaling.to(dtype)
+        a_QI = self.lora_A.reshape(K * R, I).to(dtype)  # Q = K·R, adapter-major
+        inner_BTKR = (x_BTI @ a_QI.t()).view(B, -1, K, R) * scale_BK[:, None, :, None]
+        b_OQ = self.lora_B_OKR.reshape(O, K * R).to(y.dtype)
+        y.view(-1, O).addmm_(inner_BTKR.reshape(-1, K * R).to(y.dtype), b_OQ.t())
+        return y
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         """The gathered product (vLLM's BGMV shape): each row's A and B gathered, two ``bmm`` (kept to measure
@@ -129,6 +150,11 @@ def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
     return x.reshape(n_rows, -1, x.shape[-1])
 
 
+def row_onehot(ids_B: torch.Tensor, K: int) -> torch.Tensor:
+    """[B, K] float: 1 where row b uses adapter k (a row of −1, the base, is all zeros)."""
+    return (ids_B[:, None] == torch.arange(K, device=ids_B.device)).float()
+
+
 def multi_lora_modules(model: nn.Module) -> list[MultiLoRALinear]:
     return [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
 
@@ -143,8 +169,10 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
 def row_adapters(model: nn.Module, ids_B: Optional[torch.Tensor]) -> Iterator[nn.Module]:
     """Within the block, row b of ``model``'s forwards uses adapter ``ids_B[b]`` (−1 = base); then base again."""
     modules = multi_lora_modules(model)
+    onehot_BK = None if ids_B is None or not modules else row_onehot(ids_B, len(modules[0].names))
     for m in modules:
         m.row_ids = ids_B
+        m.row_onehot_BK = onehot_BK  # computed once for every layer
     try:
         yield model
     finally:

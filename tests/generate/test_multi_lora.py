@@ -73,6 +73,31 @@ def test_gathered_product_equals_reference_and_lora_linear():
             layer(torch.randn(7, 16))
 
 
+def test_stacked_product_in_bf16_and_with_a_shared_row_mask():
+    """lora_B is a writable [K, O, R] view of the [O, K, R] buffer the forward multiplies; the row mask that
+    row_adapters computes once for all layers gives what each layer computes alone; bf16 stays close."""
+    torch.manual_seed(1)
+    base = torch.nn.Linear(16, 12, bias=True)
+    layer = MultiLoRALinear(base, ["a", "b", "c"], rank=4)
+    for k in range(3):
+        layer.set_adapter(k, torch.randn(4 - k, 16), torch.randn(12, 4 - k), 0.5 + k)
+    assert layer.lora_B.shape == (3, 12, 4) and torch.equal(layer.lora_B[2, :, 2:], torch.zeros(12, 2))
+    assert torch.equal(layer.lora_B_OKR[:, 1], layer.lora_B[1])
+    model = torch.nn.Sequential(layer)
+    x, ids = torch.randn(5, 3, 16), torch.tensor([2, -1, 0, 1, 2])
+    with torch.no_grad():
+        layer.row_ids = ids
+        alone = layer(x)
+        torch.testing.assert_close(alone, layer.reference(x))
+        with row_adapters(model, ids):
+            assert layer.row_onehot_BK is not None
+            assert torch.equal(layer(x), alone)
+        assert layer.row_ids is None and layer.row_onehot_BK is None
+        layer.to(torch.bfloat16)
+        layer.row_ids = ids
+        torch.testing.assert_close(layer(x.bfloat16()).float(), alone, rtol=0.05, atol=0.1)
+
+
 def test_mixed_batch_equals_each_adapter_alone(adapters):
     tok = ds.byte_tokenizer()
     assert tok.get_vocab_size() <= VOCAB

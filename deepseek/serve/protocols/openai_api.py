@@ -8,7 +8,8 @@
 
 ``model`` is a model name (the routing policy picks the version, as for inference) or ``name/version``, either
 followed by ``:adapter`` for one of the LoRA adapters its ``config.yaml`` lists (``/v1/models`` lists each as
-``name:adapter`` with ``parent`` = name, as vLLM does; KServe generate takes ``parameters.adapter``). Rows of
+``name:adapter`` with ``parent`` = name, as vLLM does; KServe generate takes ``parameters.adapter`` or the
+model ``name:adapter`` in its path). Rows of
 different adapters share one continuous batch (:mod:`deepseek.nn.multi_lora`).
 Requests run on the version's continuous batching engine (:mod:`deepseek.generate.continuous`); a client
 that disconnects cancels its request, which frees its slot on the engine's next step. Errors use OpenAI's
@@ -659,8 +660,12 @@ async def _kserve_generate(request: Request, model: str, version: Optional[str],
     options = {k: v for k, v in options.items() if k != "adapter"}
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
         raise RequestError("parameters: adapter must be an adapter's name", param="parameters")
-    mv, engine, adapter = language_model(request, (model if version is None else f"{model}/{version}")
-                                         + (f":{adapter}" if adapter else ""))
+    name, colon, named = model.partition(":")  # "/v2/models/lm:a/..." names the adapter as OpenAI's model field
+    if colon and adapter is not None:
+        raise RequestError(f"the adapter is named twice: in the model {model!r} and in parameters.adapter "
+                           f"{adapter!r}; give one", param="parameters")
+    suffix = f":{adapter}" if adapter else colon + named
+    mv, engine, adapter = language_model(request, (name if version is None else f"{name}/{version}") + suffix)
     params = _generate_params(options)
     asked = options.get("max_new_tokens")
     ids = prompt_ids(engine, text, params.max_new_tokens if asked is not None else None, "max_new_tokens")
