@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from deepseek.config import ConfigError, apply_overrides, from_dict, read_mapping
+from deepseek.evaluation.codegen import STOP
 from deepseek.finetune.objectives import OBJECTIVES, MixedObjective
 from deepseek.nn.lora import LoRAConfig
 from deepseek.train.config import (CheckpointConfig, ClipConfig, OptimizerConfig, ScheduleConfig, TrainConfig,
@@ -68,6 +69,9 @@ class GRPOConfig:
     reward_model: Optional[str] = _help(None, "A reward model directory (run_dir/reward of a `method: reward` run) "
                                               "scored with the weight rewards.model.")
     doctest_timeout_s: float = _help(5.0, "Wall-clock limit of one sandboxed doctest run.")
+    stop: list[str] = _help(list(STOP), "Stop strings: a completion ends (and is cut) at the first one. The "
+                                    "default ends a function where a new top-level statement begins, as "
+                                    "`ds eval` does; [] = run to max_new_tokens.")
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:

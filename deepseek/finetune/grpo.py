@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from deepseek.evaluation.codegen import truncate
 from deepseek.evaluation.rewards import doctests_rewards, length_reward, parses_reward
 from deepseek.finetune.config import GRPOConfig
 from deepseek.finetune.objectives import grpo_advantages, grpo_loss, reference_token_logprobs, token_logprobs
@@ -142,7 +143,8 @@ def sample_groups(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[in
             module.training = training
     if any(r.finish_reason == "error" for r in requests):
         raise RuntimeError(f"the generation engine failed while sampling GRPO completions: {engine.failure}")
-    return [(list(r.token_ids), "".join(texts.get(r.request_id, []))) for r in requests]
+    # the text is cut at its first stop string, as `ds eval` cuts it (the engine stops there, its text may hold it)
+    return [(list(r.token_ids), truncate("".join(texts.get(r.request_id, [])), params.stop)) for r in requests]
 
 
 def right_padded(prompts: Sequence[list[int]], completions: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +182,7 @@ class GRPOLoss:
         if self.weights.get("model") and reward_model is None:
             raise ValueError("grpo.rewards.model has a weight but no reward_model was given")
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                     top_p=config.top_p)
+                                     top_p=config.top_p, stop=list(config.stop))
         self.last: dict[str, float] = {}
 
     def rewards(self, rows: Sequence[dict], prompt_ids: Sequence[list[int]],
