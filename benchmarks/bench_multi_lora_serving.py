@@ -27,18 +27,16 @@ It prints each round's output tokens/s, the medians, and mix / base per round (P
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import complete, machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
 
 setup_path()
 import deepseek as ds  # noqa: E402
@@ -88,14 +86,6 @@ def build_repository(root: Path, sizes: dict, vocab_size: int, n_adapters: int, 
     return root
 
 
-def complete(url: str, model: str, prompt: str) -> str:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
-                       "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.loads(response.read())["choices"][0]["text"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=16)
@@ -136,7 +126,7 @@ def main() -> None:
                                        str(repo), "--http-port", str(port), "--no-grpc"],
                                       f"{url}/v2/health/ready", log_path=tmp / "server.log", timeout_s=300)
         try:
-            texts = {n: complete(url, n, prompts[0]) for n in ["plain", "lm", *names]}
+            texts = {n: complete(url, n, prompts[0], max_tokens=16) for n in ["plain", "lm", *names]}
             results: dict[str, list] = {name: [] for name in loads}
             for r in range(args.rounds):
                 order = list(loads)[r % len(loads):] + list(loads)[:r % len(loads)]  # rotate: no load always first

@@ -27,18 +27,16 @@ Targets (PASS/MISS):
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import REPO_ROOT, complete, machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
 
 setup_path()
 import deepseek as ds  # noqa: E402
@@ -85,14 +83,6 @@ def mixtral_twin(tokenizer_dir: Path, into: Path) -> Path:
     return into
 
 
-def complete(url: str, model: str, prompt: str) -> str:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0,
-                       "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())["choices"][0]["text"]
-
-
 def load_server(command: list[str], repo: Path, model: str, bodies: list[bytes], args, log: Path,
                 probe: str) -> tuple[list, str]:
     port = free_port()
@@ -100,7 +90,7 @@ def load_server(command: list[str], repo: Path, model: str, bodies: list[bytes],
     server = loadgen.start_server([*command, "--model-repository", str(repo), "--http-port", str(port), "--no-grpc"],
                                   f"{url}/v2/health/ready", log_path=log, timeout_s=300)
     try:
-        text = complete(url, model, probe)
+        text = complete(url, model, probe, max_tokens=48, timeout=120)
         results = []
         for streams in STREAMS:
             print(f"  {model}: {streams} streams, {args.warmup:g} s warm-up + {args.duration:g} s ...", flush=True)

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -214,3 +215,13 @@ def missing_model(path: str | Path, flags: str) -> bool:
         return False
     print(f"skipped: {path} is not a model directory; run `make quickstart` first (or pass {flags})")
     return True
+
+
+def complete(url: str, model: str, prompt: str, max_tokens: int = 48, timeout: float = 300) -> str:
+    """One greedy ``/v1/completions`` answer of ``model`` at ``url`` (EOS ignored): checks that both sides of a
+    serving benchmark generate the same text before they are timed."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())["choices"][0]["text"]

@@ -9,10 +9,15 @@ import torch
 import deepseek as ds
 from deepseek.generate.continuous import ContinuousBatchingEngine
 from deepseek.generate.params import SamplingParams
-from deepseek.models.adapters import AdapterError, load_adapter, load_adapters, save_adapter
-from deepseek.nn.lora import LoRAConfig, LoRALinear, apply_lora
+from deepseek.models.adapters import (
+    AdapterError,
+    load_adapter,
+    load_adapters,
+)
+from deepseek.nn.lora import LoRAConfig, LoRALinear
 from deepseek.nn.multi_lora import MultiLoRALinear, adapter_names, row_adapters
 from tests.models.mixtral_shaped import base_model as mixtral_shaped_model
+from tests.models.random_adapter import save_random_adapter
 
 VOCAB = 300
 ATTENTION = ("attn.q", "attn.k", "attn.v", "attn.o")
@@ -23,14 +28,7 @@ def base_model() -> ds.MoETransformer:
 
 
 def make_adapter(folder, lora: LoRAConfig, seed: int):
-    model = base_model()
-    apply_lora(model, lora)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return save_adapter(model, folder)
+    return save_random_adapter(base_model(), folder, lora, seed, 0.3)
 
 
 @pytest.fixture(scope="module")

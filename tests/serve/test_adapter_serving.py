@@ -9,20 +9,23 @@ import threading
 import httpx
 import openai
 import pytest
-import torch
 import yaml
 
 import deepseek as ds
 from deepseek.finetune.config import load_finetune_config
 from deepseek.finetune.run import finetune
-from deepseek.models.adapters import load_adapter, save_adapter
-from deepseek.nn.lora import LoRAConfig, apply_lora
+from deepseek.models.adapters import load_adapter
+from deepseek.nn.lora import LoRAConfig
 from deepseek.nn.multi_lora import multi_lora_modules
 from deepseek.serve.backends.deepseek_backend import DeepSeekBackend
 from deepseek.serve.config import ServingConfig
 from deepseek.serve.protocols.openai_api import chat_prompt
 from tests.finetune.test_run import CHATS, overrides
-from tests.models.quickstart_shaped import quickstart_shaped_model, save_quickstart_shaped
+from tests.models.quickstart_shaped import (
+    quickstart_shaped_model,
+    save_quickstart_shaped,
+)
+from tests.models.random_adapter import save_random_adapter
 from tests.serve.test_cli_serve import free_port, start_server, stop, wait_ready
 
 KEY = "s3cret"
@@ -31,14 +34,8 @@ PROMPT = "def f(x):"
 
 
 def random_adapter(folder, targets, seed):
-    model = quickstart_shaped_model()
-    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return save_adapter(model, folder)
+    return save_random_adapter(quickstart_shaped_model(), folder, LoRAConfig(r=4, alpha=8, target_modules=targets),
+                               seed, 0.5)
 
 
 @pytest.fixture(scope="module")
