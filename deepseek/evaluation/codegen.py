@@ -23,7 +23,7 @@ the answer, checked after the prompt's own stub so the answer's definition repla
 measured the way it is used; a base model can be measured both ways.
 
 Every report also gives ``parse_rate``: the share of samples whose program (prompt + completion) parses as Python
-(``ast.parse`` only, in this process: parsing never runs the code).
+with a body in the function asked for (``ast.parse`` only, in this process: parsing never runs the code).
 
 Generated code only ever runs in :func:`deepseek.evaluation.sandbox.run_python` subprocesses.
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -129,12 +130,24 @@ def reply_code(reply: str) -> str:
 
 
 def parses(problem: dict, completion: str) -> bool:
-    """Whether ``problem["prompt"] + completion`` is valid Python (parsed, never run)."""
+    """Whether ``problem["prompt"] + completion`` is valid Python (parsed, never run) in which the function
+    ``entry_point`` has a body besides its docstring (the prompt's stub alone parses: it is no generated function)."""
     try:
-        ast.parse(problem["prompt"] + completion)
+        with warnings.catch_warnings():  # e.g. SyntaxWarning for an invalid escape in generated text
+            warnings.simplefilter("ignore")
+            tree = ast.parse(problem["prompt"] + completion)
     except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
         return False
-    return True
+    return has_body(tree, problem["entry_point"])
+
+
+def has_body(tree: ast.Module, name: str) -> bool:
+    """Whether the last function ``name`` defined in ``tree`` (a chat answer's definition replaces the prompt's
+    stub) has a statement other than a docstring."""
+    defined = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and node.name == name]
+    return bool(defined) and any(not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+                                      and isinstance(stmt.value.value, str)) for stmt in defined[-1].body)
 
 
 _DOCTEST_PRELUDE = """\

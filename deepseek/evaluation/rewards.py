@@ -4,8 +4,9 @@ Each takes one prompt row (a dict: ``{"prompt": ...}``, or a doctest prompt of `
 with ``doctests``, ``entry_point`` and ``module``) and one completion, and returns a float:
 
 - :func:`parses_reward`: 1.0 when the code parses as Python (``ast.parse``, in this process: parsing runs nothing).
-  For a code prompt (a row with ``entry_point``) the code is prompt + completion, the function the model finished;
-  otherwise the completion alone.
+  For a code prompt (a row with ``entry_point``) the code is prompt + completion, the function the model finished,
+  and that function must have a body besides its docstring (the prompt alone parses); otherwise the completion
+  alone.
 - :func:`doctests_rewards`: 1.0 when the finished function passes its doctests, run only in the sandbox
   (:func:`deepseek.evaluation.sandbox.run_python` subprocesses, never in the trainer's process); 0.0 for a row
   without doctests. A policy under optimisation finds shortcuts, so exit status 0 is not enough: the program must
@@ -24,7 +25,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from deepseek.evaluation.codegen import doctest_problem
+from deepseek.evaluation.codegen import doctest_problem, has_body
 from deepseek.evaluation.humaneval import program
 from deepseek.evaluation.sandbox import run_python
 
@@ -37,13 +38,21 @@ def is_code_prompt(row: dict) -> bool:
 
 
 def parses_reward(row: dict, completion: str) -> float:
-    """1.0 when (prompt +) completion parses as Python, else 0.0 (see the module docstring)."""
+    """1.0 when (prompt +) completion parses as Python, else 0.0 (see the module docstring).
+
+    For a code prompt the finished function must also have a body: the prompt alone (a ``def`` line and its
+    docstring) already parses, and a policy rewarded for parsing learns to stop at once (measured: GRPO on the
+    quickstart model went from ~15 to ~2 tokens per completion in 30 steps). So the function ``entry_point`` must
+    hold a statement besides its docstring.
+    """
     source = row["prompt"] + completion if is_code_prompt(row) else completion
     try:
         with warnings.catch_warnings():  # e.g. SyntaxWarning for an invalid escape in generated text
             warnings.simplefilter("ignore")
-            ast.parse(source)
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+        return 0.0
+    if is_code_prompt(row) and not has_body(tree, row["entry_point"]):
         return 0.0
     return 1.0
 

@@ -17,6 +17,14 @@ def test_parses_reads_prompt_and_completion_of_a_code_prompt_and_the_completion_
     assert parses_reward({"prompt": "p"}, "x = '\0'\0") == 0.0  # a NUL byte is no crash
 
 
+def test_parses_needs_a_body_besides_the_docstring_of_a_code_prompt():
+    # the prompt (def line + docstring) parses alone: an empty completion must not earn the reward
+    assert parses_reward(DOUBLE, "") == 0.0
+    assert parses_reward(DOUBLE, "\n\n") == 0.0
+    assert parses_reward(DOUBLE, "    pass\n") == 1.0
+    assert parses_reward(DOUBLE, "\ndef other():\n    return 1\n") == 0.0  # another function's body is not its
+
+
 def test_doctests_pass_only_for_a_correct_body_and_run_in_the_sandbox():
     rows = [DOUBLE, DOUBLE, DOUBLE, {"prompt": "no doctests"}]
     completions = ["    return 2 * x\n", "    return x + 1\n",
