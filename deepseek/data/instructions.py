@@ -294,7 +294,8 @@ def doctest_prompts(functions: Iterable[Function]) -> list[dict]:
         if not examples:
             continue
         prompts.append({"prompt": fn.header + "\n", "doctests": "".join(_example_text(e) for e in examples),
-                        "entry_point": fn.name, "module": fn.module, "solution": fn.source})
+                        "entry_point": fn.name, "module": fn.module, "solution": fn.source,
+                        "instruction": write_function_prompt(fn)})
     return prompts
 
 

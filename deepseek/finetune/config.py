@@ -69,9 +69,15 @@ class GRPOConfig:
     reward_model: Optional[str] = _help(None, "A reward model directory (run_dir/reward of a `method: reward` run) "
                                               "scored with the weight rewards.model.")
     doctest_timeout_s: float = _help(5.0, "Wall-clock limit of one sandboxed doctest run.")
+    prompt_style: Literal["completion", "chat"] = _help("completion", "completion: the model continues the prompt "
+                                                        "(a def line and docstring); chat: the row's instruction is a "
+                                                        "user turn of the chat template (as SFT data and serving), "
+                                                        "the reply's code block is scored (as `ds eval --prompt-style "
+                                                        "chat`).")
     stop: list[str] = _help(list(STOP), "Stop strings: a completion ends (and is cut) at the first one. The "
                                     "default ends a function where a new top-level statement begins, as "
-                                    "`ds eval` does; [] = run to max_new_tokens.")
+                                    "`ds eval` does; [] = run to max_new_tokens. Completion style only: a "
+                                    "chat reply ends at the template's end of turn.")
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:

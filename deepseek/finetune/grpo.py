@@ -33,8 +33,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from deepseek.evaluation.codegen import truncate
-from deepseek.evaluation.rewards import doctests_rewards, length_reward, parses_reward
+from deepseek.data.chat import chat_template
+from deepseek.evaluation.codegen import chat_prompt as code_chat_prompt
+from deepseek.evaluation.codegen import reply_code, truncate
+from deepseek.evaluation.rewards import doctests_rewards, is_code_prompt, length_reward, parses_reward
 from deepseek.finetune.config import GRPOConfig
 from deepseek.finetune.objectives import grpo_advantages, grpo_loss, reference_token_logprobs, token_logprobs
 from deepseek.finetune.sft import BadRow, read_jsonl_rows
@@ -55,16 +57,31 @@ class Prompt:
     source: str = ""
 
 
+def chat_turns(row: dict) -> list[tuple[str, str]]:
+    """The turns that ask for ``row`` in chat style: a code prompt as ``ds eval --prompt-style chat`` asks it (the
+    SFT data's system prompt and instruction), any other prompt as one user turn."""
+    return code_chat_prompt(row) if is_code_prompt(row) else [("user", row["prompt"])]
+
+
+def answer_text(row: dict, reply: str) -> str:
+    """What the rewards score of a chat reply: its code block; for a code prompt on a new line after the prompt's
+    stub, whose definition it replaces (as ``ds eval`` checks chat answers)."""
+    return "\n" + reply_code(reply) if is_code_prompt(row) else reply_code(reply)
+
+
 def read_prompts(path: str | Path, tokenizer: Any, max_prompt_len: int, on_bad: str = "skip",
-                 problems: Optional[list[str]] = None) -> list[Prompt]:
-    """The prompts of a JSONL file; a row without a non-empty string ``prompt``, or one over ``max_prompt_len``
-    tokens (no room left for the completion), is reported as ``path:line: reason`` (skipped, or a ValueError with
-    ``on_bad="error"``)."""
+                 problems: Optional[list[str]] = None, prompt_style: str = "completion") -> list[Prompt]:
+    """The prompts of a JSONL file, encoded as plain text or (``prompt_style="chat"``) as :func:`chat_turns`
+    rendered by the tokenizer's chat template; a row without a non-empty string ``prompt``, or one over
+    ``max_prompt_len`` tokens (no room left for the completion), is reported as ``path:line: reason`` (skipped, or a
+    ValueError with ``on_bad="error"``)."""
+    template = chat_template(tokenizer) if prompt_style == "chat" else None
 
     def encode(row: Any) -> tuple[dict, list[int]]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
             raise BadRow("row has no non-empty string 'prompt'")
-        ids = tokenizer.encode(row["prompt"]).ids
+        text = template.render(chat_turns(row)) if template is not None else row["prompt"]
+        ids = tokenizer.encode(text).ids
         if len(ids) > max_prompt_len:
             raise BadRow(f"prompt of {len(ids)} tokens leaves no room for grpo.max_new_tokens (at most "
                          f"{max_prompt_len} prompt tokens)")
@@ -181,14 +198,20 @@ class GRPOLoss:
             raise ValueError(f"reward_fns {', '.join(clash)} clash with grpo.rewards' names")
         if self.weights.get("model") and reward_model is None:
             raise ValueError("grpo.rewards.model has a weight but no reward_model was given")
+        self.chat = config.prompt_style == "chat"
+        template = chat_template(tokenizer)
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                     top_p=config.top_p, stop=list(config.stop))
+                                     top_p=config.top_p,
+                                     stop=list(template.stop_strings if self.chat else config.stop),
+                                     stop_token_ids=list(template.stop_token_ids if self.chat else ()))
         self.last: dict[str, float] = {}
 
     def rewards(self, rows: Sequence[dict], prompt_ids: Sequence[list[int]],
                 samples: Sequence[tuple[list[int], str]]) -> dict[str, torch.Tensor]:
-        """Each weighted reward of the B samples, name -> [B] fp32 (unweighted)."""
-        texts = [text for _, text in samples]
+        """Each weighted reward of the B samples, name -> [B] fp32 (unweighted); a chat reply is scored by its code
+        (:func:`answer_text`)."""
+        texts = [answer_text(row, text) if self.chat else text for row, (_, text) in zip(rows, samples)]
+        samples = [(ids, text) for (ids, _), text in zip(samples, texts)]
         out: dict[str, list[float]] = {}
         if "parses" in self.weights:
             out["parses"] = [parses_reward(row, text) for row, text in zip(rows, texts)]

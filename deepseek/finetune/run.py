@@ -236,14 +236,14 @@ def build_objective(config: FinetuneConfig, term: str, section: SFTDataConfig, t
         from deepseek.finetune.reward import load_reward_model
 
         prompts = read_prompts(section.train, tokenizer, config.seq_len - config.grpo.max_new_tokens,
-                               on_bad=section.on_bad)
+                               on_bad=section.on_bad, prompt_style=config.grpo.prompt_style)
         if not prompts:
             raise ConfigError(f"{where}.train: {section.train} has no usable prompt (rows need a string 'prompt' of "
                               f"at most seq_len - grpo.max_new_tokens tokens)")
         reward_model = load_reward_model(config.grpo.reward_model)[0] if config.grpo.reward_model else None
         loss = GRPOLoss(config.grpo, prompts, tokenizer, reference=reference, reward_model=reward_model)
         held_out = read_prompts(section.eval, tokenizer, config.seq_len - config.grpo.max_new_tokens,
-                                on_bad=section.on_bad) if section.eval else []
+                                on_bad=section.on_bad, prompt_style=config.grpo.prompt_style) if section.eval else []
         if section.eval and not held_out:
             warnings.warn(f"{where}.eval: {section.eval} has no usable prompt; no evaluation")
         return Objective(PromptLoader(len(prompts), config.batch_size, config.seed), loss,

@@ -204,3 +204,28 @@ def test_a_reward_that_prefers_some_tokens_raises_their_probability(setup):
         optimizer.step()
         optimizer.zero_grad()
     assert 0.3 < before < 0.7 and preferred_mass() > 0.9
+
+
+def test_chat_style_prompts_render_the_chat_template_and_score_the_replys_code(setup, tmp_path):
+    from deepseek.data.chat import chat_template
+    from deepseek.evaluation.codegen import chat_prompt
+    from deepseek.finetune.grpo import answer_text
+
+    base, tokenizer, prompts_path = setup
+    template = chat_template(tokenizer)
+    chat = read_prompts(prompts_path, tokenizer, 10_000, prompt_style="chat")
+    assert chat[0].ids == tokenizer.encode(template.render([("user", "def f(x):")])).ids  # a plain prompt: one turn
+    assert chat[3].ids == tokenizer.encode(template.render(chat_prompt(PROMPTS[3]))).ids  # a code prompt: as ds eval
+    # a code reply is scored after the prompt's stub, whose definition it replaces; a plain one alone
+    reply = "Here it is:\n```python\ndef double(x):\n    return 2 * x\n```\n"
+    assert answer_text(PROMPTS[3], reply) == "\ndef double(x):\n    return 2 * x\n"
+    assert answer_text(PROMPTS[0], "```\nx = 1\n```") == "x = 1\n"
+    config = load_finetune_config(None, overrides(setup, tmp_path / "run", "grpo.prompt_style=chat",
+                                                  "grpo.rewards={parses: 1.0, doctests: 1.0}"))
+    loss = GRPOLoss(config.grpo, chat, tokenizer)
+    assert loss.params.stop == list(template.stop_strings) and loss.params.stop_token_ids == list(
+        template.stop_token_ids)  # a reply ends at the end of its turn, not at the code stop strings
+    rewards = loss.rewards([PROMPTS[3], PROMPTS[3]], [chat[3].ids] * 2, [([1], reply), ([1], "no code at all")])
+    assert rewards["parses"].tolist() == [1.0, 0.0] and rewards["doctests"].tolist() == [1.0, 0.0]
+    result = finetune(load_finetune_config(None, overrides(setup, tmp_path / "run", "grpo.prompt_style=chat")))
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
