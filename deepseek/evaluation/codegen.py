@@ -13,7 +13,8 @@ Two tasks:
   and anything outside ``__all__``) and binds the module's name; before the doctests run, the completed function
   replaces the module's own attribute, so module-qualified calls and the module's internal callers reach the
   completion too. Problems whose real source fails its own doctests here (output that depends on the platform or
-  the Python version) are dropped when ``validate`` is on, so a perfect model scores 1.
+  the Python version), and problems whose doctests a body of ``pass`` also passes (they never call the function),
+  are dropped when ``validate`` is on, so a perfect model scores 1 and an empty one 0.
 
 Two prompt styles: ``completion`` (the model continues the prompt's ``def`` line and docstring, HumanEval's way) and
 ``chat`` (the prompt is a user turn rendered with the tokenizer's chat template, the same one serving and SFT use:
@@ -197,10 +198,12 @@ def stdlib_doctest_problems(*, validate: bool = True, timeout_s: float = 10.0,
         problem = doctest_problem(record)
         problem["instruction"] = write_function_prompt(by_name[record["module"], record["entry_point"]])
         problems[problem["task_id"]] = problem
-    if validate and problems:
-        report = evaluate({t: [p["canonical_solution"]] for t, p in problems.items()}, ks=(1,), problems=problems,
-                          timeout_s=timeout_s)
-        problems = {t: p for t, p in problems.items() if report.per_problem[t]["correct"]}
+    if validate and problems:  # the real body passes, and a body that does nothing fails (a doctest may never
+        # call the function: typing._should_unflatten_callable_args's only checks Callable's __args__)
+        report = evaluate({t: [p["canonical_solution"], "    pass\n"] for t, p in problems.items()}, ks=(1,),
+                          problems=problems, timeout_s=timeout_s)
+        problems = {t: p for t, p in problems.items()
+                    if [r.status for r in report.results[t]][:2] == ["passed", "failed"]}
     return problems
 
 
