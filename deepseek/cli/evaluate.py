@@ -101,6 +101,7 @@ def code_eval(model_dir: Path, task: str, *, n: int, ks: list[int], limit: Optio
         table.add_row(f"pass@{k}", f"{value:.4f}")
     table.add_row("problems solved (any sample)", str(sum(p["correct"] > 0 for p in report.per_problem.values())))
     table.add_row("samples that parse", f"{report.parse_rate:.4f}")
+    table.add_row("... and give the function a body", f"{report.function_rate:.4f}")
     Console().print(table)
     if out is not None:
         write_json_atomically(out, report.to_dict())

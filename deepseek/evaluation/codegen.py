@@ -23,8 +23,9 @@ Two prompt styles: ``completion`` (the model continues the prompt's ``def`` line
 the answer, checked after the prompt's own stub so the answer's definition replaces it). A chat-tuned model is
 measured the way it is used; a base model can be measured both ways.
 
-Every report also gives ``parse_rate``: the share of samples whose program (prompt + completion) parses as Python
-with a body in the function asked for (``ast.parse`` only, in this process: parsing never runs the code).
+Every report also gives ``parse_rate``, the share of samples whose program (prompt + completion) parses as Python,
+and ``function_rate``, the share that also give the function asked for a body (the prompt's stub alone parses;
+a chat answer may define another function) (``ast.parse`` only, in this process: parsing never runs the code).
 
 Generated code only ever runs in :func:`deepseek.evaluation.sandbox.run_python` subprocesses.
 
@@ -130,16 +131,17 @@ def reply_code(reply: str) -> str:
     return (match[1] if match else reply).strip("\n") + "\n"
 
 
-def parses(problem: dict, completion: str) -> bool:
-    """Whether ``problem["prompt"] + completion`` is valid Python (parsed, never run) in which the function
-    ``entry_point`` has a body besides its docstring (the prompt's stub alone parses: it is no generated function)."""
+def parses(problem: dict, completion: str, *, needs_body: bool = True) -> bool:
+    """Whether ``problem["prompt"] + completion`` is valid Python (parsed, never run) in which, with
+    ``needs_body``, the function ``entry_point`` has a body besides its docstring (the prompt's stub alone parses:
+    it is no generated function, and a chat answer may define another function than the one asked for)."""
     try:
         with warnings.catch_warnings():  # e.g. SyntaxWarning for an invalid escape in generated text
             warnings.simplefilter("ignore")
             tree = ast.parse(problem["prompt"] + completion)
     except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
         return False
-    return has_body(tree, problem["entry_point"])
+    return not needs_body or has_body(tree, problem["entry_point"])
 
 
 def has_body(tree: ast.Module, name: str) -> bool:
@@ -219,7 +221,8 @@ def load_task(task: str, heldout_fraction: Optional[float] = None) -> dict[str, 
 
 @dataclass
 class CodegenReport:
-    """pass_at_k: k -> mean over problems. parse_rate: share of all samples whose program parses.
+    """pass_at_k: k -> mean over problems. parse_rate: share of all samples whose program parses; function_rate:
+    share whose program parses and gives the function asked for a body (:func:`parses`).
     per_problem: task_id -> {"n", "correct", "pass@k"...}. samples: task_id -> the completions; statuses:
     task_id -> each completion's sandbox status."""
 
@@ -228,6 +231,7 @@ class CodegenReport:
     pass_at_k: dict[int, float]
     parse_rate: float = 0.0
     prompt_style: str = "completion"
+    function_rate: float = 0.0
     per_problem: dict[str, dict] = field(default_factory=dict)
     samples: dict[str, list[str]] = field(default_factory=dict)
     statuses: dict[str, list[str]] = field(default_factory=dict)
@@ -236,6 +240,7 @@ class CodegenReport:
         """JSON-ready: pass@k keyed ``"pass@k"``."""
         return {"task": self.task, "n": self.n, "prompt_style": self.prompt_style,
                 "pass_at_k": {f"pass@{k}": v for k, v in self.pass_at_k.items()}, "parse_rate": self.parse_rate,
+                "function_rate": self.function_rate,
                 "per_problem": self.per_problem, "samples": self.samples, "statuses": self.statuses}
 
 
@@ -244,9 +249,11 @@ def score(task: str, samples: dict[str, list[str]], problems: dict[str, dict], k
     """Check sampled (or given) completions in the sandbox and estimate pass@k: the path after sampling."""
     report: EvalReport = evaluate(samples, tuple(ks), problems=problems, timeout_s=timeout_s)
     n = min((len(c) for c in samples.values()), default=0)
-    parsed = [parses(problems[t], c) for t, cs in samples.items() for c in cs]
-    return CodegenReport(task, n, report.pass_at_k, sum(parsed) / max(1, len(parsed)), prompt_style,
-                         report.per_problem, samples, {t: [r.status for r in rs] for t, rs in report.results.items()})
+    pairs = [(problems[t], c) for t, cs in samples.items() for c in cs]
+    parsed = sum(parses(p, c, needs_body=False) for p, c in pairs) / max(1, len(pairs))
+    functions = sum(parses(p, c) for p, c in pairs) / max(1, len(pairs))
+    return CodegenReport(task, n, report.pass_at_k, parsed, prompt_style, functions, report.per_problem, samples,
+                         {t: [r.status for r in rs] for t, rs in report.results.items()})
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Tokenizer, task: str = "humaneval", *, n: int = 10,

@@ -151,6 +151,9 @@ def test_chat_style_answer_replaces_the_stub_and_parse_rate_counts_programs(prob
     assert report.per_problem[task]["correct"] == 1
     assert parses(problem, answer) and not parses(problem, broken)
     assert report.parse_rate == 0.5 and report.to_dict()["parse_rate"] == 0.5
+    stub_only = score("humaneval", {task: ["\n", "\ndef other():\n    return 1\n"]}, {task: problem}, (1,))
+    assert stub_only.parse_rate == 1.0 and stub_only.function_rate == 0.0  # parses, but no function was written
+    assert report.function_rate == 0.5
     assert report.to_dict()["prompt_style"] == "chat"
 
 
