@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import copy
 import doctest
+import functools
 import inspect
 import json
 import platform
@@ -158,12 +159,21 @@ def stdlib_functions(root: Optional[str | Path] = None, *, modules: Optional[Seq
             raise DataError(f"no module under {root} named {', '.join(missing)}")
     functions = []
     for module, path in named:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-            functions += functions_in_source(text, module=module, path=path, **limits)
-        except (UnicodeDecodeError, SyntaxError, ValueError):
-            continue
+        stat = Path(path).stat()
+        functions += _file_functions(path, stat.st_mtime_ns, stat.st_size, module, tuple(sorted(limits.items())))
     return functions
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_functions(path: str, mtime_ns: int, size: int, module: str, limits: tuple) -> tuple[Function, ...]:
+    # Parsing the whole standard library takes seconds; data preparation, `ds eval --task stdlib-doctests` and
+    # GRPO's prompts each walk it, so one process parses a file once (keyed by its mtime and size: an edited file
+    # is parsed again). Function is frozen, so sharing the results is safe.
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        return tuple(functions_in_source(text, module=module, path=path, **dict(limits)))
+    except (UnicodeDecodeError, SyntaxError, ValueError):
+        return ()
 
 
 def _system() -> dict:
