@@ -75,19 +75,19 @@ def test_exportable_experts_match_reference(E, K):
 
 # -- language models ----------------------------------------------------------------------------------------
 
-def sigmoid_with_bias():
-    model = ds.MoETransformer(ds.preset("tiny", router="sigmoid"))
+def sigmoid_with_bias(**overrides):
+    model = ds.MoETransformer(ds.preset("tiny", router="sigmoid", **overrides))
     with torch.no_grad():  # a balancing bias that really changes the choice of experts
         for router in model.routers():
             router.expert_bias.copy_(torch.randn(router.n_experts, generator=torch.Generator().manual_seed(3)) * 0.3)
     return model
 
 
-# The softmax router (the tiny preset's default) is exported by the CLI test below.
+# The softmax router (the tiny preset's default) is exported by the CLI test below. One model holds the sigmoid
+# router with a balancing bias, a dense first layer, a shared expert and tied embeddings (each export costs ~10 s).
 LM_CONFIGS = {
-    "sigmoid-bias": sigmoid_with_bias,
-    "dense-shared-tied": lambda: ds.MoETransformer(ds.preset("tiny", first_k_dense=1, n_shared_experts=1,
-                                                             tie_embeddings=True, router="sigmoid")),
+    "sigmoid-bias-dense-shared-tied": lambda: sigmoid_with_bias(first_k_dense=1, n_shared_experts=1,
+                                                                tie_embeddings=True),
     # window 8 < the checked lengths: the sparse pattern really differs from causal attention
     "sparse-attention": lambda: ds.MoETransformer(ds.preset("tiny", attention="sparse", window=8, n_global_tokens=2)),
 }
