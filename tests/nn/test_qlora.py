@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import deepseek as ds
 from deepseek.compress.quantize import quantize
 from deepseek.nn.lora import LoRAConfig, LoRAExperts, LoRALinear, apply_lora, disable_adapters, merge_lora
-from deepseek.nn.quantized import KERNELS, SCHEMES, QuantizedWeight, quantized_kernel
+from deepseek.hardware import hardware_profile
+from deepseek.nn.quantized import KERNELS, SCHEMES, QuantizedWeight, choose_kernel, quantized_kernel
 
 TARGETS = ["attn.*", "experts"]  # a quantized model fuses q, k, v into attn.qkv
 PATHS = [(scheme, kernel) for scheme in SCHEMES for kernel in KERNELS[scheme] if kernel != "int_mm_7bit"]
@@ -73,14 +74,16 @@ def test_forward_is_the_base_products_plus_the_low_rank_term(scheme, kernel):
                 continue
             x_ND, weights_NK, experts_NK = args
             base, ffn = module.base_layer, module.ffn_dim
+            # what the model runs: a forced int_mm runs as int_mm_7bit where int8 products saturate (AVX2)
+            run = choose_kernel(base.scheme, kernel, hardware_profile()).kernel
             expected = torch.zeros_like(x_ND)
             for n in range(x_ND.shape[0]):  # one token and one expert at a time
                 for k in range(experts_NK.shape[1]):
                     e, row = int(experts_NK[n, k]), x_ND[n:n + 1]
-                    gate_up = (base.gate_up[e].product(row, kernel)
+                    gate_up = (base.gate_up[e].product(row, run)
                                + s * row @ module.lora_gate_up_A[e].T @ module.lora_gate_up_B[e].T)
                     hidden = F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
-                    y = base.down[e].product(hidden, kernel) + s * hidden @ module.lora_down_A[e].T @ module.lora_down_B[e].T
+                    y = base.down[e].product(hidden, run) + s * hidden @ module.lora_down_A[e].T @ module.lora_down_B[e].T
                     expected[n] += weights_NK[n, k] * y[0]
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
     for hook in hooks:
