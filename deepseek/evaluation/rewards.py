@@ -18,14 +18,12 @@ with ``doctests``, ``entry_point`` and ``module``) and one completion, and retur
 
 from __future__ import annotations
 
-import ast
 import os
 import secrets
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from deepseek.evaluation.codegen import doctest_problem, has_body
+from deepseek.evaluation.codegen import doctest_problem, parses
 from deepseek.evaluation.humaneval import program
 from deepseek.evaluation.sandbox import run_python
 
@@ -45,16 +43,9 @@ def parses_reward(row: dict, completion: str) -> float:
     quickstart model went from ~15 to ~2 tokens per completion in 30 steps). So the function ``entry_point`` must
     hold a statement besides its docstring.
     """
-    source = row["prompt"] + completion if is_code_prompt(row) else completion
-    try:
-        with warnings.catch_warnings():  # e.g. SyntaxWarning for an invalid escape in generated text
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
-        return 0.0
-    if is_code_prompt(row) and not has_body(tree, row["entry_point"]):
-        return 0.0
-    return 1.0
+    if is_code_prompt(row):
+        return float(parses(row, completion))
+    return float(parses({"prompt": ""}, completion, needs_body=False))
 
 
 def doctests_rewards(rows: Sequence[dict], completions: Sequence[str], *, timeout_s: float = 5.0,

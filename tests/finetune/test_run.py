@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,11 @@ from deepseek.finetune.run import finetune
 from deepseek.models.adapters import load_adapter
 from deepseek.models.config import preset
 from deepseek.models.transformer import MoETransformer
+from tests.test_cli_train import run_ds  # noqa: F401  (re-exported to the other fine-tuning tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = [[{"role": "user", "content": f"add {i} and {i + 1}"}, {"role": "assistant", "content": f"{2 * i + 1}"}]
          for i in range(6)] + [[{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "return x"}]]
-
-
-def run_ds(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "deepseek.cli.main", *map(str, args)], capture_output=True,
-                            text=True, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
