@@ -33,6 +33,9 @@ from deepseek.hardware import HardwareProfile, PrecisionChoice, choose_precision
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # What names the packaged model (besides None): its Hub name, its short name, and the CLI's alias.
 DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
+# Padded tokens per forward: 64 texts of 64 word pieces, or 16 of 256. Past this a batch of long texts got no
+# faster per text on CPU (its attention grows with the square of the length), and padding is what it costs.
+BATCH_TOKENS = 4096
 
 
 class EmbeddingModelError(UserFacingError, ValueError):
@@ -157,24 +160,29 @@ class Embedder:
         return self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens,
                               verbose=False)["input_ids"]
 
-    def encode(self, texts: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(self, texts: list[str], *, batch_size: int = 64, batch_tokens: int = BATCH_TOKENS,
+               progress: bool = False) -> np.ndarray:
         """Unit embeddings of ``texts``: float32 ``[n, dimension]``, row i for ``texts[i]``.
 
         Texts are tokenized once (truncated at ``max_tokens``), then embedded by :meth:`encode_ids`.
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not one string")
-        return self.encode_ids(self.token_ids(texts), batch_size=batch_size, progress=progress)
+        return self.encode_ids(self.token_ids(texts), batch_size=batch_size, batch_tokens=batch_tokens,
+                               progress=progress)
 
-    def encode_ids(self, ids: list[list[int]], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode_ids(self, ids: list[list[int]], *, batch_size: int = 64, batch_tokens: int = BATCH_TOKENS,
+                   progress: bool = False) -> np.ndarray:
         """Unit embeddings of tokenized texts (:meth:`token_ids`): float32 ``[n, dimension]`` in input order.
 
-        Rows are sorted by token count (longest first: a batch pads only to its own longest member, and a memory
-        problem shows on the first batch), run ``batch_size`` at a time through the model's forward
-        (Transformer → Pooling → Normalize) under ``inference_mode``, and put back in input order.
+        Rows are sorted by token count, longest first (a batch pads only to its own longest member, and a memory
+        problem shows on the first batch), and cut into batches of at most ``batch_size`` rows and at most
+        ``batch_tokens`` padded tokens (long texts go in smaller batches: their attention grows with the square
+        of the length), each run through the model's forward (Transformer → Pooling → Normalize) under
+        ``inference_mode``; the rows are put back in input order.
         """
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size <= 0 or batch_tokens <= 0:
+            raise ValueError(f"batch_size and batch_tokens must be positive, got {batch_size}, {batch_tokens}")
         out = np.empty((len(ids), self.dimension), dtype=np.float32)
         if not len(ids):
             return out
@@ -183,14 +191,17 @@ class Embedder:
             raise ValueError(f"token rows must hold 1..{self.max_tokens} ids (max_tokens), got "
                              f"{lengths.min()}..{lengths.max()}")
         order = np.argsort(-lengths, kind="stable")
-        starts = range(0, len(ids), batch_size)
+        batches, start = [], 0
+        while start < len(order):
+            rows = min(batch_size, max(1, batch_tokens // int(lengths[order[start]])))
+            batches.append(order[start:start + rows])
+            start += rows
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="embedding", unit="batch")
+            batches = tqdm(batches, desc="embedding", unit="batch")
         with torch.inference_mode(), self._autocast():
-            for start in starts:
-                rows = order[start:start + batch_size]
+            for rows in batches:
                 vectors = self.model(self._features([ids[i] for i in rows]))["sentence_embedding"].float()
                 # Models without a Normalize module still give unit rows (a no-op up to rounding where they have one).
                 vectors = torch.nn.functional.normalize(vectors, dim=-1)

@@ -131,3 +131,15 @@ def test_token_ids_are_what_encode_embeds(embedder):
     np.testing.assert_allclose(embedder.encode_ids(ids), embedder.encode(TEXTS), atol=1e-6)
     with pytest.raises(ValueError, match="max_tokens"):
         embedder.encode_ids([list(range(1000, 1000 + embedder.max_tokens + 1))])
+
+
+def test_long_rows_go_in_smaller_batches(embedder):
+    calls = []
+    hook = embedder.model.register_forward_pre_hook(lambda module, args: calls.append(args[0]["input_ids"].shape))
+    try:
+        vectors = embedder.encode(TEXTS, batch_size=64, batch_tokens=512)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(vectors, embedder.encode(TEXTS), atol=1e-5)
+    assert all(rows * width <= 512 for rows, width in calls) and calls[0][1] == embedder.max_tokens
+    assert sum(rows for rows, _ in calls) == len(TEXTS)

@@ -4,6 +4,7 @@
     backend: embedding
     parameters: {model: all-MiniLM-L6-v2}      # the packaged model, or a sentence-transformers directory
                                                # (relative to this file's folder); default: the version folder
+    # parameters.batch_tokens: padded tokens per forward (default 4096: 64 texts of 64 word pieces, 16 of 256)
     # max_batch_size: 64, dynamic_batching: {} are the defaults for this backend
 
 Tensor API (derived; shapes shown with the batch dim)::
@@ -13,8 +14,9 @@ Tensor API (derived; shapes shown with the batch dim)::
     embedding       FP32  [-1, dimension]   unit rows
 
 ``POST /v1/embeddings`` tokenizes each request's texts and queues the ids, so the dynamic batcher concatenates
-concurrent requests into one call here; the rows are then un-padded and embedded sorted by token count
-(:meth:`Embedder.encode_ids`), so one long text does not make every short one pay for its padding. The KServe
+concurrent requests into one call here; the rows are then un-padded and embedded sorted by token count, in
+forwards of at most ``batch_tokens`` padded tokens (:meth:`Embedder.encode_ids`), so one long text does not make
+every short one pay for its padding. The KServe
 v2 infer route reaches the same tensors.
 """
 
@@ -26,12 +28,11 @@ from typing import Mapping
 import torch
 
 from deepseek.hardware import PrecisionChoice
-from deepseek.rag.embed import DEFAULT_MODEL_ALIASES, Embedder
+from deepseek.rag.embed import BATCH_TOKENS, DEFAULT_MODEL_ALIASES, Embedder
 from deepseek.serve.backends.base import Backend, BackendError
 from deepseek.serve.config import ServingConfig, TensorSpec
 
 INPUT_IDS, ATTENTION_MASK, EMBEDDING = "input_ids", "attention_mask", "embedding"
-ENCODE_BATCH_SIZE = 32  # rows per forward inside one batcher batch: sorted by length, so padding stays small
 
 
 class EmbeddingBackend(Backend):
@@ -40,10 +41,10 @@ class EmbeddingBackend(Backend):
     def __init__(self, name: str, version: int, path: Path, config: ServingConfig):
         super().__init__(name, version, path, config)
         params = config.parameters or {}
-        unknown = sorted(set(params) - {"model", "encode_batch_size"})
+        unknown = sorted(set(params) - {"model", "batch_tokens"})
         if unknown:
             raise BackendError(f"model {name!r}: unknown parameters {', '.join(unknown)} of the embedding backend "
-                               f"(model, encode_batch_size)")
+                               f"(model, batch_tokens)")
         model = params.get("model")
         if model is None:
             source = str(self.path)
@@ -51,9 +52,10 @@ class EmbeddingBackend(Backend):
             source = str(model)
         else:
             source = str(self.path.parent / str(model))  # relative to config.yaml's folder; absolute stays absolute
-        self.encode_batch_size = int(params.get("encode_batch_size", ENCODE_BATCH_SIZE))
-        if self.encode_batch_size < 1:
-            raise BackendError(f"model {name!r}: encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        self.batch_tokens = params.get("batch_tokens", BATCH_TOKENS)
+        if isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1:
+            raise BackendError(f"model {name!r}: parameters.batch_tokens must be a positive integer, got "
+                               f"{self.batch_tokens!r}")
         try:
             self.embedder = Embedder.load(source, precision=config.precision)
         except Exception as exc:  # EmbeddingModelError, or a model sentence-transformers cannot read
@@ -93,7 +95,7 @@ class EmbeddingBackend(Backend):
         mask = inputs.get(ATTENTION_MASK)
         lengths = (mask != 0).sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
         rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
-        vectors = self.embedder.encode_ids(rows, batch_size=self.encode_batch_size)
+        vectors = self.embedder.encode_ids(rows, batch_size=len(rows), batch_tokens=self.batch_tokens)
         return {EMBEDDING: torch.from_numpy(vectors)}
 
     def close(self) -> None:
