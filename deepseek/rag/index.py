@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from deepseek.atomic import write_atomically
+from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 from deepseek.rag.chunk import check_sizes, chunk_section
 from deepseek.rag.ingest import Skipped, expand_sources, file_hash, read_sections
@@ -294,8 +295,15 @@ def _read_previous(out: Path) -> _Previous:
                                   "empty folder")
         return _Previous()
     manifest = read_manifest(out)
-    return _Previous(manifest, read_chunks(out / "chunks.jsonl"), _read_json(out / "files.json", "file list"),
-                     read_faiss(out / "vectors.faiss"))
+    previous = _Previous(manifest, read_chunks(out / "chunks.jsonl"), _read_json(out / "files.json", "file list"),
+                         read_faiss(out / "vectors.faiss"))
+    listed = {i for entry in previous.files.values() for i in entry["chunk_ids"]}
+    if listed != set(previous.chunks):
+        raise CorruptIndexError(f"{out / 'files.json'}: its chunk ids do not match chunks.jsonl")
+    if previous.vectors.ntotal != len(previous.chunks):
+        raise CorruptIndexError(f"{out / 'vectors.faiss'}: holds {previous.vectors.ntotal} vectors but chunks.jsonl "
+                                f"{len(previous.chunks)} chunks")
+    return previous
 
 
 def _progress_bar(enabled: bool):
@@ -336,8 +344,6 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
                "overlap_tokens": int(overlap_tokens if overlap_tokens is not None
                                      else old_chunker.get("overlap_tokens", DEFAULT_OVERLAP))}
     if chunker["max_tokens"] > embedder.max_tokens:
-        from deepseek.config import ConfigError
-
         raise ConfigError(f"max_tokens {chunker['max_tokens']} is more than the embedding model reads "
                           f"({embedder.max_tokens}): longer chunks would be truncated")
     specials = embedder.count_tokens([""])[0]

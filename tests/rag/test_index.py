@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from deepseek.cli.main import main
+from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 from deepseek.rag.embed import Embedder
 from deepseek.rag.index import (CorruptIndexError, IndexMismatchError, KnowledgeIndex, bm25_tokens, build_index,
@@ -243,6 +244,12 @@ def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, embedder):
     (out / "chunks.jsonl").write_text('{"id": 0, "text": "alpha beta"}\n')
     with pytest.raises(CorruptIndexError, match=r"chunks.jsonl:1: corrupt chunk record"):
         KnowledgeIndex.open(out, embedder=embedder)
+
+    (out / "chunks.jsonl").write_text("")
+    with pytest.raises(CorruptIndexError, match=r"files.json: its chunk ids do not match chunks.jsonl"):
+        build_index([corpus], out, embedder=embedder, progress=False)
+    with pytest.raises(ConfigError, match="more than the embedding model reads"):
+        build_index([corpus], tmp_path / "new", embedder=embedder, max_tokens=300, progress=False)
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
