@@ -13,8 +13,8 @@ Layout of an index directory (``FORMAT`` 1):
   sha256 of the text, metadata);
 - ``files.json``: per indexed file, the sha256 of its bytes, its chunk ids and its skipped rows (incremental updates);
 - ``vectors.faiss``: ``IDMap2,Flat`` inner product below ``FLAT_LIMIT`` chunks (exact; ids kept on removal), else
-  ``IVF{nlist},Flat`` with nlist ≈ 4·√N trained on the vectors themselves (the FAISS guideline below 1M vectors) and a
-  hashtable direct map, so vectors can be removed and read back by id;
+  ``IVF{nlist},Flat`` with nlist ≈ 4·√N trained on the vectors themselves (the FAISS guideline below 1M vectors)
+  and a hashtable direct map, so vectors can be removed and read back by id;
 - ``bm25/``: bm25s arrays and vocabulary (JSON and ``.npy``, no pickle), rebuilt on every update since bm25s cannot
   add or remove documents.
 
@@ -188,6 +188,7 @@ def read_faiss(path: Path):
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        detail = re.sub(r"^Error in .*? at \S+:\d+: ", "", detail)  # FAISS's C++ location is no help to a user
         raise CorruptIndexError(f"{path}: corrupt FAISS index ({detail[:160]})") from None
 
 
