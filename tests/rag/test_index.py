@@ -3,6 +3,7 @@ and damaged files as one-line errors, and `ds rag index` end to end. MiniLM is l
 
 import json
 import os
+import re
 import sys
 
 import faiss
@@ -16,7 +17,6 @@ from deepseek.rag.embed import Embedder
 from deepseek.rag.index import (CorruptIndexError, IndexMismatchError, KnowledgeIndex, bm25_tokens, build_index,
                                 choose_faiss)
 from tests.rag.pdf_fixtures import pdf_bytes
-from tests.test_cli_train import run_ds
 
 GUIDE = """# Passwords
 
@@ -259,20 +259,33 @@ def test_damaged_files_are_one_line_errors_naming_the_file(tmp_path, embedder):
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``ds ARGS`` through the console entry point, in this process (no second start-up): (exit code, out, err)."""
+    monkeypatch.setattr(sys, "argv", ["ds", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exited:
+        code = exited.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def test_cli_indexes_a_folder_and_prints_the_table(tmp_path, monkeypatch, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "kb"
-    result = run_ds("rag", "index", corpus, "--out", out, "--max-tokens", "48", "--overlap", "8", "--quiet")
+    code, stdout, stderr = run_main(monkeypatch, capsys, "rag", "index", corpus, "--out", out, "--max-tokens", "48",
+                                    "--overlap", "8", "--quiet")
+    assert code == 0, stderr
     for row in ["files indexed", "files unchanged", "files removed", "skipped", "chunks", "IDMap2,Flat", "seconds"]:
-        assert row in result.stdout
-    assert "unsupported file type .bin" in result.stdout and "logo.bin" in result.stdout
-    assert "broken.pdf" in result.stdout and "corrupt PDF" in result.stdout
+        assert row in stdout
+    assert "unsupported file type .bin" in stdout and "logo.bin" in stdout
+    assert "broken.pdf" in stdout and "corrupt PDF" in stdout
     assert json.loads((out / "manifest.json").read_text())["chunker"] == {"max_tokens": 48, "overlap_tokens": 8}
+    code, stdout, _ = run_main(monkeypatch, capsys, "rag", "index", corpus, "--out", out, "--quiet")
+    assert code == 0 and re.search(r"files unchanged\s*│\s*6\b", stdout)
 
-    (out / "manifest.json").write_text("{")  # the error path in-process (the same main(), without a second start-up)
-    monkeypatch.setattr(sys, "argv", ["ds", "rag", "index", str(corpus), "--out", str(out)])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    stderr = capsys.readouterr().err.strip()
-    assert exited.value.code == 1 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1
+    (out / "manifest.json").write_text("{")
+    code, _, stderr = run_main(monkeypatch, capsys, "rag", "index", corpus, "--out", out)
+    assert code == 1 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1
     assert "manifest.json: corrupt manifest" in stderr
