@@ -1,0 +1,11 @@
+"""Knowledge base (``ds rag``): ingest documents, chunk them by tokens, embed, index (FAISS + BM25), retrieve,
+answer with citations.
+
+    from deepseek.rag import DeepSeekGenerator, DeepSeekRetriever, rag_query
+    retriever = DeepSeekRetriever(index_path="kb", k=5, mode="hybrid")
+    result = rag_query("How do I decode JSON?", retriever=retriever, generator=DeepSeekGenerator(model_dir="model"))
+"""
+
+from deepseek.rag.api import DeepSeekGenerator, DeepSeekRetriever, rag_query
+
+__all__ = ["DeepSeekGenerator", "DeepSeekRetriever", "rag_query"]
