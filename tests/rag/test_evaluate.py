@@ -126,3 +126,52 @@ def test_evalset_without_questions_is_an_error(tmp_path):
     (tmp_path / "lib" / "empty.py").write_text("X = 1\n")
     with pytest.raises(DataError, match="no documented function"):
         write_evalset(tmp_path / "set", root=tmp_path / "lib")
+
+
+# -- on a real index of the mini corpus (tests/rag/conftest.py) ------------------------------------------------------
+
+def test_retrieval_quality_on_the_ten_function_set(opened_index, mini_index, tmp_path):
+    from deepseek.rag.evaluate import evaluate
+    from tests.rag.conftest import write_questions
+
+    questions = load_questions(write_questions(tmp_path / "qa.jsonl", mini_index[1]))
+    report = evaluate(opened_index, questions, k=5)
+    assert report["questions"] == 10 and report["unmatched"] == 0
+    assert set(report["modes"]) == {"dense", "bm25", "hybrid"}
+    for mode, row in report["modes"].items():
+        assert set(row) == {"recall@5", "mrr@5", "ndcg@5", "ms_per_query"}
+        assert 0 <= row["mrr@5"] <= row["ndcg@5"] <= row["recall@5"] <= 1, mode  # one relevant chunk each
+    # Paraphrases share few words with the code: embeddings find every function in the top 5, keywords do not.
+    assert report["modes"]["dense"]["recall@5"] == 1.0
+    assert report["modes"]["hybrid"]["recall@5"] >= report["modes"]["bm25"]["recall@5"]
+    assert report["modes"]["dense"]["mrr@5"] >= 0.8
+
+
+def test_questions_outside_the_index_are_counted_or_refused(opened_index, mini_index, tmp_path):
+    from deepseek.rag.evaluate import evaluate
+
+    corpus = mini_index[1]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"query": "circle area", "relevant": [{"source": str(corpus / "geometry.py"),
+                                                                     "title": "circle_area"}]}) + "\n"
+                  + json.dumps({"query": "x", "relevant": [{"source": "elsewhere.py"}]}) + "\n")
+    report = evaluate(opened_index, load_questions(qa), k=3, modes=["dense"])
+    assert report["questions"] == 1 and report["unmatched"] == 1 and set(report["modes"]) == {"dense"}
+    qa.write_text(json.dumps({"query": "x", "relevant": [{"source": "elsewhere.py"}]}) + "\n")
+    with pytest.raises(QuestionSetError, match="none of the 1 questions"):
+        evaluate(opened_index, load_questions(qa), k=3)
+
+
+def test_ds_rag_eval_reports_the_three_modes(mini_index, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepseek.cli.main import app
+    from tests.rag.conftest import write_questions
+
+    qa = write_questions(tmp_path / "qa.jsonl", mini_index[1])
+    result = CliRunner().invoke(app, ["rag", "eval", str(mini_index[0]), str(qa), "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["k"] == 3 and set(report["modes"]["hybrid"]) >= {"recall@3", "mrr@3", "ndcg@3"}
+    table = CliRunner().invoke(app, ["rag", "eval", str(mini_index[0]), str(qa)])
+    assert table.exit_code == 0 and "recall@5" in table.output and "hybrid" in table.output
