@@ -59,8 +59,8 @@ def query_command(
     table = Table(title=f"{mode}: {question}", show_lines=True)
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
-    table.add_column("source")
-    table.add_column("text")
+    table.add_column("source", overflow="fold")  # a path is worth its lines; the preview is cut instead
+    table.add_column("text", ratio=1)
     for hit in hits:
         title = f"\n{hit.chunk.title}" if hit.chunk.title else ""
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.location + title, _preview(hit.chunk.text))

@@ -171,7 +171,7 @@ def test_ds_rag_eval_reports_the_three_modes(mini_index, tmp_path):
     qa = write_questions(tmp_path / "qa.jsonl", mini_index[1])
     result = CliRunner().invoke(app, ["rag", "eval", str(mini_index[0]), str(qa), "-k", "3", "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["k"] == 3 and set(report["modes"]["hybrid"]) >= {"recall@3", "mrr@3", "ndcg@3"}
     table = CliRunner().invoke(app, ["rag", "eval", str(mini_index[0]), str(qa)])
     assert table.exit_code == 0 and "recall@5" in table.output and "hybrid" in table.output
