@@ -24,8 +24,9 @@ def _preview(text: str, width: int = PREVIEW_CHARS) -> str:
 
 def _open_retriever(index: Path, mode: str, paths: Optional[list[str]], types: Optional[list[str]]):
     from deepseek.rag.index import KnowledgeIndex
-    from deepseek.rag.retrieve import Retriever
+    from deepseek.rag.retrieve import Retriever, check_options
 
+    check_options(mode, types)
     return Retriever(KnowledgeIndex.open(index), mode, paths=paths, types=types)
 
 

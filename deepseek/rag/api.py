@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from deepseek.errors import UserFacingError
 from deepseek.rag.answer import LocalGenerator, OpenAIGenerator, RagAnswer, answer_question
-from deepseek.rag.retrieve import Hit, Retriever
+from deepseek.rag.retrieve import Hit, Retriever, check_options
 
 
 class DeepSeekRetriever:
@@ -30,6 +30,7 @@ class DeepSeekRetriever:
                  paths: Optional[Sequence[str]] = None, types: Optional[Sequence[str]] = None, embedder=None):
         from deepseek.rag.index import KnowledgeIndex
 
+        check_options(mode, types)
         self.index = KnowledgeIndex.open(index_path, embedder=embedder)
         self.k = k
         self.retriever = Retriever(self.index, mode, paths=paths, types=types)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ RRF_K = 60
 CANDIDATES_PER_HIT = 4  # each list hybrid fuses holds the top 4k, so a chunk ranked low by one side can still rise
 
 
-class RetrievalError(UserFacingError, ValueError):
-    """A retrieval request that cannot be served as asked (unknown mode or file type, k < 1)."""
+class RetrievalError(UserFacingError, ConfigError):
+    """A retrieval request that cannot be served as asked (unknown mode or file type, k < 1): a usage error."""
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -94,6 +95,15 @@ def path_matches(source: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(PurePath(source).name, pattern)
 
 
+def check_options(mode: str, types: Optional[Sequence[str]] = None) -> None:
+    """Refuse an unknown mode or file type (before an index is opened for nothing)."""
+    if mode not in MODES:
+        raise RetrievalError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
+    unknown = sorted(set(types or ()) - set(FILE_TYPES))
+    if unknown:
+        raise RetrievalError(f"unknown file type {', '.join(unknown)}; the index holds {', '.join(FILE_TYPES)}")
+
+
 class Retriever:
     """Searches a :class:`~deepseek.rag.index.KnowledgeIndex` in one ``mode`` with optional metadata filters.
 
@@ -103,11 +113,7 @@ class Retriever:
 
     def __init__(self, index: "KnowledgeIndex", mode: str = "hybrid", *, paths: Optional[Sequence[str]] = None,
                  types: Optional[Sequence[str]] = None, rrf_k: int = RRF_K):
-        if mode not in MODES:
-            raise RetrievalError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
-        unknown = sorted(set(types or ()) - set(FILE_TYPES))
-        if unknown:
-            raise RetrievalError(f"unknown file type {', '.join(unknown)}; the index holds {', '.join(FILE_TYPES)}")
+        check_options(mode, types)
         self.index = index
         self.mode = mode
         self.paths = list(paths or ())

@@ -126,3 +126,15 @@ def test_ds_rag_query_prints_json_and_a_table(mini_index):
     assert report["hits"][0]["source"] == str((corpus / "text.py").resolve())
     table = CliRunner().invoke(app, ["rag", "query", str(index), "make a slug from a title", "-k", "2"])
     assert table.exit_code == 0 and "slugify" in table.stdout and "rank" in table.stdout
+
+
+def test_a_bad_mode_is_a_usage_error_before_the_index_is_opened(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "rag", "query", str(tmp_path / "none"), "q",
+                             "--mode", "fuzzy"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: unknown retrieval mode 'fuzzy'; choose one of hybrid, "
+                                                      "dense, bm25")
+    assert "Traceback" not in result.stderr
