@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from deepseek.config import ConfigError
 from deepseek.rag.ingest import Section
@@ -47,30 +47,44 @@ def check_sizes(max_tokens: int, overlap_tokens: int, specials: int) -> int:
     if window < 2:
         raise ConfigError(f"max_tokens {max_tokens} leaves no room for text after the model's {specials} special "
                           "tokens")
-    if not 0 <= overlap_tokens < window:
-        raise ConfigError(f"overlap_tokens must be in [0, {window}) for max_tokens {max_tokens}, got {overlap_tokens}")
+    if not 0 <= overlap_tokens <= window // 2:  # more would make most of every chunk a repeat of the last one
+        raise ConfigError(f"overlap_tokens must be in [0, {window // 2}] (at most half of a chunk's {window} text "
+                          f"tokens) for max_tokens {max_tokens}, got {overlap_tokens}")
     return window
 
 
-def token_windows(text: str, offsets: list[tuple[int, int]], window: int, overlap: int) -> list[tuple[int, int]]:
+def token_windows(text: str, offsets: list[tuple[int, int]], window: int, overlap: int,
+                  fits: Callable[[int, int], bool] | None = None) -> list[tuple[int, int]]:
     """``[first, last)`` token ranges covering all of ``offsets``, each at most ``window`` long, consecutive ones sharing
-    ``overlap`` tokens (up to ``2 * overlap`` where that much is needed to start at a word)."""
+    ``overlap`` tokens (up to ``2 * overlap`` where that much is needed to start at a word). A range that starts or
+    ends inside a word is shortened until ``fits(first, last)`` says its text, tokenized alone, still fits."""
     n = len(offsets)
     ranges: list[tuple[int, int]] = []
     first = 0
-    while n:
-        if n - first <= window:
-            ranges.append((first, n))
+    while first < n:
+        done = ranges[-1][1] if ranges else 0  # this range must reach past the last one: progress
+        last = min(n, first + window)
+        if last < n:
+            shortest = max(first + max(overlap + 1, window // 2), done + 1)  # and no tiny chunks
+            cut = next((i for i in range(last, shortest - 1, -1)
+                        if _word_start(text, offsets, i) and "\n" in text[offsets[i - 1][1]:offsets[i][0]]), None)
+            if cut is None:
+                cut = next((i for i in range(last, max(first + overlap, done), -1)
+                            if _word_start(text, offsets, i)), last)
+            last = cut
+        if fits is not None and not (_word_start(text, offsets, first) and _word_start(text, offsets, last)):
+            while not fits(first, last):
+                if last - 1 > max(first, done):
+                    last -= 1
+                elif first + 1 < min(last, done + 1):  # give up overlap before progress
+                    first += 1
+                else:
+                    break  # a single piece that does not fit alone: kept (the model truncates it)
+        ranges.append((first, last))
+        if last == n:
             break
-        limit = first + window
-        shortest = first + max(overlap + 1, window // 2)  # progress, and no tiny chunks
-        cut = next((i for i in range(limit, shortest - 1, -1)
-                    if _word_start(text, offsets, i) and "\n" in text[offsets[i - 1][1]:offsets[i][0]]), None)
-        if cut is None:
-            cut = next((i for i in range(limit, first + overlap, -1) if _word_start(text, offsets, i)), limit)
-        ranges.append((first, cut))
-        following = cut - overlap
-        start = next((i for i in range(following, max(first, following - overlap), -1)
+        following = last - overlap
+        start = next((i for i in range(following, max(first, following - overlap, last - window), -1)
                       if _word_start(text, offsets, i)), following)
         first = max(start, first + 1)
     return ranges
@@ -94,17 +108,15 @@ def chunk_section(section: Section, tokenizer: Tokenizer, *, max_tokens: int, ov
     text = section.text
     offsets = tokenizer.tokenize_offsets(text)
     newlines = [i for i, char in enumerate(text) if char == "\n"] if section.first_line is not None else []
+
+    def fits(first: int, last: int) -> bool:
+        piece = text[_line_indent_start(text, offsets[first][0]):offsets[last - 1][1]]
+        return tokenizer.count_tokens([piece])[0] <= max_tokens
+
     chunks = []
-    for first, last in token_windows(text, offsets, window, overlap_tokens):
-        start, end = offsets[first][0], offsets[last - 1][1]
-        start = _line_indent_start(text, start)
+    for first, last in token_windows(text, offsets, window, overlap_tokens, fits):
+        start, end = _line_indent_start(text, offsets[first][0]), offsets[last - 1][1]
         piece = text[start:end]
-        if not (_word_start(text, offsets, first) and _word_start(text, offsets, last)):  # inside a long word:
-            # its pieces may differ when the chunk is tokenized alone, so count again and shorten until it fits
-            while last - first > 1 and tokenizer.count_tokens([piece])[0] > max_tokens:
-                last -= 1
-                end = offsets[last - 1][1]
-                piece = text[start:end]
         if section.first_line is not None:
             span = (section.first_line + bisect.bisect_left(newlines, start),
                     section.first_line + bisect.bisect_left(newlines, end - 1))

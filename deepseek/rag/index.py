@@ -322,6 +322,7 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     began = time.perf_counter()
     out = Path(out)
     previous = _read_previous(out)
+    files = expand_sources(sources)  # a bad source or a damaged index fails before the model loads
     if embedder is None or isinstance(embedder, str):
         name = embedder if embedder is not None else (previous.manifest["embedding"]["name"] if previous.manifest
                                                       else None)
@@ -341,7 +342,6 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     check_sizes(chunker["max_tokens"], chunker["overlap_tokens"], specials)
     rechunk_all = bool(old_chunker) and old_chunker != chunker
 
-    files = expand_sources(sources)
     next_id = int(previous.manifest.get("next_id", 0)) if previous.manifest else 0
     kept_files: dict[str, dict] = {}
     new_chunks: list[Chunk] = []

@@ -59,7 +59,7 @@ separators = st.sampled_from([" ", " ", " ", "\n", "\n\n", "  \t"])
 
 @settings(max_examples=150, deadline=None)
 @given(pieces=st.lists(st.tuples(words, separators), min_size=0, max_size=120),
-       max_tokens=st.integers(4, 40), overlap_share=st.floats(0, 0.99), first_line=st.integers(1, 50))
+       max_tokens=st.integers(4, 40), overlap_share=st.floats(0, 0.5), first_line=st.integers(1, 50))
 def test_chunks_cover_the_section_in_order_with_the_declared_overlap(pieces, max_tokens, overlap_share, first_line):
     tokenizer = WhitespaceTokenizer()
     text = "".join(word + sep for word, sep in pieces)
@@ -112,7 +112,52 @@ def test_sections_without_lines_give_their_own_span():
 
 
 @pytest.mark.parametrize("max_tokens, overlap, message", [
-    (2, 0, "leaves no room for text"), (10, 8, "overlap_tokens must be in \\[0, 8\\)"), (10, -1, "overlap_tokens")])
+    (2, 0, "leaves no room for text"), (10, 5, "overlap_tokens must be in \\[0, 4\\]"), (10, -1, "overlap_tokens")])
 def test_sizes_that_cannot_work_are_config_errors(max_tokens, overlap, message):
     with pytest.raises(ConfigError, match=message):
         chunk_section(text_section("a b c"), WhitespaceTokenizer(), max_tokens=max_tokens, overlap_tokens=overlap)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from deepseek.rag.embed import Embedder
+
+    return Embedder.load(precision="fp32")
+
+
+real_words = st.one_of(
+    st.sampled_from(["def", "return", "unbelievably", "tokenization", "get_user_id", "HTTPServer", "naïve", "café",
+                     "x", "(", "):", "==", "3.14159", "#", "\"\"\"Docstring.\"\"\"", "日本語", "🙂", "----------"]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=st.lists(st.tuples(real_words, separators), min_size=1, max_size=150),
+       max_tokens=st.integers(6, 64), overlap_share=st.floats(0, 0.5))
+def test_with_the_model_tokenizer_every_chunk_fits_and_the_overlap_is_at_least_declared(
+        minilm, pieces, max_tokens, overlap_share):
+    text = "".join(word + sep for word, sep in pieces)
+    overlap = int(overlap_share * (max_tokens - 2))
+    section = text_section(text)
+    chunks = chunk_section(section, minilm, max_tokens=max_tokens, overlap_tokens=overlap)
+    assert all(minilm.count_tokens([c.text])[0] <= max_tokens for c in chunks)
+    offsets = minilm.tokenize_offsets(text)
+    covered = [[i for i, (a, b) in enumerate(offsets) if c.start <= a and b <= c.end] for c in chunks]
+    assert sorted({i for tokens in covered for i in tokens}) == list(range(len(offsets)))  # nothing lost
+    def at_words(chunk):  # starts and ends between words (not inside a word longer than the window)
+        return text[chunk.start - 1].isspace() and (chunk.end == len(text) or text[chunk.end].isspace())
+
+    for before, after, chunk_before, chunk_after in zip(covered, covered[1:], chunks, chunks[1:]):
+        assert before[0] < after[0] and after[-1] > before[-1]
+        if at_words(chunk_after) and (chunk_before.start == 0 or at_words(chunk_before)):
+            assert len(set(before) & set(after)) >= overlap  # between words: at least the declared overlap
+
+
+def test_stdlib_module_chunks_fit_the_model(minilm):
+    import json.decoder
+
+    sections, _ = read_sections(json.decoder.__file__)
+    for section in sections:
+        for chunk in chunk_section(section, minilm, max_tokens=256, overlap_tokens=32):
+            assert minilm.count_tokens([chunk.text])[0] <= 256
+            assert chunk.text.strip() and chunk.text in section.text
