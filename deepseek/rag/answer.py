@@ -144,8 +144,11 @@ class LocalGenerator:
         max_len = self.pipe.model.config.max_seq_len
         self.max_new_tokens = max(1, min(max_new_tokens, max_len // 2))  # leave room for sources in short contexts
         self.max_prompt_tokens = max_len - self.max_new_tokens
+        stop = list(self.pipe.defaults.get("stop") or [])  # generation.json's stops still apply, next to the turn end
         self.options = {"max_new_tokens": self.max_new_tokens, "temperature": temperature,
-                        "stop": list(self.template.stop_strings), "stop_token_ids": list(self.template.stop_token_ids),
+                        "stop": list(dict.fromkeys([*stop, *self.template.stop_strings])),
+                        "stop_token_ids": list(dict.fromkeys([*(self.pipe.defaults.get("stop_token_ids") or []),
+                                                              *self.template.stop_token_ids])),
                         **({"seed": seed} if seed is not None else {})}
 
     def render(self, messages: list[dict]) -> str:

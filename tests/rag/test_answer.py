@@ -150,3 +150,11 @@ def test_generator_arguments_and_an_unreachable_server(tmp_path):
 def test_ds_rag_ask_needs_one_language_model(mini_index):
     result = CliRunner().invoke(app, ["rag", "ask", str(mini_index[0]), QUESTION])
     assert result.exit_code != 0 and "--model DIR or --llm-url" in str(result.exception)
+
+
+def test_the_model_directorys_stops_are_kept_with_the_chat_templates(tmp_path):
+    tokenizer = ds.byte_tokenizer()  # no role tokens: the plain "User: ... Assistant:" template
+    ds.save(ds.MoETransformer(ds.preset("tiny")), tokenizer, tmp_path / "m", generation={"stop": ["END"]})
+    generator = LocalGenerator(tmp_path / "m", max_new_tokens=4)
+    assert generator.options["stop"] == ["END", "\nUser:", "\nSystem:"]
+    assert generator.render(build_messages("q", [])).endswith("\nAssistant:")
