@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -107,7 +108,7 @@ def chunk_section(section: Section, tokenizer: Tokenizer, *, max_tokens: int, ov
     window = check_sizes(max_tokens, overlap_tokens, specials)
     text = section.text
     offsets = tokenizer.tokenize_offsets(text)
-    newlines = [i for i, char in enumerate(text) if char == "\n"] if section.first_line is not None else []
+    newlines = [m.start() for m in re.finditer("\n", text)] if section.first_line is not None else []
 
     def fits(first: int, last: int) -> bool:
         piece = text[_line_indent_start(text, offsets[first][0]):offsets[last - 1][1]]

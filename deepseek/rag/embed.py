@@ -28,11 +28,14 @@ import numpy as np
 import torch
 
 from deepseek.errors import UserFacingError
-from deepseek.hardware import HardwareProfile, choose_precision, hardware_profile, warn_once
+from deepseek.hardware import HardwareProfile, PrecisionChoice, choose_precision, hardware_profile, warn_once
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # What names the packaged model (besides None): its Hub name, its short name, and the CLI's alias.
 DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
+# Padded tokens per forward: 64 texts of 64 word pieces, or 16 of 256. Past this a batch of long texts got no
+# faster per text on CPU (its attention grows with the square of the length), and padding is what it costs.
+BATCH_TOKENS = 4096
 
 
 class EmbeddingModelError(UserFacingError, ValueError):
@@ -65,8 +68,8 @@ def resolve_model(name_or_path: Optional[str]) -> tuple[str, Path]:
     return str(path), path
 
 
-def embedding_precision(requested: str, profile: HardwareProfile) -> str:
-    """``fp32`` or ``bf16`` for ``requested`` (``auto``/``fp32``/``bf16``) on a device's ``profile``: auto is bf16
+def embedding_precision(requested: str, profile: HardwareProfile) -> PrecisionChoice:
+    """The choice (``precision`` fp32 or bf16, and why) for ``requested`` (``auto``/``fp32``/``bf16``) on a device's ``profile``: auto is bf16
     only where bf16 products of token blocks are fast there (:func:`deepseek.hardware.choose_precision`); an
     explicit bf16 where it is slow is honoured with a warning (once). A CUDA device without bf16 (auto -> fp16,
     which this path does not run) gets fp32."""
@@ -74,7 +77,9 @@ def embedding_precision(requested: str, profile: HardwareProfile) -> str:
         raise EmbeddingModelError(f"embedding precision {requested!r}: valid values are auto, fp32, bf16")
     choice = choose_precision(requested, profile, workload="train")  # token blocks, as in prefill
     warn_once(choice.warning)
-    return choice.precision if choice.precision in ("fp32", "bf16") else "fp32"
+    if choice.precision == "fp16":
+        return PrecisionChoice(requested, "fp32", f"{choice.reason}; fp16 is not run here, fp32 instead")
+    return choice
 
 
 class Embedder:
@@ -83,16 +88,19 @@ class Embedder:
     Build with :meth:`load`. ``model`` is the underlying ``SentenceTransformer`` (in eval mode, on ``device``).
     """
 
-    def __init__(self, model, *, name: str, path: Path, device: str, precision: str):
+    def __init__(self, model, *, name: str, path: Path, device: str, precision: str, precision_reason: str = ""):
         self.model = model
         self.tokenizer = model.tokenizer
         self.name = name
         self.path = str(path)
         self.device = torch.device(device)
         self.precision = precision
+        self.precision_reason = precision_reason  # why (deepseek.hardware's evidence), for logs and /metrics
         dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dimension = int(dimension())
         self.max_tokens = int(model.max_seq_length)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else 0
 
     @classmethod
     def load(cls, name_or_path: Optional[str] = None, *, device: str = "cpu", precision: str = "auto") -> "Embedder":
@@ -111,7 +119,8 @@ class Embedder:
         if getattr(model, "tokenizer", None) is None:
             raise EmbeddingModelError(f"embedding model {name_or_path or name!r}: {path} has no text tokenizer")
         model.eval()
-        return cls(model, name=name, path=path, device=str(device), precision=chosen)
+        return cls(model, name=name, path=path, device=str(device), precision=chosen.precision,
+                   precision_reason=chosen.reason)
 
     def manifest_entry(self) -> dict:
         """What an index manifest records about the model (``{"name", "path", "dimension", "max_tokens",
@@ -141,41 +150,77 @@ class Embedder:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def encode(self, texts: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """The word-piece ids :meth:`encode` embeds for each text: [CLS] ... [SEP], truncated at ``max_tokens``
+        exactly as sentence-transformers truncates (the server tokenizes requests with it, then batches ids)."""
+        if isinstance(texts, str):
+            raise TypeError("token_ids takes a list of texts, not one string")
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens,
+                              verbose=False)["input_ids"]
+
+    def encode(self, texts: list[str], *, batch_size: int = 64, batch_tokens: int = BATCH_TOKENS,
+               progress: bool = False) -> np.ndarray:
         """Unit embeddings of ``texts``: float32 ``[n, dimension]``, row i for ``texts[i]``.
 
-        Texts are tokenized once (truncated at ``max_tokens``), sorted by token count (longest first, so a batch
-        pads only to its own longest member and a memory problem shows on the first batch), run ``batch_size``
-        at a time through the model's forward under ``inference_mode``, and put back in input order.
+        Texts are tokenized once (truncated at ``max_tokens``), then embedded by :meth:`encode_ids`.
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not one string")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        if not texts:
+        return self.encode_ids(self.token_ids(texts), batch_size=batch_size, batch_tokens=batch_tokens,
+                               progress=progress)
+
+    def encode_ids(self, ids: list[list[int]], *, batch_size: int = 64, batch_tokens: int = BATCH_TOKENS,
+                   progress: bool = False) -> np.ndarray:
+        """Unit embeddings of tokenized texts (:meth:`token_ids`): float32 ``[n, dimension]`` in input order.
+
+        Rows are sorted by token count, longest first (a batch pads only to its own longest member, and a memory
+        problem shows on the first batch), and cut into batches of at most ``batch_size`` rows and at most
+        ``batch_tokens`` padded tokens (long texts go in smaller batches: their attention grows with the square
+        of the length), each run through the model's forward (Transformer → Pooling → Normalize) under
+        ``inference_mode``; the rows are put back in input order.
+        """
+        if batch_size <= 0 or batch_tokens <= 0:
+            raise ValueError(f"batch_size and batch_tokens must be positive, got {batch_size}, {batch_tokens}")
+        out = np.empty((len(ids), self.dimension), dtype=np.float32)
+        if not len(ids):
             return out
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens,
-                                 verbose=False)
-        fields = [key for key in ("input_ids", "token_type_ids", "attention_mask") if key in encoded]
-        lengths = np.fromiter((len(row) for row in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        if lengths.min() < 1 or lengths.max() > self.max_tokens:
+            raise ValueError(f"token rows must hold 1..{self.max_tokens} ids (max_tokens), got "
+                             f"{lengths.min()}..{lengths.max()}")
         order = np.argsort(-lengths, kind="stable")
-        starts = range(0, len(texts), batch_size)
+        batches, start = [], 0
+        while start < len(order):
+            rows = min(batch_size, max(1, batch_tokens // int(lengths[order[start]])))
+            batches.append(order[start:start + rows])
+            start += rows
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="embedding", unit="batch")
+            batches = tqdm(batches, desc="embedding", unit="batch")
         with torch.inference_mode(), self._autocast():
-            for start in starts:
-                rows = order[start:start + batch_size]
-                batch = self.tokenizer.pad({key: [encoded[key][i] for i in rows] for key in fields},
-                                           padding=True, return_tensors="pt")
-                features = {key: value.to(self.device) for key, value in batch.items()}
-                vectors = self.model(features)["sentence_embedding"].float()
+            for rows in batches:
+                vectors = self.model(self._features([ids[i] for i in rows]))["sentence_embedding"].float()
                 # Models without a Normalize module still give unit rows (a no-op up to rounding where they have one).
                 vectors = torch.nn.functional.normalize(vectors, dim=-1)
                 out[rows] = vectors.cpu().numpy()
         return out
+
+    def _features(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """One right-padded batch as the model takes it: input_ids, attention_mask (and zero token types where the
+        tokenizer makes them, as it does for a single text)."""
+        width = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, row in enumerate(rows):
+            input_ids[j, :len(row)] = row
+            mask[j, :len(row)] = 1
+        features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        return {key: value.to(self.device) for key, value in features.items()}
 
     def __repr__(self) -> str:
         return (f"Embedder({self.name!r}, dimension={self.dimension}, max_tokens={self.max_tokens}, "

@@ -323,6 +323,8 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     out = Path(out)
     previous = _read_previous(out)
     files = expand_sources(sources)  # a bad source or a damaged index fails before the model loads
+    inside = out.resolve()
+    files = [f for f in files if not Path(f).is_relative_to(inside)]  # `ds rag index . --out kb` skips kb itself
     if embedder is None or isinstance(embedder, str):
         name = embedder if embedder is not None else (previous.manifest["embedding"]["name"] if previous.manifest
                                                       else None)
@@ -350,7 +352,11 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
         task = bar.add_task("reading", total=len(files))
         for path in files:
             bar.advance(task)
-            digest = file_hash(path)
+            try:
+                digest = file_hash(path)
+            except OSError as exc:
+                skipped.append(Skipped(path, f"unreadable: {exc.strerror or exc}"))
+                continue
             before = previous.files.get(path)
             if before is not None and before["hash"] == digest and not rechunk_all:
                 kept_files[path] = before

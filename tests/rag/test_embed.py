@@ -86,9 +86,10 @@ def test_count_tokens_and_offsets_agree_with_the_tokenizer(embedder, sentence_tr
 
 
 def test_precision_auto_is_bf16_only_where_bf16_products_are_fast():
-    assert embedding_precision("auto", AVX2_ONLY) == "fp32"
-    assert embedding_precision("auto", AVX512_BF16) == "bf16"
-    assert embedding_precision("fp32", AVX512_BF16) == "fp32"
+    assert embedding_precision("auto", AVX2_ONLY).precision == "fp32"
+    assert embedding_precision("auto", AVX512_BF16).precision == "bf16"
+    assert embedding_precision("fp32", AVX512_BF16).precision == "fp32"
+    assert "no native bf16" in embedding_precision("auto", AVX2_ONLY).reason
     with pytest.raises(EmbeddingModelError, match="valid values are auto, fp32, bf16"):
         embedding_precision("int4", AVX512_BF16)
 
@@ -122,3 +123,23 @@ def test_a_broken_model_directory_is_a_one_line_error(tmp_path):
     with pytest.raises(EmbeddingModelError, match="cannot load") as broken:
         Embedder.load(str(tmp_path))
     assert "\n" not in str(broken.value)
+
+
+def test_token_ids_are_what_encode_embeds(embedder):
+    ids = embedder.token_ids(TEXTS)
+    assert max(len(row) for row in ids) == embedder.max_tokens and [len(r) for r in ids[:2]] == [2, 3]
+    np.testing.assert_allclose(embedder.encode_ids(ids), embedder.encode(TEXTS), atol=1e-6)
+    with pytest.raises(ValueError, match="max_tokens"):
+        embedder.encode_ids([list(range(1000, 1000 + embedder.max_tokens + 1))])
+
+
+def test_long_rows_go_in_smaller_batches(embedder):
+    calls = []
+    hook = embedder.model.register_forward_pre_hook(lambda module, args: calls.append(args[0]["input_ids"].shape))
+    try:
+        vectors = embedder.encode(TEXTS, batch_size=64, batch_tokens=512)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(vectors, embedder.encode(TEXTS), atol=1e-5)
+    assert all(rows * width <= 512 for rows, width in calls) and calls[0][1] == embedder.max_tokens
+    assert sum(rows for rows, _ in calls) == len(TEXTS)

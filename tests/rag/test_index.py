@@ -161,6 +161,13 @@ def test_update_reembeds_only_the_changed_file_and_removes_deleted_ones(tmp_path
     assert again["indexed"] == [] and again["embedded"] == 0 and by_source(out) == after
 
 
+def test_an_index_inside_its_own_sources_is_not_indexed(tmp_path, embedder):
+    (tmp_path / "a.txt").write_text("alpha")
+    for _ in range(2):
+        summary = build_index([tmp_path], tmp_path / "kb", embedder=embedder, progress=False)
+    assert summary["unchanged"] == [str(tmp_path / "a.txt")] and summary["skipped"] == [] and summary["chunks"] == 1
+
+
 def test_changed_chunk_sizes_rechunk_every_file(tmp_path, embedder):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
