@@ -183,3 +183,25 @@ def test_ds_serve_embedding_option():
         assert config == {"backend": "embedding", "parameters": {"model": "minilm"}}
     finally:
         server.stop()
+
+
+def test_ds_serve_model_dir_with_an_embedding_model(tmp_path):
+    import deepseek as ds
+    from deepseek.serve.repository import ModelRepository
+    from deepseek.serve.server import Server, ServeError
+
+    model_dir = ds.save(ds.MoETransformer(ds.preset("tiny", vocab_size=259)), ds.byte_tokenizer(), tmp_path / "lm")
+    server = Server(model_dir, port=0, embeddings={"docs": str(tmp_path / "st-model")})
+    try:
+        entries = ModelRepository(server.repository_root).scan()
+        assert sorted(entries) == ["docs", "lm"] and entries["docs"].config.backend == "embedding"
+        assert entries["docs"].config.max_batch_size == 64 and entries["docs"].config.dynamic_batching is not None
+        assert entries["docs"].config.parameters == {"model": str(tmp_path / "st-model")}
+    finally:
+        server.stop()
+    with pytest.raises(ServeError, match="taken"):
+        Server(model_dir, port=0, embeddings={"lm": "minilm"})
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with pytest.raises(ServeError, match="model repository"):
+        Server(repo, port=0, embeddings={"docs": "minilm"})
