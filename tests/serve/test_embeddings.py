@@ -2,6 +2,7 @@
 Embedder's, concurrent requests share batches (seen in the batch-size metric), and bad requests are 4xx."""
 
 import base64
+import json
 import threading
 
 import httpx
@@ -183,3 +184,44 @@ def test_ds_serve_embedding_option():
         assert config == {"backend": "embedding", "parameters": {"model": "minilm"}}
     finally:
         server.stop()
+
+
+def test_ds_serve_model_dir_with_an_embedding_model(tmp_path):
+    import deepseek as ds
+    from deepseek.serve.repository import ModelRepository
+    from deepseek.serve.server import Server, ServeError
+
+    model_dir = ds.save(ds.MoETransformer(ds.preset("tiny", vocab_size=259)), ds.byte_tokenizer(), tmp_path / "lm")
+    server = Server(model_dir, port=0, embeddings={"docs": str(tmp_path / "st-model")})
+    try:
+        entries = ModelRepository(server.repository_root).scan()
+        assert sorted(entries) == ["docs", "lm"] and entries["docs"].config.backend == "embedding"
+        assert entries["docs"].config.max_batch_size == 64 and entries["docs"].config.dynamic_batching is not None
+        assert entries["docs"].config.parameters == {"model": str(tmp_path / "st-model")}
+    finally:
+        server.stop()
+    with pytest.raises(ServeError, match="taken"):
+        Server(model_dir, port=0, embeddings={"lm": "minilm"})
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with pytest.raises(ServeError, match="model repository"):
+        Server(repo, port=0, embeddings={"docs": "minilm"})
+
+
+def test_mutated_bodies_are_answered_below_500(server):
+    # the seeded mutator of test_fuzz_routes over this route's valid body: every field swapped or dropped
+    import random
+
+    from tests.serve.test_fuzz_routes import DROP, HOSTILE, _paths, replaced
+
+    valid = {"model": "minilm", "input": ["a", "b"], "encoding_format": "base64", "dimensions": 384, "user": "u"}
+    rng = random.Random(19)
+    with httpx.Client(base_url=server[0], timeout=60) as http:
+        for field in [p for p in _paths(valid) if p]:
+            for value in [*rng.sample(HOSTILE, 6), DROP]:
+                body = replaced(valid, field, value)
+                answer = http.post("/v1/embeddings", content=json.dumps(body, allow_nan=True),
+                                   headers={"Content-Type": "application/json"})
+                assert answer.status_code < 500, (body, answer.text)
+                if answer.status_code >= 400:
+                    assert answer.json()["error"]["message"], (body, answer.text)
