@@ -155,7 +155,8 @@ class Retriever:
                     want: int) -> list[list[tuple[int, float]]]:
         """The top ``want`` (id, score) pairs of each query that pass the filters.
 
-        Unfiltered, one call of ``want``. Filtered, the depth grows fourfold until every query has ``want``
+        Unfiltered, one call of ``want``. Filtered, the first depth assumes the allowed chunks are spread evenly
+        through the ranking (``want`` x 4 x total / allowed), then it grows fourfold until every query has ``want``
         passing chunks (or all the allowed ones), or the search returned everything it had."""
         total = len(self.index.chunks)
         if self._allowed is None:
@@ -163,7 +164,7 @@ class Retriever:
         reachable = min(want, len(self._allowed))
         if reachable == 0:
             return [[] for _ in queries]
-        depth = min(total, want * CANDIDATES_PER_HIT)
+        depth = min(total, want * CANDIDATES_PER_HIT * -(-total // len(self._allowed)))
         while True:
             raw = search(queries, depth)
             kept = [[(cid, s) for cid, s in pairs if cid in self._allowed][:want] for pairs in raw]

@@ -138,3 +138,25 @@ def test_a_bad_mode_is_a_usage_error_before_the_index_is_opened(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == ("error: unknown retrieval mode 'fuzzy'; choose one of hybrid, "
                                                       "dense, bm25")
     assert "Traceback" not in result.stderr
+
+
+def test_a_filter_whose_chunks_rank_low_deepens_the_search(tmp_path, embedder):
+    # Half the chunks are Markdown about the sky, half text about cooking; asked about cooking with --type md, the
+    # first candidate depth (1 x 4 x 50/25 = 8) holds only cooking notes, so the search must go deeper.
+    from deepseek.rag.index import KnowledgeIndex, build_index
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(25):
+        (corpus / f"recipe{i}.txt").write_text(f"Recipe {i}: simmer the onions and garlic in butter for {i + 5} "
+                                               "minutes, then add the tomatoes and season the sauce.\n")
+        (corpus / f"sky{i}.md").write_text(f"# Star {i}\n\nThe star catalogue entry {i} lists its magnitude, its "
+                                           "distance in light years and its position in the night sky.\n")
+    build_index([str(corpus)], str(tmp_path / "index"), embedder=embedder, progress=False)
+    index = KnowledgeIndex.open(tmp_path / "index", embedder=embedder)
+    query = "how long should I cook the onions in butter?"
+    everything = [cid for cid, _ in index.dense([query], len(index.chunks))[0]]
+    assert all(index.chunks[cid].type == "txt" for cid in everything[:8])
+    for k in (1, 3):
+        hits = Retriever(index, "dense", types=["md"]).search(query, k)
+        assert ids(hits) == [cid for cid in everything if index.chunks[cid].type == "md"][:k]
