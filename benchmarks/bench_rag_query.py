@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from deepseek.rag.evaluate import evaluate, load_questions, query_metrics, relevant_ids  # noqa: E402
 from deepseek.rag.evalset import write_evalset  # noqa: E402
-from deepseek.rag.index import Chunk, KnowledgeIndex, build_index  # noqa: E402
-from deepseek.rag.retrieve import Retriever  # noqa: E402
+from deepseek.rag.index import Chunk, build_index  # noqa: E402
+from deepseek.rag.retrieve import Retriever, open_for_queries  # noqa: E402
 
 MODULES = ["json", "email", "http", "urllib", "logging", "textwrap", "csv", "string", "shutil", "os", "pathlib",
            "tarfile", "zipfile"]
@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=1000, help="LangChain splitter, characters")
     parser.add_argument("--chunk-overlap", type=int, default=200, help="LangChain splitter, characters")
-    parser.add_argument("--latency-queries", type=int, default=200, help="questions timed one at a time")
+    parser.add_argument("--latency-queries", type=int, default=200, help="questions timed one at a time (code "
+                                                                         "questions first, then prose)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +114,7 @@ def main() -> None:
     ours_build_s = None
     if not (index_dir / "manifest.json").is_file():
         ours_build_s = build_index([str(evalset / "corpus")], index_dir, progress=False)["seconds"]
-    index = KnowledgeIndex.open(index_dir)
+    index = open_for_queries(index_dir)  # as `ds rag query` and DeepSeekRetriever open it
     store, lc_chunks, lc_build_s = langchain_store(evalset / "corpus", args.chunk_size, args.chunk_overlap,
                                                    str(index.embedder.path))
 
@@ -130,7 +131,7 @@ def main() -> None:
             for name, systems in quality.items() for system, row in systems.items()]
     print_table(["set", "system", f"recall@{k}", f"MRR@{k}", f"nDCG@{k}"], rows)
 
-    queries = [q.query for q in load_questions(evalset / "code.jsonl")][:args.latency_queries]
+    queries = [q.query for name in SETS for q in load_questions(evalset / name)][:args.latency_queries]
     retrievers = {mode: Retriever(index, mode) for mode in ("dense", "bm25", "hybrid")}
     cases = {f"ours-{mode}": (lambda q, r=r: r.search(q, k)) for mode, r in retrievers.items()}
     cases["langchain-dense"] = lambda q: store.similarity_search(q, k=k)

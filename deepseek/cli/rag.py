@@ -83,11 +83,10 @@ def _preview(text: str, width: int = PREVIEW_CHARS) -> str:
 
 
 def _open_retriever(index: Path, mode: str, paths: Optional[list[str]], types: Optional[list[str]]):
-    from deepseek.rag.index import KnowledgeIndex
-    from deepseek.rag.retrieve import Retriever, check_options
+    from deepseek.rag.retrieve import Retriever, check_options, open_for_queries
 
     check_options(mode, types)
-    return Retriever(KnowledgeIndex.open(index), mode, paths=paths, types=types)
+    return Retriever(open_for_queries(index), mode, paths=paths, types=types)
 
 
 _MODE_HELP = "hybrid (dense + BM25, fused by reciprocal rank), dense (embeddings) or bm25 (keywords)."

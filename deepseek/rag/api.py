@@ -18,20 +18,19 @@ from typing import Optional, Sequence
 
 from deepseek.errors import UserFacingError
 from deepseek.rag.answer import LocalGenerator, OpenAIGenerator, RagAnswer, answer_question
-from deepseek.rag.retrieve import Hit, Retriever, check_options
+from deepseek.rag.retrieve import Hit, Retriever, check_options, open_for_queries
 
 
 class DeepSeekRetriever:
     """Opens the index at ``index_path`` once and retrieves ``k`` chunks per question in ``mode`` (hybrid, dense,
-    bm25), optionally restricted to ``paths`` globs and file ``types``. ``embedder`` overrides the manifest's model
-    (it must be the same model: a different one is an ``IndexMismatchError``)."""
+    bm25), optionally restricted to ``paths`` globs and file ``types``. The manifest's model embeds the questions at
+    the precision of one-row work (:func:`~deepseek.rag.retrieve.open_for_queries`); ``embedder`` overrides it (the
+    same model only: a different one is an ``IndexMismatchError``)."""
 
     def __init__(self, index_path: str | Path, k: int = 5, mode: str = "hybrid", *,
                  paths: Optional[Sequence[str]] = None, types: Optional[Sequence[str]] = None, embedder=None):
-        from deepseek.rag.index import KnowledgeIndex
-
         check_options(mode, types)
-        self.index = KnowledgeIndex.open(index_path, embedder=embedder)
+        self.index = open_for_queries(index_path, embedder=embedder)
         self.k = k
         self.retriever = Retriever(self.index, mode, paths=paths, types=types)
 

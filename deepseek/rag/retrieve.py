@@ -95,6 +95,24 @@ def path_matches(source: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(PurePath(source).name, pattern)
 
 
+def open_for_queries(path, *, embedder=None) -> "KnowledgeIndex":
+    """Open the index at ``path`` for answering questions one at a time.
+
+    Without an ``embedder``, the manifest's model is loaded at the precision of one-row work (``decode`` in
+    :func:`deepseek.hardware.resolve_precision`), not the index's: a question is one short row, and on CPUs with
+    native bf16, where indexing runs bf16, one-row bf16 products are slower than fp32 (a MiniLM query encode took
+    1.24x the fp32 time on an AMX Xeon). Same model, same vectors up to rounding.
+    """
+    from deepseek.hardware import resolve_precision
+    from deepseek.rag.embed import Embedder
+    from deepseek.rag.index import KnowledgeIndex, read_manifest
+
+    if embedder is None:
+        name = read_manifest(path)["embedding"]["name"]
+        embedder = Embedder.load(name, precision=resolve_precision("auto", "cpu", workload="decode").precision)
+    return KnowledgeIndex.open(path, embedder=embedder)
+
+
 def check_options(mode: str, types: Optional[Sequence[str]] = None) -> None:
     """Refuse an unknown mode or file type (before an index is opened for nothing)."""
     if mode not in MODES:

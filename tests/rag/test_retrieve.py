@@ -160,3 +160,15 @@ def test_a_filter_whose_chunks_rank_low_deepens_the_search(tmp_path, embedder):
     for k in (1, 3):
         hits = Retriever(index, "dense", types=["md"]).search(query, k)
         assert ids(hits) == [cid for cid in everything if index.chunks[cid].type == "md"][:k]
+
+
+def test_questions_are_embedded_at_the_precision_of_one_row_work(mini_index, opened_index):
+    from deepseek.hardware import resolve_precision
+    from deepseek.rag.retrieve import open_for_queries
+
+    index = open_for_queries(mini_index[0])
+    assert index.embedder.precision == resolve_precision("auto", "cpu", workload="decode").precision
+    assert index.embedder.name == opened_index.embedder.name and index.chunks.keys() == opened_index.chunks.keys()
+    for query in ("area of a circle", "palindrome check", "when do backups run?"):
+        ours, built = (Retriever(i, "dense").search(query, 1)[0] for i in (index, opened_index))
+        assert ours.chunk.id == built.chunk.id and ours.score == pytest.approx(built.score, abs=2e-2)
