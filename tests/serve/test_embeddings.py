@@ -225,3 +225,14 @@ def test_mutated_bodies_are_answered_below_500(server):
                 assert answer.status_code < 500, (body, answer.text)
                 if answer.status_code >= 400:
                     assert answer.json()["error"]["message"], (body, answer.text)
+
+
+def test_protect_inference_needs_the_key(tmp_path):
+    (tmp_path / "minilm" / "1").mkdir(parents=True)
+    (tmp_path / "minilm" / "config.yaml").write_text(yaml.safe_dump({"backend": "embedding", "precision": "fp32",
+                                                                     "parameters": {"model": "minilm"}}))
+    with running_server(ModelManager(ModelRepository(tmp_path)), api_key="k", protect_inference=True) as base:
+        body = {"model": "minilm", "input": "a"}
+        assert httpx.post(base + "/v1/embeddings", json=body).status_code == 401
+        assert httpx.post(base + "/v1/embeddings", json=body, headers={"Authorization": "Bearer k"}).status_code \
+            == 200
