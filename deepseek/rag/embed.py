@@ -70,10 +70,10 @@ def resolve_model(name_or_path: Optional[str]) -> tuple[str, Path]:
 
 
 def embedding_precision(requested: str, profile: HardwareProfile) -> PrecisionChoice:
-    """The choice (``precision`` fp32 or bf16, and why) for ``requested`` (``auto``/``fp32``/``bf16``) on a device's ``profile``: auto is bf16
-    only where bf16 products of token blocks are fast there (:func:`deepseek.hardware.choose_precision`); an
-    explicit bf16 where it is slow is honoured with a warning (once). A CUDA device without bf16 (auto -> fp16,
-    which this path does not run) gets fp32."""
+    """The choice (``precision`` fp32 or bf16, and why) for ``requested`` (``auto``/``fp32``/``bf16``) on a device's
+    ``profile``: auto is bf16 only where bf16 products of token blocks are fast there
+    (:func:`deepseek.hardware.choose_precision`); an explicit bf16 where it is slow is honoured with a warning
+    (once). A CUDA device without bf16 (auto -> fp16, which this path does not run) gets fp32."""
     if requested not in ("auto", "fp32", "bf16"):
         raise EmbeddingModelError(f"embedding precision {requested!r}: valid values are auto, fp32, bf16")
     choice = choose_precision(requested, profile, workload="train")  # token blocks, as in prefill
