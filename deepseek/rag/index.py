@@ -13,8 +13,8 @@ Layout of an index directory (``FORMAT`` 1):
   sha256 of the text, metadata);
 - ``files.json``: per indexed file, the sha256 of its bytes, its chunk ids and its skipped rows (incremental updates);
 - ``vectors.faiss``: ``IDMap2,Flat`` inner product below ``FLAT_LIMIT`` chunks (exact; ids kept on removal), else
-  ``IVF{nlist},Flat`` with nlist ≈ 4·√N trained on the vectors themselves (the FAISS guideline below 1M vectors) and a
-  hashtable direct map, so vectors can be removed and read back by id;
+  ``IVF{nlist},Flat`` with nlist ≈ 4·√N trained on the vectors themselves (the FAISS guideline below 1M vectors)
+  and a hashtable direct map, so vectors can be removed and read back by id;
 - ``bm25/``: bm25s arrays and vocabulary (JSON and ``.npy``, no pickle), rebuilt on every update since bm25s cannot
   add or remove documents.
 
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from deepseek.atomic import write_atomically
+from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 from deepseek.rag.chunk import check_sizes, chunk_section
 from deepseek.rag.ingest import Skipped, expand_sources, file_hash, read_sections
@@ -187,6 +188,7 @@ def read_faiss(path: Path):
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        detail = re.sub(r"^Error in .*? at \S+:\d+: ", "", detail)  # FAISS's C++ location is no help to a user
         raise CorruptIndexError(f"{path}: corrupt FAISS index ({detail[:160]})") from None
 
 
@@ -294,8 +296,15 @@ def _read_previous(out: Path) -> _Previous:
                                   "empty folder")
         return _Previous()
     manifest = read_manifest(out)
-    return _Previous(manifest, read_chunks(out / "chunks.jsonl"), _read_json(out / "files.json", "file list"),
-                     read_faiss(out / "vectors.faiss"))
+    previous = _Previous(manifest, read_chunks(out / "chunks.jsonl"), _read_json(out / "files.json", "file list"),
+                         read_faiss(out / "vectors.faiss"))
+    listed = {i for entry in previous.files.values() for i in entry["chunk_ids"]}
+    if listed != set(previous.chunks):
+        raise CorruptIndexError(f"{out / 'files.json'}: its chunk ids do not match chunks.jsonl")
+    if previous.vectors.ntotal != len(previous.chunks):
+        raise CorruptIndexError(f"{out / 'vectors.faiss'}: holds {previous.vectors.ntotal} vectors but chunks.jsonl "
+                                f"{len(previous.chunks)} chunks")
+    return previous
 
 
 def _progress_bar(enabled: bool):
@@ -336,8 +345,6 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
                "overlap_tokens": int(overlap_tokens if overlap_tokens is not None
                                      else old_chunker.get("overlap_tokens", DEFAULT_OVERLAP))}
     if chunker["max_tokens"] > embedder.max_tokens:
-        from deepseek.config import ConfigError
-
         raise ConfigError(f"max_tokens {chunker['max_tokens']} is more than the embedding model reads "
                           f"({embedder.max_tokens}): longer chunks would be truncated")
     specials = embedder.count_tokens([""])[0]

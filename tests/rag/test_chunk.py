@@ -127,7 +127,7 @@ def minilm():
 
 real_words = st.one_of(
     st.sampled_from(["def", "return", "unbelievably", "tokenization", "get_user_id", "HTTPServer", "naïve", "café",
-                     "x", "(", "):", "==", "3.14159", "#", "\"\"\"Docstring.\"\"\"", "日本語", "🙂", "----------"]),
+                     "x", "(", "):", "==", "3.14159", "#", '"""Docstring."""', "日本語", "🙂", "----------"]),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=40))
 
 

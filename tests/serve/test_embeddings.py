@@ -225,3 +225,48 @@ def test_mutated_bodies_are_answered_below_500(server):
                 assert answer.status_code < 500, (body, answer.text)
                 if answer.status_code >= 400:
                     assert answer.json()["error"]["message"], (body, answer.text)
+
+
+def test_protect_inference_needs_the_key(tmp_path):
+    (tmp_path / "minilm" / "1").mkdir(parents=True)
+    (tmp_path / "minilm" / "config.yaml").write_text(yaml.safe_dump({"backend": "embedding", "precision": "fp32",
+                                                                     "parameters": {"model": "minilm"}}))
+    with running_server(ModelManager(ModelRepository(tmp_path)), api_key="k", protect_inference=True) as base:
+        body = {"model": "minilm", "input": "a"}
+        assert httpx.post(base + "/v1/embeddings", json=body).status_code == 401
+        assert httpx.post(base + "/v1/embeddings", json=body, headers={"Authorization": "Bearer k"}).status_code \
+            == 200
+
+
+def test_a_client_that_goes_away_is_dropped_before_compute(server, embedder):
+    base, manager = server
+    mv = manager.get("minilm")
+    release, held, batches = threading.Event(), threading.Event(), []
+
+    def hold_first_batch(module, args):
+        batches.append(args[0]["input_ids"].shape[0])
+        if not release.is_set():
+            held.set()
+            release.wait(30)
+
+    hook = mv.backend.embedder.model.register_forward_pre_hook(hold_first_batch)
+    cancelled = metric(base, "ds_inference_requests", "ds_inference_requests_total", outcome="cancelled")
+    dropped = mv.batcher.stats.dropped
+    first = threading.Thread(target=httpx.post, args=(base + "/v1/embeddings",),
+                             kwargs={"json": {"model": "minilm", "input": "held in compute"}, "timeout": 60})
+    try:
+        first.start()
+        wait_for(held.is_set, "the first request to reach the model")
+        with pytest.raises(httpx.TimeoutException):  # waits behind the held batch until the client gives up
+            httpx.post(base + "/v1/embeddings", json={"model": "minilm", "input": ["never computed"] * 3},
+                       timeout=httpx.Timeout(60, read=0.5))
+        wait_for(lambda: metric(base, "ds_inference_requests", "ds_inference_requests_total",
+                                outcome="cancelled") == cancelled + 1, "the server to see the client go")
+    finally:
+        release.set()
+        first.join(60)
+        hook.remove()
+    wait_for(lambda: mv.batcher.stats.dropped == dropped + 1, "the abandoned request to leave the queue")
+    assert batches == [1]  # only the held request reached the model
+    answer = httpx.post(base + "/v1/embeddings", json={"model": "minilm", "input": "after"}).json()
+    np.testing.assert_allclose(answer["data"][0]["embedding"], embedder.encode(["after"])[0], atol=1e-5)
