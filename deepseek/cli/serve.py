@@ -40,18 +40,28 @@ def serve_command(
                                                            "one per core)."),
     adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR: serve the LoRA adapter directory DIR with "
                                                            "MODEL_DIR as model '<model>:NAME' (repeatable)."),
+    embedding: Optional[List[str]] = typer.Option(None, help="NAME=DIR or NAME=minilm (or just minilm): serve a "
+                                                             "sentence-transformers model (DIR) or the packaged "
+                                                             "all-MiniLM-L6-v2 as embedding model NAME for "
+                                                             "POST /v1/embeddings (repeatable)."),
 ) -> None:
     """Serve models over KServe v2 HTTP and gRPC (tritonclient, KServe clients) until Ctrl-C; drains on exit."""
     from deepseek.config import ConfigError
     from deepseek.serve.manager import CONTROL_MODES
     from deepseek.serve.server import Server
 
-    if (model_dir is None) == (model_repository is None):
+    embeddings = parse_embeddings(embedding or [])
+    if model_dir is not None and model_repository is not None:
         raise typer.BadParameter("give either MODEL_DIR or --model-repository")
+    if model_dir is None and model_repository is None and not embeddings:
+        raise typer.BadParameter("give MODEL_DIR, --model-repository or --embedding")
+    if embeddings and model_repository is not None:
+        raise ConfigError("--embedding works with MODEL_DIR or alone; in a model repository add a model folder "
+                          "whose config.yaml says backend: embedding")
     if model_control not in CONTROL_MODES:
         raise ConfigError(f"--model-control {model_control!r} is not one of {', '.join(CONTROL_MODES)}")
     root = model_repository if model_repository is not None else model_dir
-    if not root.is_dir():
+    if root is not None and not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     adapters = parse_adapters(adapter or [])
     if adapters and model_dir is None:
@@ -60,10 +70,12 @@ def serve_command(
     server = Server(root, host=host, port=http_port, grpc_port=None if no_grpc else grpc_port, api_key=api_key,
                     protect_inference=protect_inference, model_control=model_control, load_models=load_model,
                     poll_interval_s=repository_poll_secs, max_request_mb=max_request_mb, access_log=access_log,
-                    routing_header=routing_header, torch_threads=torch_threads, adapters=adapters)
+                    routing_header=routing_header, torch_threads=torch_threads, adapters=adapters,
+                    embeddings=embeddings)
     server.check_ports()
     grpc = "" if no_grpc else f", gRPC on {host}:{grpc_port}"
-    typer.echo(f"serving {root} on http://{host}:{http_port}/v2{grpc}; metrics at /metrics "
+    what = ", ".join([str(root)] * (root is not None) + [f"embedding model {n}" for n in embeddings])
+    typer.echo(f"serving {what} on http://{host}:{http_port}/v2{grpc}; metrics at /metrics "
                f"(Ctrl-C drains and stops)")
     if not server.api_key:
         typer.echo("management API disabled (no --api-key)")
@@ -95,3 +107,27 @@ def parse_adapters(options: List[str]) -> dict[str, str]:
             raise ConfigError(f"--adapter {name}={directory}: {directory} is not a directory")
         adapters[name] = directory
     return adapters
+
+
+def parse_embeddings(options: List[str]) -> dict[str, str]:
+    """``--embedding NAME=SOURCE`` options (SOURCE a sentence-transformers directory or minilm / all-MiniLM-L6-v2,
+    the packaged model; a bare alias names itself) -> {NAME: SOURCE}; a ConfigError (one line) when malformed."""
+    from deepseek.config import ConfigError
+    from deepseek.rag.embed import DEFAULT_MODEL_ALIASES
+    from deepseek.serve.repository import valid_model_name
+
+    embeddings: dict[str, str] = {}
+    for option in options:
+        name, equals, source = option.partition("=")
+        if not equals and option in DEFAULT_MODEL_ALIASES:
+            name, source = option.rpartition("/")[2], option
+        if not valid_model_name(name) or not source:
+            raise ConfigError(f"--embedding {option!r}: expected NAME=DIR or NAME=minilm, NAME of letters, digits, "
+                              f"'.', '_' or '-'")
+        if name in embeddings:
+            raise ConfigError(f"--embedding {name!r} is given twice")
+        if source not in DEFAULT_MODEL_ALIASES and not Path(source).is_dir():
+            raise ConfigError(f"--embedding {name}={source}: {source} is not a directory (or use minilm, the "
+                              f"packaged all-MiniLM-L6-v2)")
+        embeddings[name] = source
+    return embeddings

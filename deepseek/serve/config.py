@@ -1,6 +1,6 @@
 """A served model's ``config.yaml``: backend, tensor signature, batching, instances, version policy.
 
-    backend: onnx            # deepseek (a model directory) | torch | onnx
+    backend: onnx            # deepseek (a model directory) | torch | onnx | embedding (sentence-transformers)
     max_batch_size: 64       # 0: the model takes no batch dimension; > 0: dim 0 is the batch, implicit in shapes
     inputs:  [{name: x, datatype: FP32, shape: [32]}]          # -1 marks a dynamic dimension
     outputs: [{name: y, datatype: FP32, shape: [10]}]
@@ -8,6 +8,11 @@
     instances: 1             # executors running batches in parallel
     version_policy: {latest: 1}   # or {all: true} or {specific: [1, 3]}
     routing: {policy: weighted, weights: {1: 95, 2: 5}}   # which version a request without one gets
+
+An ``embedding`` model (``POST /v1/embeddings``) is a sentence-transformers directory as its version folder, or
+``parameters: {model: all-MiniLM-L6-v2}`` (the packaged model; or a directory, relative to this file's folder);
+its tensors are derived, and it batches dynamically unless told otherwise (``max_batch_size`` 64,
+``dynamic_batching`` defaults).
 
 Datatypes are the KServe v2 names. Parsing goes through :func:`deepseek.config.from_dict`, so an unknown
 key is an error listing the valid ones; :func:`load_serving_config` names the file in every error.
@@ -45,7 +50,8 @@ DATATYPE_TO_TORCH: dict[str, Optional[torch.dtype]] = {
     "BYTES": None,  # strings / raw bytes: no tensor dtype
 }
 DATATYPES = tuple(DATATYPE_TO_TORCH)
-BACKENDS = ("deepseek", "torch", "onnx")
+BACKENDS = ("deepseek", "torch", "onnx", "embedding")
+EMBEDDING_MAX_BATCH_SIZE = 64  # an embedding model's default: concurrent requests share one encode call
 
 
 def torch_dtype(datatype: str) -> Optional[torch.dtype]:
@@ -175,7 +181,7 @@ class VersionPolicy:
 
 @dataclass
 class ServingConfig:
-    backend: Literal["deepseek", "torch", "onnx"]
+    backend: Literal["deepseek", "torch", "onnx", "embedding"]
     max_batch_size: int = 0
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
@@ -185,7 +191,8 @@ class ServingConfig:
     parameters: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. a torch entry point)
     routing: dict[str, Any] = field(default_factory=dict)  # a routing policy (deepseek.serve.routing.parse_policy)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
-    # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16
+    # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16;
+    # embedding models: the dtype whose token-block products are fastest here
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # deepseek models: LoRA adapters served per row of one batch, {name: adapter directory (PEFT's format or
     # ours)}; a relative path is read from this file's folder. Requests pick one with the OpenAI model
@@ -195,6 +202,10 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_batch_size < 0:
             raise ConfigError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
+        if self.backend == "embedding":  # embeddings are served batched unless the config says how
+            self.max_batch_size = self.max_batch_size or EMBEDDING_MAX_BATCH_SIZE
+            if self.dynamic_batching is None:
+                self.dynamic_batching = DynamicBatchingConfig()
         if self.instances < 1:
             raise ConfigError(f"instances must be >= 1, got {self.instances}")
         for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):

@@ -161,6 +161,13 @@ class ServingMetrics:
                                            registry=self.registry)
         self.adapter_tokens = Counter("ds_generation_adapter_completion_tokens", "Generated tokens by LoRA adapter "
                                       "('' = base).", adapter_labels, registry=self.registry)
+        # POST /v1/embeddings: answered requests, their texts and the tokens embedded (after truncation); the rows
+        # per executed batch are ds_inference_batch_size, as for every batched model.
+        self.embedding_requests = Counter("ds_embedding_requests", "Answered embedding requests.", labels,
+                                          registry=self.registry)
+        self.embedding_inputs = Counter("ds_embedding_inputs", "Texts embedded.", labels, registry=self.registry)
+        self.embedding_tokens = Counter("ds_embedding_tokens", "Word pieces embedded (after truncation at the "
+                                        "model's max_tokens).", labels, registry=self.registry)
         ProcessCollector(registry=self.registry)
         self._failures: dict[tuple[str, str, str], int] = {}
         self._children: dict[tuple, tuple] = {}  # (model, version) -> that version's histogram children
@@ -229,6 +236,13 @@ class ServingMetrics:
         lv = (model, "" if version is None else str(version), adapter or "")
         self._count(self.adapter_generations, *lv, finish_reason)
         self.adapter_tokens.labels(*lv).inc(completion_tokens)
+
+    def observe_embedding(self, model: str, version: Optional[int], inputs: int, tokens: int) -> None:
+        """One answered ``/v1/embeddings`` request of ``inputs`` texts and ``tokens`` word pieces."""
+        lv = (model, "" if version is None else str(version))
+        self._count(self.embedding_requests, *lv)
+        self.embedding_inputs.labels(*lv).inc(inputs)
+        self.embedding_tokens.labels(*lv).inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

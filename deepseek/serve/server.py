@@ -6,7 +6,9 @@
 
 ``model_or_repo`` is a model repository (``<repo>/<model>/<version>/``), one model directory (served as
 model ``<dir name>`` version 1), or a deepseek ``MoETransformer`` in memory (saved to a temporary model
-directory with its tokenizer, or the byte tokenizer). :class:`Server` is what ``ds serve`` runs (the seeds'
+directory with its tokenizer, or the byte tokenizer); ``embeddings`` ({name: all-MiniLM-L6-v2 or a
+sentence-transformers directory}) adds embedding models (``POST /v1/embeddings``) to the last two, or is served
+alone with ``model_or_repo`` None. :class:`Server` is what ``ds serve`` runs (the seeds'
 ``DeepseekServing`` is this class, under its old name in :mod:`deepseek.compat`).
 
 Both front ends share one asyncio loop and one manager. On shutdown the gRPC server stops taking RPCs and
@@ -50,6 +52,25 @@ def repository_for_model_dir(model_dir: Path, into: Path, adapters: Optional[Map
     return into
 
 
+def add_embedding_models(repo: Path, embeddings: Mapping[str, str]) -> None:
+    """Folders ``repo/<name>/`` serving ``{name: source}`` with the embedding backend (``ds serve --embedding``):
+    ``source`` is all-MiniLM-L6-v2 (or an alias: the packaged model) or a sentence-transformers directory."""
+    import yaml
+
+    from deepseek.rag.embed import DEFAULT_MODEL_ALIASES
+    from deepseek.serve.repository import valid_model_name
+
+    for name, source in embeddings.items():
+        if not valid_model_name(name):
+            raise ServeError(f"embedding model name {name!r} must match [A-Za-z0-9_.-]+")
+        if (repo / name).exists():
+            raise ServeError(f"embedding model name {name!r} is taken by another model")
+        model = source if source in DEFAULT_MODEL_ALIASES else str(Path(source).resolve())
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.yaml").write_text(yaml.safe_dump({"backend": "embedding",
+                                                                 "parameters": {"model": model}}))
+
+
 def configure_threads(torch_threads: Optional[int] = None) -> int:
     """Give the models ``torch_threads`` intra-op threads (default: torch's own, one per core).
 
@@ -73,7 +94,8 @@ class Server:
                  model_control: str = "none", load_models: Optional[Sequence[str]] = None,
                  poll_interval_s: float = 15.0, max_request_mb: float = 64.0, access_log: Optional[str] = None,
                  routing_header: str = "X-User-Id", model_name: Optional[str] = None, log_level: str = "warning",
-                 torch_threads: Optional[int] = None, adapters: Optional[Mapping[str, str]] = None):
+                 torch_threads: Optional[int] = None, adapters: Optional[Mapping[str, str]] = None,
+                 embeddings: Optional[Mapping[str, str]] = None):
         self.host, self.port, self.grpc_port = host, port, grpc_port
         self.api_key = api_key if api_key is not None else os.environ.get("DS_API_KEY") or None
         self.protect_inference = protect_inference
@@ -81,8 +103,19 @@ class Server:
         self.max_request_bytes = int(max_request_mb * (1 << 20))
         self.access_log_target, self.routing_header, self.log_level = access_log, routing_header, log_level
         self.torch_threads = torch_threads
+        if model_or_repo is None and not embeddings:
+            raise ServeError("nothing to serve: give a model repository, a model directory or embedding models")
         self._tmp = tempfile.mkdtemp(prefix="ds-serve-")
-        self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name, adapters)
+        try:
+            self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name, adapters)
+            if embeddings:
+                if self.repository_root.resolve() != (Path(self._tmp) / "repo").resolve():
+                    raise ServeError("embedding models given with a model repository: add a model folder whose "
+                                     "config.yaml says backend: embedding instead")
+                add_embedding_models(self.repository_root, embeddings)
+        except BaseException:
+            self._cleanup()  # a refused configuration leaves no temporary repository behind
+            raise
         self._uvicorn = None
         self._thread: Optional[threading.Thread] = None
         self.manager = None
@@ -91,6 +124,9 @@ class Server:
     def _repository(model_or_repo: Any, tmp: Path, model_name: Optional[str],
                     adapters: Optional[Mapping[str, str]] = None) -> Path:
         from deepseek.models import MoETransformer
+        if model_or_repo is None:  # embedding models only (ds serve --embedding ...)
+            (tmp / "repo").mkdir()
+            return tmp / "repo"
         if isinstance(model_or_repo, MoETransformer):
             from deepseek.data import byte_tokenizer
             from deepseek.models.directory import save

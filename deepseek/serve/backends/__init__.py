@@ -4,7 +4,8 @@
     outputs = backend.infer({"x": x})
 
 ``config.backend`` picks the class: ``deepseek`` (a model directory), ``torch`` (``model.pt2``,
-``model.pt`` TorchScript, or a Python entry point) or ``onnx`` (``model.onnx`` via onnxruntime).
+``model.pt`` TorchScript, or a Python entry point), ``onnx`` (``model.onnx`` via onnxruntime) or ``embedding``
+(a sentence-transformers model, :mod:`deepseek.serve.backends.embedding_backend`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def _construct(name: str, version: int, path: Path, config: ServingConfig) -> Ba
     if config.backend == "onnx":
         from deepseek.serve.backends.onnx_backend import OnnxBackend
         return OnnxBackend(name, version, path, config)
-    raise BackendError(f"model {name!r}: unknown backend {config.backend!r} (deepseek, torch or onnx)")
+    if config.backend == "embedding":
+        from deepseek.serve.backends.embedding_backend import EmbeddingBackend
+        return EmbeddingBackend(name, version, path, config)
+    raise BackendError(f"model {name!r}: unknown backend {config.backend!r} (deepseek, torch, onnx or embedding)")
 
 
 __all__ = ["Backend", "BackendError", "load_backend"]

@@ -1,6 +1,6 @@
 """OpenAI-compatible text generation, and KServe v2's generate extension, as a FastAPI router.
 
-    GET  /v1/models                      the language models (``backend: deepseek``) with their versions
+    GET  /v1/models                      the language and embedding models with their versions
     POST /v1/completions                 prompt(s) -> text; ``stream: true`` gives server-sent events
     POST /v1/chat/completions            messages -> assistant message (chat template from the tokenizer)
     POST /v2/models/{m}[/versions/{v}]/generate          {"text_input", "parameters"} -> {"text_output"}
@@ -559,7 +559,8 @@ async def list_models(request: Request):
     models: dict[str, list[str]] = {}
     adapters: dict[str, dict[str, list[str]]] = {}  # {model: {adapter: versions}}
     for name, version, mv in ctx.manager.snapshot():
-        if mv.ready and hasattr(mv.backend, "engine"):
+        # language models and embedding models (POST /v1/embeddings); tensor models have no OpenAI route
+        if mv.ready and (hasattr(mv.backend, "engine") or hasattr(mv.backend, "embedder")):
             models.setdefault(name, []).append(str(version))
             for adapter in getattr(mv.backend, "adapters", ()):
                 adapters.setdefault(name, {}).setdefault(adapter, []).append(str(version))
@@ -576,7 +577,12 @@ async def list_models(request: Request):
 
 @router.get("/v1/models/{model:path}")
 async def get_model(request: Request, model: str):
-    mv, _, _ = language_model(request, model)
+    from deepseek.serve.protocols.openai_embeddings import embedding_model
+
+    try:
+        mv = embedding_model(request, model)
+    except RequestError:  # not an embedding model: a language model, or the language model's error
+        mv, _, _ = language_model(request, model)
     return Response(orjson.dumps({"id": model, "object": "model", "created": int(serving(request).started_at),
                                   "owned_by": "deepseek", "version": str(mv.version)}),
                     media_type="application/json")
