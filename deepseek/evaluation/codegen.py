@@ -62,6 +62,23 @@ def truncate(completion: str, stop: Sequence[str] = STOP) -> str:
     return completion[:cut]
 
 
+def completion_prompt(prompt: str) -> str:
+    """The text a completion-style prompt is encoded as: without its trailing whitespace (as the bigcode evaluation
+    harness does). A BPE merges a newline with the indentation after it (``"\n   "`` is one token of the
+    quickstart tokenizer), so a model never saw a lone ``"\n"`` token before code: ending the prompt with one
+    derails it (measured: the quickstart model's completions of stub prompts were blank lines, none gave the
+    function a body). Without it the model's first token is the newline-and-indent it knows."""
+    return prompt.rstrip()
+
+
+def as_completion(prompt: str, generated: str) -> str:
+    """Text generated after :func:`completion_prompt` as a completion of the original ``prompt`` (so that
+    ``prompt + completion`` is what the model wrote); generated text that does not restore the prompt's trailing
+    whitespace is returned as it is (it then seldom parses after the prompt, which scores it as it deserves)."""
+    text = completion_prompt(prompt) + generated
+    return text[len(prompt):] if text.startswith(prompt) else generated
+
+
 def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: dict[str, dict], n: int,
                        params: SamplingParams, *, seed: int = 0, max_running: int = 16,
                        prompt_style: str = "completion") -> dict[str, list[str]]:
@@ -93,7 +110,7 @@ def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: d
     jobs = []
     with engine:
         for p, (task, problem) in enumerate(problems.items()):
-            text = template.render(chat_prompt(problem)) if chat else problem["prompt"]
+            text = template.render(chat_prompt(problem)) if chat else completion_prompt(problem["prompt"])
             ids = tokenizer.encode(text).ids[-(engine.max_len - max_new):]
             for i in range(n):
                 request_params = dataclasses.replace(params, max_new_tokens=max_new, stop=stop, stop_token_ids=stop_ids,
@@ -108,7 +125,8 @@ def sample_completions(model: torch.nn.Module, tokenizer: Tokenizer, problems: d
     samples: dict[str, list[str]] = {task: [] for task in problems}
     for task, request in jobs:
         reply = "".join(texts.get(request.request_id, []))
-        samples[task].append("\n" + reply_code(reply) if chat else truncate(reply))
+        samples[task].append("\n" + reply_code(reply) if chat
+                             else as_completion(problems[task]["prompt"], truncate(reply)))
     return samples
 
 

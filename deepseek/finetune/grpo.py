@@ -35,7 +35,7 @@ from torch import nn
 
 from deepseek.data.chat import chat_template
 from deepseek.evaluation.codegen import chat_prompt as code_chat_prompt
-from deepseek.evaluation.codegen import reply_code, truncate
+from deepseek.evaluation.codegen import as_completion, completion_prompt, reply_code, truncate
 from deepseek.evaluation.rewards import doctests_rewards, is_code_prompt, length_reward, parses_reward
 from deepseek.finetune.config import GRPOConfig
 from deepseek.finetune.objectives import grpo_advantages, grpo_loss, reference_token_logprobs, token_logprobs
@@ -80,7 +80,10 @@ def read_prompts(path: str | Path, tokenizer: Any, max_prompt_len: int, on_bad: 
     def encode(row: Any) -> tuple[dict, list[int]]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
             raise BadRow("row has no non-empty string 'prompt'")
-        text = template.render(chat_turns(row)) if template is not None else row["prompt"]
+        if template is not None:
+            text = template.render(chat_turns(row))
+        else:  # a code stub without its trailing whitespace, as `ds eval` encodes it (see completion_prompt)
+            text = completion_prompt(row["prompt"]) if is_code_prompt(row) else row["prompt"]
         ids = tokenizer.encode(text).ids
         if len(ids) > max_prompt_len:
             raise BadRow(f"prompt of {len(ids)} tokens leaves no room for grpo.max_new_tokens (at most "
@@ -210,7 +213,8 @@ class GRPOLoss:
                 samples: Sequence[tuple[list[int], str]]) -> dict[str, torch.Tensor]:
         """Each weighted reward of the B samples, name -> [B] fp32 (unweighted); a chat reply is scored by its code
         (:func:`answer_text`)."""
-        texts = [answer_text(row, text) if self.chat else text for row, (_, text) in zip(rows, samples)]
+        texts = [answer_text(row, text) if self.chat else as_completion(row["prompt"], text) if is_code_prompt(row)
+                 else text for row, (_, text) in zip(rows, samples)]
         samples = [(ids, text) for (ids, _), text in zip(samples, texts)]
         out: dict[str, list[float]] = {}
         if "parses" in self.weights:

@@ -73,7 +73,8 @@ class SortedDispatch:
     def __call__(self, x_ND, weights_NK, experts_NK, compute):
         order, counts_E, offsets_E = sort_by_expert(experts_NK, compute.n_experts)
         token_of_pair = order // experts_NK.shape[1]
-        y_sorted = compute.grouped(x_ND[token_of_pair].to(compute.rows_dtype(x_ND)), counts_E, offsets_E)
+        # index_select, not x[idx]: its backward is index_add, ~2x faster on CPU than indexing's accumulating index_put.
+        y_sorted = compute.grouped(x_ND.index_select(0, token_of_pair).to(compute.rows_dtype(x_ND)), counts_E, offsets_E)
         return combine(y_sorted, weights_NK.flatten()[order], token_of_pair, x_ND.shape[0])
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from deepseek.nn.dispatch import LOOP, Dispatcher, LocalDispatch
 from deepseek.nn.few_rows import few_row_linear
 from deepseek.nn.grouped_mm import bucketed_layout, grouped_matmul
+from deepseek.nn.mlp import swiglu_of_fused
 
 Span = tuple[int, int, int]  # (expert, first row, end row)
 
@@ -86,8 +87,7 @@ class GroupedProduct:
             x_MD = x_MD.new_zeros(total, x_MD.shape[1]).index_copy(0, rows_of_pair, x_MD)
         if self.rows_fn is not None:
             x_MD = self.rows_fn(x_MD)
-        gate, up = grouped_matmul(x_MD, gate_up_w.to(dtype).transpose(1, 2), offsets_E).split(self.ffn_dim, dim=-1)
-        hidden = F.silu(gate) * up
+        hidden = swiglu_of_fused(grouped_matmul(x_MD, gate_up_w.to(dtype).transpose(1, 2), offsets_E), self.ffn_dim)
         if self.rows_fn is not None:
             hidden = self.rows_fn(hidden)
         y_MD = grouped_matmul(hidden, down_w.to(dtype).transpose(1, 2), offsets_E)

@@ -81,18 +81,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None
 
 
+# Below this share of counted targets the head runs on the counted rows only (SFT counts assistant tokens alone,
+# ~35 % of a packed batch of chat examples): the row gather costs far less than the head products it skips.
+_COMPACT_BELOW = 0.9
+
+
+def _counted_rows(x_ND: torch.Tensor, targets_N: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows whose target is counted, when ignored ones are many enough to be worth skipping (one host read of
+    the count); the ignored rows then get a zero gradient through index_select's backward."""
+    valid_N = targets_N != ignore_index
+    n_valid = int(valid_N.sum())
+    if n_valid == 0 or n_valid >= _COMPACT_BELOW * targets_N.shape[0]:
+        return x_ND, targets_N
+    rows = valid_N.nonzero().squeeze(1)
+    return x_ND.index_select(0, rows), targets_N.index_select(0, rows)
+
+
 def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
                          ignore_index: int = -100, chunk_size: Optional[int] = None) -> torch.Tensor:
     """``F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index)`` (mean), computed in chunks.
 
     x: [N, D], weight: [V, D], targets: [N] (``ignore_index`` entries excluded). Under autocast the matmuls
     run in the autocast dtype and the softmax in fp32, like the plain path. When a gradient is needed it is
-    computed during the forward (one pass over the chunks), so calling ``backward`` is cheap.
+    computed during the forward (one pass over the chunks), so calling ``backward`` is cheap. Only rows with a
+    counted target go through the head when many are ignored (an ignored row's loss and gradient are zero anyway).
     """
     dtype = _autocast_dtype(x_ND) or x_ND.dtype
     V = weight_VD.shape[0]
     chunk = chunk_size or max(16, _CHUNK_BYTES // (4 * V))
     grad_on = torch.is_grad_enabled()
     need_x, need_w = grad_on and x_ND.requires_grad, grad_on and weight_VD.requires_grad
+    x_ND, targets_N = _counted_rows(x_ND, targets_N, ignore_index)
     with torch.autocast(x_ND.device.type, enabled=False):  # dtypes are handled explicitly above
         return _LinearCrossEntropy.apply(x_ND, weight_VD, targets_N, ignore_index, chunk, dtype, need_x, need_w)

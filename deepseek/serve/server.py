@@ -106,12 +106,16 @@ class Server:
         if model_or_repo is None and not embeddings:
             raise ServeError("nothing to serve: give a model repository, a model directory or embedding models")
         self._tmp = tempfile.mkdtemp(prefix="ds-serve-")
-        self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name, adapters)
-        if embeddings:
-            if self.repository_root.resolve() != (Path(self._tmp) / "repo").resolve():
-                raise ServeError("embedding models given with a model repository: add a model folder whose "
-                                 "config.yaml says backend: embedding instead")
-            add_embedding_models(self.repository_root, embeddings)
+        try:
+            self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name, adapters)
+            if embeddings:
+                if self.repository_root.resolve() != (Path(self._tmp) / "repo").resolve():
+                    raise ServeError("embedding models given with a model repository: add a model folder whose "
+                                     "config.yaml says backend: embedding instead")
+                add_embedding_models(self.repository_root, embeddings)
+        except BaseException:
+            self._cleanup()  # a refused configuration leaves no temporary repository behind
+            raise
         self._uvicorn = None
         self._thread: Optional[threading.Thread] = None
         self.manager = None

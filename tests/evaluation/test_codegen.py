@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import deepseek as ds
-from deepseek.evaluation.codegen import (STOP, doctest_problem, evaluate_model, sample_completions, score,
-                                         truncate)
+from deepseek.evaluation.codegen import (STOP, as_completion, completion_prompt, doctest_problem, evaluate_model,
+                                         sample_completions, score, truncate)
 from deepseek.evaluation.passk import pass_at_k
 from deepseek.generate.params import SamplingParams
 
@@ -184,3 +184,22 @@ def test_stdlib_problems_carry_the_sft_instruction_and_follow_the_heldout_fracti
     for problem in wider.values():
         assert problem["instruction"].startswith("Write a Python function `")
         assert problem["entry_point"] in problem["instruction"]
+
+
+def test_completion_prompts_drop_trailing_whitespace_and_completions_restore_it():
+    prompt = 'def f(x):\n    """Double."""\n'
+    assert completion_prompt(prompt) == 'def f(x):\n    """Double."""'
+    # the model's first token is a newline with the indentation (as its BPE saw it in training)
+    assert as_completion(prompt, "\n    return 2 * x\n") == "    return 2 * x\n"
+    assert prompt + as_completion(prompt, "\n    return 2 * x\n") == completion_prompt(prompt) + "\n    return 2 * x\n"
+    assert as_completion(prompt, " oops") == " oops"  # does not restore the newline: kept as written
+
+
+def test_completion_style_sampling_encodes_the_stripped_prompt(model_and_tokenizer, problems):
+    model, tokenizer = model_and_tokenizer
+    task = "HumanEval/2"
+    assert problems[task]["prompt"].endswith("\n")
+    got = sample_completions(model, tokenizer, {task: problems[task]}, 1, SamplingParams(max_new_tokens=12))[task][0]
+    out = ds.generate(model, tokenizer, completion_prompt(problems[task]["prompt"]), max_new_tokens=12,
+                      temperature=0.0, stop=list(STOP))
+    assert got == as_completion(problems[task]["prompt"], truncate(out.text))

@@ -140,6 +140,15 @@ def test_prompt_rows_without_a_prompt_or_too_long_are_reported_by_line(setup, tm
         read_prompts(path, tokenizer, 16, on_bad="error")
 
 
+def test_code_stubs_are_encoded_without_trailing_whitespace_other_prompts_as_written(setup, tmp_path):
+    _, tokenizer, _ = setup
+    stub = 'def f(x):\n    """Double."""\n'
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": stub, "entry_point": "f"}, {"prompt": "say hi\n"}])
+    code, plain = read_prompts(path, tokenizer, 64)
+    assert code.ids == tokenizer.encode(stub.rstrip()).ids  # as `ds eval` encodes it (completion_prompt)
+    assert plain.ids == tokenizer.encode("say hi\n").ids
+
+
 @pytest.mark.parametrize("override, message", [
     ("grpo.group_size=1", "grpo.group_size must be an integer >= 2"),
     ("grpo.temperature=0", "grpo.temperature must be > 0"),

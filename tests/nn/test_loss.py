@@ -14,13 +14,18 @@ def reference(x, w, t):
     return F.cross_entropy(F.linear(x, w).float(), t)
 
 
+@pytest.mark.parametrize("ignored", ["none", "every 5th", "all but 3"])  # full rows, then the counted rows only
 @pytest.mark.parametrize("chunk", [None, 7, 64])
-def test_matches_cross_entropy_fp32(chunk):
+def test_matches_cross_entropy_fp32(chunk, ignored):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 16, generator=g, requires_grad=True)
     w = torch.randn(40, 16, generator=g).requires_grad_()
     t = torch.randint(0, 40, (50,), generator=g)
-    t[::5] = -100  # ignored positions count neither in the loss nor in the mean
+    # Ignored positions count neither in the loss nor in the mean, and get a zero gradient.
+    if ignored == "every 5th":
+        t[::5] = -100
+    elif ignored == "all but 3":
+        t[torch.ones(50, dtype=torch.bool).index_fill_(0, torch.tensor([4, 17, 40]), False)] = -100
     ref = reference(x, w, t)
     gx_ref, gw_ref = torch.autograd.grad(ref, (x, w))
     out = linear_cross_entropy(x, w, t, chunk_size=chunk)

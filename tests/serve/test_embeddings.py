@@ -2,6 +2,7 @@
 Embedder's, concurrent requests share batches (seen in the batch-size metric), and bad requests are 4xx."""
 
 import base64
+import json
 import threading
 
 import httpx
@@ -183,3 +184,89 @@ def test_ds_serve_embedding_option():
         assert config == {"backend": "embedding", "parameters": {"model": "minilm"}}
     finally:
         server.stop()
+
+
+def test_ds_serve_model_dir_with_an_embedding_model(tmp_path):
+    import deepseek as ds
+    from deepseek.serve.repository import ModelRepository
+    from deepseek.serve.server import Server, ServeError
+
+    model_dir = ds.save(ds.MoETransformer(ds.preset("tiny", vocab_size=259)), ds.byte_tokenizer(), tmp_path / "lm")
+    server = Server(model_dir, port=0, embeddings={"docs": str(tmp_path / "st-model")})
+    try:
+        entries = ModelRepository(server.repository_root).scan()
+        assert sorted(entries) == ["docs", "lm"] and entries["docs"].config.backend == "embedding"
+        assert entries["docs"].config.max_batch_size == 64 and entries["docs"].config.dynamic_batching is not None
+        assert entries["docs"].config.parameters == {"model": str(tmp_path / "st-model")}
+    finally:
+        server.stop()
+    with pytest.raises(ServeError, match="taken"):
+        Server(model_dir, port=0, embeddings={"lm": "minilm"})
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with pytest.raises(ServeError, match="model repository"):
+        Server(repo, port=0, embeddings={"docs": "minilm"})
+
+
+def test_mutated_bodies_are_answered_below_500(server):
+    # the seeded mutator of test_fuzz_routes over this route's valid body: every field swapped or dropped
+    import random
+
+    from tests.serve.test_fuzz_routes import DROP, HOSTILE, _paths, replaced
+
+    valid = {"model": "minilm", "input": ["a", "b"], "encoding_format": "base64", "dimensions": 384, "user": "u"}
+    rng = random.Random(19)
+    with httpx.Client(base_url=server[0], timeout=60) as http:
+        for field in [p for p in _paths(valid) if p]:
+            for value in [*rng.sample(HOSTILE, 6), DROP]:
+                body = replaced(valid, field, value)
+                answer = http.post("/v1/embeddings", content=json.dumps(body, allow_nan=True),
+                                   headers={"Content-Type": "application/json"})
+                assert answer.status_code < 500, (body, answer.text)
+                if answer.status_code >= 400:
+                    assert answer.json()["error"]["message"], (body, answer.text)
+
+
+def test_protect_inference_needs_the_key(tmp_path):
+    (tmp_path / "minilm" / "1").mkdir(parents=True)
+    (tmp_path / "minilm" / "config.yaml").write_text(yaml.safe_dump({"backend": "embedding", "precision": "fp32",
+                                                                     "parameters": {"model": "minilm"}}))
+    with running_server(ModelManager(ModelRepository(tmp_path)), api_key="k", protect_inference=True) as base:
+        body = {"model": "minilm", "input": "a"}
+        assert httpx.post(base + "/v1/embeddings", json=body).status_code == 401
+        assert httpx.post(base + "/v1/embeddings", json=body, headers={"Authorization": "Bearer k"}).status_code \
+            == 200
+
+
+def test_a_client_that_goes_away_is_dropped_before_compute(server, embedder):
+    base, manager = server
+    mv = manager.get("minilm")
+    release, held, batches = threading.Event(), threading.Event(), []
+
+    def hold_first_batch(module, args):
+        batches.append(args[0]["input_ids"].shape[0])
+        if not release.is_set():
+            held.set()
+            release.wait(30)
+
+    hook = mv.backend.embedder.model.register_forward_pre_hook(hold_first_batch)
+    cancelled = metric(base, "ds_inference_requests", "ds_inference_requests_total", outcome="cancelled")
+    dropped = mv.batcher.stats.dropped
+    first = threading.Thread(target=httpx.post, args=(base + "/v1/embeddings",),
+                             kwargs={"json": {"model": "minilm", "input": "held in compute"}, "timeout": 60})
+    try:
+        first.start()
+        wait_for(held.is_set, "the first request to reach the model")
+        with pytest.raises(httpx.TimeoutException):  # waits behind the held batch until the client gives up
+            httpx.post(base + "/v1/embeddings", json={"model": "minilm", "input": ["never computed"] * 3},
+                       timeout=httpx.Timeout(60, read=0.5))
+        wait_for(lambda: metric(base, "ds_inference_requests", "ds_inference_requests_total",
+                                outcome="cancelled") == cancelled + 1, "the server to see the client go")
+    finally:
+        release.set()
+        first.join(60)
+        hook.remove()
+    wait_for(lambda: mv.batcher.stats.dropped == dropped + 1, "the abandoned request to leave the queue")
+    assert batches == [1]  # only the held request reached the model
+    answer = httpx.post(base + "/v1/embeddings", json={"model": "minilm", "input": "after"}).json()
+    np.testing.assert_allclose(answer["data"][0]["embedding"], embedder.encode(["after"])[0], atol=1e-5)

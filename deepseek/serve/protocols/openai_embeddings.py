@@ -12,7 +12,8 @@ tiktoken ids, which are not this model's word-piece ids. ``encoding_format`` ``b
 float32 bytes the openai SDK decodes (its default); ``dimensions`` must equal the model's (no truncation).
 
 The texts are tokenized here and their ids queued on the model's dynamic batcher, so concurrent requests share
-one encode call; a request of more texts than the model's ``max_batch_size`` is queued in pieces of that size.
+one encode call; a request of more texts than the model's ``max_batch_size`` is queued in pieces of that size. A
+client that disconnects while its texts wait has them dropped from the queue before they cost compute.
 Errors use OpenAI's shape with the status of :mod:`deepseek.serve.errors`.
 """
 
@@ -30,7 +31,7 @@ from fastapi.responses import Response
 
 from deepseek.serve.errors import INTERNAL, RequestError, error_kind
 from deepseek.serve.manager import ModelVersion
-from deepseek.serve.protocols.http_context import is_decimal, read_json_object, serving
+from deepseek.serve.protocols.http_context import ClientGone, is_decimal, read_json_object, serving
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
@@ -97,15 +98,35 @@ async def embed(request: Request, mv: ModelVersion, texts: list[str]) -> tuple[n
         rows = await asyncio.to_thread(embedder.token_ids, texts)
     piece = mv.batcher.max_batch_size if mv.batcher is not None and mv.batcher.combine else len(rows)
     manager = serving(request).manager
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(manager.run(mv, _padded(rows[i:i + piece], embedder.pad_token_id)))
+             for i in range(0, len(rows), piece)]
+    gone: list[bool] = []
+    watcher = loop.create_task(_cancel_on_disconnect(request, tasks, gone))
     try:
-        parts = await asyncio.gather(*(manager.run(mv, _padded(rows[i:i + piece], embedder.pad_token_id))
-                                       for i in range(0, len(rows), piece)))
+        parts = await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        if gone:  # the client went away: its pieces still queued are dropped before they cost compute
+            raise ClientGone() from None
+        raise
     except Exception as exc:
         if error_kind(exc) is INTERNAL:  # the model itself failed: this request gets a 500, the server goes on
             raise RequestError(f"model {mv.name!r} failed: {exc}", INTERNAL) from exc
         raise
+    finally:
+        watcher.cancel()
+        for task in tasks:  # one piece refused (a full queue): the others are not worth computing
+            task.cancel()
     vectors = torch.cat([part["embedding"] for part in parts]).numpy()
     return vectors, sum(len(row) for row in rows)
+
+
+async def _cancel_on_disconnect(request: Request, tasks: list[asyncio.Task], gone: list[bool]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.append(True)
+    for task in tasks:
+        task.cancel()
 
 
 @router.post("/v1/embeddings")
