@@ -118,9 +118,9 @@ def main() -> None:
         "target": {"value": ratio, "pass": ratio >= TARGET}})
 
 
-def batch_metrics(url: str) -> dict:
-    """Executed encode calls and their rows so far, from the server's ``ds_inference_batch_size`` histogram
-    (warm-up included: the texts per call of a load are a mean over its whole run)."""
+def batch_metrics(url: str, model: str = MODEL) -> dict:
+    """Executed encode calls of ``model`` and their rows so far, from the server's ``ds_inference_batch_size``
+    histogram (warm-up included: the texts per call of a load are a mean over its whole run)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -131,9 +131,9 @@ def batch_metrics(url: str) -> dict:
     for family in text_string_to_metric_families(text):
         if family.name == "ds_inference_batch_size":
             for sample in family.samples:
-                if sample.labels.get("model") == MODEL and sample.name.endswith("_count"):
+                if sample.labels.get("model") == model and sample.name.endswith("_count"):
                     found["batches"] += sample.value
-                elif sample.labels.get("model") == MODEL and sample.name.endswith("_sum"):
+                elif sample.labels.get("model") == model and sample.name.endswith("_sum"):
                     found["rows"] += sample.value
     return found
 

@@ -44,6 +44,10 @@ def serve_command(
                                                              "sentence-transformers model (DIR) or the packaged "
                                                              "all-MiniLM-L6-v2 as embedding model NAME for "
                                                              "POST /v1/embeddings (repeatable)."),
+    rag_index: Optional[List[str]] = typer.Option(None, "--rag-index", help="NAME=INDEX: serve the knowledge index "
+                                                                            "INDEX (ds rag index) as retrieval model "
+                                                                            "NAME for POST /v1/retrieve "
+                                                                            "(repeatable)."),
 ) -> None:
     """Serve models over KServe v2 HTTP and gRPC (tritonclient, KServe clients) until Ctrl-C; drains on exit."""
     from deepseek.config import ConfigError
@@ -51,13 +55,17 @@ def serve_command(
     from deepseek.serve.server import Server
 
     embeddings = parse_embeddings(embedding or [])
+    rag_indexes = parse_rag_indexes(rag_index or [])
     if model_dir is not None and model_repository is not None:
         raise typer.BadParameter("give either MODEL_DIR or --model-repository")
-    if model_dir is None and model_repository is None and not embeddings:
-        raise typer.BadParameter("give MODEL_DIR, --model-repository or --embedding")
+    if model_dir is None and model_repository is None and not embeddings and not rag_indexes:
+        raise typer.BadParameter("give MODEL_DIR, --model-repository, --embedding or --rag-index")
     if embeddings and model_repository is not None:
         raise ConfigError("--embedding works with MODEL_DIR or alone; in a model repository add a model folder "
                           "whose config.yaml says backend: embedding")
+    if rag_indexes and model_repository is not None:
+        raise ConfigError("--rag-index works with MODEL_DIR or alone; in a model repository add a model folder "
+                          "whose config.yaml says backend: retrieval")
     if model_control not in CONTROL_MODES:
         raise ConfigError(f"--model-control {model_control!r} is not one of {', '.join(CONTROL_MODES)}")
     root = model_repository if model_repository is not None else model_dir
@@ -71,10 +79,11 @@ def serve_command(
                     protect_inference=protect_inference, model_control=model_control, load_models=load_model,
                     poll_interval_s=repository_poll_secs, max_request_mb=max_request_mb, access_log=access_log,
                     routing_header=routing_header, torch_threads=torch_threads, adapters=adapters,
-                    embeddings=embeddings)
+                    embeddings=embeddings, rag_indexes=rag_indexes)
     server.check_ports()
     grpc = "" if no_grpc else f", gRPC on {host}:{grpc_port}"
-    what = ", ".join([str(root)] * (root is not None) + [f"embedding model {n}" for n in embeddings])
+    what = ", ".join([str(root)] * (root is not None) + [f"embedding model {n}" for n in embeddings]
+                     + [f"retrieval model {n}" for n in rag_indexes])
     typer.echo(f"serving {what} on http://{host}:{http_port}/v2{grpc}; metrics at /metrics "
                f"(Ctrl-C drains and stops)")
     if not server.api_key:
@@ -131,3 +140,24 @@ def parse_embeddings(options: List[str]) -> dict[str, str]:
                               f"packaged all-MiniLM-L6-v2)")
         embeddings[name] = source
     return embeddings
+
+
+def parse_rag_indexes(options: List[str]) -> dict[str, str]:
+    """``--rag-index NAME=INDEX`` options -> {NAME: INDEX}; a ConfigError (one line) when malformed, repeated, or
+    when INDEX is not a knowledge index directory."""
+    from deepseek.config import ConfigError
+    from deepseek.serve.repository import valid_model_name
+
+    indexes: dict[str, str] = {}
+    for option in options:
+        name, equals, index = option.partition("=")
+        if not equals or not valid_model_name(name) or not index:
+            raise ConfigError(f"--rag-index {option!r}: expected NAME=INDEX, NAME of letters, digits, '.', '_' or "
+                              f"'-'")
+        if name in indexes:
+            raise ConfigError(f"--rag-index {name!r} is given twice")
+        if not (Path(index) / "manifest.json").is_file():
+            raise ConfigError(f"--rag-index {name}={index}: {index} is not a knowledge index (no manifest.json; "
+                              f"build one with ds rag index)")
+        indexes[name] = index
+    return indexes

@@ -247,10 +247,17 @@ class KnowledgeIndex:
         """For each query, up to ``k`` (chunk id, cosine) pairs, best first."""
         if not queries:
             return []
+        if min(k, self.vectors.ntotal) <= 0:
+            return [[] for _ in queries]
+        return self.dense_by_vectors(self.embedder.encode(list(queries)), k)
+
+    def dense_by_vectors(self, vectors: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """:meth:`dense` for queries already embedded by this index's model (float32 ``[n, dimension]``, unit
+        rows): ``ds serve`` embeds the queries of concurrent requests in one batch, then searches per request."""
         k = min(k, self.vectors.ntotal)
         if k <= 0:
-            return [[] for _ in queries]
-        scores, ids = self.vectors.search(self.embedder.encode(list(queries)), k)
+            return [[] for _ in range(len(vectors))]
+        scores, ids = self.vectors.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         return [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
                 for row_ids, row_scores in zip(ids, scores)]
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+import numpy as np
+
 from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 
@@ -148,20 +150,29 @@ class Retriever:
         """The ``k`` best chunks for ``query``, best first."""
         return self.search_many([query], k)[0]
 
-    def search_many(self, queries: Sequence[str], k: int = 5) -> list[list[Hit]]:
-        """:meth:`search` for several queries at once (one embedding batch, one FAISS and one BM25 call)."""
+    def search_many(self, queries: Sequence[str], k: int = 5, *,
+                    query_vectors: Optional[np.ndarray] = None) -> list[list[Hit]]:
+        """:meth:`search` for several queries at once (one embedding batch, one FAISS and one BM25 call).
+
+        ``query_vectors``: the queries already embedded by the index's model (row i for ``queries[i]``), as the
+        server does for many requests at once; dense search then uses them instead of embedding again."""
         if k < 1:
             raise RetrievalError(f"k must be >= 1, got {k}")
         queries = list(queries)
         if not queries:
             return []
+        dense_search = self.index.dense
+        if query_vectors is not None:
+            if len(query_vectors) != len(queries):
+                raise ValueError(f"{len(query_vectors)} query vectors for {len(queries)} queries")
+            dense_search = lambda _queries, depth: self.index.dense_by_vectors(query_vectors, depth)  # noqa: E731
         if self.mode == "dense":
-            ranked = self._candidates(self.index.dense, queries, k)
+            ranked = self._candidates(dense_search, queries, k)
         elif self.mode == "bm25":
             ranked = self._candidates(self.index.lexical, queries, k)
         else:
             depth = k * CANDIDATES_PER_HIT
-            dense = self._candidates(self.index.dense, queries, depth)
+            dense = self._candidates(dense_search, queries, depth)
             lexical = self._candidates(self.index.lexical, queries, depth)
             ranked = [reciprocal_rank_fusion([[i for i, _ in d], [i for i, _ in b]], self.rrf_k)
                       for d, b in zip(dense, lexical)]

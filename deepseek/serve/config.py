@@ -1,6 +1,7 @@
 """A served model's ``config.yaml``: backend, tensor signature, batching, instances, version policy.
 
     backend: onnx            # deepseek (a model directory) | torch | onnx | embedding (sentence-transformers)
+                             # | retrieval (a knowledge index)
     max_batch_size: 64       # 0: the model takes no batch dimension; > 0: dim 0 is the batch, implicit in shapes
     inputs:  [{name: x, datatype: FP32, shape: [32]}]          # -1 marks a dynamic dimension
     outputs: [{name: y, datatype: FP32, shape: [10]}]
@@ -12,7 +13,9 @@
 An ``embedding`` model (``POST /v1/embeddings``) is a sentence-transformers directory as its version folder, or
 ``parameters: {model: all-MiniLM-L6-v2}`` (the packaged model; or a directory, relative to this file's folder);
 its tensors are derived, and it batches dynamically unless told otherwise (``max_batch_size`` 64,
-``dynamic_batching`` defaults).
+``dynamic_batching`` defaults). A ``retrieval`` model (``POST /v1/retrieve``) is a knowledge index
+(``parameters: {index: PATH, mode: hybrid, k: 5}``, or the version folder itself), served like an embedding model
+of the index's own embedding model (:mod:`deepseek.serve.backends.retrieval_backend`).
 
 Datatypes are the KServe v2 names. Parsing goes through :func:`deepseek.config.from_dict`, so an unknown
 key is an error listing the valid ones; :func:`load_serving_config` names the file in every error.
@@ -50,8 +53,9 @@ DATATYPE_TO_TORCH: dict[str, Optional[torch.dtype]] = {
     "BYTES": None,  # strings / raw bytes: no tensor dtype
 }
 DATATYPES = tuple(DATATYPE_TO_TORCH)
-BACKENDS = ("deepseek", "torch", "onnx", "embedding")
+BACKENDS = ("deepseek", "torch", "onnx", "embedding", "retrieval")
 EMBEDDING_MAX_BATCH_SIZE = 64  # an embedding model's default: concurrent requests share one encode call
+BATCHED_BY_DEFAULT = ("embedding", "retrieval")  # both embed texts behind the dynamic batcher
 
 
 def torch_dtype(datatype: str) -> Optional[torch.dtype]:
@@ -181,7 +185,7 @@ class VersionPolicy:
 
 @dataclass
 class ServingConfig:
-    backend: Literal["deepseek", "torch", "onnx", "embedding"]
+    backend: Literal["deepseek", "torch", "onnx", "embedding", "retrieval"]
     max_batch_size: int = 0
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
@@ -192,7 +196,7 @@ class ServingConfig:
     routing: dict[str, Any] = field(default_factory=dict)  # a routing policy (deepseek.serve.routing.parse_policy)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # language models only
     # deepseek models: auto = the dtype that decodes fastest on this device (deepseek.hardware), fp32 or bf16;
-    # embedding models: the dtype whose token-block products are fastest here
+    # embedding and retrieval models: the dtype whose token-block products are fastest here
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # deepseek models: LoRA adapters served per row of one batch, {name: adapter directory (PEFT's format or
     # ours)}; a relative path is read from this file's folder. Requests pick one with the OpenAI model
@@ -202,7 +206,7 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_batch_size < 0:
             raise ConfigError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
-        if self.backend == "embedding":  # embeddings are served batched unless the config says how
+        if self.backend in BATCHED_BY_DEFAULT:  # texts are embedded batched unless the config says how
             self.max_batch_size = self.max_batch_size or EMBEDDING_MAX_BATCH_SIZE
             if self.dynamic_batching is None:
                 self.dynamic_batching = DynamicBatchingConfig()

@@ -168,6 +168,19 @@ class ServingMetrics:
         self.embedding_inputs = Counter("ds_embedding_inputs", "Texts embedded.", labels, registry=self.registry)
         self.embedding_tokens = Counter("ds_embedding_tokens", "Word pieces embedded (after truncation at the "
                                         "model's max_tokens).", labels, registry=self.registry)
+        # POST /v1/retrieve: answered requests (by mode), their queries, the whole request's latency and the search
+        # part of it (FAISS + BM25, after the queries were embedded); the queries per encode call are
+        # ds_inference_batch_size, as for embedding models.
+        self.retrieval_requests = Counter("ds_retrieval_requests", "Answered retrieval requests by mode.",
+                                          labels + ["mode"], registry=self.registry)
+        self.retrieval_queries = Counter("ds_retrieval_queries", "Queries answered by retrieval.", labels,
+                                         registry=self.registry)
+        self.retrieval_seconds = Histogram("ds_retrieval_request_duration_seconds", "Retrieval request latency: "
+                                           "received to answered (embedding and search).", labels,
+                                           buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.retrieval_search_seconds = Histogram("ds_retrieval_search_duration_seconds", "Time a retrieval request "
+                                                  "spent searching FAISS and BM25 after its queries were embedded.",
+                                                  labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         ProcessCollector(registry=self.registry)
         self._failures: dict[tuple[str, str, str], int] = {}
         self._children: dict[tuple, tuple] = {}  # (model, version) -> that version's histogram children
@@ -243,6 +256,15 @@ class ServingMetrics:
         self._count(self.embedding_requests, *lv)
         self.embedding_inputs.labels(*lv).inc(inputs)
         self.embedding_tokens.labels(*lv).inc(tokens)
+
+    def observe_retrieval(self, model: str, version: Optional[int], mode: str, queries: int, total_s: float,
+                          search_s: float) -> None:
+        """One answered ``/v1/retrieve`` request of ``queries`` queries."""
+        lv = (model, "" if version is None else str(version))
+        self._count(self.retrieval_requests, *lv, mode)
+        self.retrieval_queries.labels(*lv).inc(queries)
+        self.retrieval_seconds.labels(*lv).observe(total_s)
+        self.retrieval_search_seconds.labels(*lv).observe(search_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,8 +7,9 @@
 ``model_or_repo`` is a model repository (``<repo>/<model>/<version>/``), one model directory (served as
 model ``<dir name>`` version 1), or a deepseek ``MoETransformer`` in memory (saved to a temporary model
 directory with its tokenizer, or the byte tokenizer); ``embeddings`` ({name: all-MiniLM-L6-v2 or a
-sentence-transformers directory}) adds embedding models (``POST /v1/embeddings``) to the last two, or is served
-alone with ``model_or_repo`` None. :class:`Server` is what ``ds serve`` runs (the seeds'
+sentence-transformers directory}) adds embedding models (``POST /v1/embeddings``) and ``rag_indexes`` ({name:
+knowledge index directory}) retrieval models (``POST /v1/retrieve``) to the last two, or they are served alone
+with ``model_or_repo`` None. :class:`Server` is what ``ds serve`` runs (the seeds'
 ``DeepseekServing`` is this class, under its old name in :mod:`deepseek.compat`).
 
 Both front ends share one asyncio loop and one manager. On shutdown the gRPC server stops taking RPCs and
@@ -71,6 +72,26 @@ def add_embedding_models(repo: Path, embeddings: Mapping[str, str]) -> None:
                                                                  "parameters": {"model": model}}))
 
 
+def add_retrieval_models(repo: Path, indexes: Mapping[str, str]) -> None:
+    """Folders ``repo/<name>/`` serving the knowledge index ``{name: index directory}`` with the retrieval backend
+    (``ds serve --rag-index``; ``POST /v1/retrieve``), in hybrid mode with k = 5 by default."""
+    import yaml
+
+    from deepseek.serve.repository import valid_model_name
+
+    for name, index in indexes.items():
+        if not valid_model_name(name):
+            raise ServeError(f"retrieval model name {name!r} must match [A-Za-z0-9_.-]+")
+        if (repo / name).exists():
+            raise ServeError(f"retrieval model name {name!r} is taken by another model")
+        if not (Path(index) / "manifest.json").is_file():
+            raise ServeError(f"--rag-index {name}={index}: {index} is not a knowledge index (no manifest.json; "
+                             f"build one with ds rag index)")
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.yaml").write_text(yaml.safe_dump({"backend": "retrieval",
+                                                                 "parameters": {"index": str(Path(index).resolve())}}))
+
+
 def configure_threads(torch_threads: Optional[int] = None) -> int:
     """Give the models ``torch_threads`` intra-op threads (default: torch's own, one per core).
 
@@ -95,7 +116,7 @@ class Server:
                  poll_interval_s: float = 15.0, max_request_mb: float = 64.0, access_log: Optional[str] = None,
                  routing_header: str = "X-User-Id", model_name: Optional[str] = None, log_level: str = "warning",
                  torch_threads: Optional[int] = None, adapters: Optional[Mapping[str, str]] = None,
-                 embeddings: Optional[Mapping[str, str]] = None):
+                 embeddings: Optional[Mapping[str, str]] = None, rag_indexes: Optional[Mapping[str, str]] = None):
         self.host, self.port, self.grpc_port = host, port, grpc_port
         self.api_key = api_key if api_key is not None else os.environ.get("DS_API_KEY") or None
         self.protect_inference = protect_inference
@@ -103,16 +124,23 @@ class Server:
         self.max_request_bytes = int(max_request_mb * (1 << 20))
         self.access_log_target, self.routing_header, self.log_level = access_log, routing_header, log_level
         self.torch_threads = torch_threads
-        if model_or_repo is None and not embeddings:
-            raise ServeError("nothing to serve: give a model repository, a model directory or embedding models")
+        if model_or_repo is None and not embeddings and not rag_indexes:
+            raise ServeError("nothing to serve: give a model repository, a model directory, embedding models or "
+                             "knowledge indexes")
         self._tmp = tempfile.mkdtemp(prefix="ds-serve-")
         try:
             self.repository_root = self._repository(model_or_repo, Path(self._tmp), model_name, adapters)
+            generated = self.repository_root.resolve() == (Path(self._tmp) / "repo").resolve()
             if embeddings:
-                if self.repository_root.resolve() != (Path(self._tmp) / "repo").resolve():
+                if not generated:
                     raise ServeError("embedding models given with a model repository: add a model folder whose "
                                      "config.yaml says backend: embedding instead")
                 add_embedding_models(self.repository_root, embeddings)
+            if rag_indexes:
+                if not generated:
+                    raise ServeError("knowledge indexes given with a model repository: add a model folder whose "
+                                     "config.yaml says backend: retrieval instead")
+                add_retrieval_models(self.repository_root, rag_indexes)
         except BaseException:
             self._cleanup()  # a refused configuration leaves no temporary repository behind
             raise
@@ -124,7 +152,7 @@ class Server:
     def _repository(model_or_repo: Any, tmp: Path, model_name: Optional[str],
                     adapters: Optional[Mapping[str, str]] = None) -> Path:
         from deepseek.models import MoETransformer
-        if model_or_repo is None:  # embedding models only (ds serve --embedding ...)
+        if model_or_repo is None:  # embedding and retrieval models only (ds serve --embedding / --rag-index)
             (tmp / "repo").mkdir()
             return tmp / "repo"
         if isinstance(model_or_repo, MoETransformer):

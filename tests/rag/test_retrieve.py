@@ -76,6 +76,19 @@ def test_search_many_equals_one_query_at_a_time(opened_index):
     assert [ids(hits) for hits in retriever.search_many(queries, 4)] == [ids(retriever.search(q, 4)) for q in queries]
 
 
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_queries_embedded_elsewhere_give_the_same_hits(opened_index, mode):
+    # ds serve embeds the queries of many requests in one batch, then searches each request with its vectors
+    retriever = Retriever(opened_index, mode, types=["py"])
+    queries = ["area of a circle", "palindrome check"]
+    vectors = opened_index.embedder.encode(queries)
+    by_vectors = retriever.search_many(queries, 3, query_vectors=vectors)
+    assert [[(h.chunk.id, h.rank) for h in hits] for hits in by_vectors] == \
+        [[(h.chunk.id, h.rank) for h in retriever.search(q, 3)] for q in queries]
+    with pytest.raises(ValueError, match="1 query vectors for 2 queries"):
+        retriever.search_many(queries, 3, query_vectors=vectors[:1])
+
+
 def test_filters_apply_before_the_cut_to_k(opened_index):
     # The one text chunk ranks far below the geometry code for this query: unfiltered it is not in the top 1, yet
     # with --type txt it is the one hit (the candidate lists are deepened until a chunk passes).

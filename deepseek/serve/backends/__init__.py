@@ -4,8 +4,9 @@
     outputs = backend.infer({"x": x})
 
 ``config.backend`` picks the class: ``deepseek`` (a model directory), ``torch`` (``model.pt2``,
-``model.pt`` TorchScript, or a Python entry point), ``onnx`` (``model.onnx`` via onnxruntime) or ``embedding``
-(a sentence-transformers model, :mod:`deepseek.serve.backends.embedding_backend`).
+``model.pt`` TorchScript, or a Python entry point), ``onnx`` (``model.onnx`` via onnxruntime), ``embedding``
+(a sentence-transformers model, :mod:`deepseek.serve.backends.embedding_backend`) or ``retrieval`` (a knowledge
+index, :mod:`deepseek.serve.backends.retrieval_backend`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def _construct(name: str, version: int, path: Path, config: ServingConfig) -> Ba
     if config.backend == "embedding":
         from deepseek.serve.backends.embedding_backend import EmbeddingBackend
         return EmbeddingBackend(name, version, path, config)
-    raise BackendError(f"model {name!r}: unknown backend {config.backend!r} (deepseek, torch, onnx or embedding)")
+    if config.backend == "retrieval":
+        from deepseek.serve.backends.retrieval_backend import RetrievalBackend
+        return RetrievalBackend(name, version, path, config)
+    raise BackendError(f"model {name!r}: unknown backend {config.backend!r} (deepseek, torch, onnx, embedding or "
+                       f"retrieval)")
 
 
 __all__ = ["Backend", "BackendError", "load_backend"]

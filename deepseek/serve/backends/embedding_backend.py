@@ -35,36 +35,24 @@ from deepseek.serve.config import ServingConfig, TensorSpec
 INPUT_IDS, ATTENTION_MASK, EMBEDDING = "input_ids", "attention_mask", "embedding"
 
 
-class EmbeddingBackend(Backend):
+class EmbedderBackend(Backend):
+    """A loaded :class:`Embedder` behind the batcher: the derived tensors, their checks and the batched forward.
+    :class:`EmbeddingBackend` loads the model its config names; the retrieval backend, its index's model."""
+
     platform = "sentence_transformers"
 
-    def __init__(self, name: str, version: int, path: Path, config: ServingConfig):
+    def __init__(self, name: str, version: int, path: Path, config: ServingConfig, embedder: Embedder,
+                 batch_tokens: int):
         super().__init__(name, version, path, config)
-        params = config.parameters or {}
-        unknown = sorted(set(params) - {"model", "batch_tokens"})
-        if unknown:
-            raise BackendError(f"model {name!r}: unknown parameters {', '.join(unknown)} of the embedding backend "
-                               f"(model, batch_tokens)")
-        model = params.get("model")
-        if model is None:
-            source = str(self.path)
-        elif str(model) in DEFAULT_MODEL_ALIASES:
-            source = str(model)
-        else:
-            source = str(self.path.parent / str(model))  # relative to config.yaml's folder; absolute stays absolute
-        self.batch_tokens = params.get("batch_tokens", BATCH_TOKENS)
-        if isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < 1:
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
             raise BackendError(f"model {name!r}: parameters.batch_tokens must be a positive integer, got "
-                               f"{self.batch_tokens!r}")
-        try:
-            self.embedder = Embedder.load(source, precision=config.precision)
-        except Exception as exc:  # EmbeddingModelError, or a model sentence-transformers cannot read
-            raise BackendError(f"model {name!r} version {version}: {exc}") from exc
-        embedder = self.embedder
+                               f"{batch_tokens!r}")
+        self.batch_tokens = batch_tokens
+        self.embedder = embedder
         self.precision = PrecisionChoice(config.precision, embedder.precision, embedder.precision_reason)
         if self.inputs or self.outputs:
-            raise BackendError(f"model {name!r}: an embedding model's tensors are derived; remove inputs/outputs "
-                               f"from its config.yaml")
+            raise BackendError(f"model {name!r}: the tensors of a {config.backend} model are derived; remove "
+                               f"inputs/outputs from its config.yaml")
         self.inputs = [TensorSpec(INPUT_IDS, "INT64", [-1], pad_value=embedder.pad_token_id),
                        TensorSpec(ATTENTION_MASK, "INT64", [-1], optional=True, pad_value=0)]
         self.outputs = [TensorSpec(EMBEDDING, "FP32", [embedder.dimension])]
@@ -100,3 +88,26 @@ class EmbeddingBackend(Backend):
 
     def close(self) -> None:
         self.embedder = None
+
+
+class EmbeddingBackend(EmbedderBackend):
+    """``backend: embedding``: the sentence-transformers model ``parameters.model`` names (or the version folder)."""
+
+    def __init__(self, name: str, version: int, path: Path, config: ServingConfig):
+        params = config.parameters or {}
+        unknown = sorted(set(params) - {"model", "batch_tokens"})
+        if unknown:
+            raise BackendError(f"model {name!r}: unknown parameters {', '.join(unknown)} of the embedding backend "
+                               f"(model, batch_tokens)")
+        model = params.get("model")
+        if model is None:
+            source = str(path)
+        elif str(model) in DEFAULT_MODEL_ALIASES:
+            source = str(model)
+        else:
+            source = str(Path(path).parent / str(model))  # relative to config.yaml's folder; absolute stays absolute
+        try:
+            embedder = Embedder.load(source, precision=config.precision)
+        except Exception as exc:  # EmbeddingModelError, or a model sentence-transformers cannot read
+            raise BackendError(f"model {name!r} version {version}: {exc}") from exc
+        super().__init__(name, version, path, config, embedder, params.get("batch_tokens", BATCH_TOKENS))

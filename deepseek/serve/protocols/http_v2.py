@@ -5,6 +5,7 @@ the playground, over a :class:`ModelManager`. This module assembles it; the rout
     protocols/v2_management.py   repository index, load/unload, routing policies, A/B experiments
     protocols/openai_api.py      /v1/models, /v1/completions, /v1/chat/completions, v2 generate[_stream]
     protocols/openai_embeddings.py  /v1/embeddings (embedding models, through the dynamic batcher)
+    protocols/retrieval.py       /v1/retrieve (knowledge indexes; queries embedded through the dynamic batcher)
     protocols/prometheus.py      /metrics
     playground/                  / and /playground/*
 
@@ -53,7 +54,8 @@ from deepseek.serve.errors import INVALID, NOT_FOUND, ErrorKind, RequestError
 from deepseek.serve.manager import ModelManager
 from deepseek.serve.metrics import ServingMetrics
 from deepseek.serve.playground import register_playground
-from deepseek.serve.protocols import openai_api, openai_embeddings, prometheus, v2_inference, v2_management
+from deepseek.serve.protocols import (openai_api, openai_embeddings, prometheus, retrieval, v2_inference,
+                                      v2_management)
 from deepseek.serve.protocols.common import AccessLog
 from deepseek.serve.protocols.http_context import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_ROUTING_HEADER,
                                                    ServingContext)
@@ -112,7 +114,7 @@ def create_app(manager: ModelManager, *, max_request_bytes: int = DEFAULT_MAX_RE
     app.add_exception_handler(StarletteHTTPException, answer_http_exception)
     app.add_exception_handler(RequestValidationError, answer_validation_error)
     for router in (v2_inference.router, v2_management.router, openai_api.router, openai_embeddings.router,
-                   prometheus.router):
+                   retrieval.router, prometheus.router):
         app.include_router(router)
     register_playground(app)
     return KServeApp(app, ctx)

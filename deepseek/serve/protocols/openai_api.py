@@ -1,6 +1,6 @@
 """OpenAI-compatible text generation, and KServe v2's generate extension, as a FastAPI router.
 
-    GET  /v1/models                      the language and embedding models with their versions
+    GET  /v1/models                      the language, embedding and retrieval models with their versions
     POST /v1/completions                 prompt(s) -> text; ``stream: true`` gives server-sent events
     POST /v1/chat/completions            messages -> assistant message (chat template from the tokenizer)
     POST /v2/models/{m}[/versions/{v}]/generate          {"text_input", "parameters"} -> {"text_output"}
@@ -559,7 +559,8 @@ async def list_models(request: Request):
     models: dict[str, list[str]] = {}
     adapters: dict[str, dict[str, list[str]]] = {}  # {model: {adapter: versions}}
     for name, version, mv in ctx.manager.snapshot():
-        # language models and embedding models (POST /v1/embeddings); tensor models have no OpenAI route
+        # language, embedding (POST /v1/embeddings) and retrieval (POST /v1/retrieve) models; tensor models have no
+        # OpenAI-shaped route
         if mv.ready and (hasattr(mv.backend, "engine") or hasattr(mv.backend, "embedder")):
             models.setdefault(name, []).append(str(version))
             for adapter in getattr(mv.backend, "adapters", ()):
@@ -577,15 +578,20 @@ async def list_models(request: Request):
 
 @router.get("/v1/models/{model:path}")
 async def get_model(request: Request, model: str):
-    from deepseek.serve.protocols.openai_embeddings import embedding_model
+    from deepseek.serve.protocols.openai_embeddings import embedding_model, model_of_backend
 
     try:
         mv = embedding_model(request, model)
-    except RequestError:  # not an embedding model: a language model, or the language model's error
-        mv, _, _ = language_model(request, model)
-    return Response(orjson.dumps({"id": model, "object": "model", "created": int(serving(request).started_at),
-                                  "owned_by": "deepseek", "version": str(mv.version)}),
-                    media_type="application/json")
+    except RequestError:  # not an embedding model: a retrieval model, a language model, or the latter's error
+        try:
+            mv = model_of_backend(request, model, "retrieval")
+        except RequestError:
+            mv, _, _ = language_model(request, model)
+    answer = {"id": model, "object": "model", "created": int(serving(request).started_at), "owned_by": "deepseek",
+              "version": str(mv.version)}
+    if mv.config.backend == "retrieval":  # what the index holds and the request defaults
+        answer["retrieval"] = mv.backend.describe()
+    return Response(orjson.dumps(answer), media_type="application/json")
 
 
 @router.post("/v1/completions")

@@ -61,8 +61,15 @@ def parse_input(value: Any) -> list[str]:
 
 def embedding_model(request: Request, model: Any) -> ModelVersion:
     """The READY version of the embedding model ``model`` (a name, or name/version) names."""
+    return model_of_backend(request, model, "embedding")
+
+
+def model_of_backend(request: Request, model: Any, backend: str) -> ModelVersion:
+    """The READY version ``model`` (a name, or name/version) names, which must be served by ``backend``: 400 for
+    a malformed name or another backend, 404 unknown, 503 not ready (each naming the field at fault)."""
+    article = "an" if backend[0] in "aeiou" else "a"
     if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: an embedding model's name, or name/version", param="model")
+        raise RequestError(f"'model' is required: {article} {backend} model's name, or name/version", param="model")
     name, _, version_text = model.partition("/")
     version = None
     if version_text:
@@ -74,8 +81,8 @@ def embedding_model(request: Request, model: Any) -> ModelVersion:
         mv, _ = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
     except Exception as exc:  # unknown (404) or not ready (503), naming the field at fault
         raise RequestError(str(exc), error_kind(exc), param="model") from None
-    if not hasattr(mv.backend, "embedder"):
-        raise RequestError(f"model {name!r} is not an embedding model (backend {mv.config.backend})", param="model")
+    if mv.config.backend != backend:  # e.g. a retrieval model embeds with its index's model, but answers /v1/retrieve
+        raise RequestError(f"model {name!r} is not {article} {backend} model (backend {mv.config.backend})", param="model")
     return mv
 
 
