@@ -42,6 +42,7 @@ from deepseek.atomic import write_atomically
 from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 from deepseek.rag.chunk import check_sizes, chunk_section
+from deepseek.rag.extra import require_rag_extra
 from deepseek.rag.ingest import Skipped, expand_sources, file_hash, read_sections
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ class KnowledgeIndex:
     def open(cls, path: str | Path, *, embedder: "Embedder | None" = None) -> "KnowledgeIndex":
         """Load an index; ``embedder`` defaults to the manifest's model. A different model -> IndexMismatchError;
         a damaged file -> CorruptIndexError naming it."""
+        require_rag_extra()
         import bm25s
 
         from deepseek.rag.embed import Embedder
@@ -326,6 +328,7 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     ``unchanged``, ``removed`` (paths), ``skipped`` ((path, reason) pairs), ``chunks`` (live), ``embedded`` and
     ``reused`` (vectors computed vs taken from the old index), ``faiss`` (the choice and why), ``seconds``.
     """
+    require_rag_extra()
     from deepseek.rag.embed import Embedder
 
     began = time.perf_counter()
