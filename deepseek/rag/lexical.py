@@ -4,8 +4,8 @@
     # [["call", "get_user_id", "get", "user", "id", "httpserver", "http", "server"]]
 
 Code is written in identifiers and questions in words, so an identifier gives itself and its parts: split on
-underscores, lower-to-upper case changes (``getUserId``), the end of an acronym (``HTTPServer`` -> http, server)
-and digits (``sha256`` -> sha, 256). Then everything is lower-cased, terms of one character and English stop words
+underscores (``b2a_base64`` -> b2a, base64), then on lower-to-upper case changes (``getUserId``), the end of an acronym
+(``HTTPServer`` -> http, server) and digits (``base64`` -> base, 64). Then everything is lower-cased, terms of one character and English stop words
 are dropped, and plurals are folded (``lines`` -> line, ``entries`` -> entry, ``classes`` -> class) so a question
 about "the lines" finds ``line``. Plural folding was chosen on one question set (email, json, csv) and measured on
 another (shutil, http, string): docs/rag.md, Evaluation.
@@ -51,14 +51,21 @@ def fold_plural(term: str) -> str:
 
 
 def word_terms(word: str) -> list[str]:
-    """The terms of one ``\\w+`` word: the whole identifier (lower-cased, outer underscores stripped), then its
-    parts when it has more than one."""
+    """The terms of one ``\\w+`` word: the whole identifier (lower-cased, outer underscores stripped), each of its
+    snake_case segments when there are several (``b2a_base64`` -> b2a, base64), then each segment's case and digit
+    parts when it has more than one (base64 -> base, 64)."""
     whole = word.lower().strip("_")
-    if not word.isascii():  # the part pattern knows ASCII case only: keep other scripts whole, split on _ only
-        parts = [p for p in whole.split("_") if p]
-    else:
-        parts = [p.lower() for p in _IDENTIFIER_PARTS.findall(word)]
-    return [whole] if parts == [whole] or not parts else [whole, *parts]
+    segments = [s for s in word.split("_") if s]
+    terms = [whole]
+    for segment in segments:
+        lowered = segment.lower()
+        # the part pattern knows ASCII case only: other scripts stay whole within a segment
+        parts = [p.lower() for p in _IDENTIFIER_PARTS.findall(segment)] if segment.isascii() else [lowered]
+        if len(segments) > 1:
+            terms.append(lowered)
+        if len(parts) > 1:
+            terms.extend(parts)
+    return terms
 
 
 def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:

@@ -15,6 +15,7 @@ from deepseek.rag.lexical import LEGACY_TOKENIZER, TOKENIZER, bm25_tokens, fold_
     ("getUserId", ["getuserid", "get", "user", "id"]),
     ("sha256", ["sha256", "sha", "256"]),
     ("UTF8Decoder", ["utf8decoder", "utf", "8", "decoder"]),
+    ("b2a_base64", ["b2a_base64", "b2a", "b", "2", "a", "base64", "base", "64"]),  # snake_case segments kept whole
     ("__init__", ["init"]),
     ("parse", ["parse"]),
     ("größe_maß", ["größe_maß", "größe", "maß"]),  # other scripts: split on underscores only
@@ -41,7 +42,8 @@ def write_code(folder):
     (folder / "tools.py").write_text(
         "def count_lines(path):\n    with open(path) as f:\n        return sum(1 for _ in f)\n\n\n"
         "def parseHTTPHeader(raw):\n    name, _, value = raw.partition(':')\n    return name.strip(), value.strip()\n\n\n"
-        "def total(values):\n    return sum(values)\n")
+        "def total(values):\n    return sum(values)\n\n\n"
+        "def b2a_base64(data):\n    return binascii.b2a_base64(data)\n")
     return folder
 
 
@@ -51,7 +53,8 @@ def test_a_word_of_a_query_finds_the_identifier_that_holds_it(tmp_path, embedder
                 progress=False)
     index = KnowledgeIndex.open(out, embedder=embedder)
     assert json.loads((out / "manifest.json").read_text())["bm25"]["tokenizer"] == TOKENIZER
-    for query, title in [("how many lines", "count_lines"), ("read an http header", "parseHTTPHeader")]:
+    for query, title in [("how many lines", "count_lines"), ("read an http header", "parseHTTPHeader"),
+                         ("encode in base64", "b2a_base64")]:
         [hits] = index.lexical([query], k=3)
         assert index.chunks[hits[0][0]].title == title, query
 
