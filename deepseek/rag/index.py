@@ -8,7 +8,7 @@
 Layout of an index directory (``FORMAT`` 1):
 
 - ``manifest.json``: embedding model (name, path, dimension, max_tokens, precision), chunker sizes, the FAISS index
-  chosen and why, counts, the next chunk id, the update time;
+  chosen and why, the BM25 tokenizer (``bm25.tokenizer``), counts, the next chunk id, the update time;
 - ``chunks.jsonl``: one live chunk per line (``id`` = its FAISS id, text, source, type, span, span unit, title,
   sha256 of the text, metadata);
 - ``files.json``: per indexed file, the sha256 of its bytes, its chunk ids and its skipped rows (incremental updates);
