@@ -36,8 +36,10 @@ def index_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Index documents (or update an index): chunk by the embedding model's tokens, embed, store FAISS + BM25."""
+    from deepseek.rag.extra import require_rag_extra
     from deepseek.rag.index import build_index
 
+    require_rag_extra()
     summary = build_index(sources, out, embedder=embedding, max_tokens=max_tokens, overlap_tokens=overlap,
                           batch_size=batch_size, progress=not quiet)
     print_index_summary(summary)
@@ -83,9 +85,11 @@ def _preview(text: str, width: int = PREVIEW_CHARS) -> str:
 
 
 def _open_retriever(index: Path, mode: str, paths: Optional[list[str]], types: Optional[list[str]]):
+    from deepseek.rag.extra import require_rag_extra
     from deepseek.rag.retrieve import Retriever, check_options, open_for_queries
 
     check_options(mode, types)
+    require_rag_extra()
     return Retriever(open_for_queries(index), mode, paths=paths, types=types)
 
 
@@ -178,8 +182,10 @@ def eval_command(
 ) -> None:
     """Recall@k, MRR@k and nDCG@k of dense, BM25 and hybrid retrieval over a question set."""
     from deepseek.rag.evaluate import evaluate, load_questions
+    from deepseek.rag.extra import require_rag_extra
     from deepseek.rag.index import KnowledgeIndex
 
+    require_rag_extra()
     report = evaluate(KnowledgeIndex.open(index), load_questions(questions), k)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

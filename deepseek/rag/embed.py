@@ -29,6 +29,7 @@ import torch
 
 from deepseek.errors import UserFacingError
 from deepseek.hardware import HardwareProfile, PrecisionChoice, choose_precision, hardware_profile, warn_once
+from deepseek.rag.extra import require_rag_extra
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # What names the packaged model (besides None): its Hub name, its short name, and the CLI's alias.
@@ -107,6 +108,7 @@ class Embedder:
     def load(cls, name_or_path: Optional[str] = None, *, device: str = "cpu", precision: str = "auto") -> "Embedder":
         """Load ``name_or_path`` (None / ``all-MiniLM-L6-v2``: the packaged model; else a local sentence-transformers
         directory) on ``device`` with ``precision`` ``auto``/``fp32``/``bf16`` (see the module docstring)."""
+        require_rag_extra("sentence_transformers")
         from sentence_transformers import SentenceTransformer
 
         name, path = resolve_model(name_or_path)

@@ -8,7 +8,7 @@
 Layout of an index directory (``FORMAT`` 1):
 
 - ``manifest.json``: embedding model (name, path, dimension, max_tokens, precision), chunker sizes, the FAISS index
-  chosen and why, counts, the next chunk id, the update time;
+  chosen and why, the BM25 tokenizer (``bm25.tokenizer``), counts, the next chunk id, the update time;
 - ``chunks.jsonl``: one live chunk per line (``id`` = its FAISS id, text, source, type, span, span unit, title,
   sha256 of the text, metadata);
 - ``files.json``: per indexed file, the sha256 of its bytes, its chunk ids and its skipped rows (incremental updates);
@@ -42,7 +42,9 @@ from deepseek.atomic import write_atomically
 from deepseek.config import ConfigError
 from deepseek.errors import UserFacingError
 from deepseek.rag.chunk import check_sizes, chunk_section
+from deepseek.rag.extra import require_rag_extra
 from deepseek.rag.ingest import Skipped, expand_sources, file_hash, read_sections
+from deepseek.rag.lexical import DESCRIPTION, LEGACY_TOKENIZER, TOKENIZER, bm25_tokens
 
 if TYPE_CHECKING:
     from deepseek.rag.embed import Embedder
@@ -59,6 +61,11 @@ class IndexMismatchError(UserFacingError):
 
 class CorruptIndexError(UserFacingError):
     """A file of an index directory that cannot be read; the message names it."""
+
+
+class StaleIndexError(UserFacingError):
+    """An index whose BM25 terms were made by another tokenizer than this version's: its queries would not match.
+    ``ds rag index`` on it rebuilds the BM25 part (the vectors are kept)."""
 
 
 @dataclass
@@ -78,34 +85,6 @@ class Chunk:
     @classmethod
     def from_json(cls, record: dict) -> "Chunk":
         return cls(**{**record, "span": tuple(record["span"])})
-
-
-# --- BM25 tokens --------------------------------------------------------------------------------------------------
-
-_IDENTIFIER = re.compile(r"\w+")
-_IDENTIFIER_PARTS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
-
-
-def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
-
-
-def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    """BM25 terms of each text: lower-cased words of two or more characters, English stop words dropped; an
-    identifier (``get_user_id``, ``getUserId``) gives itself and its parts, so a query in words finds code."""
-    stopwords = _stopwords()
-    tokens = []
-    for text in texts:
-        terms = []
-        for word in _IDENTIFIER.findall(text):
-            parts = _IDENTIFIER_PARTS.findall(word)
-            if len(parts) > 1 or "_" in word:
-                terms.append(word.lower().strip("_"))
-            terms.extend(part.lower() for part in parts)
-        tokens.append([t for t in terms if len(t) > 1 and t not in stopwords])
-    return tokens
 
 
 # --- the FAISS index ----------------------------------------------------------------------------------------------
@@ -201,6 +180,15 @@ def check_embedder(manifest: dict, embedder: "Embedder", where: str | Path) -> N
             f"{embedder.name} ({embedder.dimension} dimensions): use the same model, or index into a new directory")
 
 
+def check_tokenizer(manifest: dict, where: str | Path) -> None:
+    """Raise StaleIndexError when the index at ``where`` holds BM25 terms of another tokenizer than ``TOKENIZER``."""
+    built = manifest.get("bm25", {}).get("tokenizer", LEGACY_TOKENIZER)
+    if built != TOKENIZER:
+        raise StaleIndexError(
+            f"{where}: its BM25 index was built with tokenizer {built}, this version queries with {TOKENIZER}: "
+            f"run `ds rag index SOURCES --out {where}` again to rebuild it (unchanged files keep their vectors)")
+
+
 class KnowledgeIndex:
     """An index directory opened for search: ``chunks`` by id, dense search through FAISS, lexical through BM25."""
 
@@ -218,6 +206,7 @@ class KnowledgeIndex:
     def open(cls, path: str | Path, *, embedder: "Embedder | None" = None) -> "KnowledgeIndex":
         """Load an index; ``embedder`` defaults to the manifest's model. A different model -> IndexMismatchError;
         a damaged file -> CorruptIndexError naming it."""
+        require_rag_extra()
         import bm25s
 
         from deepseek.rag.embed import Embedder
@@ -227,6 +216,7 @@ class KnowledgeIndex:
         if embedder is None:
             embedder = Embedder.load(manifest["embedding"]["name"])
         check_embedder(manifest, embedder, path)
+        check_tokenizer(manifest, path)
         chunks = read_chunks(path / "chunks.jsonl")
         vectors = read_faiss(path / "vectors.faiss")
         if vectors.ntotal != len(chunks):
@@ -333,6 +323,7 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     ``unchanged``, ``removed`` (paths), ``skipped`` ((path, reason) pairs), ``chunks`` (live), ``embedded`` and
     ``reused`` (vectors computed vs taken from the old index), ``faiss`` (the choice and why), ``seconds``.
     """
+    require_rag_extra()
     from deepseek.rag.embed import Embedder
 
     began = time.perf_counter()
@@ -412,7 +403,7 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
                       "precision": embedder.precision},
         "chunker": chunker,
         "faiss": plan,
-        "bm25": {"tokens": "words and identifier parts, lower-cased, English stop words dropped", "method": "lucene"},
+        "bm25": {"tokenizer": TOKENIZER, "tokens": DESCRIPTION, "method": "lucene"},
         "counts": {"files": len(kept_files), "chunks": len(chunks), "skipped": len(skipped)},
         "next_id": next_id,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -107,8 +107,10 @@ def open_for_queries(path, *, embedder=None) -> "KnowledgeIndex":
     """
     from deepseek.hardware import resolve_precision
     from deepseek.rag.embed import Embedder
+    from deepseek.rag.extra import require_rag_extra
     from deepseek.rag.index import KnowledgeIndex, read_manifest
 
+    require_rag_extra()
     if embedder is None:
         name = read_manifest(path)["embedding"]["name"]
         embedder = Embedder.load(name, precision=resolve_precision("auto", "cpu", workload="decode").precision)
