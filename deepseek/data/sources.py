@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import AbstractSet, Iterator, Optional, Sequence
 
 from deepseek.data.errors import DataError
 
@@ -70,13 +70,29 @@ def _excluded(path: str, exclude: Sequence[str]) -> bool:
     return any(fnmatchcase(path, pattern) for pattern in exclude)
 
 
-def _walk(folder: str) -> list[str]:
+def walk_folder(folder: str, *, suffixes: Optional[AbstractSet[str]] = None,
+                skip_folders: AbstractSet[str] = frozenset()) -> list[str]:
+    """The files under ``folder``, recursively and sorted, leaving out hidden files and folders and the folders
+    named in ``skip_folders``; with ``suffixes``, only the files whose lower-cased suffix is one of them."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in skip_folders]
         found.extend(os.path.join(root, f) for f in files
-                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in _FOLDER_SUFFIXES)
+                     if not f.startswith(".") and (suffixes is None or os.path.splitext(f)[1].lower() in suffixes))
     return sorted(found)
+
+
+def source_files(source: str, *, suffixes: Optional[AbstractSet[str]] = None,
+                 skip_folders: AbstractSet[str] = frozenset()) -> Optional[list[str]]:
+    """The files one source names: itself when it is a file, :func:`walk_folder` of a folder, the files a glob pattern
+    matches (sorted); None when it is none of these, so that each caller raises its own error."""
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        return walk_folder(source, suffixes=suffixes, skip_folders=skip_folders)
+    if glob.has_magic(source):
+        return sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+    return None
 
 
 def resolve_sources(sources: Sequence[str | Path], *, exclude: Sequence[str] = ()) -> list[str]:
@@ -89,13 +105,8 @@ def resolve_sources(sources: Sequence[str | Path], *, exclude: Sequence[str] = (
     files: list[str] = []
     for source in sources:
         source = os.fspath(source)
-        if os.path.isfile(source):
-            found = [source]
-        elif os.path.isdir(source):
-            found = _walk(source)
-        elif glob.has_magic(source):
-            found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
-        else:
+        found = source_files(source, suffixes=_FOLDER_SUFFIXES)
+        if found is None:
             raise DataError(f"no such file, directory or glob match: {source}")
         if not found:
             raise DataError(f"{source}: folder has no text files" if os.path.isdir(source)

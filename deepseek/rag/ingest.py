@@ -22,7 +22,6 @@ as :class:`Skipped` with the reason, never raised: one bad file does not stop an
 from __future__ import annotations
 
 import ast
-import glob
 import hashlib
 import json
 import os
@@ -31,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from deepseek.data.sources import source_files
 from deepseek.errors import UserFacingError
 
 FILE_TYPES = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".rst": "rst", ".py": "py",
               ".html": "html", ".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl"}
 """Suffix → the ``type`` recorded for each chunk."""
 
-_SKIPPED_FOLDERS = {"__pycache__", "node_modules"}
+_SKIPPED_FOLDERS = frozenset({"__pycache__", "node_modules"})
 _HTML_DROPPED = ["script", "style", "nav", "header", "footer", "aside", "form", "noscript", "template", "svg"]
 _HTML_HEADINGS = ["h1", "h2", "h3", "h4", "h5", "h6"]
 _HTML_BLOCKS = {"p", "div", "li", "dt", "dd", "pre", "td", "th", "tr", "blockquote", "section", "article", "main",
@@ -83,24 +83,11 @@ def expand_sources(sources: Sequence[str | os.PathLike]) -> list[str]:
     files: dict[str, None] = {}
     for source in sources:
         source = os.fspath(source)
-        if os.path.isfile(source):
-            found = [source]
-        elif os.path.isdir(source):
-            found = _walk(source)
-        elif glob.has_magic(source):
-            found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
-        else:
+        found = source_files(source, skip_folders=_SKIPPED_FOLDERS)  # every type: an unknown one is reported later
+        if found is None:
             raise SourceError(f"no such file, folder or glob match: {source}")
         files.update((str(Path(p).resolve()), None) for p in found)
     return list(files)
-
-
-def _walk(folder: str) -> list[str]:
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIPPED_FOLDERS]
-        found.extend(os.path.join(root, name) for name in names if not name.startswith("."))
-    return sorted(found)
 
 
 def file_hash(path: str) -> str:
