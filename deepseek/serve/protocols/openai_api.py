@@ -39,10 +39,10 @@ from deepseek.data.chat import ROLES, chat_template
 from deepseek.generate.continuous import ContinuousBatchingEngine, EngineStoppedError, GenerationEvent
 from deepseek.generate.engine import Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
-from deepseek.serve.errors import (NOT_FOUND, UNAVAILABLE, ModelNotFoundError, ModelUnavailableError, RequestError,
-                                   error_kind)
+from deepseek.serve.errors import NOT_FOUND, UNAVAILABLE, RequestError, error_kind
 from deepseek.serve.manager import ModelVersion
-from deepseek.serve.protocols.http_context import is_decimal, read_json_object, serving
+from deepseek.serve.protocols.http_context import (read_json_object, refuse_unknown_fields, select_named_version,
+                                                  serving)
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_N = 16
@@ -88,10 +88,7 @@ def _boolean(body: dict, name: str, param: Optional[str] = None) -> bool:
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestError(f"Unrecognized request argument(s): {', '.join(unknown)}. "
-                           f"Supported: {', '.join(sorted(allowed))}", param=unknown[0])
+    refuse_unknown_fields(body, allowed)
     if body.get("logit_bias"):
         raise RequestError("'logit_bias' is not supported", param="logit_bias")
 
@@ -525,17 +522,7 @@ def language_model(request: Request, model: Any) -> tuple[ModelVersion, Continuo
     model, colon, adapter = model.partition(":")
     if colon and not adapter:
         raise RequestError(f"no adapter name after ':' in {model + colon!r}", param="model")
-    name, _, version_text = model.partition("/")
-    version = None
-    if version_text:
-        if not is_decimal(version_text) or int(version_text) < 1:
-            raise RequestError(f"invalid model version in {model!r}", param="model")
-        version = int(version_text)
-    ctx = serving(request)
-    try:
-        mv, _ = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
-    except (ModelNotFoundError, ModelUnavailableError) as exc:  # 404 / 503, naming the field at fault
-        raise RequestError(str(exc), error_kind(exc), param="model") from None
+    mv, name = select_named_version(request, model)
     engine_of = getattr(mv.backend, "engine", None)
     if engine_of is None:
         raise RequestError(f"model {name!r} is not a language model (backend {mv.config.backend})", param="model")

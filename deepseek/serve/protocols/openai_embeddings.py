@@ -31,7 +31,7 @@ from fastapi.responses import Response
 
 from deepseek.serve.errors import INTERNAL, RequestError, error_kind
 from deepseek.serve.manager import ModelVersion
-from deepseek.serve.protocols.http_context import ClientGone, is_decimal, read_json_object, serving
+from deepseek.serve.protocols.http_context import ClientGone, read_inference_body, select_named_version, serving
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
@@ -70,17 +70,7 @@ def model_of_backend(request: Request, model: Any, backend: str) -> ModelVersion
     article = "an" if backend[0] in "aeiou" else "a"
     if not isinstance(model, str) or not model:
         raise RequestError(f"'model' is required: {article} {backend} model's name, or name/version", param="model")
-    name, _, version_text = model.partition("/")
-    version = None
-    if version_text:
-        if not is_decimal(version_text) or int(version_text) < 1:
-            raise RequestError(f"invalid model version in {model!r}", param="model")
-        version = int(version_text)
-    ctx = serving(request)
-    try:
-        mv, _ = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
-    except Exception as exc:  # unknown (404) or not ready (503), naming the field at fault
-        raise RequestError(str(exc), error_kind(exc), param="model") from None
+    mv, name = select_named_version(request, model)
     if mv.config.backend != backend:  # e.g. a retrieval model embeds with its index's model, but answers /v1/retrieve
         raise RequestError(f"model {name!r} is not {article} {backend} model (backend {mv.config.backend})", param="model")
     return mv
@@ -139,12 +129,7 @@ async def _cancel_on_disconnect(request: Request, tasks: list[asyncio.Task], gon
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
     ctx = serving(request)
-    ctx.check_inference_key(request.headers)
-    body = await read_json_object(request)
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise RequestError(f"Unrecognized request argument(s): {', '.join(unknown)}. "
-                           f"Supported: {', '.join(sorted(FIELDS))}", param=unknown[0])
+    body = await read_inference_body(request, FIELDS)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise RequestError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",

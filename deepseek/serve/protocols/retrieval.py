@@ -34,7 +34,7 @@ from fastapi.responses import Response
 
 from deepseek.rag.retrieve import MODES, RetrievalError, check_options
 from deepseek.serve.errors import RequestError
-from deepseek.serve.protocols.http_context import read_json_object, serving
+from deepseek.serve.protocols.http_context import read_inference_body, serving
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 from deepseek.serve.protocols.openai_embeddings import embed, model_of_backend
 
@@ -98,12 +98,7 @@ def parse_k(value: Any, default: int, largest: int) -> int:
 async def retrieve(request: Request):
     started = time.monotonic()
     ctx = serving(request)
-    ctx.check_inference_key(request.headers)
-    body = await read_json_object(request)
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise RequestError(f"Unrecognized request argument(s): {', '.join(unknown)}. "
-                           f"Supported: {', '.join(sorted(FIELDS))}", param=unknown[0])
+    body = await read_inference_body(request, FIELDS)
     queries = parse_queries(body)
     paths, types = parse_filters(body.get("filters"))
     mv = model_of_backend(request, body.get("model"), "retrieval")
