@@ -23,34 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import (batched_load_rounds, machine_info, print_machine, report_batched_rounds, setup_path,  # noqa: E402
+                    stdlib_texts, write_results)
 
 setup_path()
 from deepseek.bench import loadgen  # noqa: E402
 from deepseek.cli.bench import free_port  # noqa: E402
-from deepseek.data.sources import python_stdlib_dir  # noqa: E402
 
 TARGET = 3.0
 MODEL = "minilm"
-
-
-def stdlib_texts(n: int, words: int) -> list[str]:
-    """``n`` paragraphs of about ``words`` words from the standard library's modules (sorted files, in order)."""
-    texts: list[str] = []
-    for path in sorted(python_stdlib_dir().glob("*.py")):
-        tokens = re.sub(r"\s+", " ", path.read_text(encoding="utf-8", errors="replace")).split(" ")
-        for start in range(0, len(tokens) - words, words):
-            texts.append(" ".join(tokens[start:start + words]))
-            if len(texts) == n:
-                return texts
-    return texts
 
 
 def main() -> None:
@@ -74,8 +60,6 @@ def main() -> None:
           f"stdlib words; {args.clients} clients vs 1")
 
     loads = {"single": 1, "concurrent": args.clients}
-    results: dict[str, list] = {name: [] for name in loads}
-    calls: dict[str, list[float]] = {name: [] for name in loads}  # mean rows per encode call, per load and round
     with tempfile.TemporaryDirectory(prefix="bench-embeddings-serving-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -86,28 +70,13 @@ def main() -> None:
         server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log",
                                       timeout_s=300)
         try:
-            for r in range(args.rounds):
-                order = list(loads)[r % len(loads):] + list(loads)[:r % len(loads)]  # rotate: no load always first
-                for name in order:
-                    print(f"round {r + 1}/{args.rounds}: {name} ({loads[name]} client(s)), {args.warmup:g} s warm-up "
-                          f"+ {args.duration:g} s ...", flush=True)
-                    before = batch_metrics(url)
-                    results[name].append(loadgen.run_load(
-                        url, "/v1/embeddings", bodies, concurrency=loads[name], warmup_s=args.warmup,
-                        duration_s=args.duration, server_pid=server.pid, marker=b'"embedding"', label=name))
-                    after = batch_metrics(url)
-                    calls[name].append((after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1))
+            results, calls = batched_load_rounds(
+                url, "/v1/embeddings", bodies, model=MODEL, loads=loads, rounds=args.rounds, warmup_s=args.warmup,
+                duration_s=args.duration, server_pid=server.pid, marker=b'"embedding"')
         finally:
             loadgen.stop_server(server, grace_s=60)
 
-    rows = [[name, i + 1, f"{res.throughput:.1f}", f"{res.p50_ms:.1f}", f"{res.p99_ms:.1f}", res.error_count,
-             f"{res.server_cpu_cores or 0:.2f}", f"{calls[name][i]:.1f}"]
-            for name, rounds in results.items() for i, res in enumerate(rounds)]
-    print_table(["load", "round", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", "texts/encode"], rows)
-    ratios = [c.throughput / s.throughput if s.throughput else float("nan")
-              for c, s in zip(results["concurrent"], results["single"])]
-    ratio = statistics.median(ratios)
-    errors = sum(res.error_count for rounds in results.values() for res in rounds)
+    ratios, ratio, errors = report_batched_rounds(results, calls, "texts/encode")
     print(f"{'PASS' if ratio >= TARGET else 'MISS'}  {args.clients} concurrent clients / 1 client: {ratio:.2f}x "
           f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; target >= {TARGET:g}); errors: {errors}")
     write_results("bench_embeddings_serving_tiny" if args.tiny else "bench_embeddings_serving", {
@@ -116,26 +85,6 @@ def main() -> None:
         "results": {name: [res.to_dict() for res in rounds] for name, rounds in results.items()},
         "ratios": ratios, "ratio_median": ratio, "texts_per_encode_call": calls, "errors": errors,
         "target": {"value": ratio, "pass": ratio >= TARGET}})
-
-
-def batch_metrics(url: str, model: str = MODEL) -> dict:
-    """Executed encode calls of ``model`` and their rows so far, from the server's ``ds_inference_batch_size``
-    histogram (warm-up included: the texts per call of a load are a mean over its whole run)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as answer:
-        text = answer.read().decode()
-    found = {"batches": 0.0, "rows": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name == "ds_inference_batch_size":
-            for sample in family.samples:
-                if sample.labels.get("model") == model and sample.name.endswith("_count"):
-                    found["batches"] += sample.value
-                elif sample.labels.get("model") == model and sample.name.endswith("_sum"):
-                    found["rows"] += sample.value
-    return found
 
 
 if __name__ == "__main__":

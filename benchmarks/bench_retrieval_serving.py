@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embeddings_serving import batch_metrics, stdlib_texts  # noqa: E402
-from common import machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import (batched_load_rounds, machine_info, print_machine, report_batched_rounds, setup_path,  # noqa: E402
+                    stdlib_texts, write_results)
 
 setup_path()
 from deepseek.bench import loadgen  # noqa: E402
@@ -59,8 +58,6 @@ def main() -> None:
     queries = stdlib_texts(args.queries, args.words)
     bodies = [json.dumps({"model": MODEL, "query": q, "k": 5, "mode": args.mode}).encode() for q in queries]
     loads = {"single": 1, "concurrent": args.clients}
-    results: dict[str, list] = {name: [] for name in loads}
-    calls: dict[str, list[float]] = {name: [] for name in loads}  # mean queries per encode call, per load and round
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-serving-") as tmp:
         index = Path(tmp) / "index"
         sources = [str(python_stdlib_dir() / p) for p in args.packages]
@@ -79,28 +76,13 @@ def main() -> None:
         server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log",
                                       timeout_s=300)
         try:
-            for r in range(args.rounds):
-                order = list(loads)[r % len(loads):] + list(loads)[:r % len(loads)]  # rotate: no load always first
-                for name in order:
-                    print(f"round {r + 1}/{args.rounds}: {name} ({loads[name]} client(s)), {args.warmup:g} s warm-up "
-                          f"+ {args.duration:g} s ...", flush=True)
-                    before = batch_metrics(url, MODEL)
-                    results[name].append(loadgen.run_load(
-                        url, "/v1/retrieve", bodies, concurrency=loads[name], warmup_s=args.warmup,
-                        duration_s=args.duration, server_pid=server.pid, marker=b'"hits"', label=name))
-                    after = batch_metrics(url, MODEL)
-                    calls[name].append((after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1))
+            results, calls = batched_load_rounds(
+                url, "/v1/retrieve", bodies, model=MODEL, loads=loads, rounds=args.rounds, warmup_s=args.warmup,
+                duration_s=args.duration, server_pid=server.pid, marker=b'"hits"')
         finally:
             loadgen.stop_server(server, grace_s=60)
 
-    rows = [[name, i + 1, f"{res.throughput:.1f}", f"{res.p50_ms:.1f}", f"{res.p99_ms:.1f}", res.error_count,
-             f"{res.server_cpu_cores or 0:.2f}", f"{calls[name][i]:.1f}"]
-            for name, rounds in results.items() for i, res in enumerate(rounds)]
-    print_table(["load", "round", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", "queries/encode"], rows)
-    ratios = [c.throughput / s.throughput if s.throughput else float("nan")
-              for c, s in zip(results["concurrent"], results["single"])]
-    ratio = statistics.median(ratios)
-    errors = sum(res.error_count for rounds in results.values() for res in rounds)
+    ratios, ratio, errors = report_batched_rounds(results, calls, "queries/encode")
     print(f"{args.clients} concurrent clients / 1 client: {ratio:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
           f"; errors: {errors}")
     write_results("bench_retrieval_serving_tiny" if args.tiny else "bench_retrieval_serving", {

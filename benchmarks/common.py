@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -180,6 +181,80 @@ def measure_in_subprocess(script: str, args: list[str], timeout: float = 900) ->
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- a batched server under load: one client against many ------------------------------------------------
+
+def stdlib_texts(n: int, words: int) -> list[str]:
+    """``n`` paragraphs of about ``words`` words from the standard library's modules (sorted files, in order)."""
+    setup_path()
+    from deepseek.data.sources import python_stdlib_dir
+
+    texts: list[str] = []
+    for path in sorted(python_stdlib_dir().glob("*.py")):
+        tokens = re.sub(r"\s+", " ", path.read_text(encoding="utf-8", errors="replace")).split(" ")
+        for start in range(0, len(tokens) - words, words):
+            texts.append(" ".join(tokens[start:start + words]))
+            if len(texts) == n:
+                return texts
+    return texts
+
+
+def batch_metrics(url: str, model: str) -> dict:
+    """Executed encode calls of ``model`` and their rows so far, from the server's ``ds_inference_batch_size``
+    histogram (warm-up included: the texts per call of a load are a mean over its whole run)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    found = {"batches": 0.0, "rows": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "ds_inference_batch_size":
+            for sample in family.samples:
+                if sample.labels.get("model") == model and sample.name.endswith("_count"):
+                    found["batches"] += sample.value
+                elif sample.labels.get("model") == model and sample.name.endswith("_sum"):
+                    found["rows"] += sample.value
+    return found
+
+
+def batched_load_rounds(url: str, path: str, bodies: list[bytes], *, model: str, loads: dict[str, int], rounds: int,
+                        warmup_s: float, duration_s: float, server_pid: int,
+                        marker: bytes) -> tuple[dict[str, list], dict[str, list[float]]]:
+    """Closed-loop ``loads`` (name -> connections) on ``url`` + ``path``, each once per round in a rotating order:
+    the :class:`~deepseek.bench.loadgen.LoadResult` s per load and round, and the mean rows per encode call of
+    ``model`` (from :func:`batch_metrics`) per load and round."""
+    setup_path()
+    from deepseek.bench import loadgen
+
+    results: dict[str, list] = {name: [] for name in loads}
+    calls: dict[str, list[float]] = {name: [] for name in loads}
+    for r in range(rounds):
+        order = list(loads)[r % len(loads):] + list(loads)[:r % len(loads)]  # rotate: no load always first
+        for name in order:
+            print(f"round {r + 1}/{rounds}: {name} ({loads[name]} client(s)), {warmup_s:g} s warm-up "
+                  f"+ {duration_s:g} s ...", flush=True)
+            before = batch_metrics(url, model)
+            results[name].append(loadgen.run_load(
+                url, path, bodies, concurrency=loads[name], warmup_s=warmup_s, duration_s=duration_s,
+                server_pid=server_pid, marker=marker, label=name))
+            after = batch_metrics(url, model)
+            calls[name].append((after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1))
+    return results, calls
+
+
+def report_batched_rounds(results: dict[str, list], calls: dict[str, list[float]],
+                          per_call: str) -> tuple[list[float], float, int]:
+    """Print the table of :func:`batched_load_rounds` (``per_call`` heads the rows-per-encode column); return the
+    per-round ratios concurrent / single, their median and the errors of every load."""
+    rows = [[name, i + 1, f"{res.throughput:.1f}", f"{res.p50_ms:.1f}", f"{res.p99_ms:.1f}", res.error_count,
+             f"{res.server_cpu_cores or 0:.2f}", f"{calls[name][i]:.1f}"]
+            for name, rounds in results.items() for i, res in enumerate(rounds)]
+    print_table(["load", "round", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", per_call], rows)
+    ratios = [c.throughput / s.throughput if s.throughput else float("nan")
+              for c, s in zip(results["concurrent"], results["single"])]
+    errors = sum(res.error_count for rounds in results.values() for res in rounds)
+    return ratios, statistics.median(ratios), errors
 
 
 # -- output ------------------------------------------------------------------------------------------
