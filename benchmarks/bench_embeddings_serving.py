@@ -28,12 +28,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (batched_load_rounds, machine_info, print_machine, report_batched_rounds, setup_path,  # noqa: E402
+from common import (load_batched_server, machine_info, print_machine, report_batched_rounds,  # noqa: E402
                     stdlib_texts, write_results)
-
-setup_path()
-from deepseek.bench import loadgen  # noqa: E402
-from deepseek.cli.bench import free_port  # noqa: E402
 
 TARGET = 3.0
 MODEL = "minilm"
@@ -61,20 +57,10 @@ def main() -> None:
 
     loads = {"single": 1, "concurrent": args.clients}
     with tempfile.TemporaryDirectory(prefix="bench-embeddings-serving-") as tmp:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "deepseek.cli.main", "serve", "--embedding", MODEL, "--http-port",
-                   str(port), "--no-grpc"]
-        if args.torch_threads is not None:
-            command += ["--torch-threads", str(args.torch_threads)]
-        server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log",
-                                      timeout_s=300)
-        try:
-            results, calls = batched_load_rounds(
-                url, "/v1/embeddings", bodies, model=MODEL, loads=loads, rounds=args.rounds, warmup_s=args.warmup,
-                duration_s=args.duration, server_pid=server.pid, marker=b'"embedding"')
-        finally:
-            loadgen.stop_server(server, grace_s=60)
+        results, calls = load_batched_server(
+            ["--embedding", MODEL], "/v1/embeddings", bodies, model=MODEL, loads=loads, rounds=args.rounds,
+            warmup_s=args.warmup, duration_s=args.duration, marker=b'"embedding"', torch_threads=args.torch_threads,
+            log_dir=Path(tmp))
 
     ratios, ratio, errors = report_batched_rounds(results, calls, "texts/encode")
     print(f"{'PASS' if ratio >= TARGET else 'MISS'}  {args.clients} concurrent clients / 1 client: {ratio:.2f}x "

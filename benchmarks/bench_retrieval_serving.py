@@ -26,12 +26,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (batched_load_rounds, machine_info, print_machine, report_batched_rounds, setup_path,  # noqa: E402
+from common import (load_batched_server, machine_info, print_machine, report_batched_rounds, setup_path,  # noqa: E402
                     stdlib_texts, write_results)
 
 setup_path()
-from deepseek.bench import loadgen  # noqa: E402
-from deepseek.cli.bench import free_port  # noqa: E402
 from deepseek.data.sources import python_stdlib_dir  # noqa: E402
 
 MODEL = "kb"
@@ -67,20 +65,10 @@ def main() -> None:
         chunks = json.loads((index / "manifest.json").read_text())["counts"]
         print(f"# index: {chunks}; {len(bodies)} one-query requests of {args.words} stdlib words, {args.mode}, k=5; "
               f"{args.clients} clients vs 1")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "deepseek.cli.main", "serve", "--rag-index", f"{MODEL}={index}",
-                   "--http-port", str(port), "--no-grpc"]
-        if args.torch_threads is not None:
-            command += ["--torch-threads", str(args.torch_threads)]
-        server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log",
-                                      timeout_s=300)
-        try:
-            results, calls = batched_load_rounds(
-                url, "/v1/retrieve", bodies, model=MODEL, loads=loads, rounds=args.rounds, warmup_s=args.warmup,
-                duration_s=args.duration, server_pid=server.pid, marker=b'"hits"')
-        finally:
-            loadgen.stop_server(server, grace_s=60)
+        results, calls = load_batched_server(
+            ["--rag-index", f"{MODEL}={index}"], "/v1/retrieve", bodies, model=MODEL, loads=loads, rounds=args.rounds,
+            warmup_s=args.warmup, duration_s=args.duration, marker=b'"hits"', torch_threads=args.torch_threads,
+            log_dir=Path(tmp))
 
     ratios, ratio, errors = report_batched_rounds(results, calls, "queries/encode")
     print(f"{args.clients} concurrent clients / 1 client: {ratio:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"

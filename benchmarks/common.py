@@ -243,6 +243,28 @@ def batched_load_rounds(url: str, path: str, bodies: list[bytes], *, model: str,
     return results, calls
 
 
+def load_batched_server(serve_args: list[str], path: str, bodies: list[bytes], *, model: str, loads: dict[str, int],
+                        rounds: int, warmup_s: float, duration_s: float, marker: bytes, torch_threads: Optional[int],
+                        log_dir: Path) -> tuple[dict[str, list], dict[str, list[float]]]:
+    """Start ``ds serve *serve_args`` (HTTP on a free port, no gRPC, ``--torch-threads`` when given), run
+    :func:`batched_load_rounds` on it, and stop it; its log goes to ``log_dir``/server.log."""
+    setup_path()
+    from deepseek.bench import loadgen
+    from deepseek.cli.bench import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "deepseek.cli.main", "serve", *serve_args, "--http-port", str(port), "--no-grpc"]
+    if torch_threads is not None:
+        command += ["--torch-threads", str(torch_threads)]
+    server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=log_dir / "server.log", timeout_s=300)
+    try:
+        return batched_load_rounds(url, path, bodies, model=model, loads=loads, rounds=rounds, warmup_s=warmup_s,
+                                   duration_s=duration_s, server_pid=server.pid, marker=marker)
+    finally:
+        loadgen.stop_server(server, grace_s=60)
+
+
 def report_batched_rounds(results: dict[str, list], calls: dict[str, list[float]],
                           per_call: str) -> tuple[list[float], float, int]:
     """Print the table of :func:`batched_load_rounds` (``per_call`` heads the rows-per-encode column); return the

@@ -2,6 +2,7 @@
 
     metric = functools.partial(served_metric, model="minilm")   # metric(base, family, sample, **labels)
     run_behind_held_encode(mv, call, count=9, queued=8)         # call(0) held in the model, call(1..8) queue behind
+    kserve_embedding(base, "minilm", ids)                       # the vector KServe infer answers for word-piece ids
 
 The hold is a forward pre-hook on the real model: the first request's encode waits until the others have reached the
 batcher's queue, so which requests share a batch is deterministic (no sleeps).
@@ -13,6 +14,7 @@ import threading
 from typing import Callable
 
 import httpx
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serve.gated_model import wait_for
@@ -51,3 +53,10 @@ def run_behind_held_encode(mv, call: Callable[[int], None], count: int, queued: 
         for thread in threads:
             thread.join(60)
         hook.remove()
+
+
+def kserve_embedding(base: str, model: str, ids: list[int]) -> np.ndarray:
+    """The vector ``/v2/models/{model}/infer`` answers for one text's word-piece ``ids`` (float32)."""
+    answer = httpx.post(f"{base}/v2/models/{model}/infer", json={"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [1, len(ids)], "data": ids}]}).json()
+    return np.array(answer["outputs"][0]["data"], dtype=np.float32)

@@ -20,7 +20,7 @@ from deepseek.rag.embed import Embedder  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 from tests.serve.gated_model import running_server, wait_for, write_model  # noqa: E402
-from tests.serve.held_encoder import run_behind_held_encode, served_metric  # noqa: E402
+from tests.serve.held_encoder import kserve_embedding, run_behind_held_encode, served_metric  # noqa: E402
 
 MAX_BATCH = 8  # small, so that a request of 20 texts is queued in three pieces
 LONG = "Dense retrieval embeds every chunk once and each query at search time. " * 40  # > 256 word pieces
@@ -134,10 +134,7 @@ def test_models_lists_the_embedding_model(client):
 
 
 def test_kserve_infer_reaches_the_same_vectors(server, embedder):
-    ids = embedder.token_ids(["via kserve"])[0]
-    answer = httpx.post(server[0] + "/v2/models/minilm/infer", json={"inputs": [
-        {"name": "input_ids", "datatype": "INT64", "shape": [1, len(ids)], "data": ids}]}).json()
-    vector = np.array(answer["outputs"][0]["data"], dtype=np.float32)
+    vector = kserve_embedding(server[0], "minilm", embedder.token_ids(["via kserve"])[0])
     np.testing.assert_allclose(vector, embedder.encode(["via kserve"])[0], atol=1e-5)
     bad = httpx.post(server[0] + "/v2/models/minilm/infer", json={"inputs": [
         {"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [101, 10 ** 6]}]})

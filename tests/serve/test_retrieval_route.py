@@ -19,7 +19,7 @@ from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 from tests.rag.conftest import QUESTIONS, write_corpus  # noqa: E402
 from tests.serve.gated_model import running_server, write_model  # noqa: E402
-from tests.serve.held_encoder import run_behind_held_encode, served_metric  # noqa: E402
+from tests.serve.held_encoder import kserve_embedding, run_behind_held_encode, served_metric  # noqa: E402
 
 MAX_BATCH = 4  # queries per embedding call: small, so that five concurrent requests make two batches
 MAX_QUERIES = 4
@@ -195,10 +195,7 @@ def test_models_lists_it_and_embeddings_refuse_it(server, opened_index):
 def test_kserve_infer_reaches_the_query_embedder(server, embedder):
     import numpy as np
 
-    ids = embedder.token_ids(["via kserve"])[0]
-    answer = httpx.post(server[0] + "/v2/models/kb/infer", json={"inputs": [
-        {"name": "input_ids", "datatype": "INT64", "shape": [1, len(ids)], "data": ids}]}).json()
-    vector = np.array(answer["outputs"][0]["data"], dtype=np.float32)
+    vector = kserve_embedding(server[0], "kb", embedder.token_ids(["via kserve"])[0])
     np.testing.assert_allclose(vector, embedder.encode(["via kserve"])[0], atol=1e-5)
 
 
