@@ -1,0 +1,132 @@
+"""Embedding throughput of MiniLM (all-MiniLM-L6-v2) by precision — fp32, bf16 (autocast), int8 (dynamic
+quantization of nn.Linear) and, for comparison, torchao's int8 dynamic-activation int8-weight — interleaved in one
+process, plus how close each one's vectors are to fp32's.
+
+    python benchmarks/bench_rag_embed_precision.py --lengths 128 250 --batch 32 --rounds 5
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python benchmarks/bench_rag_embed_precision.py     # the AVX2 class, emulated on a newer CPU
+
+Texts are windows of the standard library's source, exactly ``length`` word pieces each (with [CLS]/[SEP]), so
+every batch is full width and texts/s compares like with like. Each round times one ``encode_ids`` of ``--texts``
+rows per precision, the order rotated each round; reported: median texts/s per precision and the median of the
+per-round time ratios fp32 / precision (> 1: faster than fp32). Quality: cosine to fp32's vectors (min, mean) on
+``--quality-texts`` stdlib chunks of mixed lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+from common import interleaved, machine_info, median, paired_ratio, print_machine, print_table, setup_path
+from common import write_results
+
+setup_path()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from deepseek.data import python_stdlib_dir  # noqa: E402
+from deepseek.rag.embed import Embedder  # noqa: E402
+
+
+def stdlib_text(max_chars: int = 2_000_000) -> str:
+    parts, size = [], 0
+    for path in sorted(python_stdlib_dir().glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    return "\n".join(parts)
+
+
+def windows(embedder: Embedder, text: str, length: int, count: int, offset: int = 0) -> list[list[int]]:
+    """``count`` id rows of exactly ``length`` word pieces: [CLS] + consecutive pieces of ``text`` + [SEP]."""
+    pieces = embedder.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    cls, sep = embedder.tokenizer.cls_token_id, embedder.tokenizer.sep_token_id
+    body = length - 2
+    rows = [[cls] + pieces[offset + i * body: offset + (i + 1) * body] + [sep] for i in range(count)]
+    assert all(len(r) == length for r in rows), "corpus too small for these windows"
+    return rows
+
+
+def torchao_embedder(base: Embedder) -> Embedder | None:
+    """A copy of ``base`` with torchao's Int8DynamicActivationInt8WeightConfig on its Linear layers (None where
+    torchao is missing or refuses)."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        return None
+    other = copy.copy(base)
+    other.model = copy.deepcopy(base.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(other.model, Int8DynamicActivationInt8WeightConfig())
+    other.precision = "torchao-int8"
+    return other
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 250])
+    parser.add_argument("--batch", type=int, default=32, help="rows per forward")
+    parser.add_argument("--texts", type=int, default=64, help="rows per timed encode")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "torchao-int8"])
+    parser.add_argument("--quality-texts", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print_machine(info)
+
+    base = Embedder.load(precision="fp32")
+    embedders = {"fp32": base}
+    for precision in args.precisions:
+        if precision == "torchao-int8":
+            made = torchao_embedder(base)
+            if made is not None:
+                embedders[precision] = made
+        elif precision != "fp32":
+            embedders[precision] = Embedder.load(precision=precision)
+    text = stdlib_text()
+
+    results = {"machine": info, "args": vars(args), "speed": [], "quality": {}}
+    rows_out = []
+    for length in args.lengths:
+        ids = windows(base, text, length, args.texts)
+        batch_tokens = args.batch * length  # exactly --batch rows per forward
+        cases = {name: (lambda e=e: e.encode_ids(ids, batch_size=args.batch, batch_tokens=batch_tokens))
+                 for name, e in embedders.items()}
+        times = interleaved(cases, rounds=args.rounds, warmup=1)
+        for name, ts in times.items():
+            ratio = median(paired_ratio(times["fp32"], ts))
+            rate = args.texts / median(ts)
+            results["speed"].append({"length": length, "precision": name, "texts_per_s": rate,
+                                     "speedup_vs_fp32": ratio, "seconds": ts})
+            rows_out.append([length, args.batch, name, f"{rate:.1f}", f"{ratio:.2f}x"])
+    print_table(["tokens", "batch", "precision", "texts/s (median)", "fp32 time / this (median)"], rows_out)
+
+    # Quality: real chunk-like texts of mixed lengths (every 8th window of 20..256 pieces).
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, base.max_tokens + 1, size=args.quality_texts)
+    pieces = base.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    cls, sep = base.tokenizer.cls_token_id, base.tokenizer.sep_token_id
+    starts = rng.integers(0, len(pieces) - base.max_tokens, size=args.quality_texts)
+    qids = [[cls] + pieces[s:s + n - 2] + [sep] for s, n in zip(starts, lengths)]
+    reference = base.encode_ids(qids)
+    quality_rows = []
+    for name, e in embedders.items():
+        if name == "fp32":
+            continue
+        cos = np.sum(e.encode_ids(qids) * reference, axis=1)
+        results["quality"][name] = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
+        quality_rows.append([name, f"{cos.min():.5f}", f"{cos.mean():.5f}"])
+    print_table(["precision", "cosine to fp32, min", "mean"], quality_rows)
+    print("results:", write_results("rag_embed_precision", results))
+
+
+if __name__ == "__main__":
+    main()
