@@ -1,6 +1,10 @@
-"""Embedding throughput of MiniLM (all-MiniLM-L6-v2) by precision — fp32, bf16 (autocast), int8 (dynamic
-quantization of nn.Linear) and, for comparison, torchao's int8 dynamic-activation int8-weight — interleaved in one
-process, plus how close each one's vectors are to fp32's.
+"""Embedding throughput of MiniLM (all-MiniLM-L6-v2) by precision — fp32, bf16 (autocast), ``int8`` (every
+nn.Linear as int8 weights per output row times int8 activations per token, ``torch._int_mm``, the rounding and the
+rescaling each one ``torch.compile``d pass; :class:`PerTokenInt8Linear`), ``ao-dynamic`` (``torch.ao``'s deprecated
+``quantize_dynamic``: per-channel weights, one activation scale per batch, fbgemm) and ``torchao-int8`` (torchao's
+int8 dynamic-activation int8-weight, eager) — interleaved in one process, plus how close each one's vectors are to
+fp32's. The int8 variants are experiments (docs/rag.md "Speed": none reached the 1.6x at fp32's recall that
+``ds rag`` would need to ship one); ``Embedder`` itself runs fp32 or bf16.
 
     python benchmarks/bench_rag_embed_precision.py --lengths 128 250 --batch 32 --rounds 5
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
@@ -26,6 +30,7 @@ setup_path()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from deepseek.data import python_stdlib_dir  # noqa: E402
 from deepseek.rag.embed import Embedder  # noqa: E402
@@ -52,6 +57,57 @@ def windows(embedder: Embedder, text: str, length: int, count: int, offset: int 
     return rows
 
 
+def quantize_tokens(x_MI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row to int8 in -127..127 with its own scale: ``(q int8 [M, I], scale fp32 [M, 1])``."""
+    scale = x_MI.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+    return (x_MI / scale).round().to(torch.int8), scale
+
+
+def scale_sums(y_MO, x_scale_M1, w_scale_O, bias_O):
+    """int32 sums back to floats: times each token's and each weight row's scale, plus the bias."""
+    y = y_MO.float() * x_scale_M1 * w_scale_O
+    return y + bias_O if bias_O is not None else y
+
+
+# One fused pass each (dynamic shapes: one graph for every batch and length). As separate eager passes they cost
+# more than the int8 product itself (384-input products are cheap): int8 then ran 0.85x fp32.
+quantize_tokens_fused = torch.compile(quantize_tokens, dynamic=True)
+scale_sums_fused = torch.compile(scale_sums, dynamic=True)
+
+
+class PerTokenInt8Linear(torch.nn.Module):
+    """nn.Linear as int8 weights (one scale per output row) x int8 activations (one scale per token)."""
+
+    def __init__(self, linear: torch.nn.Linear, fast_int8: bool):
+        super().__init__()
+        from deepseek.nn.quantized import quantize_int8_rows
+
+        self.q, self.scale = quantize_int8_rows(linear.weight)
+        self.bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.in_features, self.out_features, self.fast_int8 = linear.in_features, linear.out_features, fast_int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, x_scale = quantize_tokens_fused(x.reshape(-1, self.in_features).float())
+        # Without VNNI/AMX _int_mm is many times slower than fp32: the same integer sums, exact in fp32, instead.
+        sums = torch._int_mm(xq, self.q.t()) if self.fast_int8 else F.linear(xq.float(), self.q.float())
+        return scale_sums_fused(sums, x_scale, self.scale, self.bias).view(*x.shape[:-1], self.out_features)
+
+
+def per_token_int8_embedder(base: Embedder) -> Embedder:
+    """A copy of ``base`` with every nn.Linear a :class:`PerTokenInt8Linear`."""
+    from deepseek.hardware import hardware_profile, int8_products_fast
+
+    fast = int8_products_fast(hardware_profile("cpu", measure=True))
+    other = copy.copy(base)
+    other.model = copy.deepcopy(base.model)
+    for parent in list(other.model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, child_name, PerTokenInt8Linear(child, fast))
+    other.precision = "int8" + ("" if fast else " (no VNNI/AMX: fp32 products of the integers)")
+    return other
+
+
 def torchao_embedder(base: Embedder) -> Embedder | None:
     """A copy of ``base`` with torchao's Int8DynamicActivationInt8WeightConfig on its Linear layers (None where
     torchao is missing or refuses)."""
@@ -68,6 +124,19 @@ def torchao_embedder(base: Embedder) -> Embedder | None:
     return other
 
 
+def ao_dynamic_embedder(base: Embedder) -> Embedder:
+    """A copy of ``base`` through ``torch.ao.quantization.quantize_dynamic`` (deprecated; fbgemm/x86 kernels)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    other = copy.copy(base)
+    other.model = copy.deepcopy(base.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(other.model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    other.precision = "ao-dynamic"
+    return other
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 250])
@@ -75,7 +144,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=64, help="rows per timed encode")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "torchao-int8"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "ao-dynamic", "torchao-int8"])
     parser.add_argument("--quality-texts", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,12 +152,17 @@ def main() -> None:
     print_machine(info)
 
     base = Embedder.load(precision="fp32")
+    print("# torch.backends.cpu.get_cpu_capability():", torch.backends.cpu.get_cpu_capability())
     embedders = {"fp32": base}
     for precision in args.precisions:
         if precision == "torchao-int8":
             made = torchao_embedder(base)
             if made is not None:
                 embedders[precision] = made
+        elif precision == "int8":
+            embedders[precision] = per_token_int8_embedder(base)
+        elif precision == "ao-dynamic":
+            embedders[precision] = ao_dynamic_embedder(base)
         elif precision != "fp32":
             embedders[precision] = Embedder.load(precision=precision)
     text = stdlib_text()
@@ -124,6 +198,8 @@ def main() -> None:
         cos = np.sum(e.encode_ids(qids) * reference, axis=1)
         results["quality"][name] = {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
         quality_rows.append([name, f"{cos.min():.5f}", f"{cos.mean():.5f}"])
+    for name, e in embedders.items():
+        print(f"# {name}: {e.precision}")
     print_table(["precision", "cosine to fp32, min", "mean"], quality_rows)
     print("results:", write_results("rag_embed_precision", results))
 

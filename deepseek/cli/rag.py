@@ -33,17 +33,13 @@ def index_command(
                                             "default) or a local sentence-transformers directory; an existing "
                                             "index keeps its own."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Chunks per embedding batch."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp32, or bf16 where the CPU runs it "
-                                            "fast), fp32, bf16, or int8 (int8 Linear layers on CPUs with VNNI/AMX; "
-                                            "the index is then queried in int8; see docs/rag.md Speed). Default: "
-                                            "auto, or an existing int8 index's int8."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Index documents (or update an index): chunk by the embedding model's tokens, embed, store FAISS + BM25."""
     from deepseek.rag.index import build_index
 
     summary = build_index(sources, out, embedder=embedding, max_tokens=max_tokens, overlap_tokens=overlap,
-                          batch_size=batch_size, progress=not quiet, precision=precision)
+                          batch_size=batch_size, progress=not quiet)
     print_index_summary(summary)
 
 

@@ -16,11 +16,6 @@ Precision ``auto`` is bf16 only where :func:`deepseek.hardware.bf16_products_fas
 this device (never on an AVX2-only CPU, where they are many times slower), else fp32. bf16 runs under autocast:
 layer norms, softmax and pooling stay in fp32, which tracks the fp32 vectors closer (cosine ≥ 0.9999 on MiniLM)
 than casting the weights to bf16.
-
-Precision ``int8`` (explicit, CPU only) swaps every ``nn.Linear`` of the model for an int8 one (int8 weights per
-output row, activations rounded to int8 per token on the fly; :func:`quantize_linear_int8`): attention scores,
-softmax, layer norms and pooling stay fp32. See docs/rag.md "Speed" for what
-it gains and costs on MiniLM.
 """
 
 from __future__ import annotations
@@ -42,7 +37,6 @@ DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
 # per text on CPU (120-token texts, one thread: 39 texts/s in batches of 16, 36 in batches of 64, on a busy shared
 # host), while their attention grows with the square of the length and their padding with the batch.
 BATCH_TOKENS = 4096
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 class EmbeddingModelError(UserFacingError, ValueError):
@@ -76,42 +70,17 @@ def resolve_model(name_or_path: Optional[str]) -> tuple[str, Path]:
 
 
 def embedding_precision(requested: str, profile: HardwareProfile) -> PrecisionChoice:
-    """The choice (``precision`` fp32, bf16 or int8, and why) for ``requested`` (``auto``/``fp32``/``bf16``/``int8``)
-    on a device's ``profile``: auto is bf16 only where bf16 products of token blocks are fast there
+    """The choice (``precision`` fp32 or bf16, and why) for ``requested`` (``auto``/``fp32``/``bf16``) on a device's
+    ``profile``: auto is bf16 only where bf16 products of token blocks are fast there
     (:func:`deepseek.hardware.choose_precision`); an explicit bf16 where it is slow is honoured with a warning
-    (once). A CUDA device without bf16 (auto -> fp16, which this path does not run) gets fp32. int8 is only ever
-    explicit, and CPU only (the quantized kernels are fbgemm/x86 CPU kernels)."""
-    if requested not in PRECISIONS:
-        raise EmbeddingModelError(f"embedding precision {requested!r}: valid values are {', '.join(PRECISIONS)}")
-    if requested == "int8":
-        if profile.device_type != "cpu":
-            raise EmbeddingModelError(f"embedding precision int8 runs on a CPU only, not on {profile.device_type}")
-        return PrecisionChoice("int8", "int8", "int8 requested: nn.Linear weights int8 per row, activations int8 "
-                                               "per token (deepseek.nn.quantized int8-dynamic)")
+    (once). A CUDA device without bf16 (auto -> fp16, which this path does not run) gets fp32."""
+    if requested not in ("auto", "fp32", "bf16"):
+        raise EmbeddingModelError(f"embedding precision {requested!r}: valid values are auto, fp32, bf16")
     choice = choose_precision(requested, profile, workload="train")  # token blocks, as in prefill
     warn_once(choice.warning)
     if choice.precision == "fp16":
         return PrecisionChoice(requested, "fp32", f"{choice.reason}; fp16 is not run here, fp32 instead")
     return choice
-
-
-def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap ``model``'s ``nn.Linear`` layers, in place, for int8 ones (:class:`deepseek.nn.quantized.QuantizedLinear`,
-    scheme ``int8-dynamic``: one symmetric scale per weight row, activations rounded per token on the fly).
-
-    Why not ``torch.ao.quantization.quantize_dynamic``: deprecated, and its one activation scale per *batch* lets
-    MiniLM's outlier channels flatten every other value (cosine to fp32 down to 0.96 on stdlib chunks, against
-    0.99+ per token); torchao's int8 dynamic-activation tensors are per token but slower than fp32 in eager mode on
-    CPU (docs/rag.md "Speed"). The kernel is chosen by the hardware: ``_int_mm`` where the CPU has VNNI/AMX, an
-    exact but slow fp32 path elsewhere.
-    """
-    from deepseek.nn.quantized import QuantizedLinear
-
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(parent, child_name, QuantizedLinear.from_linear(child, "int8-dynamic"))
-    return model
 
 
 class Embedder:
@@ -151,8 +120,6 @@ class Embedder:
         if getattr(model, "tokenizer", None) is None:
             raise EmbeddingModelError(f"embedding model {name_or_path or name!r}: {path} has no text tokenizer")
         model.eval()
-        if chosen.precision == "int8":
-            quantize_linear_int8(model)
         return cls(model, name=name, path=path, device=str(device), precision=chosen.precision,
                    precision_reason=chosen.reason)
 

@@ -201,27 +201,6 @@ def check_embedder(manifest: dict, embedder: "Embedder", where: str | Path) -> N
             f"{embedder.name} ({embedder.dimension} dimensions): use the same model, or index into a new directory")
 
 
-def index_precision(manifest: dict) -> str | None:
-    """The precision an index's vectors must be computed in to be comparable: ``int8`` for an index built in int8
-    (its vectors differ from fp32's by more than rounding: cosine ~0.99), else None (fp32 and bf16 vectors agree to
-    rounding, so any precision will do)."""
-    return "int8" if manifest["embedding"].get("precision") == "int8" else None
-
-
-def update_precision(manifest: dict | None, requested: str | None) -> str:
-    """The precision to embed with when indexing into an index with ``manifest`` (None: a new index): ``requested``,
-    else the index's own int8, else ``auto``. Adding fp32/bf16 vectors to an int8 index (or int8 to another) would mix
-    two slightly different spaces, so that is refused."""
-    existing = index_precision(manifest) if manifest is not None else None
-    if requested is None or requested == "auto":
-        return existing or "auto"
-    if manifest is not None and (existing == "int8") != (requested == "int8"):
-        raise ConfigError(f"this index was built with precision {manifest['embedding'].get('precision')}, not "
-                          f"{requested}: int8 vectors and fp32/bf16 vectors are not mixed in one index (index into a "
-                          f"new directory)")
-    return requested
-
-
 class KnowledgeIndex:
     """An index directory opened for search: ``chunks`` by id, dense search through FAISS, lexical through BM25."""
 
@@ -246,7 +225,7 @@ class KnowledgeIndex:
         path = Path(path)
         manifest = read_manifest(path)
         if embedder is None:
-            embedder = Embedder.load(manifest["embedding"]["name"], precision=index_precision(manifest) or "auto")
+            embedder = Embedder.load(manifest["embedding"]["name"])
         check_embedder(manifest, embedder, path)
         chunks = read_chunks(path / "chunks.jsonl")
         vectors = read_faiss(path / "vectors.faiss")
@@ -338,14 +317,12 @@ def _progress_bar(enabled: bool):
 
 def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Embedder | str | None" = None,
                 max_tokens: int | None = None, overlap_tokens: int | None = None, batch_size: int = 64,
-                flat_limit: int = FLAT_LIMIT, progress: bool = True, precision: str | None = None) -> dict:
+                flat_limit: int = FLAT_LIMIT, progress: bool = True) -> dict:
     """Index ``sources`` (files, folders, globs) into the directory ``out``, or update the index there.
 
     ``embedder``: an :class:`Embedder`, a model name or path, or None (the existing index's model, else
     all-MiniLM-L6-v2). ``max_tokens`` (default: the model's, specials included) and ``overlap_tokens`` (default 32,
-    or the existing index's) size the chunks; changing them re-chunks every file. ``precision`` (``auto``, ``fp32``,
-    ``bf16``, ``int8``; for a model named here; default: an existing int8 index's int8, else auto) is recorded in the
-    manifest; an int8 index is queried in int8 (:func:`index_precision`). Returns a summary: ``indexed``,
+    or the existing index's) size the chunks; changing them re-chunks every file. Returns a summary: ``indexed``,
     ``unchanged``, ``removed`` (paths), ``skipped`` ((path, reason) pairs), ``chunks`` (live), ``embedded`` and
     ``reused`` (vectors computed vs taken from the old index), ``faiss`` (the choice and why), ``seconds``.
     """
@@ -360,11 +337,7 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     if embedder is None or isinstance(embedder, str):
         name = embedder if embedder is not None else (previous.manifest["embedding"]["name"] if previous.manifest
                                                       else None)
-        embedder = Embedder.load(name, precision=update_precision(previous.manifest, precision))
-    elif precision is not None:
-        raise ConfigError("precision is for a model named by name or path; a loaded Embedder has its own")
-    else:
-        update_precision(previous.manifest, embedder.precision)  # no mixing of int8 and float vectors
+        embedder = Embedder.load(name)
     if previous.manifest is not None:
         check_embedder(previous.manifest, embedder, out)
     old_chunker = previous.manifest["chunker"] if previous.manifest else {}

@@ -101,17 +101,15 @@ def open_for_queries(path, *, embedder=None) -> "KnowledgeIndex":
     Without an ``embedder``, the manifest's model is loaded at the precision of one-row work (``decode`` in
     :func:`deepseek.hardware.resolve_precision`), not the index's: a question is one short row, and on CPUs with
     native bf16, where indexing runs bf16, one-row bf16 products are slower than fp32 (a MiniLM query encode took
-    1.24x the fp32 time on an AMX Xeon). Same model, same vectors up to rounding. An index built in int8 is queried
-    in int8 (:func:`deepseek.rag.index.index_precision`): int8 vectors are the same model's only up to ~1 %.
+    1.24x the fp32 time on an AMX Xeon). Same model, same vectors up to rounding.
     """
     from deepseek.hardware import resolve_precision
     from deepseek.rag.embed import Embedder
-    from deepseek.rag.index import KnowledgeIndex, index_precision, read_manifest
+    from deepseek.rag.index import KnowledgeIndex, read_manifest
 
     if embedder is None:
-        manifest = read_manifest(path)
-        precision = index_precision(manifest) or resolve_precision("auto", "cpu", workload="decode").precision
-        embedder = Embedder.load(manifest["embedding"]["name"], precision=precision)
+        name = read_manifest(path)["embedding"]["name"]
+        embedder = Embedder.load(name, precision=resolve_precision("auto", "cpu", workload="decode").precision)
     return KnowledgeIndex.open(path, embedder=embedder)
 
 
