@@ -1,8 +1,9 @@
 """Embedding throughput of MiniLM (all-MiniLM-L6-v2) by precision — fp32, bf16 (autocast), ``int8`` (every
 nn.Linear as int8 weights per output row times int8 activations per token, ``torch._int_mm``, the rounding and the
 rescaling each one ``torch.compile``d pass; :class:`PerTokenInt8Linear`), ``ao-dynamic`` (``torch.ao``'s deprecated
-``quantize_dynamic``: per-channel weights, one activation scale per batch, fbgemm) and ``torchao-int8`` (torchao's
-int8 dynamic-activation int8-weight, eager) — interleaved in one process, plus how close each one's vectors are to
+``quantize_dynamic``: per-channel weights, one activation scale per batch, fbgemm) ``torchao-int8`` (torchao's
+int8 dynamic-activation int8-weight, eager) and ``fp32-compiled`` (the fp32 transformer under ``torch.compile``,
+dynamic shapes; named with --precisions) — interleaved in one process, plus how close each one's vectors are to
 fp32's. The int8 variants are experiments (docs/rag.md "Speed": none reached the 1.6x at fp32's recall that
 ``ds rag`` would need to ship one); ``Embedder`` itself runs fp32 or bf16.
 
@@ -108,6 +109,15 @@ def per_token_int8_embedder(base: Embedder) -> Embedder:
     return other
 
 
+def compiled_embedder(base: Embedder) -> Embedder:
+    """A copy of ``base`` whose transformer forward is ``torch.compile``d with dynamic shapes (fp32)."""
+    other = copy.copy(base)
+    other.model = copy.deepcopy(base.model)
+    other.model[0].auto_model = torch.compile(other.model[0].auto_model, dynamic=True)
+    other.precision = "fp32-compiled"
+    return other
+
+
 def torchao_embedder(base: Embedder) -> Embedder | None:
     """A copy of ``base`` with torchao's Int8DynamicActivationInt8WeightConfig on its Linear layers (None where
     torchao is missing or refuses)."""
@@ -161,6 +171,8 @@ def main() -> None:
                 embedders[precision] = made
         elif precision == "int8":
             embedders[precision] = per_token_int8_embedder(base)
+        elif precision == "fp32-compiled":
+            embedders[precision] = compiled_embedder(base)
         elif precision == "ao-dynamic":
             embedders[precision] = ao_dynamic_embedder(base)
         elif precision != "fp32":
