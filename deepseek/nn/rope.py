@@ -30,11 +30,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos_table[positions_BT], self.sin_table[positions_BT]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys [B, H, T, Dh] by the angles of their positions.
 
@@ -45,10 +40,10 @@ def apply_rotary(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if cos.dtype != x_BHTD.dtype:
         cos, sin = cos.to(x_BHTD.dtype), sin.to(x_BHTD.dtype)
-    # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi], exactly (negation is exact): a roll instead of a
-    # cat of two negated slices, whose backward is one more roll (~10-25 % faster forward + backward at Dh 32). Not
-    # addcmul: its fused multiply-add rounds differently in vectorised and tail loops, so results would depend on
-    # the tensor's shape (a pipeline's micro-batch vs the whole batch).
+    # The "rotate half" term [-x_hi, x_lo] * sin equals roll(x, half) * [-sin_lo, sin_hi] exactly (negation is
+    # exact): a roll instead of a cat of two negated slices, whose backward is one more roll (~10-25 % faster forward
+    # + backward at Dh 32). Not addcmul: its fused multiply-add rounds differently in vectorised and tail loops, so
+    # results would depend on the tensor's shape (a pipeline's micro-batch vs the whole batch).
     half = x_BHTD.shape[-1] // 2
     signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     return x_BHTD * cos + x_BHTD.roll(half, dims=-1) * signed_sin
