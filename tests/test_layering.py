@@ -13,8 +13,9 @@ LAYERS = [
     ["cli"],  # the `ds` command: imports anything, imported by nothing
     ["deepseek", "compat"],  # the public API; the seed programs' old names
     ["serve", "bench"],  # repository, backends, protocols; the load clients (client tools, never the server)
-    # compress fine-tunes through the trainer; finetune: SFT/DPO/reward/GRPO runs; rag: the knowledge base
-    ["compress", "export", "finetune", "rag"],
+    # compress fine-tunes through the trainer; finetune: SFT/DPO/reward/GRPO runs; rag: the knowledge base;
+    # ops: ds profile / ds logs / ds plan
+    ["compress", "export", "finetune", "rag", "ops"],
     # sandboxed code execution, pass@k and the code rewards (sampling through generate): below finetune, whose GRPO
     # scores completions with them; it imports only generate, data and itself
     ["evaluation"],
