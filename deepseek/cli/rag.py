@@ -84,16 +84,18 @@ def _preview(text: str, width: int = PREVIEW_CHARS) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-def _open_retriever(index: Path, mode: str, paths: Optional[list[str]], types: Optional[list[str]]):
+def _open_retriever(index: Path, mode: str, paths: Optional[list[str]], types: Optional[list[str]], fusion: str):
     from deepseek.rag.extra import require_rag_extra
     from deepseek.rag.retrieve import Retriever, check_options, open_for_queries
 
-    check_options(mode, types)
+    check_options(mode, types, fusion)
     require_rag_extra()
-    return Retriever(open_for_queries(index), mode, paths=paths, types=types)
+    return Retriever(open_for_queries(index), mode, paths=paths, types=types, fusion=fusion)
 
 
-_MODE_HELP = "hybrid (dense + BM25, fused by reciprocal rank), dense (embeddings) or bm25 (keywords)."
+_MODE_HELP = "hybrid (dense + BM25 fused), dense (embeddings) or bm25 (keywords)."
+_FUSION_HELP = ("How hybrid fuses the two rankings: convex (0.7 dense + 0.3 BM25, min-max normalised scores) or rrf "
+                "(reciprocal rank fusion, k = 60).")
 _PATH_HELP = "Only chunks whose source matches this glob (repeatable; `*` crosses folders, e.g. 'docs/*.md')."
 _TYPE_HELP = "Only chunks of this file type: py, md, rst, txt, html, pdf, jsonl (repeatable)."
 
@@ -104,12 +106,13 @@ def query_command(
     question: str = typer.Argument(..., help="What to look for."),
     k: int = typer.Option(5, "-k", "--k", min=1, help="How many chunks to return."),
     mode: str = typer.Option("hybrid", help=_MODE_HELP),
+    fusion: str = typer.Option("convex", help=_FUSION_HELP),
     path: Optional[list[str]] = typer.Option(None, "--path", help=_PATH_HELP),
     type_: Optional[list[str]] = typer.Option(None, "--type", help=_TYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the hits as JSON (with their full text)."),
 ) -> None:
     """The chunks of INDEX that best match QUESTION, ranked, with their sources."""
-    hits = _open_retriever(index, mode, path, type_).search(question, k)
+    hits = _open_retriever(index, mode, path, type_, fusion).search(question, k)
     if as_json:
         typer.echo(json.dumps({"query": question, "mode": mode, "hits": [h.to_dict() for h in hits]}, indent=2,
                               ensure_ascii=False))
@@ -141,6 +144,7 @@ def ask_command(
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="The model name at --llm-url."),
     k: int = typer.Option(5, "-k", "--k", min=1, help="How many chunks to give the model as sources."),
     mode: str = typer.Option("hybrid", help=_MODE_HELP),
+    fusion: str = typer.Option("convex", help=_FUSION_HELP),
     path: Optional[list[str]] = typer.Option(None, "--path", help=_PATH_HELP),
     type_: Optional[list[str]] = typer.Option(None, "--type", help=_TYPE_HELP),
     max_new_tokens: int = typer.Option(256, min=1, help="Tokens to generate at most."),
@@ -157,7 +161,7 @@ def ask_command(
         raise ConfigError("answer with either --model DIR or --llm-url URL --llm-model NAME")
     if llm_url is not None and not llm_model:
         raise ConfigError("--llm-url needs --llm-model, the name the server knows the model by")
-    hits = _open_retriever(index, mode, path, type_).search(question, k)
+    hits = _open_retriever(index, mode, path, type_, fusion).search(question, k)
     generator = DeepSeekGenerator(model, llm_url=llm_url, model=llm_model, max_new_tokens=max_new_tokens,
                                   temperature=temperature, seed=seed)
     result = answer_question(question, hits, generator)
@@ -178,6 +182,7 @@ def eval_command(
     questions: Path = typer.Argument(..., help="Questions as JSONL: {\"query\", \"relevant\": [{\"source\", "
                                                "\"title\" | \"span\"}]} (see `ds rag make-evalset`)."),
     k: int = typer.Option(5, "-k", "--k", min=1, help="Cut-off of recall@k, MRR@k and nDCG@k."),
+    fusion: str = typer.Option("convex", help=_FUSION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Recall@k, MRR@k and nDCG@k of dense, BM25 and hybrid retrieval over a question set."""
@@ -185,8 +190,11 @@ def eval_command(
     from deepseek.rag.extra import require_rag_extra
     from deepseek.rag.index import KnowledgeIndex
 
+    from deepseek.rag.retrieve import check_options
+
+    check_options("hybrid", fusion=fusion)
     require_rag_extra()
-    report = evaluate(KnowledgeIndex.open(index), load_questions(questions), k)
+    report = evaluate(KnowledgeIndex.open(index), load_questions(questions), k, fusion=fusion)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

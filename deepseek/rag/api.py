@@ -23,16 +23,17 @@ from deepseek.rag.retrieve import Hit, Retriever, check_options, open_for_querie
 
 class DeepSeekRetriever:
     """Opens the index at ``index_path`` once and retrieves ``k`` chunks per question in ``mode`` (hybrid, dense,
-    bm25), optionally restricted to ``paths`` globs and file ``types``. The manifest's model embeds the questions at
-    the precision of one-row work (:func:`~deepseek.rag.retrieve.open_for_queries`); ``embedder`` overrides it (the
+    bm25; ``fusion``: convex or rrf, see :mod:`deepseek.rag.retrieve`), optionally restricted to ``paths`` globs and
+    file ``types``. The manifest's model embeds the questions at the precision of one-row work (:func:`~deepseek.rag.retrieve.open_for_queries`); ``embedder`` overrides it (the
     same model only: a different one is an ``IndexMismatchError``)."""
 
     def __init__(self, index_path: str | Path, k: int = 5, mode: str = "hybrid", *,
-                 paths: Optional[Sequence[str]] = None, types: Optional[Sequence[str]] = None, embedder=None):
-        check_options(mode, types)
+                 paths: Optional[Sequence[str]] = None, types: Optional[Sequence[str]] = None,
+                 fusion: str = "convex", embedder=None):
+        check_options(mode, types, fusion)
         self.index = open_for_queries(index_path, embedder=embedder)
         self.k = k
-        self.retriever = Retriever(self.index, mode, paths=paths, types=types)
+        self.retriever = Retriever(self.index, mode, paths=paths, types=types, fusion=fusion)
 
     @property
     def mode(self) -> str:

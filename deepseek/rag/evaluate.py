@@ -129,8 +129,9 @@ def query_metrics(ranked: Sequence[int], relevant: Sequence[frozenset[int]], k: 
 
 
 def evaluate(index: "KnowledgeIndex", questions: Sequence[Question], k: int = 5,
-             modes: Sequence[str] = MODES) -> dict:
-    """Mean recall@k, MRR@k and nDCG@k of each retrieval mode over ``questions``, plus ms per query.
+             modes: Sequence[str] = MODES, fusion: str = "convex") -> dict:
+    """Mean recall@k, MRR@k and nDCG@k of each retrieval mode over ``questions``, plus ms per query; ``hybrid``
+    fuses by ``fusion`` (recorded in the report).
 
     Questions none of whose selectors matches a chunk of the index are left out and counted as ``unmatched``;
     when that is all of them the index is not the question set's corpus: a :class:`QuestionSetError`.
@@ -143,10 +144,11 @@ def evaluate(index: "KnowledgeIndex", questions: Sequence[Question], k: int = 5,
         raise QuestionSetError(f"none of the {len(questions)} questions' relevant chunks is in the index: "
                                "was the index built from the question set's corpus?")
     queries = [q.query for q, _ in judged]
-    report = {"k": k, "questions": len(judged), "unmatched": len(questions) - len(judged), "modes": {}}
+    report = {"k": k, "questions": len(judged), "unmatched": len(questions) - len(judged), "fusion": fusion,
+              "modes": {}}
     for mode in modes:
         start = time.perf_counter()
-        results = Retriever(index, mode).search_many(queries, k)
+        results = Retriever(index, mode, fusion=fusion).search_many(queries, k)
         seconds = time.perf_counter() - start
         per_query = [query_metrics([h.chunk.id for h in hits], ids, k) for hits, (_, ids) in zip(results, judged)]
         report["modes"][mode] = {f"{name}@{k}": sum(m[name] for m in per_query) / len(per_query)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from deepseek.rag.retrieve import RetrievalError, Retriever, chunk_location, path_matches, reciprocal_rank_fusion
+from deepseek.rag.retrieve import (RetrievalError, Retriever, chunk_location, convex_fusion, path_matches,
+                                   reciprocal_rank_fusion)
 
 
 def test_rrf_matches_a_hand_computed_ranking():
@@ -58,13 +59,47 @@ def test_dense_and_bm25_modes_are_the_index_rankings(opened_index):
     assert ids(bm25) == [i for i, _ in opened_index.lexical([query], 3)[0]]
 
 
-def test_hybrid_is_the_rrf_of_the_top_4k_of_each(opened_index):
+def test_convex_fusion_matches_a_hand_computed_ranking():
+    dense = [(1, 0.9), (2, 0.7), (3, 0.5)]  # min-max: 1 -> 1, 2 -> 0.5, 3 -> 0
+    bm25 = [(3, 12.0), (4, 8.0), (2, 4.0)]  # min-max: 3 -> 1, 4 -> 0.5, 2 -> 0
+    fused = convex_fusion(dense, bm25, bm25_weight=0.3)
+    # 1: 0.7; 2: 0.35 + 0 = 0.35; 3: 0 + 0.3 = 0.3; 4: 0 + 0.15 = 0.15
+    assert [i for i, _ in fused] == [1, 2, 3, 4]
+    assert [s for _, s in fused] == pytest.approx([0.7, 0.35, 0.3, 0.15])
+    # BM25 weighted more than dense turns the order of 2 and 3 around
+    assert [i for i, _ in convex_fusion(dense, bm25, bm25_weight=0.6)] == [3, 1, 4, 2]
+
+
+def test_convex_fusion_edge_cases():
+    assert convex_fusion([], []) == []
+    assert convex_fusion([(5, 0.4)], []) == [(5, pytest.approx(0.7))]  # one score alone normalises to 1
+    assert [i for i, _ in convex_fusion([(1, 0.5), (2, 0.5)], [])] == [1, 2]  # a tie keeps the dense order
+    dense = [(1, 0.9), (2, 0.1)]
+    assert [i for i, _ in convex_fusion(dense, [(2, 3.0)], bm25_weight=0.0)] == [1, 2]
+    assert convex_fusion(dense, [], bm25_weight=1.0)[0][1] == 0.0
+    with pytest.raises(RetrievalError, match="BM25 weight"):
+        convex_fusion([(1, 1.0)], [], bm25_weight=1.5)
+
+
+def test_hybrid_is_the_convex_fusion_of_the_top_4k_of_each(opened_index):
+    query = "backups written every night"
+    k = 3
+    dense = opened_index.dense([query], 4 * k)[0]
+    bm25 = opened_index.lexical([query], 4 * k)[0]
+    expected = convex_fusion(dense, bm25)[:k]
+    hits = Retriever(opened_index, "hybrid").search(query, k)
+    assert ids(hits) == [i for i, _ in expected]
+    assert [h.score for h in hits] == pytest.approx([s for _, s in expected])
+    assert hits[0].chunk.source.endswith("guide.md") and hits[0].chunk.title == "Backups"
+
+
+def test_hybrid_rrf_is_the_rrf_of_the_top_4k_of_each(opened_index):
     query = "backups written every night"
     k = 3
     dense = [i for i, _ in opened_index.dense([query], 4 * k)[0]]
     bm25 = [i for i, _ in opened_index.lexical([query], 4 * k)[0]]
     expected = reciprocal_rank_fusion([dense, bm25])[:k]
-    hits = Retriever(opened_index, "hybrid").search(query, k)
+    hits = Retriever(opened_index, "hybrid", fusion="rrf").search(query, k)
     assert ids(hits) == [i for i, _ in expected]
     assert [h.score for h in hits] == pytest.approx([s for _, s in expected])
     assert hits[0].chunk.source.endswith("guide.md") and hits[0].chunk.title == "Backups"
@@ -114,6 +149,10 @@ def test_bad_requests_are_one_line_errors(opened_index):
         Retriever(opened_index, types=["docx"])
     with pytest.raises(RetrievalError, match="k must be >= 1"):
         Retriever(opened_index).search("x", 0)
+    with pytest.raises(RetrievalError, match="unknown fusion 'max'; choose one of convex, rrf"):
+        Retriever(opened_index, fusion="max")
+    with pytest.raises(RetrievalError, match="BM25 weight"):
+        Retriever(opened_index, bm25_weight=-0.1)
 
 
 def test_locations_name_lines_pages_and_rows(opened_index):

@@ -206,10 +206,13 @@ def test_bad_retrieval_configs_leave_the_model_unavailable(tmp_path, index_dir):
     (tmp_path / "badk" / "1").mkdir(parents=True)
     (tmp_path / "badk" / "config.yaml").write_text(yaml.safe_dump({"backend": "retrieval", "parameters": {
         "index": str(index_dir), "k": 50, "max_k": 10}}))
+    (tmp_path / "badfusion" / "1").mkdir(parents=True)
+    (tmp_path / "badfusion" / "config.yaml").write_text(yaml.safe_dump({"backend": "retrieval", "parameters": {
+        "index": str(index_dir), "fusion": "max"}}))
     from deepseek.serve.backends import BackendError, load_backend
     from deepseek.serve.config import load_serving_config
 
-    for name, says in (("missing", "manifest"), ("badk", "exceeds max_k")):
+    for name, says in (("missing", "manifest"), ("badk", "exceeds max_k"), ("badfusion", "fusion 'max' is not one of")):
         with pytest.raises(BackendError, match=says):
             load_backend(name, 1, tmp_path / name / "1", load_serving_config(tmp_path / name / "config.yaml"))
 

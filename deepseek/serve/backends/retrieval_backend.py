@@ -3,6 +3,7 @@
     # <repo>/kb/config.yaml                     the version folder 1/ may be empty when parameters.index names one
     backend: retrieval
     parameters: {index: ../indexes/kb, mode: hybrid, k: 5}   # relative to this file's folder; default: the version
+    # parameters.fusion: how hybrid fuses dense and BM25 (convex, the default, or rrf)
                                                              # folder itself is the index directory
     # parameters.max_k (100), max_queries (64): the largest k and number of queries a request may ask for
     # parameters.batch_tokens: padded tokens per forward, as for embedding models
@@ -24,12 +25,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from deepseek.rag.embed import BATCH_TOKENS, Embedder
-from deepseek.rag.retrieve import MODES, Hit, Retriever
+from deepseek.rag.retrieve import FUSIONS, MODES, Hit, Retriever
 from deepseek.serve.backends.base import BackendError
 from deepseek.serve.backends.embedding_backend import EmbedderBackend
 from deepseek.serve.config import ServingConfig
 
-PARAMETERS = ("index", "mode", "k", "max_k", "max_queries", "batch_tokens")
+PARAMETERS = ("index", "mode", "fusion", "k", "max_k", "max_queries", "batch_tokens")
 DEFAULT_MAX_K = 100
 DEFAULT_MAX_QUERIES = 64
 RETRIEVERS_KEPT = 32  # filter combinations whose allowed-chunk sets are kept (each costs one pass over the chunks)
@@ -56,6 +57,10 @@ class RetrievalBackend(EmbedderBackend):
         self.mode = params.get("mode", "hybrid")
         if self.mode not in MODES:
             raise BackendError(f"model {name!r}: parameters.mode {self.mode!r} is not one of {', '.join(MODES)}")
+        self.fusion = params.get("fusion", "convex")
+        if self.fusion not in FUSIONS:
+            raise BackendError(f"model {name!r}: parameters.fusion {self.fusion!r} is not one of "
+                               f"{', '.join(FUSIONS)}")
         self.max_k = _positive_int(name, params, "max_k", DEFAULT_MAX_K)
         self.default_k = _positive_int(name, params, "k", min(5, self.max_k))
         if self.default_k > self.max_k:
@@ -77,7 +82,7 @@ class RetrievalBackend(EmbedderBackend):
         """What the index holds and the request defaults (for ``/v1/models/{model}``)."""
         manifest = self.index.manifest
         return {"index": str(self.index.path), "chunks": len(self.index), "embedding_model": manifest["embedding"]
-                ["name"], "mode": self.mode, "k": self.default_k, "max_k": self.max_k,
+                ["name"], "mode": self.mode, "fusion": self.fusion, "k": self.default_k, "max_k": self.max_k,
                 "max_queries": self.max_queries}
 
     def retriever(self, mode: str, paths: Sequence[str], types: Sequence[str]) -> Retriever:
@@ -88,7 +93,7 @@ class RetrievalBackend(EmbedderBackend):
             found = self._retrievers.get(key)
         if found is not None:
             return found
-        made = Retriever(self.index, mode, paths=paths, types=types)
+        made = Retriever(self.index, mode, paths=paths, types=types, fusion=self.fusion)
         with self._lock:
             if len(self._retrievers) >= RETRIEVERS_KEPT:
                 self._retrievers.pop(next(iter(self._retrievers)))  # the oldest combination goes
