@@ -4,6 +4,8 @@ default ports, and the metric families the server and the trainer export. Nothin
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +92,11 @@ def container_env(container: dict) -> dict[str, str]:
     return env
 
 
-def manifests() -> dict[str, list[dict]]:
+def manifests(kustomizations: bool = False) -> dict[str, list[dict]]:
     found = {}
     for path in sorted(DEPLOY.rglob("*.yaml")):
+        if path.name == "kustomization.yaml" and not kustomizations:
+            continue
         docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
         found[str(path.relative_to(DEPLOY))] = docs
     return found
@@ -131,6 +135,19 @@ def test_every_manifest_parses_and_names_its_kind():
     for docs in found.values():
         for doc in docs:
             assert doc["apiVersion"] and doc["metadata"]["name"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+@pytest.mark.parametrize("folder", ["kubernetes", "kserve"])
+def test_kustomize_renders_each_folder_to_its_manifests(folder):
+    """kubectl's built-in kustomize renders offline (no cluster): `kubectl apply -k deploy/<folder>` applies these."""
+    kustomization = yaml.safe_load((DEPLOY / folder / "kustomization.yaml").read_text())
+    rendered = subprocess.run(["kubectl", "kustomize", str(DEPLOY / folder)], capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+    kinds = sorted(doc["kind"] for doc in yaml.safe_load_all(rendered) if doc)
+    listed = sorted(doc["kind"] for name in kustomization["resources"]
+                    for doc in yaml.safe_load_all((DEPLOY / folder / name).read_text()) if doc)
+    assert kinds == listed and kinds
 
 
 def test_every_ds_command_mentioned_in_deploy_exists():
