@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from deepseek.serve.server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+from deepseek.serve.server import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,9 @@ def serve_command(
     load_model: Optional[List[str]] = typer.Option(None, help="With --model-control explicit: models to load at "
                                                               "start (repeatable; '*' = all; default: all)."),
     repository_poll_secs: float = typer.Option(15.0, help="With --model-control poll: seconds between scans."),
+    drain_timeout_secs: float = typer.Option(DEFAULT_DRAIN_TIMEOUT_S, help="On SIGTERM / Ctrl-C: seconds in-flight "
+                                             "requests get to finish before they are cut (0 = no limit). Keep a "
+                                             "pod's terminationGracePeriodSeconds above it."),
     max_request_mb: float = typer.Option(64.0, help="Largest accepted request body, in MiB."),
     access_log: Optional[str] = typer.Option(None, help="Write a JSON-lines access log to this file ('-' = stderr)."),
     routing_header: str = typer.Option("X-User-Id", help="Request header whose value keeps a user on one A/B "
@@ -79,7 +82,7 @@ def serve_command(
                     protect_inference=protect_inference, model_control=model_control, load_models=load_model,
                     poll_interval_s=repository_poll_secs, max_request_mb=max_request_mb, access_log=access_log,
                     routing_header=routing_header, torch_threads=torch_threads, adapters=adapters,
-                    embeddings=embeddings, rag_indexes=rag_indexes)
+                    embeddings=embeddings, rag_indexes=rag_indexes, drain_timeout_s=drain_timeout_secs)
     server.check_ports()
     grpc = "" if no_grpc else f", gRPC on {host}:{grpc_port}"
     what = ", ".join([str(root)] * (root is not None) + [f"embedding model {n}" for n in embeddings]

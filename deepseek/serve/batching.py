@@ -127,6 +127,7 @@ class DynamicBatcher:
         self.delay_expired = timeout_action == "delay"  # Triton's DELAY: expired requests wait behind the rest
         self._seq = 0
         self._busy = 0  # batches executing now
+        self._computing = 0  # requests inside those batches (ds_inference_requests_running)
         self._recent_rows, self._idle_since = 1.0, 0.0
         self._recent_requests = 1.0  # moving average of requests per batch: ~1 means light load (module docs)
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(instances, thread_name_prefix="batcher")
@@ -198,6 +199,11 @@ class DynamicBatcher:
     def busy(self) -> int:
         """Batches executing now (at most ``instances``)."""
         return self._busy
+
+    @property
+    def requests_running(self) -> int:
+        """Requests inside the batches executing now (queued ones are :attr:`queue_size`)."""
+        return self._computing
 
     async def stop(self, drain: bool = True) -> None:
         """Stop taking requests; with ``drain`` finish every queued and running one first."""
@@ -340,6 +346,7 @@ class DynamicBatcher:
         self._recent_requests += 0.25 * (len(batch) - self._recent_requests)
         self._recent_rows += 0.25 * (rows - self._recent_rows)
         self._busy += 1
+        self._computing += len(batch)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter_ns()
         try:
@@ -363,6 +370,7 @@ class DynamicBatcher:
         # Free the executor and wake the batching loop before answering anyone: the loop then runs before the
         # requests' handlers and the model starts on the next batch while this one's answers go out.
         self._busy -= 1
+        self._computing -= len(batch)
         if not self._busy:
             self._idle_since = time.monotonic()
         self._slots.release()

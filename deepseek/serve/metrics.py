@@ -48,6 +48,9 @@ class _ManagerCollector(Collector):
         labels = ["model", "version"]
         queue = GaugeMetricFamily("ds_inference_queue_size", "Requests waiting in the model's queue.", labels=labels)
         busy = GaugeMetricFamily("ds_instances_busy", "Model instances executing a batch now.", labels=labels)
+        # queue + running = the requests a replica holds: what an autoscaler scales on (deploy/kubernetes/hpa.yaml)
+        running = GaugeMetricFamily("ds_inference_requests_running", "Requests inside a batch executing now.",
+                                    labels=labels)
         instances = GaugeMetricFamily("ds_instances", "Model instances (parallel executors).", labels=labels)
         ready = GaugeMetricFamily("ds_model_ready", "1 when the model version is READY.", labels=labels)
         nv = {
@@ -71,6 +74,7 @@ class _ManagerCollector(Collector):
             queue.add_metric(lv, batcher.queue_size if batcher else 0)
             pending.add_metric(lv, batcher.queue_size if batcher else 0)
             busy.add_metric(lv, batcher.busy if batcher else 0)
+            running.add_metric(lv, batcher.requests_running if batcher else 0)
             instances.add_metric(lv, batcher.instances if batcher else 0)
             ready.add_metric(lv, 1 if mv.ready else 0)
             st = mv.stats
@@ -91,7 +95,7 @@ class _ManagerCollector(Collector):
             choice = getattr(mv.backend, "precision", None) if mv.backend is not None else None
             if choice is not None:
                 precision.add_metric([name, "" if version is None else str(version), choice.precision, choice.reason], 1)
-        yield from (queue, busy, instances, ready, pending, failure, precision, *nv.values())
+        yield from (queue, running, busy, instances, ready, pending, failure, precision, *nv.values())
         yield from self._generation_gauges(labels)
 
     def _generation_gauges(self, labels: list[str]) -> Iterable:

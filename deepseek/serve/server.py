@@ -35,6 +35,9 @@ class ServeError(ValueError):
 
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
+# How long a stop (SIGTERM) lets in-flight HTTP requests and gRPC calls finish before they are cut: KServe's
+# ModelServer grace period. A pod's terminationGracePeriodSeconds must exceed it (deploy/kubernetes/).
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 def repository_for_model_dir(model_dir: Path, into: Path, adapters: Optional[Mapping[str, str]] = None) -> Path:
@@ -116,8 +119,12 @@ class Server:
                  poll_interval_s: float = 15.0, max_request_mb: float = 64.0, access_log: Optional[str] = None,
                  routing_header: str = "X-User-Id", model_name: Optional[str] = None, log_level: str = "warning",
                  torch_threads: Optional[int] = None, adapters: Optional[Mapping[str, str]] = None,
-                 embeddings: Optional[Mapping[str, str]] = None, rag_indexes: Optional[Mapping[str, str]] = None):
+                 embeddings: Optional[Mapping[str, str]] = None, rag_indexes: Optional[Mapping[str, str]] = None,
+                 drain_timeout_s: Optional[float] = DEFAULT_DRAIN_TIMEOUT_S):
         self.host, self.port, self.grpc_port = host, port, grpc_port
+        if drain_timeout_s is not None and drain_timeout_s < 0:
+            raise ServeError(f"the drain timeout must be >= 0 seconds (0 = no limit), got {drain_timeout_s:g}")
+        self.drain_timeout_s = drain_timeout_s or None  # 0: wait for every in-flight request however long
         self.api_key = api_key if api_key is not None else os.environ.get("DS_API_KEY") or None
         self.protect_inference = protect_inference
         self.model_control, self.load_models, self.poll_interval_s = model_control, load_models, poll_interval_s
@@ -201,7 +208,8 @@ class Server:
         async def stop_grpc() -> None:
             server = grpc_state.pop("server", None)
             if server is not None:
-                await server.stop(grace=30)  # running RPCs finish; new ones are refused
+                # running RPCs finish; new ones are refused (grace None would abort them: "no limit" is a day)
+                await server.stop(grace=self.drain_timeout_s or 86400.0)
             if access_log is not None:
                 access_log.close()
 
@@ -218,7 +226,7 @@ class Server:
         # No proxy-header rewriting (nothing sits in front by default) and no uvicorn access log (ours is
         # structured): both cost per request on the one event-loop core.
         config = uvicorn.Config(self.build_app(), host=self.host, port=self.port, log_level=self.log_level,
-                                lifespan="on", timeout_graceful_shutdown=None, proxy_headers=False,
+                                lifespan="on", timeout_graceful_shutdown=self.drain_timeout_s, proxy_headers=False,
                                 access_log=False)
         return uvicorn.Server(config)
 

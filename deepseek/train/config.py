@@ -205,6 +205,10 @@ class TrainConfig:
                                            "to end at the limit.")
     progress: bool = _help(True, "Show a progress bar.")
     tensorboard: bool = _help(True, "Write TensorBoard scalars to run_dir/tensorboard.")
+    metrics_port: int = _help(0, "Serve the logged records as Prometheus gauges (ds_train_loss, ...) on this port from "
+                                 "rank 0 (0 = off; needs prometheus-client, the serve extra).")
+    metrics_host: str = _help("127.0.0.1", "Address the metrics_port server binds (0.0.0.0 in a container, so "
+                                           "Prometheus can scrape the pod).")
     model: ModelConfig = _help(ModelConfig, "The model: in a file or override, `preset` (tiny, small, mixtral-tiny, "
                                             "base, large) plus any ModelConfig field on top, e.g. n_routed_experts: 16.")
     vocab_from_tokenizer: bool = _help(True, "Size the model's vocabulary to the tokenizer's (model.vocab_size is then "
@@ -221,6 +225,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0 (off) or a port in 1..65535, got {self.metrics_port}")
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({micro})")

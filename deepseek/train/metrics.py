@@ -1,4 +1,5 @@
-"""What a run reports: ``metrics.jsonl`` (one JSON object per record), TensorBoard scalars, a progress bar."""
+"""What a run reports: ``metrics.jsonl`` (one JSON object per record), TensorBoard scalars, Prometheus gauges
+(opt-in, :mod:`deepseek.train.prometheus`), a progress bar."""
 
 from __future__ import annotations
 
@@ -13,13 +14,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLog:
-    """Appends records to ``run_dir/metrics.jsonl`` and mirrors numeric fields to TensorBoard."""
+    """Appends records to ``run_dir/metrics.jsonl`` and mirrors numeric fields to TensorBoard and, with a
+    ``metrics_port``, to Prometheus gauges served on ``metrics_host:metrics_port/metrics``."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, metrics_port: int = 0,
+                 metrics_host: str = "127.0.0.1"):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
         self._writer = None
+        self._exporter = None
+        if metrics_port:
+            from deepseek.train.prometheus import training_exporter
+            self._exporter = training_exporter(metrics_host, metrics_port)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -41,6 +48,8 @@ class MetricsLog:
             self._file = open(self.path, "a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._exporter is not None:
+            self._exporter.update(record)
         if self._writer is not None:
             step = record.get("step", 0)
             for key, value in record.items():

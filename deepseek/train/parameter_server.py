@@ -394,7 +394,8 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
         paths = [p for p, _ in data_paths(config.data).values()]
         tokenizer = TokenDataset(paths[0], "train").tokenizer()
         model = build_model(config, tokenizer).to(resolve_device(config.device))
-        log = MetricsLog(run_dir, tensorboard=config.tensorboard)
+        log = MetricsLog(run_dir, tensorboard=config.tensorboard, metrics_port=config.metrics_port,
+                         metrics_host=config.metrics_host)
         server = ParameterServer(model, config, batches=make_loader(config), log=log, tokenizer=tokenizer,
                                  expected_workers=world_size - 1)
         resumed = None

@@ -343,7 +343,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume() if cfg.checkpoint.resume else None
-        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard) if self.is_main else _NoLog()
+        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, metrics_port=cfg.metrics_port,
+                         metrics_host=cfg.metrics_host) if self.is_main else _NoLog()
         log.truncate_after(self.step)
         progress = StepProgress(self.planned_steps, self.step, enabled=cfg.progress and self.is_main, unit=self.unit)
         if resumed is not None:

@@ -8,7 +8,7 @@ from deepseek.train.config import load_train_config
 
 from .runs import ROOT
 
-MANIFEST = ROOT / "examples" / "kubernetes" / "pytorchjob.yaml"
+MANIFEST = ROOT / "deploy" / "kubernetes" / "pytorchjob.yaml"
 
 
 def test_the_pytorchjob_runs_deepseek_train_with_a_layout_that_fits_its_ranks():
