@@ -13,6 +13,12 @@ fp32 as sentence-transformers runs it) + ``FAISS.from_documents`` (inner product
 loaded before timing. Reported per system: seconds (median of rounds), files/s, source MB/s, chunks, the word pieces
 the model actually read (capped at 256 per chunk), and the median of per-round time ratios (target: LangChain / ours
 >= 2).
+
+The compute bound (printed after the table): the FLOPs of our chunks' forward passes with no padding at all
+(per layer 2·L·(4·d² + 2·d·ffn) + 4·L²·d for a sequence of L word pieces, d = hidden, ffn = intermediate size,
+from the model's config.json), divided by the measured matmul peak of the embedder's precision (``common.
+matmul_peak_gflops``, 2048³, best of three bursts), is the least time any implementation of this model could take on
+this CPU; LangChain's measured time divided by it is the highest LangChain / ours ratio reachable at that precision.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import tempfile
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from common import interleaved, machine_info, median, paired_ratio, print_machine, print_table, setup_path, spread
-from common import write_results
+from common import interleaved, machine_info, matmul_peak_gflops, median, paired_ratio, print_machine, print_table
+from common import setup_path, spread, write_results
 
 setup_path()
 
@@ -69,6 +75,14 @@ def langchain_build(files: list[Path], out: Path, embeddings, chunk_size: int, c
                              distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
     store.save_local(str(out))
     return texts
+
+
+def forward_flops(lengths: list[int], model_dir: str) -> float:
+    """Matmul FLOPs of a BERT encoder's forward over sequences of these lengths, no padding (attention included,
+    embedding lookups, norms and pooling left out: they are not products)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    d, ffn, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    return float(sum(layers * (2 * n * (4 * d * d + 2 * d * ffn) + 4 * n * n * d) for n in lengths))
 
 
 def main() -> None:
@@ -115,7 +129,8 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     cap = embedder.max_tokens
-    ours_pieces = sum(min(n, cap) for n in embedder.count_tokens(ours_texts))
+    ours_lengths = [min(n, cap) for n in embedder.count_tokens(ours_texts)]
+    ours_pieces = sum(ours_lengths)
     lc_texts = results["langchain"]
     lc_pieces = sum(min(n, cap) for n in embedder.count_tokens(lc_texts))
     summary = results["ours"]
@@ -130,7 +145,17 @@ def main() -> None:
     print_table(["system", "seconds, median (min-max)", "files/s", "MB/s", "chunks", "word pieces embedded"], rows)
     print(f"\nLangChain / ours time, per-round median: {median(ratio):.2f}x (target >= 2x); "
           f"ours: precision {embedder.precision}, FAISS {summary['faiss']['factory']}")
-    write_results("rag_index", {"machine": info, "files": len(files), "source_mb": source_mb, "times_s": times,
+    dtype = torch.bfloat16 if embedder.precision == "bf16" else torch.float32
+    peak = matmul_peak_gflops(dtype) * 1e9
+    flops = forward_flops(ours_lengths, embedder.path)
+    floor = flops / peak
+    lc_seconds = median(times["langchain"])
+    print(f"compute bound: our chunks' forward = {flops / 1e9:,.0f} GFLOP (no padding); {embedder.precision} matmul "
+          f"peak {peak / 1e9:.1f} GFLOP/s -> at least {floor:.2f} s; ours took {median(times['ours']):.2f} s "
+          f"({flops / median(times['ours']) / peak:.0%} of peak over the whole run); the highest reachable LangChain / "
+          f"ours ratio at {embedder.precision} is {lc_seconds / floor:.2f}x")
+    write_results("rag_index", {"peak_gflops": peak / 1e9, "forward_gflops": flops / 1e9, "floor_s": floor,
+                                "max_ratio_at_precision": lc_seconds / floor,"machine": info, "files": len(files), "source_mb": source_mb, "times_s": times,
                                 "ratio_langchain_over_ours": ratio, "ours_chunks": summary["chunks"],
                                 "ours_pieces": ours_pieces,
                                 "langchain_chunks": len(lc_texts), "langchain_pieces": lc_pieces,
