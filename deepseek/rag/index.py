@@ -314,14 +314,15 @@ def _progress_bar(enabled: bool):
 
 def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Embedder | str | None" = None,
                 max_tokens: int | None = None, overlap_tokens: int | None = None, batch_size: int = 64,
-                flat_limit: int = FLAT_LIMIT, progress: bool = True) -> dict:
+                flat_limit: int = FLAT_LIMIT, progress: bool = True, precision: str = "auto") -> dict:
     """Index ``sources`` (files, folders, globs) into the directory ``out``, or update the index there.
 
     ``embedder``: an :class:`Embedder`, a model name or path, or None (the existing index's model, else
-    all-MiniLM-L6-v2). ``max_tokens`` (default: the model's, specials included) and ``overlap_tokens`` (default 32,
-    or the existing index's) size the chunks; changing them re-chunks every file. Returns a summary: ``indexed``,
-    ``unchanged``, ``removed`` (paths), ``skipped`` ((path, reason) pairs), ``chunks`` (live), ``embedded`` and
-    ``reused`` (vectors computed vs taken from the old index), ``faiss`` (the choice and why), ``seconds``.
+    all-MiniLM-L6-v2), loaded at ``precision`` (``auto``: what this device runs fastest). ``max_tokens``
+    (default: the model's, specials included) and ``overlap_tokens`` (default 32, or the existing index's) size the
+    chunks; changing them re-chunks every file. Returns a summary: ``indexed``, ``unchanged``, ``removed`` (paths),
+    ``skipped`` ((path, reason) pairs), ``chunks`` (live), ``embedded`` and ``reused`` (vectors computed vs taken from
+    the old index), ``faiss`` (the choice and why), ``seconds``.
     """
     require_rag_extra()
     from deepseek.rag.embed import Embedder
@@ -335,7 +336,7 @@ def build_index(sources: Sequence[str | Path], out: str | Path, *, embedder: "Em
     if embedder is None or isinstance(embedder, str):
         name = embedder if embedder is not None else (previous.manifest["embedding"]["name"] if previous.manifest
                                                       else None)
-        embedder = Embedder.load(name)
+        embedder = Embedder.load(name, precision=precision)
     if previous.manifest is not None:
         check_embedder(previous.manifest, embedder, out)
     old_chunker = previous.manifest["chunker"] if previous.manifest else {}

@@ -274,9 +274,12 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 def test_cli_indexes_a_folder_and_prints_the_table(tmp_path, monkeypatch, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "kb"
+    code, _, stderr = run_main(monkeypatch, capsys, "rag", "index", corpus, "--out", out, "--precision", "fp64")
+    assert code != 0 and "valid values are auto, fp32, bf16" in stderr and len(stderr.strip().splitlines()) == 1
     code, stdout, stderr = run_main(monkeypatch, capsys, "rag", "index", corpus, "--out", out, "--max-tokens", "48",
-                                    "--overlap", "8", "--quiet")
+                                    "--overlap", "8", "--quiet", "--precision", "fp32")
     assert code == 0, stderr
+    assert json.loads((out / "manifest.json").read_text())["embedding"]["precision"] == "fp32"
     for row in ["files indexed", "files unchanged", "files removed", "skipped", "chunks", "IDMap2,Flat", "seconds"]:
         assert row in stdout
     assert "unsupported file type .bin" in stdout and "logo.bin" in stdout
