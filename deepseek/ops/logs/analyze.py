@@ -13,7 +13,7 @@ import math
 from typing import Iterable, Optional, Sequence
 
 from deepseek.ops.logs.access_log import BadLines, LogReadError, is_error, parse_line, utc
-from deepseek.ops.logs.compare import CompareSide, Selection, compare_sides
+from deepseek.ops.logs.compare import RESERVOIR, CompareSide, Selection, compare_sides
 from deepseek.ops.logs.groups import GroupStats
 from deepseek.ops.logs.longtail import explain_tail
 
@@ -27,7 +27,7 @@ OTHER = "(other)"
 class LogAnalyzer:
     def __init__(self, by: str = "model", window_s: float = 60.0, since: Optional[float] = None,
                  until: Optional[float] = None, compare: Optional[Sequence[str]] = None, top_n: int = 10,
-                 seed: int = 0):
+                 seed: int = 0, reservoir: int = RESERVOIR):
         if by not in GROUP_FIELDS:
             raise LogReadError(f"--by {by!r}: group by one of {', '.join(GROUP_FIELDS)}")
         if since is not None and until is not None and until <= since:
@@ -44,7 +44,7 @@ class LogAnalyzer:
             if len(compare) != 2:
                 raise LogReadError("--compare takes two selections, A and B")
             a, b = (Selection.parse(text) for text in compare)
-            self.sides = (CompareSide(a, seed), CompareSide(b, seed + 1))
+            self.sides = (CompareSide(a, seed, reservoir), CompareSide(b, seed + 1, reservoir))
 
     def feed(self, lines: Iterable[tuple[str, int, bytes]]) -> None:
         by, groups, since, until, sides = self.by, self.groups, self.since, self.until, self.sides

@@ -4,14 +4,16 @@
                           #  "batch_size": {tail, rest}, "tokens_in": {tail, rest}, "hours": ..., "windows": ...,
                           #  "dominant": "queue", "outliers": [...]}
 
-The tail is every sketch bucket at and above the one holding p99 (so "the slowest 1 %" is exact to the bucket
-width, 1 %); its time splits into queue, compute and other = total - queue - compute (parsing, transfer, waiting on
+The tail is every sketch bucket at and above the one holding the line of rank floor(0.99 n) (so "the slowest 1 %"
+is exact to the bucket width, 2 %); its time splits into queue, compute and other = total - queue - compute (parsing, transfer, waiting on
 the client; for generation routes, which log no queue/compute, all of it), as Triton's trace_summary splits a
 request. It is compared with the rest of the group's lines, and located in time: the UTC hours of day and the
 windows that hold most of it.
 """
 
 from __future__ import annotations
+
+import math
 
 from deepseek.ops.logs.groups import BATCH, BATCH_N, COMPUTE, COUNT, ERRORS, QUEUE, SLOTS, TOKENS, TOKENS_N, TOTAL, \
     GroupStats
@@ -43,7 +45,9 @@ def explain_tail(stats: GroupStats, quantile: float = TAIL_QUANTILE) -> dict:
     """The tail of ``stats`` (lines at or above its ``quantile``) against the rest."""
     if not stats.count:
         return {}
-    cut = stats.sketch.quantile_index(quantile)
+    # the slowest 1 % of n lines are ranks floor(0.99 n) .. n-1: 1 line of 100 (p99's rank, floor(0.99 (n-1)), is the
+    # 99th fastest of 100, and taking its bucket would take ties with the fast lines)
+    cut = stats.sketch.rank_index(min(stats.count - 1, math.floor(quantile * stats.count)))
     tail_buckets = [i for i in stats.aggregates if i >= cut]
     tail = _sum(stats.aggregates[i] for i in tail_buckets)
     rest = _sum(agg for i, agg in stats.aggregates.items() if i < cut)

@@ -56,7 +56,8 @@ def tail_finding(name: str, tail: dict) -> str:
         text += f"; batch {batch['tail']:.1f} vs {batch['rest']:.1f}"
     if tail["windows"]:
         w = tail["windows"][0]
-        text += (f"; {_pct(w['share_of_tail'])} of it in {utc(w['start'])[11:16]}-{utc(w['end'])[11:16]} UTC "
+        clock = slice(11, 16) if w["start"] % 60 == 0 and w["end"] % 60 == 0 else slice(11, 19)
+        text += (f"; {_pct(w['share_of_tail'])} of it in {utc(w['start'])[clock]}-{utc(w['end'])[clock]} UTC "
                  f"({_pct(w['share_of_requests'])} of all requests)")
     return text
 
@@ -91,7 +92,7 @@ def report_renderables(report: dict, outliers: int = 10) -> list:
         if not t:
             continue
         w = t["windows"][0] if t["windows"] else None
-        window = f"{utc(w['start'])[11:16]} ({_pct0(w['share_of_tail'])})" if w else "-"
+        window = f"{utc(w['start'])[11:19]} ({_pct0(w['share_of_tail'])})" if w else "-"
         tail.add_row(name, _ms(t["threshold_ms"]), f"{t['requests']:,}",
                      "/".join(f"{100 * t['share'][k]:.0f}" for k in ("queue", "compute", "other")) + "%",
                      "/".join(f"{100 * t['rest_share'][k]:.0f}" for k in ("queue", "compute", "other")) + "%",

@@ -91,9 +91,12 @@ class LogSketch:
 
     def quantile_index(self, q: float) -> int:
         """The bucket holding the value of rank ``floor(q*(count-1))`` (0-based, ascending)."""
+        return self.rank_index(math.floor(q * (self.count - 1)))
+
+    def rank_index(self, rank: int) -> int:
+        """The bucket holding the value of 0-based ascending ``rank``."""
         if not self.count:
             raise ValueError("quantile of an empty sketch")
-        rank = math.floor(q * (self.count - 1))
         seen = 0
         for index in sorted(self.counts):
             seen += self.counts[index]
