@@ -39,6 +39,8 @@ def test_the_planted_slow_tail_is_found_attributed_to_the_queue_and_located(plan
     # the 10 s windows starting at T0+200 and T0+210 hold the whole tail
     located = {w["start"]: w["share_of_tail"] for w in tail["windows"]}
     assert set(list(located)[:2]) == {T0 + 200, T0 + 210} and located[T0 + 200] + located[T0 + 210] > 0.95
+    span = tail["concentration"]  # the shortest span holding 80 % of the tail: those 20 s, 5 % of the log's time
+    assert (span["start"], span["end"]) == (T0 + 200, T0 + 220) and span["share_of_requests"] < 0.06
     assert tail["mean_queue_ms"]["tail"] > 400 > 40 > tail["mean_queue_ms"]["rest"]  # the rest: ~3 % planted
     assert all(r["model"] == "digits" and T0 + 200 <= r["time"] < T0 + 215 for r in tail["outliers"])
     others = report["groups"]["minilm"]["tail"]  # no planted effect: its tail is not queue-bound

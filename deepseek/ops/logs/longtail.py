@@ -20,6 +20,7 @@ from deepseek.ops.logs.groups import BATCH, BATCH_N, COMPUTE, COUNT, ERRORS, QUE
 
 TAIL_QUANTILE = 0.99
 TOP_WINDOWS = 3
+CONCENTRATION = 0.8  # the shortest time span holding this share of the tail
 
 
 def _sum(aggs) -> list:
@@ -39,6 +40,22 @@ def _shares(s: list) -> dict:
 
 def _mean(total, n):
     return total / n if n else None
+
+
+def shortest_span(per_window: dict[int, int], share: float = CONCENTRATION) -> tuple[int, int, int]:
+    """``(first, last, count)``: the fewest consecutive windows holding ``share`` of the counts (two pointers)."""
+    ws = sorted(per_window)
+    need = share * sum(per_window.values())
+    best = (ws[0], ws[-1], sum(per_window.values()))
+    held, left = 0, 0
+    for right, w in enumerate(ws):
+        held += per_window[w]
+        while held - per_window[ws[left]] >= need:
+            held -= per_window[ws[left]]
+            left += 1
+        if held >= need and w - ws[left] < best[1] - best[0]:
+            best = (ws[left], w, held)
+    return best
 
 
 def explain_tail(stats: GroupStats, quantile: float = TAIL_QUANTILE) -> dict:
@@ -69,6 +86,12 @@ def explain_tail(stats: GroupStats, quantile: float = TAIL_QUANTILE) -> dict:
     windows = [{"start": w * stats.window_s, "end": (w + 1) * stats.window_s, "tail_requests": n,
                 "share_of_tail": n / in_windows, "share_of_requests": stats.windows[w][0] / stats.count}
                for w, n in top]
+    span = None
+    if per_window:
+        first, last, held = shortest_span(per_window)
+        in_span = sum(n for w, (n, _, _) in stats.windows.items() if first <= w <= last)
+        span = {"start": first * stats.window_s, "end": (last + 1) * stats.window_s, "share_of_tail": held / in_windows,
+                "share_of_requests": in_span / stats.count}
     return {
         "quantile": quantile,
         "threshold_ms": threshold,
@@ -86,5 +109,6 @@ def explain_tail(stats: GroupStats, quantile: float = TAIL_QUANTILE) -> dict:
         "busiest_hour_utc": {"hour": busiest_hour, "share_of_tail": hours_tail[busiest_hour] / tail[COUNT],
                              "share_of_requests": hours_all[busiest_hour] / stats.count},
         "windows": windows,
+        "concentration": span,  # the shortest time span holding >= 80 % of the tail
         "outliers": stats.outliers(),
     }

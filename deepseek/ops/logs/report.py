@@ -54,11 +54,11 @@ def tail_finding(name: str, tail: dict) -> str:
     batch = tail["batch_size"]
     if batch["tail"] is not None and batch["rest"] and batch["rest"] != 1:
         text += f"; batch {batch['tail']:.1f} vs {batch['rest']:.1f}"
-    if tail["windows"]:
-        w = tail["windows"][0]
-        clock = slice(11, 16) if w["start"] % 60 == 0 and w["end"] % 60 == 0 else slice(11, 19)
-        text += (f"; {_pct(w['share_of_tail'])} of it in {utc(w['start'])[clock]}-{utc(w['end'])[clock]} UTC "
-                 f"({_pct(w['share_of_requests'])} of all requests)")
+    span = tail.get("concentration")
+    if span:
+        clock = slice(11, 16) if span["start"] % 60 == 0 and span["end"] % 60 == 0 else slice(11, 19)
+        text += (f"; {_pct0(span['share_of_tail'])} of it in {utc(span['start'])[clock]}-{utc(span['end'])[clock]} "
+                 f"UTC, which holds {_pct0(span['share_of_requests'])} of all requests")
     return text
 
 
@@ -85,14 +85,15 @@ def report_renderables(report: dict, outliers: int = 10) -> list:
 
     tail = Table(title="the slowest 1% against the rest (tail/rest; time shares of total_ms)", title_justify="left")
     for column in (report["by"], "from ms", "requests", "queue/compute/other", "(rest)", "batch", "tokens in",
-                   "errors", "busiest window"):
-        tail.add_column(column, justify="left" if column in (report["by"], "busiest window") else "right")
+                   "errors", "80% of it in (UTC)"):
+        tail.add_column(column, justify="left" if column in (report["by"], "80% of it in (UTC)") else "right")
     for name, g in groups.items():
         t = g["tail"]
         if not t:
             continue
-        w = t["windows"][0] if t["windows"] else None
-        window = f"{utc(w['start'])[11:19]} ({_pct0(w['share_of_tail'])})" if w else "-"
+        w = t.get("concentration")
+        window = (f"{utc(w['start'])[11:16]}-{utc(w['end'])[11:16]} ({_pct0(w['share_of_requests'])} of requests)"
+                  if w else "-")
         tail.add_row(name, _ms(t["threshold_ms"]), f"{t['requests']:,}",
                      "/".join(f"{100 * t['share'][k]:.0f}" for k in ("queue", "compute", "other")) + "%",
                      "/".join(f"{100 * t['rest_share'][k]:.0f}" for k in ("queue", "compute", "other")) + "%",
