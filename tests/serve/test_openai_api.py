@@ -332,6 +332,8 @@ def test_access_log_lines_carry_route_adapter_tokens_ttft_and_client(server, cli
     assert httpx.post(base + "/v2/models/lm/generate", json={"text_input": "ab", "parameters": {"max_new_tokens": 3}},
                       timeout=60).status_code == 200
     assert httpx.post(base + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60).status_code == 404
+    list(client.completions.create(model="lm", prompt="stream me", max_tokens=4, temperature=0, stream=True,
+                                   user="dave"))
     log = manager.repository.root / "access.jsonl"
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     by_route = {}
@@ -345,5 +347,7 @@ def test_access_log_lines_carry_route_adapter_tokens_ttft_and_client(server, cli
     assert chat["model"] == "chat" and chat["status"] == 200 and chat["tokens_out"] >= 1 and chat["ttft_ms"] > 0
     generated = by_route["v2/generate"][-1]
     assert generated["model"] == "lm" and generated["tokens_out"] == 3 and generated["client"] == "127.0.0.1"
+    streamed = next(e for e in by_route["openai/completions"] if e["client"] == "dave")  # logged at the stream's end
+    assert streamed["status"] == 200 and streamed["tokens_out"] == 4 and 0 < streamed["ttft_ms"] <= streamed["total_ms"]
     refused = next(e for e in by_route["openai/completions"] if e["status"] == 404)
     assert refused["model"] == "nope" and refused["total_ms"] >= 0

@@ -486,17 +486,17 @@ async def _sse_events(answer: _Answer) -> AsyncIterator[bytes]:
                     yield _sse(piece)
         except EngineStoppedError as exc:  # the status line is sent: the stream ends with an error event
             kind = error_kind(exc)  # OpenAI's error object; Triton's generate_stream sends {"error": message}
+            answer.run.log(kind.http)
             yield _sse({"error": {"message": str(exc), "type": kind.openai, "code": kind.http}}
                        if answer.done_marker else {"error": str(exc)})
             finished = True
-            answer.run.log(kind.http)
             return
+        answer.run.log(200)  # before the last chunks: a client that has read [DONE] finds its line written
         if answer.include_usage:
             yield _sse(answer.usage_chunk())
         if answer.done_marker:
             yield _sse(b"[DONE]")
         finished = True
-        answer.run.log(200)
     finally:
         if not finished:  # the client went away (or the server is stopping): free the slots
             answer.run.cancel()
