@@ -69,3 +69,15 @@ def test_zero_and_tiny_values_share_the_lowest_bucket_and_bad_settings_are_refus
         LogSketch(relative_error=1.5)
     with pytest.raises(ValueError):
         LogSketch().quantile(0.5)
+
+
+def test_time_windows_are_bounded_by_doubling_their_width():
+    from deepseek.ops.logs.groups import MAX_WINDOWS, GroupStats
+
+    stats = GroupStats(window_s=1.0)
+    for t in range(3 * MAX_WINDOWS):  # one line a second: 3x more one-second windows than are kept
+        stats.add({"queue_ms": 1.0}, float(t), 5.0, t % 100 == 0)
+    assert len(stats.windows) <= MAX_WINDOWS and stats.window_s == 4.0
+    series = stats.series()
+    assert sum(r["requests"] for r in series) == 3 * MAX_WINDOWS and series[0]["requests"] == 4
+    assert sum(r["error_rate"] * r["requests"] for r in series) == pytest.approx(stats.errors)
