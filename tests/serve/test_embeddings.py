@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 from deepseek.config import ConfigError  # noqa: E402
 from deepseek.rag.embed import Embedder  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
+from deepseek.serve.protocols.common import AccessLog  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 from tests.serve.gated_model import running_server, wait_for, write_model  # noqa: E402
 from tests.serve.held_encoder import kserve_embedding, run_behind_held_encode, served_metric  # noqa: E402
@@ -42,7 +43,7 @@ def server(tmp_path_factory):
         "max_batch_size": MAX_BATCH, "dynamic_batching": {"max_queue_delay_ms": 1}}))
     write_model(root, "tensor")  # a KServe tensor model: not an embedding model
     manager = ModelManager(ModelRepository(root))
-    with running_server(manager) as base:
+    with running_server(manager, access_log=AccessLog(root / "access.jsonl")) as base:
         yield base, manager
 
 
@@ -243,3 +244,13 @@ def test_a_client_that_goes_away_is_dropped_before_compute(server, embedder):
     assert batches == [1]  # only the held request reached the model
     answer = httpx.post(base + "/v1/embeddings", json={"model": "minilm", "input": "after"}).json()
     np.testing.assert_allclose(answer["data"][0]["embedding"], embedder.encode(["after"])[0], atol=1e-5)
+
+
+def test_access_log_line_per_embeddings_request(server):
+    base, manager = server
+    answer = httpx.post(base + "/v1/embeddings", json={"model": "minilm", "input": ["a b", "c"], "user": "carol"})
+    assert answer.status_code == 200
+    lines = [json.loads(line) for line in (manager.repository.root / "access.jsonl").read_text().splitlines()]
+    entry = next(e for e in lines if e["route"] == "openai/embeddings" and e.get("client") == "carol")
+    assert (entry["model"], entry["version"], entry["status"], entry["batch_size"]) == ("minilm", 1, 200, 2)
+    assert entry["tokens_in"] == answer.json()["usage"]["prompt_tokens"] and entry["total_ms"] > 0

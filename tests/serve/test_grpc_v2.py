@@ -254,6 +254,7 @@ def test_infer_matches_eager_and_selects_outputs(served, client):
     entry = next(e for e in lines if e["id"] == "r-7")
     assert entry["protocol"] == "grpc" and entry["status"] == "OK" and entry["model"] == "linear"
     assert entry["version"] == 1 and entry["batch_size"] == 3
+    assert entry["route"] == "grpc/infer" and entry["client"].startswith("ipv")  # the peer, without its port
 
     ids = np.random.default_rng(1).integers(0, 256, (2, 7)).astype(np.int64)
     logits = client.infer("tiny", [_input(ids, "input_ids", "INT64")], model_version="1").as_numpy("logits")

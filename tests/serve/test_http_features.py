@@ -414,3 +414,4 @@ def test_access_log_writes_one_json_line_per_request(tmp_path, gate):
     for record in lines:
         assert {"time", "queue_ms", "compute_ms", "total_ms", "variant"} <= set(record)
         assert record["queue_ms"] >= 0 and record["compute_ms"] >= 0 and record["total_ms"] >= record["queue_ms"]
+        assert record["route"] == "v2/infer" and record["client"] == "127.0.0.1"  # no routing key: the peer

@@ -1,6 +1,7 @@
 """OpenAI-compatible API and KServe generate on a real server, driven by the official ``openai`` client."""
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -14,6 +15,7 @@ import deepseek as ds
 from deepseek.data.tokenizer import train_tokenizer
 from deepseek.generate import SamplingParams
 from deepseek.serve.manager import ModelManager
+from deepseek.serve.protocols.common import AccessLog
 from deepseek.serve.repository import ModelRepository
 from tests.generate.reference import assert_follows_hand_sampling, full_forward_logits
 from tests.serve.gated_model import running_server, wait_for, write_model
@@ -42,7 +44,7 @@ def server(tmp_path_factory):
     make_lm(root, "tight", byte_tok, {"max_running": 1, "max_batched_tokens": 8, "prefill_chunk": 4, "max_queue": 1})
     write_model(root, "tensor")  # a KServe tensor model: not a language model
     manager = ModelManager(ModelRepository(root))
-    with running_server(manager) as base:
+    with running_server(manager, access_log=AccessLog(root / "access.jsonl")) as base:
         yield base, manager, models
 
 
@@ -320,3 +322,32 @@ def test_generation_metrics(server, client):
     info = [smp for smp in families["ds_model_precision_info"].samples if smp.labels["model"] == "lm"]
     assert len(info) == 1 and info[0].value == 1
     assert info[0].labels["precision"] == expected.precision and info[0].labels["reason"].startswith("auto: ")
+
+
+def test_access_log_lines_carry_route_adapter_tokens_ttft_and_client(server, client):
+    base, manager, _ = server
+    client.completions.create(model="lm", prompt="import os", max_tokens=5, temperature=0, user="alice")
+    client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+                                   temperature=0, extra_headers={"X-User-Id": "bob"})
+    assert httpx.post(base + "/v2/models/lm/generate", json={"text_input": "ab", "parameters": {"max_new_tokens": 3}},
+                      timeout=60).status_code == 200
+    assert httpx.post(base + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60).status_code == 404
+    list(client.completions.create(model="lm", prompt="stream me", max_tokens=4, temperature=0, stream=True,
+                                   user="dave"))
+    log = manager.repository.root / "access.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    by_route = {}
+    for line in lines:
+        by_route.setdefault(line["route"], []).append(line)
+    done = next(e for e in by_route["openai/completions"] if e["client"] == "alice")
+    assert (done["model"], done["version"], done["status"], done["tokens_out"]) == ("lm", 1, 200, 5)
+    assert done["tokens_in"] == len("import os") and done["batch_size"] == 1 and done["adapter"] is None
+    assert 0 < done["ttft_ms"] <= done["total_ms"] and "time" in done and "variant" in done
+    chat = next(e for e in by_route["openai/chat"] if e["client"] == "bob")
+    assert chat["model"] == "chat" and chat["status"] == 200 and chat["tokens_out"] >= 1 and chat["ttft_ms"] > 0
+    generated = by_route["v2/generate"][-1]
+    assert generated["model"] == "lm" and generated["tokens_out"] == 3 and generated["client"] == "127.0.0.1"
+    streamed = next(e for e in by_route["openai/completions"] if e["client"] == "dave")  # logged at the stream's end
+    assert streamed["status"] == 200 and streamed["tokens_out"] == 4 and 0 < streamed["ttft_ms"] <= streamed["total_ms"]
+    refused = next(e for e in by_route["openai/completions"] if e["status"] == 404)
+    assert refused["model"] == "nope" and refused["total_ms"] >= 0

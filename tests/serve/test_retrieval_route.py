@@ -3,6 +3,7 @@ queries of concurrent requests share one embedding call (seen in the batch-size 
 server goes on; ``/v1/models``, the API key rules and ``ds serve --rag-index``."""
 
 import functools
+import json
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ pytest.importorskip("bm25s")
 from deepseek.config import ConfigError  # noqa: E402
 from deepseek.rag.retrieve import MODES, Retriever  # noqa: E402
 from deepseek.serve.manager import ModelManager  # noqa: E402
+from deepseek.serve.protocols.common import AccessLog  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 from tests.rag.conftest import QUESTIONS, write_corpus  # noqa: E402
 from tests.serve.gated_model import running_server, write_model  # noqa: E402
@@ -62,7 +64,7 @@ def server(tmp_path_factory, index_dir):
         "max_batch_size": MAX_BATCH, "dynamic_batching": {"max_queue_delay_ms": 1}}))
     write_model(root, "tensor")  # a KServe tensor model: not a retrieval model
     manager = ModelManager(ModelRepository(root))
-    with running_server(manager) as base:
+    with running_server(manager, access_log=AccessLog(root / "access.jsonl")) as base:
         yield base, manager
 
 
@@ -239,3 +241,12 @@ def test_ds_serve_rag_index_option_and_the_api_key(index_dir, opened_index):
         hits = answer.json()["data"][0]["hits"]
         assert [h["id"] for h in hits] == [h.chunk.id for h in Retriever(opened_index, "hybrid").search(
             QUERIES[1], k=2)]
+
+
+def test_access_log_line_per_retrieve_request(server):
+    base, manager = server
+    retrieve(base, queries=["budget review"], k=2)
+    lines = [json.loads(line) for line in (manager.repository.root / "access.jsonl").read_text().splitlines()]
+    entry = [e for e in lines if e["route"] == "retrieve"][-1]
+    assert (entry["model"], entry["version"], entry["status"], entry["batch_size"]) == ("kb", 1, 200, 1)
+    assert entry["tokens_in"] > 0 and 0 <= entry["compute_ms"] <= entry["total_ms"] and entry["client"] == "127.0.0.1"

@@ -103,8 +103,22 @@ def presented_key(authorization: Optional[str], x_api_key: Optional[str]) -> Opt
     return None
 
 
+def client_id(routing_key: Optional[str] = None, user: Optional[str] = None,
+              peer: Optional[str] = None) -> Optional[str]:
+    """Who sent a request, for the access log's ``client``: the routing key (header or parameter) when given, else
+    the OpenAI ``user`` field, else the peer's address (no port: one client opens many connections)."""
+    if routing_key:
+        return routing_key
+    if user:
+        return user
+    return peer
+
+
 class AccessLog:
-    """Structured access log: one JSON object per inference request, to a file or a stream."""
+    """Structured access log: one JSON object per inference request, to a file or a stream.
+
+    Fields (``None`` where a route has no such thing): time, route, model, version, adapter, variant, status, id,
+    client, queue_ms, compute_ms, total_ms, batch_size, tokens_in, tokens_out, ttft_ms; ``ds logs`` reads them."""
 
     def __init__(self, target: str | Path | TextIO):
         if isinstance(target, (str, Path)):

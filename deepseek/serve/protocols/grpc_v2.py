@@ -59,9 +59,9 @@ from deepseek.serve.config import DATATYPE_TO_TORCH
 from deepseek.serve.errors import (DEADLINE, FORBIDDEN, INTERNAL, NOT_FOUND, UNAUTHENTICATED, ModelNotFoundError,
                                    ModelUnavailableError, RequestError, error_kind, error_message)
 from deepseek.serve.manager import ModelManager, ModelVersion, triton_model_config
-from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, key_matches,
-                                             kserve_datatype, presented_key, request_options, server_version,
-                                             tensor_bytes)
+from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAME, AccessLog, client_id,
+                                             key_matches, kserve_datatype, presented_key, request_options,
+                                             server_version, tensor_bytes)
 from deepseek.serve.protocols.http_context import DEFAULT_ROUTING_HEADER, is_decimal
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,12 @@ def _version(text: str) -> Optional[int]:
     return int(text)
 
 
+def _peer_host(context: grpc.aio.ServicerContext) -> Optional[str]:
+    """The client's address without its port (``ipv4:127.0.0.1:5000`` -> ``ipv4:127.0.0.1``)."""
+    peer = context.peer()
+    return peer.rsplit(":", 1)[0] if peer else None
+
+
 # -- the service ---------------------------------------------------------------------------------------------
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -258,6 +264,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                      context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         """One inference; raises what :func:`status_of` maps (INTERNAL carries the model's error)."""
         started = time.perf_counter()
+        key = None
         try:
             params = parameters_dict(request.parameters)
             timeout_ms, priority, key = request_options(params)
@@ -275,8 +282,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if self.manager.metrics is not None:
                 self.manager.metrics.observe_refused(code.name)
             if self.access_log is not None:
-                self.access_log.write(protocol="grpc", model=request.model_name, version=request.model_version,
-                                      status=code.name, id=request.id,
+                self.access_log.write(protocol="grpc", route="grpc/infer", model=request.model_name,
+                                      version=request.model_version, status=code.name, id=request.id,
+                                      client=client_id(key, peer=_peer_host(context)),
                                       total_ms=round((time.perf_counter() - started) * 1000, 3))
             raise
         code, trace = grpc.StatusCode.OK, RequestTrace()
@@ -295,8 +303,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             if self.access_log is not None:
                 compute_ns = trace.compute_input_ns + trace.compute_infer_ns + trace.compute_output_ns
-                self.access_log.write(protocol="grpc", model=mv.name, version=mv.version, status=code.name,
-                                      id=request.id, variant=route.variant if route else None,
+                self.access_log.write(protocol="grpc", route="grpc/infer", model=mv.name, version=mv.version,
+                                      status=code.name, id=request.id, client=client_id(key, peer=_peer_host(context)),
+                                      variant=route.variant if route else None,
                                       queue_ms=round(trace.queue_ns / 1e6, 3), compute_ms=round(compute_ns / 1e6, 3),
                                       batch_size=trace.batch_size,
                                       total_ms=round((time.perf_counter() - started) * 1000, 3))

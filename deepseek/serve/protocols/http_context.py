@@ -9,6 +9,7 @@ The lean infer path (not a FastAPI route) reads its body with the same :meth:`Se
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from deepseek.serve.errors import (FORBIDDEN, TOO_LARGE, UNAUTHENTICATED, ModelN
                                    RequestError, error_kind)
 from deepseek.serve.manager import ModelManager, ModelVersion
 from deepseek.serve.metrics import ServingMetrics
-from deepseek.serve.protocols.common import API_KEY_ENV, AccessLog, key_matches, presented_key
+from deepseek.serve.protocols.common import API_KEY_ENV, AccessLog, client_id, key_matches, presented_key
 
 DEFAULT_ROUTING_HEADER = "X-User-Id"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -152,7 +153,45 @@ def select_named_version(request: Request, model: str) -> tuple[ModelVersion, st
         version = int(version_text)
     ctx = serving(request)
     try:
-        mv, _ = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
+        mv, route = ctx.manager.select(name, version, request.headers.get(ctx.routing_header))
     except (ModelNotFoundError, ModelUnavailableError) as exc:  # 404 / 503, naming the field at fault
+        request.state.access = {"model": name, "version": version}
         raise RequestError(str(exc), error_kind(exc), param="model") from None
+    request.state.access = {"model": name, "version": mv.version, "variant": route.variant if route else None}
     return mv, name
+
+
+# -- the access log of the routes that are FastAPI routes (OpenAI-shaped, retrieve, KServe generate) ----------------
+
+def log_access(request: Request, route: str, started: float, status: Any, **fields: Any) -> None:
+    """One access-log line for ``request`` (``started``: its ``time.monotonic()``), once; the model, version and
+    variant :func:`select_named_version` chose, and the client (routing header, else the body's ``user``, else the
+    peer address) are added."""
+    ctx = serving(request)
+    if ctx.access_log is None or getattr(request.state, "access_logged", False):
+        return
+    request.state.access_logged = True
+    user = getattr(request.state, "access_user", None)
+    client = client_id(request.headers.get(ctx.routing_header), user if isinstance(user, str) else None,
+                       request.client.host if request.client else None)
+    ctx.access_log.write(route=route, **getattr(request.state, "access", {}), status=status, client=client,
+                         total_ms=round((time.monotonic() - started) * 1000, 3), **fields)
+
+
+def access_logged(route: str):
+    """Decorate a route so that a request it refuses (an exception) still gets its access-log line; the route logs
+    its answered requests itself with :func:`log_access`, with the fields it knows."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def logged(*args: Any, **kwargs: Any):
+            started = time.monotonic()
+            try:
+                return await handler(*args, **kwargs)
+            except ClientGone:
+                log_access(kwargs["request"], route, started, 499)
+                raise
+            except Exception as exc:
+                log_access(kwargs["request"], route, started, error_kind(exc).http)
+                raise
+        return logged
+    return wrap

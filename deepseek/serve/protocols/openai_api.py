@@ -41,8 +41,8 @@ from deepseek.generate.engine import Prompt, encode_prompts
 from deepseek.generate.params import SamplingParams
 from deepseek.serve.errors import NOT_FOUND, UNAVAILABLE, RequestError, error_kind
 from deepseek.serve.manager import ModelVersion
-from deepseek.serve.protocols.http_context import (read_json_object, refuse_unknown_fields, select_named_version,
-                                                  serving)
+from deepseek.serve.protocols.http_context import (access_logged, log_access, read_json_object, refuse_unknown_fields,
+                                                  select_named_version, serving)
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_N = 16
@@ -230,8 +230,9 @@ class _Run:
     """The engine requests behind one API request, their events funnelled into one asyncio queue."""
 
     def __init__(self, engine: ContinuousBatchingEngine, mv: ModelVersion, metrics, started: float,
-                 adapter: Optional[str] = None):
+                 adapter: Optional[str] = None, request: Optional[Request] = None, route: str = ""):
         self.engine, self.mv, self.metrics, self.started = engine, mv, metrics, started
+        self.request, self.route = request, route  # for the access-log line :meth:`log` writes
         self.adapter = adapter  # the LoRA adapter every choice runs with (None: the base model)
         self.mailbox = _mailbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -295,6 +296,16 @@ class _Run:
                     self.metrics.observe_adapter_generation(name, version, self.adapter, event.finish_reason,
                                                             event.completion_tokens)
             yield choice, event
+
+    def log(self, status: Any) -> None:
+        """The request's access-log line (once): tokens in and out, the first choice's time to first token."""
+        if self.request is None:
+            return
+        first = [c.first_token_s for c in self.choices if c.first_token_s is not None]
+        usage = self.usage()
+        log_access(self.request, self.route, self.started, status, adapter=self.adapter, batch_size=len(self.choices),
+                   tokens_in=usage["prompt_tokens"], tokens_out=usage["completion_tokens"],
+                   ttft_ms=round(min(first) * 1000, 3) if first else None)
 
     def usage(self) -> dict:
         prompt = sum(c.prompt_tokens for c in self.choices)
@@ -475,10 +486,12 @@ async def _sse_events(answer: _Answer) -> AsyncIterator[bytes]:
                     yield _sse(piece)
         except EngineStoppedError as exc:  # the status line is sent: the stream ends with an error event
             kind = error_kind(exc)  # OpenAI's error object; Triton's generate_stream sends {"error": message}
+            answer.run.log(kind.http)
             yield _sse({"error": {"message": str(exc), "type": kind.openai, "code": kind.http}}
                        if answer.done_marker else {"error": str(exc)})
             finished = True
             return
+        answer.run.log(200)  # before the last chunks: a client that has read [DONE] finds its line written
         if answer.include_usage:
             yield _sse(answer.usage_chunk())
         if answer.done_marker:
@@ -487,6 +500,7 @@ async def _sse_events(answer: _Answer) -> AsyncIterator[bytes]:
     finally:
         if not finished:  # the client went away (or the server is stopping): free the slots
             answer.run.cancel()
+            answer.run.log(499)
 
 
 async def respond(request: Request, answer: _Answer, stream: bool) -> Response:
@@ -501,6 +515,7 @@ async def respond(request: Request, answer: _Answer, stream: bool) -> Response:
             choice.text.append(event.delta)
             if event.logprob is not None:
                 choice.logprobs.append((event.delta, event.logprob))
+        run.log(200)
     finally:
         watcher.cancel()
         run.cancel()
@@ -511,7 +526,9 @@ async def respond(request: Request, answer: _Answer, stream: bool) -> Response:
 
 async def _request_body(request: Request) -> dict:
     serving(request).check_inference_key(request.headers)
-    return await read_json_object(request)
+    body = await read_json_object(request)
+    request.state.access_user = body.get("user")  # the access log's client when no routing header is sent
+    return body
 
 
 def language_model(request: Request, model: Any) -> tuple[ModelVersion, ContinuousBatchingEngine, Optional[str]]:
@@ -582,6 +599,7 @@ async def get_model(request: Request, model: str):
 
 
 @router.post("/v1/completions")
+@access_logged("openai/completions")
 async def completions(request: Request):
     started = time.monotonic()
     body = await _request_body(request)
@@ -596,13 +614,14 @@ async def completions(request: Request):
                              _integer(body, "logprobs", None, 0, 20))
     mv, engine, adapter = language_model(request, body.get("model"))
     ids = [prompt_ids(engine, prompt, max_tokens) for prompt in prompts]
-    run = _Run(engine, mv, serving(request).metrics, started, adapter)
+    run = _Run(engine, mv, serving(request).metrics, started, adapter, request, "openai/completions")
     run.submit_all(ids, params, n)
     answer = CompletionAnswer(run, engine, body["model"], include_usage=include_usage, logprobs=params.logprobs)
     return await respond(request, answer, stream)
 
 
 @router.post("/v1/chat/completions")
+@access_logged("openai/chat")
 async def chat_completions(request: Request):
     started = time.monotonic()
     body = await _request_body(request)
@@ -624,7 +643,7 @@ async def chat_completions(request: Request):
     params = sampling_params(body, max_tokens or engine.max_len, top if want_logprobs else None)
     if stop_strings:
         params = dataclasses.replace(params, stop=[*params.stop, *stop_strings])
-    run = _Run(engine, mv, serving(request).metrics, started, adapter)
+    run = _Run(engine, mv, serving(request).metrics, started, adapter, request, "openai/chat")
     run.submit_all([ids], params, n, stop_ids)
     answer = ChatAnswer(run, engine, body["model"], include_usage=include_usage, want_logprobs=want_logprobs)
     return await respond(request, answer, stream)
@@ -668,18 +687,21 @@ async def _kserve_generate(request: Request, model: str, version: Optional[str],
     params = _generate_params(options)
     asked = options.get("max_new_tokens")
     ids = prompt_ids(engine, text, params.max_new_tokens if asked is not None else None, "max_new_tokens")
-    run = _Run(engine, mv, serving(request).metrics, started, adapter)
+    run = _Run(engine, mv, serving(request).metrics, started, adapter, request,
+               "v2/generate_stream" if stream else "v2/generate")
     run.submit_all([ids], params, 1)
     return await respond(request, KServeGenerateAnswer(run, engine, model), stream)
 
 
 @router.post("/v2/models/{model}/generate")
 @router.post("/v2/models/{model}/versions/{version}/generate")
+@access_logged("v2/generate")
 async def generate(request: Request, model: str, version: Optional[str] = None):
     return await _kserve_generate(request, model, version, stream=False)
 
 
 @router.post("/v2/models/{model}/generate_stream")
 @router.post("/v2/models/{model}/versions/{version}/generate_stream")
+@access_logged("v2/generate_stream")
 async def generate_stream(request: Request, model: str, version: Optional[str] = None):
     return await _kserve_generate(request, model, version, stream=True)

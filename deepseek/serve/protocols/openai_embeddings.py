@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ from fastapi.responses import Response
 
 from deepseek.serve.errors import INTERNAL, RequestError, error_kind
 from deepseek.serve.manager import ModelVersion
-from deepseek.serve.protocols.http_context import ClientGone, read_inference_body, select_named_version, serving
+from deepseek.serve.protocols.http_context import (ClientGone, access_logged, log_access, read_inference_body,
+                                                  select_named_version, serving)
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
@@ -127,9 +129,12 @@ async def _cancel_on_disconnect(request: Request, tasks: list[asyncio.Task], gon
 
 
 @router.post("/v1/embeddings")
+@access_logged("openai/embeddings")
 async def embeddings(request: Request):
+    started = time.monotonic()
     ctx = serving(request)
     body = await read_inference_body(request, FIELDS)
+    request.state.access_user = body.get("user")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise RequestError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
@@ -145,6 +150,7 @@ async def embeddings(request: Request):
                            f"{dimensions!r}", param="dimensions")
     vectors, tokens = await embed(request, mv, texts)
     ctx.metrics.observe_embedding(mv.name, mv.version, len(texts), tokens)
+    log_access(request, "openai/embeddings", started, 200, batch_size=len(texts), tokens_in=tokens)
     vectors = np.ascontiguousarray(vectors, dtype="<f4")  # base64: little-endian float32, what the SDK decodes
     if encoding == "base64":
         data = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]

@@ -34,7 +34,7 @@ from fastapi.responses import Response
 
 from deepseek.rag.retrieve import MODES, RetrievalError, check_options
 from deepseek.serve.errors import RequestError
-from deepseek.serve.protocols.http_context import read_inference_body, serving
+from deepseek.serve.protocols.http_context import access_logged, log_access, read_inference_body, serving
 from deepseek.serve.protocols.http_errors import OpenAIRoute
 from deepseek.serve.protocols.openai_embeddings import embed, model_of_backend
 
@@ -95,6 +95,7 @@ def parse_k(value: Any, default: int, largest: int) -> int:
 
 
 @router.post("/v1/retrieve")
+@access_logged("retrieve")
 async def retrieve(request: Request):
     started = time.monotonic()
     ctx = serving(request)
@@ -119,6 +120,8 @@ async def retrieve(request: Request):
     hits = await asyncio.to_thread(backend.search, queries, vectors, k, mode, paths, types)
     done = time.monotonic()
     ctx.metrics.observe_retrieval(mv.name, mv.version, mode, len(queries), done - started, done - searched)
+    log_access(request, "retrieve", started, 200, batch_size=len(queries), tokens_in=tokens,
+               compute_ms=round((done - searched) * 1000, 3))
     answer = {"object": "list", "model": body["model"], "mode": mode, "k": k,
               "data": [{"object": "retrieval", "index": i, "query": query, "hits": [h.to_dict() for h in ranked]}
                        for i, (query, ranked) in enumerate(zip(queries, hits))],

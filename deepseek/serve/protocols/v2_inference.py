@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from deepseek.serve.batching import RequestTrace
 from deepseek.serve.errors import INTERNAL, RequestError, error_headers, error_kind, error_message
 from deepseek.serve.manager import ModelVersion, triton_model_config
-from deepseek.serve.protocols.common import EXTENSIONS, SERVER_NAME, request_options, server_version
+from deepseek.serve.protocols.common import EXTENSIONS, SERVER_NAME, client_id, request_options, server_version
 from deepseek.serve.protocols.http_context import (ClientGone, ServingContext, is_decimal, parse_json_object,
                                                    parse_version, serving)
 from deepseek.serve.protocols.http_errors import KServeRoute
@@ -99,7 +99,7 @@ async def handle_infer(ctx: ServingContext, scope: dict, receive, send, model: s
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     reached: list = []  # set once the request reaches a model version (which logs and counts it itself)
     try:
-        payload, extra = await _infer(ctx, model, version, headers, receive, started, reached)
+        payload, extra = await _infer(ctx, model, version, headers, receive, started, reached, scope.get("client"))
         status = 200
     except ClientGone:
         return  # nobody is left to answer
@@ -110,7 +110,9 @@ async def handle_infer(ctx: ServingContext, scope: dict, receive, send, model: s
         if not reached:  # refused before any model: counted by status only (model names are the client's)
             ctx.metrics.observe_refused(str(status))
             if ctx.access_log is not None:
-                ctx.access_log.write(model=model, version=version, status=status,
+                peer = scope.get("client")
+                ctx.access_log.write(route="v2/infer", model=model, version=version, status=status,
+                                     client=client_id(headers.get(ctx.routing_header), peer=peer and peer[0]),
                                      total_ms=round((time.perf_counter() - started) * 1000, 3))
     content_type = b"application/octet-stream" if HEADER_LENGTH in extra else b"application/json"
     response_headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
@@ -133,7 +135,7 @@ def _split_binary(headers: dict, body: bytes) -> tuple[bytes, bytes]:
 
 
 async def _infer(ctx: ServingContext, model: str, version: Optional[str], headers: dict, receive, started: float,
-                 reached: list) -> tuple[bytes, dict]:
+                 reached: list, peer: Optional[tuple] = None) -> tuple[bytes, dict]:
     ctx.check_inference_key(headers)
     text, binary = _split_binary(headers, await ctx.read_body(headers, receive))
     header = parse_json_object(text)
@@ -177,7 +179,9 @@ async def _infer(ctx: ServingContext, model: str, version: Optional[str], header
         watcher.cancel()
         if ctx.access_log is not None:
             compute_ns = trace.compute_input_ns + trace.compute_infer_ns + trace.compute_output_ns
-            ctx.access_log.write(model=model, version=mv.version, status=status, id=header.get("id"),
+            ctx.access_log.write(route="v2/infer", model=model, version=mv.version, status=status,
+                                 id=header.get("id"),
+                                 client=client_id(key or headers.get(ctx.routing_header), peer=peer and peer[0]),
                                  variant=route.variant if route else None, queue_ms=round(trace.queue_ns / 1e6, 3),
                                  compute_ms=round(compute_ns / 1e6, 3), batch_size=trace.batch_size,
                                  total_ms=round((time.perf_counter() - started) * 1000, 3))
