@@ -27,6 +27,7 @@ class Target:
     seq_len: Optional[int] = None
     tokens_per_step: Optional[int] = None
     parallel: object = None  # ParallelConfig of a training config
+    checkpointing: bool = False  # its gradient_checkpointing
 
 
 def resolve_target(target: str, overrides: list[str]) -> Target:
@@ -47,7 +48,7 @@ def resolve_target(target: str, overrides: list[str]) -> Target:
     if path.is_file():
         run = load_train_config(path, overrides)
         return Target(run.model_config(), f"training config {path}", None, "fp32", run.data.max_seq_len,
-                      run.batch_size * run.data.max_seq_len, run.parallel)
+                      run.batch_size * run.data.max_seq_len, run.parallel, run.gradient_checkpointing)
     if target in PRESETS:
         run = load_train_config(None, [f"model.preset={target}", *overrides])
         return Target(run.model_config(), f"preset {target}", seq_len=run.data.max_seq_len)
@@ -83,6 +84,9 @@ def plan_command(
                                            "its measured tokens/s instead of a short run here."),
     device_memory: Optional[float] = typer.Option(None, "--device-memory", help="GiB per device (default: the "
                                                   "CUDA device's, else this machine's RAM)."),
+    checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                 help="Plan training with the trainer's gradient_checkpointing "
+                                                      "(default: the config's, else off)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of the short measured runs "
                                           "(default: torch's; on a busy machine 1 measures more steadily)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of tables."),
@@ -108,6 +112,8 @@ def plan_command(
     if serve_tokens_per_s is not None:
         plans.append(_serve_plan(resolved, serve_tokens_per_s, streams, context, weights, profile, memory))
     if train_tokens is not None:
+        if checkpointing is not None:
+            resolved.checkpointing = checkpointing
         plans.append(_train_plan(resolved, train_tokens, layout or [], devices,
                                  micro_batches, seq_len, step_time, profile, memory))
     if as_json:
@@ -159,7 +165,7 @@ def _measure_decode(resolved: Target, streams: int, fmt: str, device_bytes: int)
     m = measure_decode(model, tokenizer, streams)
     note = "" if fmt in ("fp32", resolved.weights) else f"; planned weights are {fmt}"
     return m.decode_tokens_per_s, (f"measured here: {m.new_tokens - 1} decode steps x {streams} streams through "
-                                   f"deepseek.generate ({what}, {torch.get_num_threads()} threads{note})")
+                                   f"deepseek.generate ({what}, {torch.get_num_threads()} thread(s){note})")
 
 
 def _train_plan(resolved: Target, tokens_per_step: int, layout_specs: list[str], devices: Optional[int],
@@ -181,13 +187,14 @@ def _train_plan(resolved: Target, tokens_per_step: int, layout_specs: list[str],
         tps, source = read_profile(profile, "train")
     else:
         tps, source = _measure_train(cfg, tokens_per_step, layout, micro_batches, seq_len or resolved.seq_len or 256,
-                                     memory[0])
+                                     memory[0], resolved.checkpointing)
     return plan_training(cfg, layout, tokens_per_step=tokens_per_step, tokens_per_s_per_device=tps,
                          throughput_source=source, device_memory=memory, micro_batches=micro_batches,
-                         step_time_s=step_time)
+                         step_time_s=step_time, checkpointing=resolved.checkpointing)
 
 
-def _measure_train(cfg, tokens_per_step: int, layout, micro_batches: int, seq_len: int, device_bytes: int):
+def _measure_train(cfg, tokens_per_step: int, layout, micro_batches: int, seq_len: int, device_bytes: int,
+                   checkpointing: bool):
     import torch
 
     from deepseek.ops.measure import measure_train
@@ -197,9 +204,10 @@ def _measure_train(cfg, tokens_per_step: int, layout, micro_batches: int, seq_le
     seq_len = min(seq_len, cfg.max_seq_len)
     micro_tokens = max(1, tokens_per_step // (layout.data_parallel * micro_batches))
     rows = max(1, min(4, micro_tokens // seq_len))  # a short run: a few rows are enough for tokens/s
-    m = measure_train(cfg, rows, seq_len, steps=2)
-    return m.tokens_per_s, (f"measured here: 2 trainer steps of {rows} x {seq_len} tokens, fp32, one device "
-                            f"({torch.get_num_threads()} threads)")
+    m = measure_train(cfg, rows, seq_len, steps=2, checkpointing=checkpointing)
+    return m.tokens_per_s, (f"measured here: 2 trainer steps of {rows} x {seq_len} tokens, fp32"
+                            f"{', checkpointed' if checkpointing else ''}, one device "
+                            f"({torch.get_num_threads()} thread(s))")
 
 
 def _refuse_if_too_big(needed: int, device_bytes: int, kind: str) -> None:

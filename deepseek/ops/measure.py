@@ -78,7 +78,7 @@ def measure_decode(model: torch.nn.Module, tokenizer, streams: int, prompt_token
                              decoded / decode_s)
 
 
-def _train_step_runner(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0):
+def _train_step_runner(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0, checkpointing: bool = False):
     """A model, its optimizer and a function running one trainer step (ForwardBackward + AdamW) on random ids."""
     from deepseek.models.transformer import MoETransformer
     from deepseek.train.config import OptimizerConfig
@@ -87,6 +87,7 @@ def _train_step_runner(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0)
 
     torch.manual_seed(seed)
     model = MoETransformer(cfg).train()
+    model.gradient_checkpointing = checkpointing
     optimizer = build_optimizer(model, OptimizerConfig())
     step = ForwardBackward(model, lambda m, ids: m(ids, targets=ids))
     ids = torch.randint(0, cfg.vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -99,11 +100,12 @@ def _train_step_runner(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0)
     return model, run
 
 
-def measure_train(cfg: ModelConfig, rows: int, seq_len: int, steps: int = 3) -> TrainMeasurement:
+def measure_train(cfg: ModelConfig, rows: int, seq_len: int, steps: int = 3,
+                  checkpointing: bool = False) -> TrainMeasurement:
     """Tokens/s of ``steps`` trainer steps of ``rows`` x ``seq_len`` tokens after one warm-up step."""
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    _, run = _train_step_runner(cfg, rows, seq_len)
+    _, run = _train_step_runner(cfg, rows, seq_len, checkpointing=checkpointing)
     run()
     start = time.perf_counter()
     for _ in range(steps):
@@ -122,11 +124,12 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
-def peak_training_memory(cfg: ModelConfig, rows: int, seq_len: int, steps: int = 2, threads: int = 1) -> dict:
+def peak_training_memory(cfg: ModelConfig, rows: int, seq_len: int, steps: int = 2, threads: int = 1,
+                         checkpointing: bool = False) -> dict:
     """Measured in a fresh Python process: the peak RSS increase of building the model and optimizer and running
     ``steps`` trainer steps, over the RSS after imports. ``{"peak_rss_increase_bytes", "baseline_rss_bytes"}``."""
     spec = json.dumps({"config": cfg.to_dict(), "rows": rows, "seq_len": seq_len, "steps": steps,
-                       "threads": threads})
+                       "threads": threads, "checkpointing": checkpointing})
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, "-m", "deepseek.ops.measure", spec], capture_output=True, text=True,
                           env=env, timeout=600)
@@ -147,9 +150,9 @@ def _probe(spec: dict) -> dict:
     # architecture at the smallest widths, so that the baseline holds it and the increase is data.
     small = dataclasses.replace(cfg, vocab_size=min(cfg.vocab_size, 64), d_model=2 * cfg.n_heads * 2,
                                 head_dim=2, ffn_dim=8, moe_ffn_dim=8, shared_ffn_dim=8 * cfg.n_shared_experts)
-    _train_step_runner(small, 1, 8)[1]()
+    _train_step_runner(small, 1, 8, checkpointing=spec["checkpointing"])[1]()
     baseline = _rss_bytes()
-    _, run = _train_step_runner(cfg, spec["rows"], spec["seq_len"])
+    _, run = _train_step_runner(cfg, spec["rows"], spec["seq_len"], checkpointing=spec["checkpointing"])
     for _ in range(spec["steps"]):
         run()
     return {"peak_rss_increase_bytes": _peak_rss_bytes() - baseline, "baseline_rss_bytes": baseline}

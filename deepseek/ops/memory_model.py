@@ -118,7 +118,8 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float3
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
 
 
-def activation_floats_per_token(cfg: ModelConfig, tp: int = 1, layers: Optional[int] = None) -> float:
+def activation_floats_per_token(cfg: ModelConfig, tp: int = 1, layers: Optional[int] = None,
+                                checkpointing: bool = False) -> float:
     """4-byte words autograd keeps per token of a training micro-batch (fp32, dense attention): what backward
     needs of each layer, plus the final norm and the chunked loss.
 
@@ -129,6 +130,8 @@ def activation_floats_per_token(cfg: ModelConfig, tp: int = 1, layers: Optional[
     width) for the shared experts. Fitted to :func:`saved_activation_bytes` over 36 random configs (largest
     deviation 0.4 %) and checked in tests/ops/test_plan.py. ``tp`` divides the widths tensor parallelism splits
     (heads, FFN and expert widths); ``layers`` counts only that many of the model's layers (a pipeline stage).
+    ``checkpointing`` (the trainer's ``gradient_checkpointing``): each block keeps only its input (D) and backward
+    recomputes one block at a time, so the largest single layer is added once.
     """
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.head_dim
     q_width, kv_width = h * dh, cfg.n_kv_heads * dh
@@ -136,25 +139,30 @@ def activation_floats_per_token(cfg: ModelConfig, tp: int = 1, layers: Optional[
     n_dense = min(cfg.first_k_dense, n_layers)
     n_moe = n_layers - n_dense
     attention = 4 * d + (2 * q_width + 2 * kv_width + h + 2 * dh) / tp
-    dense = 2 * d + 4 * cfg.ffn_dim / tp
+    dense = attention + 2 * d + 4 * cfg.ffn_dim / tp
     k = cfg.top_k
     shared = cfg.shared_ffn_dim if cfg.n_shared_experts > 0 else 0  # the model builds no shared SwiGLU without
-    moe = 2 * d + cfg.n_routed_experts + k * (3 * d + 8) + (4 * k * cfg.moe_ffn_dim + 4 * shared) / tp - 4
-    return n_layers * attention + n_dense * dense + n_moe * moe + 3 * d + 19
+    moe = attention + 2 * d + cfg.n_routed_experts + k * (3 * d + 8) + (4 * k * cfg.moe_ffn_dim + 4 * shared) / tp - 4
+    outside = 3 * d + 19  # final norm, the loss's saved input gradient [N, D], targets
+    if checkpointing:
+        largest = max([dense] * (n_dense > 0) + [moe] * (n_moe > 0), default=0)
+        return n_layers * d + largest + outside
+    return n_dense * dense + n_moe * moe + outside
 
 
-def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1, layers: Optional[int] = None) -> float:
+def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1, layers: Optional[int] = None,
+                               checkpointing: bool = False) -> float:
     """Bytes of :func:`activation_floats_per_token` (fp32 words)."""
-    return 4 * activation_floats_per_token(cfg, tp, layers)
+    return 4 * activation_floats_per_token(cfg, tp, layers, checkpointing)
 
 
 def activation_bytes(cfg: ModelConfig, tokens: int, tp: int = 1, layers: Optional[int] = None,
-                     head: bool = True) -> float:
+                     head: bool = True, checkpointing: bool = False) -> float:
     """Bytes autograd keeps over one training micro-batch of ``tokens`` tokens: :func:`activation_bytes_per_token`
     times the tokens, plus (``head``: the stage with the LM head) the head's fp32 gradient [V, D], which the
     chunked loss (:func:`deepseek.nn.loss.linear_cross_entropy`) forms during the forward and saves for backward."""
     per_step = 4 * cfg.vocab_size * cfg.d_model if head else 0
-    return activation_bytes_per_token(cfg, tp, layers) * tokens + per_step
+    return activation_bytes_per_token(cfg, tp, layers, checkpointing) * tokens + per_step
 
 
 def saved_activation_bytes(model: torch.nn.Module, ids_BT: torch.Tensor) -> int:

@@ -92,11 +92,11 @@ def plan_serving(cfg: ModelConfig, weights: str, *, streams: int, context: int, 
                  "kv_cache_bytes_per_token": per_token, "weights_format": weights})
 
 
-def training_terms(cfg: ModelConfig, layout: Layout, tokens_per_step: int, micro_batches: int = 1
-                   ) -> tuple[list[MemoryTerm], int]:
+def training_terms(cfg: ModelConfig, layout: Layout, tokens_per_step: int, micro_batches: int = 1,
+                   checkpointing: bool = False) -> tuple[list[MemoryTerm], int]:
     """The memory terms of the busiest device of ``layout`` training ``cfg`` (fp32 weights, AdamW) on
-    ``tokens_per_step`` tokens per optimizer step cut into ``micro_batches`` per data-parallel rank, and which
-    pipeline stage that device holds."""
+    ``tokens_per_step`` tokens per optimizer step cut into ``micro_batches`` per data-parallel rank (with
+    ``checkpointing``: the trainer's gradient_checkpointing), and which pipeline stage that device holds."""
     check_layout_fits_model(layout, cfg)
     _positive("--train-tokens-per-step", tokens_per_step)
     _positive("--micro-batches", micro_batches)
@@ -127,9 +127,11 @@ def training_terms(cfg: ModelConfig, layout: Layout, tokens_per_step: int, micro
             terms.append(MemoryTerm("FSDP gathered blocks (2 x 1 block)", 2 * block * TRAIN_WEIGHT_BYTES,
                                     "estimate: current + prefetched block"))
         in_flight = min(layout.pp, micro_batches) if layout.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
-        terms.append(MemoryTerm(f"activations ({micro_tokens:,} tokens x {in_flight} in flight)",
-                                activation_bytes(cfg, micro_tokens * in_flight, layout.tp, len(layers), head=last),
-                                "formula (checked against autograd's saved tensors)"))
+        what = "activations, checkpointed" if checkpointing else "activations"
+        terms.append(MemoryTerm(f"{what} ({micro_tokens:,} tokens x {in_flight} in flight)",
+                                activation_bytes(cfg, micro_tokens * in_flight, layout.tp, len(layers), head=last,
+                                                 checkpointing=checkpointing),
+                                "formula (checked against autograd's saved tensors and peak RSS)"))
         if last:
             chunk = min(micro_tokens, max(16, LOSS_CHUNK_BYTES // (4 * cfg.vocab_size))) * cfg.vocab_size * 4
             terms.append(MemoryTerm("loss logits chunk", chunk, "exact: deepseek.nn.loss's buffer"))
@@ -140,15 +142,16 @@ def training_terms(cfg: ModelConfig, layout: Layout, tokens_per_step: int, micro
 
 def plan_training(cfg: ModelConfig, layout: Layout, *, tokens_per_step: int, tokens_per_s_per_device: float,
                   throughput_source: str, device_memory: tuple[int, str], micro_batches: int = 1,
-                  step_time_s: Optional[float] = None) -> Plan:
+                  step_time_s: Optional[float] = None, checkpointing: bool = False) -> Plan:
     """Memory of the busiest device of ``layout`` and the devices needed: the layout's own count, or, with a target
     ``step_time_s``, ceil(tokens per step / (measured tokens/s per device x step time)) (ideal scaling:
     communication is not modelled)."""
     _positive("the measured tokens/s per device", tokens_per_s_per_device)
-    terms, stage = training_terms(cfg, layout, tokens_per_step, micro_batches)
+    terms, stage = training_terms(cfg, layout, tokens_per_step, micro_batches, checkpointing)
     devices = layout.devices
     details = {"layout": layout.describe(), "layout_degrees": asdict(layout), "tokens_per_step": tokens_per_step,
                "micro_batches": micro_batches, "busiest_stage": stage,
+               "gradient_checkpointing": checkpointing,
                "step_time_s": tokens_per_step / (tokens_per_s_per_device * devices)}
     if step_time_s is not None:
         _positive("--step-time", step_time_s)

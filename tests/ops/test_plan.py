@@ -86,6 +86,20 @@ def test_activation_formula_matches_the_tensors_autograd_saves(overrides):
     assert activation_bytes(cfg, 4 * 64) == pytest.approx(measured, rel=0.02)  # fitted; 36 configs within 0.4 %
 
 
+def test_checkpointed_blocks_keep_only_their_inputs():
+    model = MoETransformer(CFG)
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, CFG.vocab_size, (4, 64))
+    measured = saved_activation_bytes(model, ids)  # the forward: block inputs, final norm, loss
+    d, tokens = CFG.d_model, 4 * 64
+    forward_words = tokens * (CFG.n_layers * d + 3 * d + 19) + CFG.vocab_size * d  # the formula's forward part
+    assert 4 * forward_words == pytest.approx(measured, rel=0.05)
+    # Backward recomputes one block at a time: the plan adds the largest layer (here a MoE layer) once.
+    moe_layer = activation_bytes(CFG, tokens, layers=2, head=False) - activation_bytes(CFG, tokens, layers=1,
+                                                                                         head=False)
+    assert activation_bytes(CFG, tokens, checkpointing=True) == 4 * forward_words + moe_layer
+
+
 def test_training_memory_estimate_matches_the_peak_rss_of_trainer_steps():
     """Peak RSS increase of two trainer steps (fresh process, kernels paged in before the baseline) vs weights +
     gradients + AdamW + activations + loss chunk. Tolerance 25 %: RSS also holds allocator slack, temporaries of
@@ -94,7 +108,7 @@ def test_training_memory_estimate_matches_the_peak_rss_of_trainer_steps():
 
     cfg = ModelConfig(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, moe_ffn_dim=256,
                       n_routed_experts=8, max_seq_len=256)
-    rows, seq = 8, 256
+    rows, seq = 4, 256
     measured = peak_training_memory(cfg, rows, seq)["peak_rss_increase_bytes"]
     terms, _ = training_terms(cfg, Layout(), rows * seq)
     estimate = sum(t.bytes for t in terms)
