@@ -121,9 +121,11 @@ def training_terms(cfg: ModelConfig, layout: Layout, tokens_per_step: int, micro
                  MemoryTerm("gradients (fp32)", numel * TRAIN_GRAD_BYTES, "exact count, divided by the layout"),
                  MemoryTerm("AdamW state (2 x fp32)", numel * TRAIN_OPTIMIZER_BYTES,
                             "exact count, divided by the layout")]
-        if layout.fsdp:
-            # FSDP gathers one block's whole (tp-sliced) weights before it runs and prefetches the next.
-            block = max(sum(t.numel / tensor_divisor(t.part, layout) for t in params if t.layer == i) for i in layers)
+        if layout.fsdp and any(fsdp_divisor(t.part, layout) > 1 for t in params):
+            # FSDP gathers one block's whole (tp-sliced) weights before it runs and prefetches the next; the
+            # ep-local experts are outside FSDP and never gathered.
+            block = max(sum(t.numel / tensor_divisor(t.part, layout) for t in params
+                            if t.layer == i and fsdp_divisor(t.part, layout) > 1) for i in layers)
             terms.append(MemoryTerm("FSDP gathered blocks (2 x 1 block)", 2 * block * TRAIN_WEIGHT_BYTES,
                                     "estimate: current + prefetched block"))
         in_flight = min(layout.pp, micro_batches) if layout.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches

@@ -221,3 +221,24 @@ def test_cli_bad_input_is_one_line(monkeypatch, capsys, args, message):
     code, out = run_cli(monkeypatch, capsys, *args)
     assert code in (1, 2)
     assert message in out.err and "Traceback" not in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_cli_measures_decode_here_without_a_profile(monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "tiny", "--serve-tokens-per-s", "100", "--streams", "2", "--context",
+                        "64", "--threads", "1", "--json")
+    assert code in (0, None), out.err
+    plan = json.loads(out.out)["plans"][0]
+    measured = plan["throughput"]["tokens_per_s_per_replica"]
+    assert plan["throughput"]["source"].startswith("measured here: 15 decode steps x 2 streams")
+    assert measured > 0 and plan["devices"] == -(-100 // measured)
+
+
+def test_cli_measures_a_training_step_here_and_plans_fsdp(monkeypatch, capsys):
+    code, out = run_cli(monkeypatch, capsys, "tiny", "--train-tokens-per-step", "512", "--seq-len", "64",
+                        "--layout", "fsdp=2", "--threads", "1", "--json")
+    assert code in (0, None), out.err
+    plan = json.loads(out.out)["plans"][0]
+    assert plan["devices"] == 2 and plan["throughput"]["source"].startswith("measured here: 2 trainer steps of 4 x 64")
+    tiny = ModelConfig()
+    params = sum(t.numel for t in trainable_tensors(tiny))
+    assert {t["name"]: t["bytes"] for t in plan["terms"]}["gradients (fp32)"] == 4 * params / 2
