@@ -247,10 +247,14 @@ def print_plan(plan, source: str) -> None:
                       f"{tp['tokens_per_s_per_replica']:,.0f} tokens/s per replica at {plan.details['streams']} "
                       f"streams)\n  throughput {tp['source']}", highlight=False)
     else:
-        line = f"devices: {plan.devices}"
-        if "target_step_time_s" in plan.details:
-            line += (f" = ceil({plan.details['tokens_per_step']:,} tokens / ({tp['tokens_per_s_per_device']:,.0f} "
-                     f"tokens/s per device x {plan.details['target_step_time_s']} s))")
-        else:
-            line += f" ({plan.details['layout']}); step time ~{plan.details['step_time_s']:.2f} s at ideal scaling"
+        d = plan.details
+        line = f"devices: {plan.devices} ({d['layout']}); step time ~{d['step_time_s']:.2f} s at ideal scaling"
+        if "target_step_time_s" in d:
+            need = (f"ceil({d['tokens_per_step']:,} tokens / ({tp['tokens_per_s_per_device']:,.0f} tokens/s per "
+                    f"device x {d['target_step_time_s']} s))")
+            if d["devices_for_step_time"] > d["layout_devices"]:
+                line = (f"devices: {plan.devices} = {need}; the memory above is for the layout's "
+                        f"{d['layout_devices']}: re-plan with --devices {plan.devices}")
+            else:
+                line += f"\n  the step time alone needs {need} = {d['devices_for_step_time']}"
         console.print(f"{line}\n  throughput {tp['source']}", highlight=False)

@@ -146,19 +146,21 @@ def plan_training(cfg: ModelConfig, layout: Layout, *, tokens_per_step: int, tok
                   throughput_source: str, device_memory: tuple[int, str], micro_batches: int = 1,
                   step_time_s: Optional[float] = None, checkpointing: bool = False) -> Plan:
     """Memory of the busiest device of ``layout`` and the devices needed: the layout's own count, or, with a target
-    ``step_time_s``, ceil(tokens per step / (measured tokens/s per device x step time)) (ideal scaling:
-    communication is not modelled)."""
+    ``step_time_s``, at least ceil(tokens per step / (measured tokens/s per device x step time)) (ideal scaling:
+    communication is not modelled; the memory terms stay those of the layout's devices)."""
     _positive("the measured tokens/s per device", tokens_per_s_per_device)
     terms, stage = training_terms(cfg, layout, tokens_per_step, micro_batches, checkpointing)
     devices = layout.devices
-    details = {"layout": layout.describe(), "layout_degrees": asdict(layout), "tokens_per_step": tokens_per_step,
+    details = {"layout": layout.describe(), "layout_degrees": asdict(layout), "layout_devices": devices,
+               "tokens_per_step": tokens_per_step,
                "micro_batches": micro_batches, "busiest_stage": stage,
                "gradient_checkpointing": checkpointing,
                "step_time_s": tokens_per_step / (tokens_per_s_per_device * devices)}
     if step_time_s is not None:
         _positive("--step-time", step_time_s)
-        devices = math.ceil(tokens_per_step / (tokens_per_s_per_device * step_time_s))
-        details["target_step_time_s"] = step_time_s
+        needed = math.ceil(tokens_per_step / (tokens_per_s_per_device * step_time_s))
+        devices = max(devices, needed)  # the layout's devices already reach the step time when it needs fewer
+        details.update(target_step_time_s=step_time_s, devices_for_step_time=needed)
     return Plan("train", terms, *device_memory,
                 {"tokens_per_s_per_device": tokens_per_s_per_device, "source": throughput_source}, devices, details)
 

@@ -175,6 +175,9 @@ def test_training_devices_for_a_target_step_time():
     plan = plan_training(CFG, Layout(), tokens_per_step=10_000, tokens_per_s_per_device=1_000,
                          throughput_source="test", device_memory=MEMORY, step_time_s=2.0)
     assert plan.devices == 5 and plan.fits  # ceil(10,000 / (1,000 x 2))
+    eight = plan_training(CFG, Layout(dp_replicate=8), tokens_per_step=10_000, tokens_per_s_per_device=1_000,
+                          throughput_source="test", device_memory=MEMORY, step_time_s=2.0)
+    assert eight.devices == 8 and eight.details["devices_for_step_time"] == 5  # the layout already reaches it
     with pytest.raises(PlanError, match="--train-tokens-per-step must be positive"):
         plan_training(CFG, Layout(), tokens_per_step=-5, tokens_per_s_per_device=1_000, throughput_source="test",
                       device_memory=MEMORY)
