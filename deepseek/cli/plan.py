@@ -162,7 +162,8 @@ def _measure_decode(resolved: Target, streams: int, fmt: str, device_bytes: int)
         torch.manual_seed(0)
         model, tokenizer = MoETransformer(resolved.config).eval(), byte_tokenizer()
         what = "random fp32 weights"
-    m = measure_decode(model, tokenizer, streams)
+    with _status(f"measuring decode: {streams} streams through deepseek.generate"):
+        m = measure_decode(model, tokenizer, streams)
     note = "" if fmt in ("fp32", resolved.weights) else f"; planned weights are {fmt}"
     return m.decode_tokens_per_s, (f"measured here: {m.new_tokens - 1} decode steps x {streams} streams through "
                                    f"deepseek.generate ({what}, {torch.get_num_threads()} thread(s){note})")
@@ -204,10 +205,18 @@ def _measure_train(cfg, tokens_per_step: int, layout, micro_batches: int, seq_le
     seq_len = min(seq_len, cfg.max_seq_len)
     micro_tokens = max(1, tokens_per_step // (layout.data_parallel * micro_batches))
     rows = max(1, min(4, micro_tokens // seq_len))  # a short run: a few rows are enough for tokens/s
-    m = measure_train(cfg, rows, seq_len, steps=2, checkpointing=checkpointing)
+    with _status(f"measuring 3 trainer steps of {rows} x {seq_len} tokens"):
+        m = measure_train(cfg, rows, seq_len, steps=2, checkpointing=checkpointing)
     return m.tokens_per_s, (f"measured here: 2 trainer steps of {rows} x {seq_len} tokens, fp32"
                             f"{', checkpointed' if checkpointing else ''}, one device "
                             f"({torch.get_num_threads()} thread(s))")
+
+
+def _status(text: str):
+    """A spinner on stderr while a short measurement runs (stdout stays clean for --json)."""
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
 
 
 def _refuse_if_too_big(needed: int, device_bytes: int, kind: str) -> None:
