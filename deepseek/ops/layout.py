@@ -19,6 +19,7 @@ from typing import Optional
 
 from deepseek.config import ConfigError
 from deepseek.models.config import ModelConfig
+from deepseek.parallel.pipeline import stage_layers  # noqa: F401 - the pipeline's own split, re-exported for plans
 
 LAYOUT_NAMES = {"ddp": "dp_replicate", "fsdp": "dp_shard", "tp": "tp", "ep": "ep", "pp": "pp"}
 UNSUPPORTED = {"cp": "context parallelism", "sp": "sequence parallelism", "zero1": "ZeRO-1 (optimizer-only sharding)",
@@ -134,13 +135,6 @@ def check_layout_fits_model(layout: Layout, cfg: ModelConfig) -> None:
             problems.append("pp with model.tie_embeddings=true is not supported by deepseek.parallel.pipeline")
     if problems:
         raise LayoutError("--layout " + layout.describe() + ": " + "; ".join(problems))
-
-
-def stage_layers(n_layers: int, pp: int, stage: int) -> range:
-    """The blocks of pipeline ``stage`` (the first ``n_layers % pp`` stages take one more), as the pipeline splits."""
-    per, extra = divmod(n_layers, pp)
-    start = stage * per + min(stage, extra)
-    return range(start, start + per + (stage < extra))
 
 
 def tensor_divisor(part: str, layout: Layout) -> int:
