@@ -21,7 +21,8 @@ LAYERS = [
     ["evaluation"],
     ["train"],  # the loop (owns a plan), one forward/backward, configs, plain checkpoints, parameter server
     ["generate", "parallel"],  # sampling engines; parallel plans (never train)
-    ["models"],  # the model, presets, model directory, HF interop
+    ["models", "vision", "graph"],  # the model, presets, model directory, HF interop; image processor + classifiers;
+                                    # heterogeneous-graph recommendation (issue 21)
     ["data", "nn"],  # tokenizers, shards, loader; building blocks
     ["config", "hardware", "compile", "checkpoint_folder"],  # leaves: dataclass configs, device probe, ds.jit,
                                                               # the checkpoint folder shared by plain and sharded

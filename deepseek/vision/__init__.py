@@ -1,0 +1,3 @@
+"""Image classification: ``DeepseekImageProcessor`` (resize, crop, normalise PIL images, arrays and encoded bytes)
+and ``DeepseekForImageClassification`` (a small ResNet-style CNN, or a patch transformer whose MLPs are our MoE
+layer). Layer: beside ``models`` — may import nn, data, config, hardware, errors, atomic."""
