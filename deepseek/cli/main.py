@@ -11,7 +11,7 @@ import sys
 import typer
 
 from deepseek.cli import (bench, checkpoint, compress, convert, data, evaluate, export, finetune, generate, init,
-                          lora, quickstart, rag, serve, train)
+                          lora, profile, quickstart, rag, serve, train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
@@ -40,6 +40,7 @@ bench.register(app)
 finetune.register(app)
 lora.register(app)
 rag.register(app)
+profile.register(app)
 
 
 def main() -> None:
