@@ -105,7 +105,9 @@ def profile_generate(model_dir: str | Path, *, batch: int = 1, prompt_len: int =
 
     dtype = next(model.parameters()).dtype
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-    peaks = measured_peaks(device, peak_seconds)
+    memory = {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
+              **cuda_memory(device)}
+    peaks = measured_peaks(device, peak_seconds)  # after the high-water mark is read: its operands are not the run's
     bandwidth = peaks["memory_bandwidth_bytes_per_s"]
     prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
     kv_per_token = kv_cache_bytes_per_token(model)
@@ -141,8 +143,7 @@ def profile_generate(model_dir: str | Path, *, batch: int = 1, prompt_len: int =
         "achieved_bandwidth_bytes_per_s": (step_weight_bytes + step_kv_bytes) / decode_s,
         "mbu": floor / decode_s,
         "overhead": profiled_whole / plain_total - 1.0,
-        "memory": {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
-                   **cuda_memory(device)},
+        "memory": memory,
         "breakdown": {"prefill": prefill_s, "decode": decode_s * (new_tokens - 1)},
         "expert_load": [],
         "top_ops": [p.to_dict() for p in sorted(points.values(), key=lambda p: -p.seconds)[:12]],

@@ -137,9 +137,11 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
                 prof.step()
 
     precision = trainer.precision.precision
-    peaks = measured_peaks(device, peak_seconds)
+    memory = {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
+              **cuda_memory(device), "cuda_snapshot": snapshot["snapshot"]}
+    peaks = measured_peaks(device, peak_seconds)  # after the high-water mark is read: its operands are not the run's
     step_seconds = statistics.median(plain)
-    tokens_per_step = statistics.median(tokens)
+    tokens_per_step = int(statistics.median(tokens))
     tokens_per_s = tokens_per_step / step_seconds
     flops = train_flops_per_token(model, seq_len)
     peak = peaks["matmul_flops"].get(precision)
@@ -169,8 +171,7 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
         "mfu_6n": mfu_6n,
         "overhead": statistics.median(ratios),
         "overhead_per_cycle": ratios,
-        "memory": {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
-                   **cuda_memory(device), "cuda_snapshot": snapshot["snapshot"]},
+        "memory": memory,
         "breakdown": mean_breakdown,
         "breakdown_step_seconds": statistics.fmean(b.step_seconds for b in breakdowns) if breakdowns else None,
         "expert_load": expert_load(counts[0]),

@@ -20,6 +20,9 @@ COLORS = {"matmul": "#4C72B0", "attention": "#DD8452", "moe_routing": "#55A868",
           "other": "#AAAAAA", "prefill": "#4C72B0", "decode": "#DD8452"}
 
 
+LABELLED_POINTS = 5
+
+
 def _si(value: Optional[float], unit: str = "", digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -64,6 +67,7 @@ def render_tables(result: dict):
         head.add_row("weight-streaming floor", f"{result['weight_streaming_floor_seconds'] * 1e3:.2f} ms/step",
                      "weight + KV bytes read per step ÷ bandwidth")
         head.add_row("MBU", _percent(result["mbu"]), "floor ÷ decode step time")
+        head.add_row("profiler overhead", _percent(result["overhead"]), "the profiled generation ÷ plain median − 1")
         head.add_row("weights", _si(result["weight_bytes"], "B"),
                      f"{_si(result['decode_weight_bytes_per_step'], 'B')} read per decode step")
         head.add_row("KV cache", f"{_si(result['kv_cache_bytes_per_token'], 'B')}/token",
@@ -116,7 +120,7 @@ def summary_png(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bar, roof) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (bar, roof) = plt.subplots(1, 2, figsize=(12, 5), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
     parts = result.get("breakdown") or {}
     total = sum(parts.values()) or 1.0
     left = 0.0
@@ -141,11 +145,16 @@ def summary_png(result: dict, path: Path) -> Path:
     roof.plot(xs, [min(peak, bandwidth * x) for x in xs], color="black", linewidth=1.5,
               label=f"ceiling: {peak / 1e9:.0f} GFLOP/s, {bandwidth / 1e9:.1f} GB/s (measured)")
     total_seconds = sum(p["seconds"] for p in points) or 1.0
-    for p in points:
-        roof.scatter(p["intensity_flops_per_byte"], p["flops_per_s"], s=20 + 400 * p["seconds"] / total_seconds,
-                     alpha=0.6)
-        roof.annotate(p["op"].replace("aten::", ""), (p["intensity_flops_per_byte"], p["flops_per_s"]),
-                      fontsize=6, xytext=(3, 3), textcoords="offset points")
+    listed = []
+    for rank, p in enumerate(sorted(points, key=lambda p: -p["seconds"])):
+        xy = (p["intensity_flops_per_byte"], p["flops_per_s"])
+        roof.scatter(*xy, s=20 + 400 * p["seconds"] / total_seconds, alpha=0.6)
+        if rank < LABELLED_POINTS:  # numbered, listed under the plot: shape labels on the points overprint
+            roof.annotate(str(rank + 1), xy, fontsize=7, xytext=(4, 2), textcoords="offset points")
+            listed.append(f"{rank + 1}: {p['op'].replace('aten::', '')} {p['shapes']} x{p['calls']}  "
+                          f"{p['flops_per_s'] / 1e9:.0f} GFLOP/s, {100 * p['seconds'] / total_seconds:.0f}% of "
+                          f"product time")
+    roof.text(0.0, -0.2, "\n".join(listed), transform=roof.transAxes, fontsize=6.5, va="top", family="monospace")
     roof.set_xscale("log")
     roof.set_yscale("log")
     roof.set_xlabel("arithmetic intensity (FLOP / byte)")
