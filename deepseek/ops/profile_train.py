@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from deepseek.config import ConfigError
 from deepseek.ops.breakdown import CATEGORIES, OpPoint, accumulate_points, label_modules, scope, step_breakdowns
 from deepseek.ops.flops import n_active_params, train_flops_per_token
 from deepseek.ops.memory import cuda_memory, cuda_memory_history, peak_rss_bytes, rss_bytes
@@ -69,6 +70,8 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
     """Profile ``steps`` training steps of ``config`` after ``warmup`` plain ones (see the module's docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+    if config.parallel.mode == "parameter_server":
+        raise ConfigError("ds profile train profiles one process: parallel.mode=parameter_server is not supported")
     out = Path(out)
     trainer = build_trainer(config)
     model, device = trainer.model, trainer.device
@@ -80,26 +83,33 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
             torch.cuda.synchronize(device)
 
     counts: list[Optional[torch.Tensor]] = [None]
+    counting = [False]
+
+    def count_routing(module, args, output) -> None:
+        # Once per forward of the whole model (every micro-batch; never again for a checkpointed block's recompute).
+        if counting[0]:
+            stats = module.router_stats()
+            if stats is not None:
+                load = stats.tokens_per_expert.detach().float().cpu()
+                counts[0] = load if counts[0] is None else counts[0] + load
 
     def run_step(measured: bool) -> tuple[float, int]:
         nonlocal done
         sync()
         start = time.perf_counter()
+        counting[0] = measured
         with scope("data_loading"):
             batch = next(trainer.batches)
         trainer.train_step(batch)
         sync()
         took = time.perf_counter() - start
-        if measured:
-            stats = model.router_stats() if hasattr(model, "router_stats") else None
-            if stats is not None:
-                load = stats.tokens_per_expert.detach().float().cpu()
-                counts[0] = load if counts[0] is None else counts[0] + load
+        counting[0] = False
         done += 1
         if progress is not None:
             progress(done, total)
         return took, _tokens(batch)
 
+    hook = model.register_forward_hook(count_routing) if hasattr(model, "router_stats") else None
     for _ in range(warmup):
         run_step(False)
 
@@ -136,6 +146,8 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
                 rss.append(rss_bytes())
                 prof.step()
 
+    if hook is not None:
+        hook.remove()
     precision = trainer.precision.precision
     memory = {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
               **cuda_memory(device), "cuda_snapshot": snapshot["snapshot"]}

@@ -22,7 +22,8 @@ PEAK_SECONDS = 0.15  # the ceilings' measuring time: short, the tests check arit
 def profiled(lm_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     config = load_train_config("configs/tiny.yaml", [f"run_dir={out / 'run'}", f"data.path={lm_data}",
-                                                     f"batch_size={BATCH}", f"data.seq_len={SEQ}", "seed=0"])
+                                                     f"batch_size={BATCH}", f"data.seq_len={SEQ}", "seed=0",
+                                                     "micro_batch_size=2"])  # two forwards per step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = profile_train(config, steps=STEPS, warmup=1, out=out, peak_seconds=PEAK_SECONDS).result
@@ -86,7 +87,7 @@ def test_expert_load_counts_every_measured_step(profiled):
     result, _ = profiled
     layers = result["expert_load"]
     assert len(layers) == 2
-    for layer in layers:  # top-2 of every token of the plain and the profiled step of each cycle
+    for layer in layers:  # top-2 of every token (both micro-batches) of the plain and the profiled step of each cycle
         assert sum(layer["tokens_per_expert"]) == 2 * BATCH * SEQ * 2 * STEPS
 
 
