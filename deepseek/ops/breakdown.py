@@ -233,26 +233,46 @@ class OpPoint:
 
 
 def accumulate_points(events, points: dict[tuple[str, str], OpPoint]) -> None:
-    """Add each GEMM of ``events`` to ``points`` by (op, input shapes). FLOPs from the shapes (the profiler's
+    """Add each GEMM and fused attention forward of ``events`` to ``points`` by (op, input shapes). FLOPs from the shapes (the profiler's
     ``with_flops`` skips ``_grouped_mm``); bytes = operands read + output written at the inputs' element size."""
     for e in events:
-        if e.name not in GEMM_OPS or e.name in ("aten::linear", "aten::matmul"):
+        if _is_attention_kernel(e.name):
+            shaped = _attention_shape(e.input_shapes or [])
+        elif e.name not in GEMM_OPS or e.name in ("aten::linear", "aten::matmul"):
             continue  # linear/matmul are wrappers around the mm/addmm/bmm counted here
-        if _inside_product(e):
+        elif _inside_product(e):
             continue  # e.g. a per-group mm inside _grouped_mm: the outer product counts it, with its time
-        shaped = _product_shape(e.name, e.input_shapes or [])
+        else:
+            shaped = _product_shape(e.name, e.input_shapes or [])
         if shaped is None:
             continue
         flops, tensors = shaped
         dtypes = [d for d in (e.input_dtypes or []) if d in _ITEMSIZE]
         itemsize = _ITEMSIZE[dtypes[-1]] if dtypes else 4
         numel = sum(_numel(t) for t in tensors)
-        key = (e.name, str(tensors[:2]))
+        key = (e.name, str(tensors[:3] if _is_attention_kernel(e.name) else tensors[:2]))
         point = points.setdefault(key, OpPoint(e.name, key[1]))
         point.calls += 1
         point.seconds += e.cpu_time_total / 1e6
         point.flops += flops
         point.bytes += numel * itemsize
+
+
+def _is_attention_kernel(name: str) -> bool:
+    """A fused attention forward kernel (flash / efficient / math / CPU flash), not its backward."""
+    return name.startswith("aten::_scaled_dot_product") and not name.endswith("_backward")
+
+
+def _attention_shape(shapes: list) -> Optional[tuple[int, list[list[int]]]]:
+    """(FLOPs, [q, k, v, out]) of a forward attention kernel from q [B, H, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]:
+    QKᵀ and PV, 4·B·H·T·S·D (the causal half not subtracted, as in the MFU formula)."""
+    try:
+        q, k, v = shapes[0], shapes[1], shapes[2]
+        b, h, t, d = q
+        s, dv = k[2], v[3]
+    except (IndexError, TypeError, ValueError):
+        return None
+    return 2 * b * h * t * s * (d + dv), [q, k, v, [b, h, t, dv]]
 
 
 def _inside_product(event) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch.profiler import profile
 
 import deepseek as ds
-from deepseek.ops.breakdown import CATEGORIES, classify, label_modules, scope
+from deepseek.ops.breakdown import CATEGORIES, accumulate_points, classify, label_modules, scope
 from deepseek.ops.profile_train import expert_load, profile_train
 from deepseek.train.config import load_train_config
 
@@ -128,3 +128,21 @@ def test_bad_config_key_is_one_line(monkeypatch, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "no_such_field" in err and "\n" not in err
+
+
+def test_roofline_points_count_products_by_hand():
+    """Points are (op, shapes) with FLOPs 2·m·k·n (mm), per-row groups (_grouped_mm), 4·B·H·T·S·D (attention)."""
+    model = ds.MoETransformer(ds.preset("tiny"))
+    ids = torch.randint(0, 259, (2, 16))
+    with profile(record_shapes=True) as prof:
+        model(ids, targets=ids)  # the training forward (grad enabled: the sorted, grouped expert path)
+    points = {}
+    accumulate_points(prof.events(), points)
+    by_key = {(p.name, p.shapes): p for p in points.values()}
+    q_proj = by_key[("aten::mm", "[[32, 64], [64, 64]]")]  # 32 tokens through a 64 -> 64 projection
+    assert q_proj.flops == q_proj.calls * 2 * 32 * 64 * 64
+    assert q_proj.bytes == q_proj.calls * 4 * (32 * 64 + 64 * 64 + 32 * 64)
+    experts = by_key[("aten::_grouped_mm", "[[64, 64], [8, 64, 256]]")]  # 32 tokens x top-2 rows, gate_up
+    assert experts.flops == experts.calls * 2 * 64 * 64 * 256
+    attention = [p for p in points.values() if "scaled_dot_product" in p.name]
+    assert attention and all(p.flops == p.calls * 4 * 2 * 4 * 16 * 16 * 16 for p in attention)  # B H T S D
