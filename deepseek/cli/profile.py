@@ -54,7 +54,7 @@ def train_command(
     _quiet_profiler()
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
-        task = bar.add_task("steps", total=warmup + 3 * steps)
+        task = bar.add_task("steps", total=warmup + 4 * steps)
         result = profile_train(cfg, steps=steps, warmup=warmup, out=out,
                                progress=lambda done, total: bar.update(task, completed=done)).result
     _print_outputs(result)

@@ -2,9 +2,11 @@
 
 The run is built by :func:`deepseek.train.lm.build_trainer` (the same config loading, data, model, precision choice,
 optimizer and ``Trainer.train_step`` as ``ds train``; nothing is written to ``run_dir``). After ``warmup`` plain
-steps, each of ``steps`` cycles runs three steps under one profiler with the schedule ``wait=1, warmup=1,
-active=1``: a *plain* step (the profiler idle), a profiler warm-up step (discarded), and a *profiled* step
-(``record_shapes``, ``with_flops``, ``profile_memory``, the ``ds::`` scopes of :mod:`deepseek.ops.breakdown`).
+steps, each of ``steps`` cycles runs four steps under one profiler with the schedule ``wait=2, warmup=1,
+active=1``: a settling step (after the previous cycle's trace was processed, untimed), a *plain* step (the
+profiler idle), a profiler warm-up step (discarded), and a *profiled* step (``record_shapes``, ``with_flops``,
+``profile_memory``, the ``ds::`` scopes of :mod:`deepseek.ops.breakdown`). The plain and the profiled step each
+follow an ordinary step, so neither pays for the trace processing.
 
 - tokens/s, step time and MFU come from the plain steps (median), so the profiler cannot inflate them;
 - the breakdown, the trace and the roofline come from the profiled steps;
@@ -66,7 +68,8 @@ def _tokens(batch) -> int:
 
 
 def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: Path = Path("runs/profile"),
-                  progress: Optional[ProgressFn] = None, peak_seconds: float = 0.6) -> TrainProfile:
+                  progress: Optional[ProgressFn] = None, peak_seconds: float = 0.6,
+                  profile_memory: bool = True) -> TrainProfile:
     """Profile ``steps`` training steps of ``config`` after ``warmup`` plain ones (see the module's docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
@@ -75,7 +78,7 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
     out = Path(out)
     trainer = build_trainer(config)
     model, device = trainer.model, trainer.device
-    total, done = warmup + 3 * steps, 0
+    total, done = warmup + 4 * steps, 0
     seq_len = config.data.schedule()[-1][1]
 
     def sync() -> None:
@@ -128,11 +131,13 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out.mkdir(parents=True, exist_ok=True)
     with cuda_memory_history(device, out / "memory_snapshot.pickle") as snapshot:
-        with profile(activities=activities, record_shapes=True, with_flops=True, profile_memory=True,
-                     schedule=schedule(wait=1, warmup=1, active=1, repeat=steps),
+        with profile(activities=activities, record_shapes=True, with_flops=True, profile_memory=profile_memory,
+                     schedule=schedule(wait=2, warmup=1, active=1, repeat=steps),
                      on_trace_ready=on_trace_ready) as prof:
             for _ in range(steps):
-                took, n = run_step(True)           # wait: the profiler is idle
+                run_step(False)                    # wait: settles after the last cycle's trace was processed
+                prof.step()
+                took, n = run_step(True)           # wait: the plain step, timed
                 plain.append(took)
                 tokens.append(n)
                 rss.append(rss_bytes())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import math
 from pathlib import Path
@@ -102,6 +103,20 @@ def render_tables(result: dict):
     return tables
 
 
+def _short_op(name: str) -> str:
+    name = name.replace("aten::", "")
+    return "attention" if "scaled_dot_product" in name else name
+
+
+def _short_shapes(shapes: str) -> str:
+    """``[[4096, 256], [256, 256]]`` -> ``4096x256 @ 256x256``."""
+    try:
+        tensors = ast.literal_eval(shapes)
+        return " @ ".join("x".join(map(str, t)) for t in tensors)
+    except (ValueError, SyntaxError, TypeError):
+        return shapes
+
+
 def print_report(result: dict, console=None) -> None:
     from rich.console import Console
 
@@ -120,7 +135,7 @@ def summary_png(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bar, roof) = plt.subplots(1, 2, figsize=(12, 5), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (bar, roof) = plt.subplots(1, 2, figsize=(12, 5.4), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
     parts = result.get("breakdown") or {}
     total = sum(parts.values()) or 1.0
     left = 0.0
@@ -134,7 +149,7 @@ def summary_png(result: dict, path: Path) -> Path:
     bar.set_yticks([])
     bar.set_xlabel("ms per step" if result["kind"] == "train" else "ms (prefill + all decode steps)")
     bar.set_title("where the time goes")
-    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=7, frameon=False)
+    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=7, frameon=False)
 
     peak = result["peaks"]["matmul_flops"].get(result["precision"]) or max(result["peaks"]["matmul_flops"].values())
     bandwidth = result["peaks"]["memory_bandwidth_bytes_per_s"]
@@ -151,10 +166,9 @@ def summary_png(result: dict, path: Path) -> Path:
         roof.scatter(*xy, s=20 + 400 * p["seconds"] / total_seconds, alpha=0.6)
         if rank < LABELLED_POINTS:  # numbered, listed under the plot: shape labels on the points overprint
             roof.annotate(str(rank + 1), xy, fontsize=7, xytext=(4, 2), textcoords="offset points")
-            listed.append(f"{rank + 1}: {p['op'].replace('aten::', '')} {p['shapes']} x{p['calls']}  "
+            listed.append(f"{rank + 1}: {_short_op(p['op'])} {_short_shapes(p['shapes'])} ×{p['calls']}: "
                           f"{p['flops_per_s'] / 1e9:.0f} GFLOP/s, {100 * p['seconds'] / total_seconds:.0f}% of "
                           f"product time")
-    roof.text(0.0, -0.2, "\n".join(listed), transform=roof.transAxes, fontsize=6.5, va="top", family="monospace")
     roof.set_xscale("log")
     roof.set_yscale("log")
     roof.set_xlabel("arithmetic intensity (FLOP / byte)")
@@ -165,7 +179,8 @@ def summary_png(result: dict, path: Path) -> Path:
     machine = result["machine"]
     fig.suptitle(f"ds profile {result['kind']}: {machine['cpu_model']} ({machine['capability']}, "
                  f"{machine['threads']} threads)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # the bottom strip: the numbered points' list
+    fig.text(0.5, 0.2, "\n".join(listed), fontsize=7, va="top", family="monospace")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
