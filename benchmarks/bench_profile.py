@@ -64,15 +64,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
                     help="default: fp32, and bf16 where this CPU runs bf16 products fast")
-    ap.add_argument("--steps", type=int, default=8, help="profiled steps (each paired with a plain one)")
-    ap.add_argument("--bare-steps", type=int, default=8, help="hand-loop steps before and after the profile")
+    ap.add_argument("--steps", type=int, default=None, help="profiled steps, each paired with a plain one "
+                                                            "(default 8; --tiny: 2)")
+    ap.add_argument("--bare-steps", type=int, default=None, help="hand-loop steps before and after the profile "
+                                                                 "(default 8; --tiny: 2)")
     ap.add_argument("--tiny", action="store_true", help="validate the script on the tiny preset in seconds")
     args = ap.parse_args()
     if args.precisions is None:
         from deepseek.hardware import bf16_products_fast, hardware_profile
         args.precisions = ["bf16", "fp32"] if bf16_products_fast(hardware_profile()) and not args.tiny else ["fp32"]
-    if args.tiny:
-        args.steps, args.bare_steps = min(args.steps, 2), min(args.bare_steps, 2)
+    args.steps = args.steps or (2 if args.tiny else 8)
+    args.bare_steps = args.bare_steps or (2 if args.tiny else 8)
     warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
     scratch = Path(tempfile.mkdtemp(prefix="bench_profile_"))
     data, data_note = data_dir(scratch)
