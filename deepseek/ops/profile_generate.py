@@ -15,7 +15,6 @@ one under ``torch.profiler`` for the trace, the roofline and the profiler's over
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
@@ -89,7 +88,6 @@ def profile_generate(model_dir: str | Path, *, batch: int = 1, prompt_len: int =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="ds-profile-"))
     points: dict = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # One schedule cycle over the whole generation (no warm-up: the plain rounds warmed up), so that each step is a
@@ -101,7 +99,10 @@ def profile_generate(model_dir: str | Path, *, batch: int = 1, prompt_len: int =
                  schedule=steps) as prof:
         _, profiled_whole = _timed_generation(model, tokenizer, prompts, new_tokens, prof.step)
     accumulate_points(prof.events(), points)
-    prof.export_chrome_trace(str(scratch / "trace.json"))
+    paths = {"trace": out / "trace.json", "summary_png": out / "summary.png", "profile_json": out / "profile.json"}
+    with tempfile.TemporaryDirectory(prefix="ds-profile-") as scratch:
+        prof.export_chrome_trace(str(Path(scratch) / "trace.json"))
+        merge_chrome_traces([Path(scratch) / "trace.json"], paths["trace"])  # written atomically into place
 
     dtype = next(model.parameters()).dtype
     precision_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
@@ -148,9 +149,6 @@ def profile_generate(model_dir: str | Path, *, batch: int = 1, prompt_len: int =
         "expert_load": [],
         "top_ops": [p.to_dict() for p in sorted(points.values(), key=lambda p: -p.seconds)[:12]],
     }
-    paths = {"trace": out / "trace.json", "summary_png": out / "summary.png", "profile_json": out / "profile.json"}
-    merge_chrome_traces([scratch / "trace.json"], paths["trace"])
-    shutil.rmtree(scratch, ignore_errors=True)
     summary_png(result, paths["summary_png"])
     result["outputs"] = {k: str(v) for k, v in paths.items()}
     write_profile_json(result, paths["profile_json"])

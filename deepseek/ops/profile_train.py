@@ -79,7 +79,6 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
     trainer = build_trainer(config)
     model, device = trainer.model, trainer.device
     total, done = warmup + 4 * steps, 0
-    seq_len = config.data.schedule()[-1][1]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -113,12 +112,26 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
         return took, _tokens(batch)
 
     hook = model.register_forward_hook(count_routing) if hasattr(model, "router_stats") else None
+    scratch = Path(tempfile.mkdtemp(prefix="ds-profile-"))
+    try:
+        return _profile_cycles(trainer, config, run_step, counts, steps, warmup, out, scratch, peak_seconds,
+                               profile_memory)
+    finally:
+        if hook is not None:
+            hook.remove()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, warmup: int, out: Path,
+                    scratch: Path, peak_seconds: float, profile_memory: bool) -> TrainProfile:
+    """The warm-up, the paired cycles under the profiler, then profile.json's figures and the output files."""
+    model, device = trainer.model, trainer.device
+    seq_len = config.data.schedule()[-1][1]
     for _ in range(warmup):
         run_step(False)
 
     plain, profiled, rss, tokens = [], [], [], []
     breakdowns, points, traces = [], {}, []
-    scratch = Path(tempfile.mkdtemp(prefix="ds-profile-"))
 
     def on_trace_ready(prof) -> None:
         events = prof.events()
@@ -151,8 +164,6 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
                 rss.append(rss_bytes())
                 prof.step()
 
-    if hook is not None:
-        hook.remove()
     precision = trainer.precision.precision
     memory = {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
               **cuda_memory(device), "cuda_snapshot": snapshot["snapshot"]}
@@ -196,7 +207,6 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
         "communication_note": "0 here: one process (ds profile train refuses --nproc > 1 for now)",
     }
     result["outputs"] = write_outputs(result, traces, out)
-    shutil.rmtree(scratch, ignore_errors=True)
     return TrainProfile(result, list(points.values()))
 
 
