@@ -161,8 +161,12 @@ class StepBreakdown:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def step_breakdowns(events) -> list[StepBreakdown]:
-    """The breakdown of every ``ProfilerStep`` in a cycle's events: each op's *self* time to its category."""
+def step_breakdowns(events, device_time: bool = False) -> list[StepBreakdown]:
+    """The breakdown of every ``ProfilerStep`` in a cycle's events: each op's *self* time to its category.
+
+    ``device_time`` (CUDA; untested here, no GPU): each op's own kernels' GPU time instead, and whatever of the step
+    no kernel covers (GPU idle: launches, host work, synchronisation) to ``other``.
+    """
     events = list(events)
     categories = classify(events)
     steps: dict[int, StepBreakdown] = {}
@@ -175,7 +179,11 @@ def step_breakdowns(events) -> list[StepBreakdown]:
         step = steps.setdefault(root.id, StepBreakdown(root.cpu_time_total / 1e6,
                                                        {c: 0.0 for c in CATEGORIES}))
         category = "other" if e is root else categories[e.id]
-        step.seconds[category] += e.self_cpu_time_total / 1e6
+        own = e.self_device_time_total if device_time else e.self_cpu_time_total
+        step.seconds[category] += own / 1e6
+    if device_time:
+        for step in steps.values():
+            step.seconds["other"] += max(0.0, step.step_seconds - sum(step.seconds.values()))
     return list(steps.values())
 
 

@@ -135,7 +135,7 @@ def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, 
 
     def on_trace_ready(prof) -> None:
         events = prof.events()
-        breakdowns.extend(step_breakdowns(events))
+        breakdowns.extend(step_breakdowns(events, device_time=device.type == "cuda"))
         accumulate_points(events, points)
         path = scratch / f"cycle{len(traces)}.json"
         prof.export_chrome_trace(str(path))
