@@ -163,6 +163,18 @@ def train_lm_distributed(config: TrainConfig) -> TrainResult:
 
 def _train_lm(config: TrainConfig, plan: ParallelPlan) -> TrainResult:
     """The run itself; ``plan`` picks this rank's rows and applies the layout."""
+    trainer = build_trainer(config, plan)
+    try:
+        return trainer.fit()
+    finally:
+        plan.close()  # DDP reducers and pipeline stages go before the process group
+        trainer.parallel_model = trainer.step_fn = None
+
+
+def build_trainer(config: TrainConfig, plan: Optional[ParallelPlan] = None) -> Trainer:
+    """The :class:`Trainer` ``ds train`` runs for ``config``: data prepared, model built, loader, evaluation and
+    final save wired (``ds profile train`` steps the same one)."""
+    plan = plan or ParallelPlan()
     if plan.rank == 0:  # under torchrun rank 0 prepared the data already (train_lm_distributed)
         ensure_prepared(config.data, config.model.vocab_size, progress=config.progress)
     paths = [p for p, _ in data_paths(config.data).values()]
@@ -178,11 +190,6 @@ def _train_lm(config: TrainConfig, plan: ParallelPlan) -> TrainResult:
     def save_model(m: torch.nn.Module, path: Path) -> None:
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
-    trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model, parallel=plan, work_per_step=tokens_per_step(config),
-                      trial_loss_fn=lm_loss)
-    try:
-        return trainer.fit()
-    finally:
-        plan.close()  # DDP reducers and pipeline stages go before the process group
-        trainer.parallel_model = trainer.step_fn = None
+    return Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
+                   save_model=save_model, parallel=plan, work_per_step=tokens_per_step(config),
+                   trial_loss_fn=lm_loss)
