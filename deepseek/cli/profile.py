@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -38,20 +39,34 @@ def train_command(
     steps: int = typer.Option(5, "--steps", min=1, help="Profiled steps (each paired with one plain step)."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Plain steps first (kernels, allocator, routing settle)."),
     out: Path = typer.Option(Path("runs/profile"), "--out", help="Folder for trace.json, summary.png, profile.json."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes: only 1 for now (communication is not profiled)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine: >1 re-launches this command "
+                                                        "under `torchrun --standalone`, as `ds train --nproc` does "
+                                                        "(the config's parallel: section; gloo on CPU); each rank is "
+                                                        "profiled, rank 0 prints."),
 ) -> None:
     """Profile training steps of a `ds train` config: breakdown, tokens/s, MFU, memory, expert load."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deepseek.config import ConfigError
-    from deepseek.ops.profile_train import profile_train
+    from deepseek.ops.profile_train import profile_train, profile_train_distributed
     from deepseek.train.config import load_train_config
 
-    if nproc > 1:
-        raise ConfigError("ds profile train --nproc > 1 is not supported yet: profile one process (communication "
-                          "time is not measured)")
-    cfg = load_train_config(config, list(overrides or []))
+    cfg = load_train_config(config, list(overrides or []))  # a bad config fails here, before any launch
+    if nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        from deepseek.parallel.launch import relaunch
+
+        if cfg.parallel.mode == "parameter_server":
+            raise ConfigError("ds profile train: parallel.mode=parameter_server is not supported (its workers do not "
+                              "step together)")
+        args = ["profile", "train", *([str(config)] if config is not None else []), *(overrides or []),
+                "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]  # no --nproc: torchrun reads it
+        raise typer.Exit(relaunch(nproc, args))
     _quiet_profiler()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of the torchrun job: no progress bar, rank 0 prints
+        result = profile_train_distributed(cfg, steps=steps, warmup=warmup, out=out).result
+        if result["rank"] == 0:
+            _print_outputs(result)
+        return
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
         task = bar.add_task("steps", total=warmup + 4 * steps)

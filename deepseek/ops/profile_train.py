@@ -35,7 +35,8 @@ from deepseek.ops.peaks import machine_facts, measured_peaks
 from deepseek.ops.report import summary_png, write_profile_json
 from deepseek.ops.trace import merge_chrome_traces
 from deepseek.train.config import TrainConfig
-from deepseek.train.lm import build_trainer
+from deepseek.parallel import ParallelPlan
+from deepseek.train.lm import build_trainer, distributed_plan
 
 ProgressFn = Callable[[int, int], None]  # (steps done, steps in all)
 
@@ -69,14 +70,20 @@ def _tokens(batch) -> int:
 
 def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: Path = Path("runs/profile"),
                   progress: Optional[ProgressFn] = None, peak_seconds: float = 0.6,
-                  profile_memory: bool = True) -> TrainProfile:
-    """Profile ``steps`` training steps of ``config`` after ``warmup`` plain ones (see the module's docstring)."""
+                  profile_memory: bool = True, plan: Optional[ParallelPlan] = None) -> TrainProfile:
+    """Profile ``steps`` training steps of ``config`` after ``warmup`` plain ones (see the module's docstring).
+
+    ``plan``: this rank's layout inside a torchrun job (:func:`profile_train_distributed`); every rank runs the same
+    steps (their collectives pair up) and writes its own files, rank 0 into ``out``, rank r into ``out/rank{r}``."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     if config.parallel.mode == "parameter_server":
-        raise ConfigError("ds profile train profiles one process: parallel.mode=parameter_server is not supported")
+        raise ConfigError("ds profile train: parallel.mode=parameter_server is not supported (its workers do not "
+                          "step together)")
     out = Path(out)
-    trainer = build_trainer(config)
+    if plan is not None and plan.rank != 0:
+        out = out / f"rank{plan.rank}"
+    trainer = build_trainer(config, plan)
     model, device = trainer.model, trainer.device
     total, done = warmup + 4 * steps, 0
 
@@ -115,7 +122,7 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
     scratch = Path(tempfile.mkdtemp(prefix="ds-profile-"))
     try:
         return _profile_cycles(trainer, config, run_step, counts, steps, warmup, out, scratch, peak_seconds,
-                               profile_memory)
+                               profile_memory, plan)
     finally:
         if hook is not None:
             hook.remove()
@@ -123,7 +130,8 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
 
 
 def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, warmup: int, out: Path,
-                    scratch: Path, peak_seconds: float, profile_memory: bool) -> TrainProfile:
+                    scratch: Path, peak_seconds: float, profile_memory: bool,
+                    plan: Optional[ParallelPlan]) -> TrainProfile:
     """The warm-up, the paired cycles under the profiler, then profile.json's figures and the output files."""
     model, device = trainer.model, trainer.device
     seq_len = config.data.schedule()[-1][1]
@@ -165,6 +173,7 @@ def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, 
                 prof.step()
 
     precision = trainer.precision.precision
+    world_size = plan.world_size if plan is not None else 1
     memory = {"peak_rss_bytes": peak_rss_bytes(), "steady_rss_bytes": int(statistics.median(rss)),
               **cuda_memory(device), "cuda_snapshot": snapshot["snapshot"]}
     peaks = measured_peaks(device, peak_seconds)  # after the high-water mark is read: its operands are not the run's
@@ -204,10 +213,26 @@ def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, 
         "breakdown_step_seconds": statistics.fmean(b.step_seconds for b in breakdowns) if breakdowns else None,
         "expert_load": expert_load(counts[0]),
         "top_ops": [p.to_dict() for p in sorted(points.values(), key=lambda p: -p.seconds)[:12]],
-        "communication_note": "0 here: one process (ds profile train refuses --nproc > 1 for now)",
+        # tokens_per_s, mfu and the breakdown are this rank's (per device); the job moves world_size times the tokens
+        "world_size": world_size,
+        "rank": plan.rank if plan is not None else 0,
+        "job_tokens_per_s": tokens_per_s * world_size,
+        "communication_note": ("collectives as this rank's profiler saw them (gloo runs them on its own threads: "
+                               "the step's wait for them is in the other categories' time)" if world_size > 1
+                               else "0: one process"),
     }
     result["outputs"] = write_outputs(result, traces, out)
     return TrainProfile(result, list(points.values()))
+
+
+def profile_train_distributed(config: TrainConfig, **options) -> TrainProfile:
+    """:func:`profile_train` on this rank of a torchrun job (``ds profile train --nproc N`` re-launches itself under
+    torchrun, as ``ds train --nproc N`` does): the same process group, layout and data preparation as training."""
+    with distributed_plan(config) as plan:
+        try:
+            return profile_train(config, plan=plan, **options)
+        finally:
+            plan.close()  # DDP reducers and pipeline stages go before the process group
 
 
 class _scoped_clipping:

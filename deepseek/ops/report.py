@@ -42,8 +42,9 @@ def render_tables(result: dict):
     from rich.table import Table
 
     machine, peaks = result["machine"], result["peaks"]
+    ranks = f", rank 0 of {result['world_size']} processes" if result.get("world_size", 1) > 1 else ""
     head = Table(title=f"ds profile {result['kind']} — {machine['cpu_model']} ({machine['capability']}, "
-                       f"{machine['threads']} threads)", title_justify="left")
+                       f"{machine['threads']} threads{ranks})", title_justify="left")
     head.add_column("")
     head.add_column("value", justify="right")
     head.add_column("what it is")

@@ -146,3 +146,22 @@ def test_roofline_points_count_products_by_hand():
     assert experts.flops == experts.calls * 2 * 64 * 64 * 256
     attention = [p for p in points.values() if "scaled_dot_product" in p.name]
     assert attention and all(p.flops == p.calls * 4 * 2 * 4 * 16 * 16 * 16 for p in attention)  # B H T S D
+
+
+def test_two_processes_are_profiled_rank_by_rank_with_their_collectives(lm_data, tmp_path):
+    """`ds profile train --nproc 2` re-launches itself under torchrun, as `ds train --nproc 2` does: each rank
+    profiles the same data-parallel steps, rank 0 into --out, rank 1 into --out/rank1, and DDP's gradient
+    all-reduce shows up as communication."""
+    from tests.parallel.runs import run_cmd
+
+    out = tmp_path / "profile"
+    run_cmd([sys.executable, "-m", "deepseek.cli.main", "profile", "train", "configs/tiny.yaml",
+             f"run_dir={tmp_path / 'run'}", f"data.path={lm_data}", f"batch_size={BATCH}", f"data.seq_len={SEQ}",
+             "seed=0", "progress=false", "--steps", "1", "--warmup", "1", "--out", out, "--nproc", "2"])
+    ranks = [json.loads((out / "profile.json").read_text()), json.loads((out / "rank1" / "profile.json").read_text())]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    for result in ranks:
+        assert result["tokens_per_step"] == BATCH // 2 * SEQ  # each rank takes its half of the global batch
+        assert result["job_tokens_per_s"] == pytest.approx(2 * result["tokens_per_s"])
+        assert result["breakdown"]["communication"] > 0
+    assert (out / "trace.json").is_file() and (out / "rank1" / "trace.json").is_file()
