@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from deepseek.config import ConfigError, from_dict
 from deepseek.errors import UserFacingError
-from deepseek.nn.moe import MoE, MoEConfig
+from deepseek.nn.moe import GroupedExperts, MoE, MoEConfig, Router
 from deepseek.nn.router import RouterConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -141,6 +141,19 @@ class MoEViTBackbone(nn.Module):
         self.blocks = nn.ModuleList(MoEViTBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(d)
         self.out_features = d
+        self.reset_moe_parameters()
+
+    @torch.no_grad()
+    def reset_moe_parameters(self, std: float = 0.02) -> None:
+        """The MoE layer leaves its expert and router weights uninitialised (its model initialises them, as
+        :class:`~deepseek.models.transformer.MoETransformer` does): normal(0, std), balancing biases zero."""
+        for module in self.modules():
+            if isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up, std=std)
+                nn.init.normal_(module.down, std=std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                module.expert_bias.zero_()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_BPD = self.patch_embed(x_BCHW).flatten(2).transpose(1, 2)

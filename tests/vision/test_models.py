@@ -25,9 +25,14 @@ def test_forward_backward_and_round_trip(arch, tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_moe_vit_uses_the_framework_moe_layer():
+def test_moe_vit_uses_the_framework_moe_layer_initialised():
+    torch.manual_seed(0)
     model = DeepseekForImageClassification(VisionConfig(arch="moe-vit", depth=2))
-    assert sum(isinstance(m, MoE) for m in model.modules()) == 2
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) == 2
+    for moe in moes:  # the MoE layer leaves these to its model: torch.empty would be garbage
+        assert 0.01 < moe.experts.gate_up.std() < 0.03 and 0.01 < moe.router.weight.std() < 0.03
+    assert torch.isfinite(model(torch.randn(2, 1, 32, 32))).all()
 
 
 def test_bad_config_and_folder(tmp_path):
