@@ -38,7 +38,7 @@ def trained_run(example, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("vision")
     common = ["--run-dir", str(run_dir), "--quiet"]
     example.main(["prepare", "--limit", "300", "--tiny", *common])
-    trained = example.main(["train", "--models", "ours-resnet,sklearn", "--steps", "60", "--batch-size", "32", "--tiny",
+    trained = example.main(["train", "--models", "ours-resnet,sklearn", "--steps", "40", "--batch-size", "32", "--tiny",
                             *common])
     rows = example.main(["evaluate", *common])
     return run_dir, trained, rows
