@@ -12,7 +12,6 @@ Reports test accuracy, bytes of the weights files and batch-1 latency of each fo
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,6 @@ from torch import nn
 from deepseek.compress.static_int8 import (convert_static_int8_qat, prepare_static_int8_qat, quantize_static_int8,
                                            save_static_int8)
 from deepseek.export import export_onnx
-
-
-def _training():
-    return sys.modules["vision_example.training"]
 
 
 def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> float:
@@ -46,11 +41,11 @@ def median_ms(model: nn.Module, x: torch.Tensor, calls: int = 100) -> float:
     return statistics.median(times) * 1e3
 
 
-def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Tensor], *, qat_steps: int,
-                          augment, quiet: bool, seed: int) -> dict[str, Any]:
+def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Tensor], *, train_classifier,
+                          qat_steps: int, augment, quiet: bool, seed: int) -> dict[str, Any]:
+    """``train_classifier``: training.py's (the Trainer wiring), passed in by run.py."""
     from rich.console import Console
 
-    training = _training()
     out = Console()
     x_train, y_train, x_test, y_test = t["x_train"], t["y_train"], t["x_test"], t["y_test"]
     fp32_bytes = (run_dir / "models" / "ours-resnet" / "model.safetensors").stat().st_size
@@ -66,7 +61,7 @@ def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Te
     overrides = ["optimizer.lr=3e-4", "schedule.warmup_steps=10", "checkpoint.save_final=false"]
     if quiet:
         overrides += ["progress=false", "tensorboard=false"]
-    training.train_classifier(qat, run_dir / "train" / "qat", (x_train, y_train), (x_test, y_test), steps=qat_steps,
+    train_classifier(qat, run_dir / "train" / "qat", (x_train, y_train), (x_test, y_test), steps=qat_steps,
                               augment=augment, save_model=lambda *_: None, overrides=overrides, seed=seed)
     int8 = convert_static_int8_qat(qat)
     folder = save_static_int8(int8, run_dir / "int8")

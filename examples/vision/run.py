@@ -220,7 +220,8 @@ def cmd_evaluate(args) -> dict[str, Any]:
 
 def cmd_compress(args) -> dict[str, Any]:
     results = sibling("compress").compress_served_model(
-        args.run_dir, load_model(args.run_dir, SERVED), tensors(args.run_dir), qat_steps=args.qat_steps, augment=augmentation(), quiet=args.quiet, seed=args.seed)
+        args.run_dir, load_model(args.run_dir, SERVED), tensors(args.run_dir),
+        train_classifier=sibling("training").train_classifier, qat_steps=args.qat_steps, augment=augmentation(), quiet=args.quiet, seed=args.seed)
     update_results(args.run_dir, "compress", results)
     return results
 
