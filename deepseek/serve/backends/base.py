@@ -35,9 +35,6 @@ class Backend(ABC):
         self.name, self.version, self.path, self.config = name, int(version), Path(path), config
         self.inputs: list[TensorSpec] = list(config.inputs)
         self.outputs: list[TensorSpec] = list(config.outputs)
-        # What clients send (metadata, Triton config); ``inputs`` is what the model takes. They differ only where
-        # config.yaml declares a ``preprocess`` step (a BYTES input of encoded images decoded before batching).
-        self.wire_inputs: list[TensorSpec] = list(config.inputs)
         self.preprocess = None
         if config.preprocess is not None:
             from deepseek.serve.preprocess import ImagePreprocess
@@ -47,6 +44,12 @@ class Backend(ABC):
                            for s in self.inputs]
 
     # -- the contract --------------------------------------------------------------------------------
+
+    @property
+    def wire_inputs(self) -> list[TensorSpec]:
+        """What clients send (metadata, Triton config); ``inputs`` is what the model takes. They differ only where
+        config.yaml declares a ``preprocess`` step (a BYTES input of encoded images decoded before batching)."""
+        return self.inputs if self.preprocess is None else list(self.config.inputs)
 
     @property
     def batched(self) -> bool:
