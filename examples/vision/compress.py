@@ -58,7 +58,8 @@ def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Te
 
     torch.manual_seed(seed)
     qat = prepare_static_int8_qat(model, x_test[:1])
-    overrides = ["optimizer.lr=3e-4", "schedule.warmup_steps=10", "checkpoint.save_final=false"]
+    # on the CPU whatever is installed: the int8 kernels are x86 oneDNN ones, and so is the QAT graph's quantizer
+    overrides = ["device=cpu", "optimizer.lr=3e-4", "schedule.warmup_steps=10", "checkpoint.save_final=false"]
     if quiet:
         overrides += ["progress=false", "tensorboard=false"]
     train_classifier(qat, run_dir / "train" / "qat", (x_train, y_train), (x_test, y_test), steps=qat_steps,

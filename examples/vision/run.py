@@ -232,8 +232,14 @@ def cmd_serve(args) -> None:
 
 
 def cmd_query(args) -> dict[str, Any]:
+    from tritonclient.utils import InferenceServerException
+
     split = digits_data.load(args.run_dir)
-    result = sibling("client").query_test_images(args.url, split["x_test"][:args.n], split["y_test"][:args.n])
+    try:
+        result = sibling("client").query_test_images(args.url, split["x_test"][:args.n], split["y_test"][:args.n])
+    except (OSError, RuntimeError, InferenceServerException) as exc:
+        raise SystemExit(f"error: cannot query {args.url} ({type(exc).__name__}: {exc}); is "
+                         f"`python examples/vision/run.py serve` running?") from None
     console().print(f"{result['n']} PNGs through {args.url}: accuracy {result['accuracy']:.4f}, "
                     f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (one request per image)")
     return result

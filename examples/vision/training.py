@@ -68,14 +68,16 @@ def predict(model: nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> to
     """Predicted classes [N] (eval mode for the call, the model's mode restored)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(chunk).argmax(-1) for chunk in pixels.split(batch_size)])
+    device = next(model.parameters()).device  # the Trainer may have moved it to the GPU
+    out = torch.cat([model(chunk.to(device)).argmax(-1).cpu() for chunk in pixels.split(batch_size)])
     model.train(was_training)
     return out
 
 
 def make_eval_fn(pixels: torch.Tensor, labels: torch.Tensor) -> Callable[[nn.Module], dict[str, float]]:
     def evaluate(model: nn.Module) -> dict[str, float]:
-        logits = torch.cat([model(chunk) for chunk in pixels.split(256)])
+        device = next(model.parameters()).device
+        logits = torch.cat([model(chunk.to(device)).float().cpu() for chunk in pixels.split(256)])
         return {"val_loss": F.cross_entropy(logits, labels).item(),
                 "val_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
     return evaluate
