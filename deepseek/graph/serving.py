@@ -27,8 +27,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+MODEL_NAME = "recommender"
+CONFIG_YAML = """\
+backend: torch
+parameters: {entry_point: "deepseek.graph.serving:TopKRecommender", weights: model.safetensors}
+max_batch_size: 64
+inputs:  [{name: user_id, datatype: INT64, shape: [1]}]
+outputs: [{name: item_ids, datatype: INT64, shape: [-1]}, {name: scores, datatype: FP32, shape: [-1]}]
+dynamic_batching: {max_queue_delay_ms: 2}
+"""
 TENSORS = ("user_emb", "item_emb", "seen_offsets", "seen_items", "k")
-INT8_TENSORS = ("user_emb_int8", "user_emb_scale", "item_emb_int8", "item_emb_scale")
 
 
 def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +127,13 @@ def save_recommender(path: str | Path, user_emb: torch.Tensor, item_emb: torch.T
     file = path / "model.safetensors"
     write_file_atomically(file, save({n: t.contiguous() for n, t in tensors.items()}))
     return file
+
+
+def write_model_repository(root: str | Path, user_emb: torch.Tensor, item_emb: torch.Tensor,
+                           train_items: Sequence[Sequence[int]], k: int = 10, quantize: bool = False,
+                           name: str = MODEL_NAME) -> Path:
+    """``root``/``name``/{config.yaml, 1/model.safetensors}: a model repository ``ds serve`` serves as is."""
+    model_dir = Path(root) / name
+    save_recommender(model_dir / "1", user_emb, item_emb, train_items, k=k, quantize=quantize)
+    (model_dir / "config.yaml").write_text(CONFIG_YAML)
+    return Path(root)

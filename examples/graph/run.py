@@ -30,12 +30,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 from deepseek.graph.data import GraphSpec, Interactions, build_hetero_graph, generate_interactions  # noqa: E402
 from deepseek.graph.metrics import ndcg_at_k, recall_at_k, recall_curve, top_k_items  # noqa: E402
 from deepseek.graph.models import HGTRecommender, MatrixFactorization  # noqa: E402
-from deepseek.graph.serving import TopKRecommender, save_recommender  # noqa: E402
+from deepseek.graph.serving import (MODEL_NAME, TopKRecommender, save_recommender,  # noqa: E402
+                                    write_model_repository)
 from deepseek.graph.split import TimeSplit, time_split, train_popularity  # noqa: E402
 from deepseek.graph.train import BPRBatches, BPRLoss  # noqa: E402
 
 TINY = GraphSpec(n_users=200, n_items=100, n_categories=10, n_communities=5, mean_interactions=10.0)
-MODEL_NAME = "recommender"
 K, MAX_K = 10, 20
 # Trainer settings per model: (steps, batch, lr, l2), tuned on the full graph (BPR-MF overfits past ~100 steps
 # without the strong l2; HGT needs fewer steps because every step refreshes every embedding through the graph)
@@ -182,16 +182,7 @@ def write_repository(run_dir: Path, name: str = "hgt", quantize: bool = False, k
     """run_dir/repo/recommender/{config.yaml, 1/model.safetensors}: the served top-k module."""
     _, split = load_data(run_dir)
     user_emb, item_emb = load_embeddings(run_dir, name)
-    model_dir = run_dir / "repo" / MODEL_NAME
-    save_recommender(model_dir / "1", user_emb, item_emb, split.train_items, k=k, quantize=quantize)
-    (model_dir / "config.yaml").write_text(
-        "backend: torch\n"
-        "parameters: {entry_point: \"deepseek.graph.serving:TopKRecommender\", weights: model.safetensors}\n"
-        "max_batch_size: 64\n"
-        "inputs:  [{name: user_id, datatype: INT64, shape: [1]}]\n"
-        "outputs: [{name: item_ids, datatype: INT64, shape: [-1]}, {name: scores, datatype: FP32, shape: [-1]}]\n"
-        "dynamic_batching: {max_queue_delay_ms: 2}\n")
-    return run_dir / "repo"
+    return write_model_repository(run_dir / "repo", user_emb, item_emb, split.train_items, k=k, quantize=quantize)
 
 
 def compress(run_dir: Path, name: str = "hgt") -> dict[str, Any]:
