@@ -12,8 +12,10 @@ The generating process (also written out in examples/graph/README.md; the data i
    catalogues.
 2. Categories are dealt round-robin to ``n_communities`` communities: community k prefers categories k, k + K,
    k + 2K, ... Every user belongs to one community, drawn uniformly.
-3. A user makes ``1 + Poisson(mean_interactions - 1)`` distinct interactions (capped at a quarter of the
-   catalogue). Each one is, with probability ``affinity``, an item of one of the community's preferred
+3. A user makes ``1 + Poisson(λ_u)`` distinct interactions (capped at a quarter of the catalogue), with
+   ``λ_u = (mean_interactions - 1) · L_u / E[L]`` and ``L_u`` log-normal (σ = ``activity_sigma``): a long tail
+   of light users and a few heavy ones, as real activity is (σ = 0: every user Poisson alike). Each
+   interaction is, with probability ``affinity``, an item of one of the community's preferred
    categories, else any item; within that set the item is drawn by popularity, never twice for one user.
 4. Timestamps are sorted uniform draws in [0, ``days``): a user's interactions are ordered in time, and its
    later interactions follow the same community preference as its earlier ones, so the past predicts the future.
@@ -42,6 +44,7 @@ class GraphSpec:
     mean_interactions: float = 20.0
     affinity: float = 0.8  # share of a user's interactions inside its community's categories
     popularity_sigma: float = 1.0
+    activity_sigma: float = 1.0  # spread of users' activity (log-normal); 0: Poisson with one rate for all
     days: float = 365.0
     seed: int = 0
 
@@ -82,7 +85,8 @@ def generate_interactions(spec: GraphSpec) -> Interactions:
     popularity = torch.exp(spec.popularity_sigma * torch.randn(spec.n_items, generator=g))
     user_community = torch.randint(spec.n_communities, (spec.n_users,), generator=g)
     preferred = (item_category % spec.n_communities)[None, :] == torch.arange(spec.n_communities)[:, None]  # [K, I]
-    counts = 1 + torch.poisson(torch.full((spec.n_users,), spec.mean_interactions - 1.0), generator=g).long()
+    activity = torch.exp(spec.activity_sigma * torch.randn(spec.n_users, generator=g) - spec.activity_sigma ** 2 / 2)
+    counts = 1 + torch.poisson((spec.mean_interactions - 1.0) * activity, generator=g).long()
     counts = counts.clamp(max=max(1, spec.n_items // 4))
     users, items, times = [], [], []
     for u in range(spec.n_users):

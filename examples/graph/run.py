@@ -37,6 +37,8 @@ from deepseek.graph.train import BPRBatches, BPRLoss  # noqa: E402
 
 TINY = GraphSpec(n_users=200, n_items=100, n_categories=10, n_communities=5, mean_interactions=10.0)
 K, MAX_K = 10, 20
+LIGHT = 3  # "light users": at most this many training interactions
+AFFINITY = GraphSpec().affinity
 # Trainer settings per model: (steps, batch, lr, l2), tuned on the full graph (BPR-MF overfits past ~100 steps
 # without the strong l2; HGT needs fewer steps because every step refreshes every embedding through the graph)
 TRAINING = {"hgt": {"max_steps": 150, "batch_size": 2048, "lr": 1e-2, "l2": 3e-2},
@@ -79,11 +81,32 @@ def make_model(name: str, data: Interactions, split: TimeSplit) -> torch.nn.Modu
     return HGTRecommender(graph, dim=64, layers=2, heads=2)
 
 
-def evaluate_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, split: TimeSplit) -> dict[str, Any]:
-    top = top_k_items(user_emb @ item_emb.T, MAX_K, exclude=split.train_items)
+def evaluate_scores(scores: torch.Tensor, split: TimeSplit) -> dict[str, Any]:
+    """recall@10, nDCG@10, recall@1..20 and the top-20 lists of ``scores`` [n_users, n_items]."""
+    top = top_k_items(scores, MAX_K, exclude=split.train_items)
     relevant = split.test_items
     return {"recall@10": recall_at_k(top, relevant, K), "ndcg@10": ndcg_at_k(top, relevant, K),
-            "recall_curve": recall_curve(top, relevant, MAX_K)}
+            "recall_curve": recall_curve(top, relevant, MAX_K), "top": top}
+
+
+def evaluate_embeddings(user_emb: torch.Tensor, item_emb: torch.Tensor, split: TimeSplit) -> dict[str, Any]:
+    return evaluate_scores(user_emb @ item_emb.T, split)
+
+
+def planted_truth_scores(data: Interactions, split: TimeSplit) -> torch.Tensor:
+    """The generator's choice probability with the true communities and the training popularity counts:
+    affinity x popularity within the community's categories + (1 - affinity) x popularity overall."""
+    popularity = train_popularity(split)
+    n_communities = int(data.user_community.max()) + 1
+    preferred = ((data.item_category % n_communities)[None, :] == torch.arange(n_communities)[:, None]).float()
+    inside = popularity[None, :] * preferred / (popularity[None, :] * preferred).sum(1, keepdim=True)
+    chance = AFFINITY * inside + (1 - AFFINITY) * popularity[None, :] / popularity.sum()
+    return chance[data.user_community]
+
+
+def light_users(split: TimeSplit) -> list[list[int]]:
+    """Held-out items of users with at most LIGHT training interactions only (the others: empty, not scored)."""
+    return [held if 0 < len(seen) <= LIGHT else [] for held, seen in zip(split.test_items, split.train_items)]
 
 
 def train(run_dir: Path, models: list[str], steps: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
@@ -147,8 +170,13 @@ def evaluate(run_dir: Path, models: list[str], plot: Optional[Path] = None) -> d
     labels = {"hgt": "HGT (ours)", "mf": "BPR-MF"}
     for name in models:
         rows[labels[name]] = evaluate_embeddings(*load_embeddings(run_dir, name), split)
+    # not a model: the generator's own rule (true community, training popularity) bounds what can be learned
+    rows["planted-truth ceiling"] = evaluate_scores(planted_truth_scores(data, split), split)
+    light = light_users(split)
     for name, row in rows.items():
-        print(f"{name:>14}: recall@10 {row['recall@10']:.4f}  nDCG@10 {row['ndcg@10']:.4f}")
+        row["recall@10_light_users"] = recall_at_k(row.pop("top"), light, K)
+        print(f"{name:>22}: recall@10 {row['recall@10']:.4f}  nDCG@10 {row['ndcg@10']:.4f}  "
+              f"recall@10 of users with <= {LIGHT} training interactions {row['recall@10_light_users']:.4f}")
     (run_dir / "results.json").write_text(json.dumps(rows, indent=1))
     if plot is not None:
         plot_recall_curves(rows, plot)
@@ -163,7 +191,8 @@ def plot_recall_curves(rows: dict[str, dict], out: Path) -> Path:
     ax = fig.add_subplot()
     ks = list(range(1, MAX_K + 1))
     for name, row in rows.items():
-        ax.plot(ks, row["recall_curve"], marker="o", markersize=3, label=name)
+        style = {"linestyle": "--", "color": "grey"} if "ceiling" in name else {"marker": "o", "markersize": 3}
+        ax.plot(ks, row["recall_curve"], label=name, **style)
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k")
     ax.set_xticks([1, 5, 10, 15, 20])
