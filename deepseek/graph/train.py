@@ -98,8 +98,9 @@ class BPRLoss:
         self.last: dict[str, float] = {}
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        users, positives, negatives = batch
         user_emb, item_emb = model()
+        # the batches are built on the CPU; the embeddings live where the model does (CUDA under device=auto)
+        users, positives, negatives = (t.to(user_emb.device) for t in batch)
         u, p, n = user_emb[users], item_emb[positives], item_emb[negatives]
         ranking = bpr_loss((u * p).sum(-1), (u * n).sum(-1))
         reg = (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / len(users)

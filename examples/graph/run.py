@@ -109,7 +109,8 @@ def light_users(split: TimeSplit) -> list[list[int]]:
     return [held if 0 < len(seen) <= LIGHT else [] for held, seen in zip(split.test_items, split.train_items)]
 
 
-def train(run_dir: Path, models: list[str], steps: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+def train(run_dir: Path, models: list[str], steps: Optional[int] = None, seed: int = 0,
+          device: str = "cpu") -> dict[str, Any]:
     """Train each model with the Trainer; save its final user/item embeddings to run_dir/<model>/embeddings.pt."""
     from deepseek.train.config import load_train_config
     from deepseek.train.trainer import Trainer
@@ -122,7 +123,7 @@ def train(run_dir: Path, models: list[str], steps: Optional[int] = None, seed: i
         max_steps = steps or (TINY_STEPS[name] if tiny else settings["max_steps"])
         config = load_train_config(None, [
             f"run_dir={run_dir / name}", f"max_steps={max_steps}", f"batch_size={settings['batch_size']}",
-            "precision=fp32", "device=cpu", f"seed={seed}", f"optimizer.lr={settings['lr']}",
+            "precision=fp32", f"device={device}", f"seed={seed}", f"optimizer.lr={settings['lr']}",
             "optimizer.weight_decay=0.0", "schedule.warmup_steps=10", "log_every=10", "eval_every=0",
             f"checkpoint.every={max_steps}", "tensorboard=false", f"progress={'false' if tiny else 'true'}"])
         torch.manual_seed(seed)
@@ -270,6 +271,8 @@ def main(argv: Optional[list[str]] = None) -> Any:
     parser.add_argument("--models", default="hgt,mf", help="train/evaluate: hgt, mf or both")
     parser.add_argument("--steps", type=int, default=None, help="train: override the steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="train: cpu, or auto (CUDA when available; the numbers in "
+                                                        "the README are CPU)")
     parser.add_argument("--plot", type=Path, default=None, help="evaluate: the recall@k PNG "
                                                                 "(default run_dir/recall_at_k.png)")
     parser.add_argument("--port", type=int, default=8080)
@@ -286,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     if args.step == "prepare":
         return prepare(args.run_dir, args.tiny, args.seed)
     if args.step == "train":
-        return train(args.run_dir, models, args.steps, args.seed)
+        return train(args.run_dir, models, args.steps, args.seed, args.device)
     if args.step == "evaluate":
         return evaluate(args.run_dir, models, args.plot or args.run_dir / "recall_at_k.png")
     if args.step == "compress":
