@@ -165,8 +165,7 @@ def evaluate(run_dir: Path, models: list[str], plot: Optional[Path] = None) -> d
     generator = torch.Generator().manual_seed(0)
     rows = {
         "most-popular": evaluate_embeddings(torch.ones(data.n_users, 1), popularity[:, None], split),
-        "random": evaluate_embeddings(torch.ones(data.n_users, 1), torch.rand(data.n_items, 1, generator=generator),
-                                      split),
+        "random": evaluate_scores(torch.rand(data.n_users, data.n_items, generator=generator), split),  # per user
     }
     labels = {"hgt": "HGT (ours)", "mf": "BPR-MF"}
     for name in models:
