@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Optional
 import torch
 
 from deepseek.models.config import ModelConfig
+from deepseek.ops.memory import peak_rss_bytes
 
 
 @dataclass
@@ -119,11 +119,6 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
-
-
 def peak_training_memory(cfg: ModelConfig, rows: int, seq_len: int, steps: int = 2, threads: int = 1,
                          checkpointing: bool = False) -> dict:
     """Measured in a fresh Python process: the peak RSS increase of building the model and optimizer and running
@@ -155,7 +150,7 @@ def _probe(spec: dict) -> dict:
     _, run = _train_step_runner(cfg, spec["rows"], spec["seq_len"], checkpointing=spec["checkpointing"])
     for _ in range(spec["steps"]):
         run()
-    return {"peak_rss_increase_bytes": _peak_rss_bytes() - baseline, "baseline_rss_bytes": baseline}
+    return {"peak_rss_increase_bytes": peak_rss_bytes() - baseline, "baseline_rss_bytes": baseline}
 
 
 def device_memory_bytes(override_gib: Optional[float] = None) -> tuple[int, str]:
