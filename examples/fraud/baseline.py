@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from features import CATEGORY_COLUMN
-from metrics import pr_auc
+from fraud.features import CATEGORY_COLUMN
+from fraud.metrics import pr_auc
 
 MAX_ITER_CANDIDATES = (25, 50, 100, 200, 400)
 

@@ -16,7 +16,7 @@ import torch
 
 from deepseek.data import Standardizer, TimeSeriesSampler
 
-from generate import CATEGORIES, Transactions
+from fraud.generate import CATEGORIES, Transactions
 
 NUMERIC = ("log_amount", "amount_vs_history", "log_gap_h", "log_km_home", "log_km_prev", "log_speed",
            "hour_sin", "hour_cos")

@@ -22,17 +22,17 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-for path in (str(ROOT), str(HERE)):  # run from a checkout without `pip install -e .`; the example's modules
+for path in (str(ROOT), str(HERE.parent)):  # the checkout without `pip install -e .`; the package `fraud`
     if path not in sys.path:
         sys.path.insert(0, path)
 
 from deepseek.errors import UserFacingError  # noqa: E402
 
-from features import N_FEATURES, window_features  # noqa: E402
-from generate import Transactions, generate  # noqa: E402
-from metrics import summary  # noqa: E402
-from model import FraudLSTM, FraudTransformer  # noqa: E402
-import training  # noqa: E402
+from fraud.features import N_FEATURES, window_features  # noqa: E402
+from fraud.generate import Transactions, generate  # noqa: E402
+from fraud.metrics import summary  # noqa: E402
+from fraud.model import FraudLSTM, FraudTransformer  # noqa: E402
+from fraud import training  # noqa: E402
 
 # name -> (kind, layers, hidden, steps at full size)
 MODELS = {"teacher": ("lstm", 6, 64, 800), "transformer": ("transformer", 2, 64, 800),
@@ -106,7 +106,7 @@ def cmd_train(args) -> dict:
 
 
 def _hgb(data: training.Dataset, console) -> dict:
-    from baseline import fit_hgb
+    from fraud.baseline import fit_hgb
 
     x = {}
     for split in ("train", "val", "test"):
@@ -120,8 +120,8 @@ def _hgb(data: training.Dataset, console) -> dict:
 
 
 def _onnx_eval(data: training.Dataset, onnx_file: Path) -> dict:
-    from features import windows_tensor
-    from serving import onnx_scores
+    from fraud.features import windows_tensor
+    from fraud.serving import onnx_scores
 
     out = {"labels": {}, "scores": {}, "extra": {}}
     for split in ("val", "test"):
@@ -200,7 +200,7 @@ def _plot_pr(scored: dict, path: Path, positive_rate: float):
 
 
 def cmd_compress(args) -> dict:
-    from serving import add_to_repository, export_model
+    from fraud.serving import add_to_repository, export_model
 
     console = _console()
     data = _data(args.out)
@@ -239,8 +239,8 @@ def cmd_serve(args) -> None:
 def cmd_query(args) -> dict:
     import httpx
 
-    from features import windows_tensor
-    from serving import fraud_probabilities, infer_body
+    from fraud.features import windows_tensor
+    from fraud.serving import fraud_probabilities, infer_body
 
     console = _console()
     data = _data(args.out)

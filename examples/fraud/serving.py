@@ -21,17 +21,20 @@ import yaml
 
 from deepseek.export.onnx import export_onnx, serving_config
 
-from model import FraudProbability
+from fraud.model import FraudProbability
 
 DYNAMIC_BATCHING = {"max_queue_delay_ms": 2, "max_queue_size": 1024}
 
 
-def export_model(model: torch.nn.Module, window: int, n_features: int, out_dir: Path, *, int8: bool) -> dict:
-    """Export ``model`` (as :class:`FraudProbability`) to ``out_dir/model.onnx`` (and ``model.int8.onnx``)."""
+def export_model(model: torch.nn.Module, window: int, n_features: int, out_dir: Path, *, int8: bool,
+                 validate: bool = True) -> dict:
+    """Export ``model`` (as :class:`FraudProbability`) to ``out_dir/model.onnx`` (and ``model.int8.onnx``);
+    ``validate`` compares the fp32 graph with eager torch on three batch sizes."""
     example = torch.zeros(2, window, n_features)
     example[..., -1] = 1.0
     report = export_onnx(FraudProbability(model).eval(), Path(out_dir) / "model.onnx", example_inputs=(example,),
-                         input_names=["transactions"], output_names=["fraud_probability"], quantize_int8=int8)
+                         input_names=["transactions"], output_names=["fraud_probability"], quantize_int8=int8,
+                         validate=validate)
     return {"report": report, "fp32_bytes": report.file_bytes, "int8_bytes": report.int8["file_bytes"] if int8 else None}
 
 

@@ -23,9 +23,9 @@ from deepseek.nn import FocalLoss
 from deepseek.train.config import load_train_config
 from deepseek.train.trainer import Trainer
 
-from features import model_inputs, raw_features, windows_tensor
-from generate import Transactions
-from model import build_model
+from fraud.features import model_inputs, raw_features, windows_tensor
+from fraud.generate import Transactions
+from fraud.model import build_model
 
 WINDOW = 16
 GAP_DAYS = 7.0
@@ -91,15 +91,15 @@ def predict(model: nn.Module, data: Dataset, split: str, chunk: int = 4096) -> t
     return labels_B.numpy(), torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
-def _trainer_config(run_dir: Path, steps: int, batch_size: int, lr: float, seed: int):
+def _trainer_config(run_dir: Path, steps: int, batch_size: int, lr: float, seed: int, overrides=()):
     return load_train_config(None, [f"run_dir={run_dir}", f"max_steps={steps}", f"batch_size={batch_size}",
                                     "precision=fp32", f"optimizer.lr={lr}", "optimizer.weight_decay=0.01",
                                     f"schedule.warmup_steps={max(1, steps // 20)}", f"log_every={max(1, steps // 20)}",
-                                    f"eval_every={steps}", f"checkpoint.every={steps}", f"seed={seed}"])
+                                    f"eval_every={steps}", f"checkpoint.every={steps}", f"seed={seed}", *overrides])
 
 
 def _val_eval_fn(data: Dataset):
-    from metrics import pr_auc
+    from fraud.metrics import pr_auc
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         labels, scores = predict(model, data, "val")
@@ -129,9 +129,11 @@ def load_model(path: Path) -> nn.Module:
 
 def train_model(model: nn.Module, data: Dataset, run_dir: Path, *, steps: int, batch_size: int = 256,
                 lr: float = 2e-3, gamma: float = 2.0, alpha: Optional[float] = None, seed: int = 0,
-                teacher: Optional[nn.Module] = None, temperature: float = 2.0, distill_alpha: float = 0.7) -> dict:
+                teacher: Optional[nn.Module] = None, temperature: float = 2.0, distill_alpha: float = 0.7,
+                overrides: tuple[str, ...] = ()) -> dict:
     """Train ``model`` in place (Trainer, class-balanced batches); with ``teacher``: distillation. Returns the
-    final validation metrics; the weights land in ``run_dir/model``."""
+    final validation metrics; the weights land in ``run_dir/model``. ``overrides``: more TrainConfig
+    ``key=value`` settings (``progress=false``, ...)."""
     torch.manual_seed(seed)
     focal = FocalLoss(alpha=alpha, gamma=gamma)
     if teacher is None:
@@ -141,7 +143,7 @@ def train_model(model: nn.Module, data: Dataset, run_dir: Path, *, steps: int, b
     else:
         from deepseek.compress import classifier_distill_loss_fn
         loss_fn = classifier_distill_loss_fn(teacher, temperature=temperature, alpha=distill_alpha)
-    trainer = Trainer(model, _trainer_config(run_dir, steps, batch_size, lr, seed),
+    trainer = Trainer(model, _trainer_config(run_dir, steps, batch_size, lr, seed, overrides),
                       batches=WindowBatches(data, batch_size, seed), loss_fn=loss_fn, eval_fn=_val_eval_fn(data),
                       save_model=save_model, throughput_unit="windows/s")
     result = trainer.fit()
