@@ -114,7 +114,7 @@ def _hgb(data: training.Dataset, console) -> dict:
         x[split] = (window_features(data.tx, data.raw, idx), y.numpy())
     model, tuning = fit_hgb(*x["train"], *x["val"],
                             progress=lambda it, ap: console.print(f"  HGB max_iter={it}: val PR-AUC {ap:.4f}"))
-    scores = {s: model.predict_proba(x[s][0])[:, 1] for s in ("val", "test")}
+    scores = {s: model.decision_function(x[s][0]) for s in ("val", "test")}  # log-odds: no ties at 1.0
     return {"labels": {s: x[s][1] for s in ("val", "test")}, "scores": scores,
             "extra": {"max_iter": max(tuning, key=tuning.get)}}
 
@@ -211,6 +211,7 @@ def cmd_compress(args) -> dict:
     console.print(f"distilling the {teacher.hparams['layers']}-layer teacher into a {STUDENT_LAYERS}-layer student, "
                   f"{steps} steps")
     training.train_model(student, data, args.out / "models" / "student", steps=steps, seed=args.seed, teacher=teacher)
+    student = student.cpu().eval()  # export on the CPU, whatever device trained it
     exported = {}
     for name, model, int8 in (("teacher", teacher, False), ("student", student, True)):
         exported[name] = export_model(model, training.WINDOW, N_FEATURES, args.out / "onnx" / name, int8=int8)

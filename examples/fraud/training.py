@@ -85,7 +85,8 @@ def predict(model: nn.Module, data: Dataset, split: str, chunk: int = 4096) -> t
     was_training = model.training
     model.eval()
     idx_BW, labels_B = data.windows(split)
-    scores = [torch.softmax(model(windows_tensor(data.inputs_NF, idx_BW[i:i + chunk])).float(), -1)[:, 1]
+    device = next(model.parameters()).device  # the Trainer's device (CUDA when available)
+    scores = [torch.softmax(model(windows_tensor(data.inputs_NF, idx_BW[i:i + chunk]).to(device)).float(), -1)[:, 1].cpu()
               for i in range(0, len(labels_B), chunk)]
     model.train(was_training)
     return labels_B.numpy(), torch.cat(scores).numpy() if scores else np.zeros(0)
