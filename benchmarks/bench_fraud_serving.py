@@ -1,8 +1,9 @@
 """The fraud example served: the distilled INT8 student against the deep fp32 teacher, one ``ds serve`` process.
 
 Repository: ``examples/fraud/run.py compress`` writes it (``--repository``, default runs/fraud/repository):
-``fraud_teacher`` (6-layer LSTM + attention, ONNX fp32) and ``fraud_student`` (2 layers, distilled, ONNX INT8
-from onnxruntime's dynamic quantization); both onnx backend with dynamic batching (max batch 64, 2 ms delay).
+``fraud_teacher`` (6-layer LSTM + attention, ONNX fp32), ``fraud_student`` (2 layers, distilled, ONNX INT8 from
+onnxruntime's dynamic quantization) and ``fraud_student_fp32`` (the same student before quantization); all onnx
+backend with dynamic batching (max batch 64, 2 ms delay).
 ``--tiny`` builds a throw-away repository of untrained models of the same shapes instead (a smoke run: the
 numbers of an untrained model time the same work).
 
@@ -35,7 +36,7 @@ from common import batched_load_rounds, machine_info, print_machine, print_table
 
 setup_path()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # the example package `fraud`
-MODELS = ("fraud_teacher", "fraud_student")
+MODELS = ("fraud_teacher", "fraud_student_fp32", "fraud_student")
 
 
 def tiny_repository(root: Path) -> Path:
@@ -51,6 +52,8 @@ def tiny_repository(root: Path) -> Path:
         exported = export_model(FraudLSTM(N_FEATURES, hidden=64, layers=layers), WINDOW, N_FEATURES, root / name,
                                 int8=int8)
         add_to_repository(repo, name, root / name / ("model.int8.onnx" if int8 else "model.onnx"), exported["report"])
+        if int8:
+            add_to_repository(repo, name + "_fp32", root / name / "model.onnx", exported["report"])
     return repo
 
 
