@@ -14,7 +14,8 @@ client of :mod:`deepseek.bench.loadgen`:
   concurrent  ``--clients`` connections (64): throughput and latency when the dynamic batcher fills batches
 
 Each round runs every (model, load) once, in a rotating order; rows per model call come from the server's
-``ds_inference_batch_size`` histogram.
+``ds_inference_batch_size`` histogram. Before the server starts, the three graphs are also timed alone in
+onnxruntime (1 thread) at batch 1 and 64, interleaved: the model's own compute, without HTTP and JSON.
 
     python benchmarks/bench_fraud_serving.py                  # 3 rounds x 2 models x 2 loads x (3 + 10) s
     python benchmarks/bench_fraud_serving.py --tiny           # smoke: untrained models, 1 round of 0.5 + 1.5 s, 8 clients
@@ -32,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batched_load_rounds, machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import (batched_load_rounds, interleaved, machine_info, median, print_machine, print_table,  # noqa: E402
+                    setup_path, write_results)
 
 setup_path()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # the example package `fraud`
@@ -68,6 +70,25 @@ def request_bodies(n: int, window: int, features: int, seed: int = 0) -> list[by
     return bodies
 
 
+def compute_ms(repo: Path, window: int, features: int, rounds: int) -> dict[str, dict[int, float]]:
+    """Median ms per onnxruntime call of each model's graph at batch 1 and 64 (1 thread, interleaved)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = {m: ort.InferenceSession(str(repo / m / "1" / "model.onnx"), options,
+                                        providers=["CPUExecutionProvider"]) for m in MODELS}
+    cases = {}
+    for batch in (1, 64):
+        x = torch.randn(batch, window, features)
+        x[..., -1] = 1.0
+        feed = {"transactions": x.numpy()}
+        for m, session in sessions.items():
+            cases[f"{m}@{batch}"] = (lambda s=session, f=feed: s.run(None, f))
+    times = interleaved(cases, rounds=rounds, warmup=3, inner={k: 20 if k.endswith("@1") else 4 for k in cases})
+    return {m: {b: median(times[f"{m}@{b}"]) * 1e3 for b in (1, 64)} for m in MODELS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=Path("runs/fraud/repository"))
@@ -95,6 +116,9 @@ def main() -> None:
         if not (repo / "fraud_student" / "config.yaml").is_file():
             raise SystemExit(f"{repo}: no fraud model repository; run `python examples/fraud/run.py compress` "
                              f"first, or pass --tiny")
+        compute = compute_ms(repo, WINDOW, N_FEATURES, rounds=5 if args.tiny else 15)
+        print_table(["model", "ms/call batch 1", "ms/call batch 64"],
+                    [[m, f"{c[1]:.3f}", f"{c[64]:.3f}"] for m, c in compute.items()])
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "deepseek.cli.main", "serve", "--model-repository", str(repo),
@@ -125,6 +149,7 @@ def main() -> None:
     write_results("bench_fraud_serving_tiny" if args.tiny else "bench_fraud_serving", {
         "machine": info, "clients": args.clients, "rounds": args.rounds, "warmup_s": args.warmup,
         "duration_s": args.duration, "torch_threads": args.torch_threads, "summary": summary,
+        "onnxruntime_ms_per_call": compute,
         "results": {m: {load: [r.to_dict() for r in rs] for load, rs in res.items()} for m, res in results.items()}})
 
 
