@@ -123,11 +123,17 @@ def _fraud(rng, start, home, mu, taste, pattern) -> list[tuple]:
     return rows
 
 
-def generate(accounts: int = 1000, days: int = 180, compromise_rate: float = 0.2, seed: int = 0) -> Transactions:
-    """Transactions of ``accounts`` cardholders over ``days`` days (module docs), sorted by time; seeded."""
+def generate(accounts: int = 1000, days: int = 180, compromise_rate: float = 0.2, seed: int = 0,
+             progress: bool = False) -> Transactions:
+    """Transactions of ``accounts`` cardholders over ``days`` days (module docs), sorted by time; seeded.
+    ``progress`` shows a progress bar over the accounts."""
     rng = np.random.default_rng(seed)
     columns = []
-    for account in range(accounts):
+    account_ids = range(accounts)
+    if progress:
+        from rich.progress import track
+        account_ids = track(account_ids, description="generating accounts", transient=True)
+    for account in account_ids:
         home = np.array([rng.uniform(30, 45), rng.uniform(-120, -75)])
         mu, rate, hour = rng.uniform(10, 80), rng.uniform(0.3, 3.0), rng.uniform(9, 20)
         taste = rng.dirichlet(np.full(len(CATEGORIES), 0.5)) + CATEGORY_POPULARITY / CATEGORY_POPULARITY.sum()

@@ -67,7 +67,7 @@ def _trained(out: Path, name: str) -> Path:
 # -- commands ------------------------------------------------------------------------------------------
 
 def cmd_prepare(args) -> dict:
-    tx = generate(accounts=args.accounts, days=args.days, seed=args.seed)
+    tx = generate(accounts=args.accounts, days=args.days, seed=args.seed, progress=True)
     (args.out / "data").mkdir(parents=True, exist_ok=True)
     tx.save(args.out / "data" / "transactions.npz")
     (args.out / "data" / "meta.json").write_text(json.dumps({"accounts": args.accounts, "days": args.days,

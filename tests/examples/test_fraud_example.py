@@ -79,3 +79,13 @@ def test_miniature_run_beats_trivial_baseline_and_serves_int8(mini, tmp_path):
             bad = httpx.post(url, json=body, timeout=30)
             assert 400 <= bad.status_code < 500 and bad.json()["error"], body
         assert httpx.post(url, content=b"{not json", timeout=30).status_code == 400
+
+
+def test_a_step_run_too_early_is_a_one_line_error(tmp_path, capsys):
+    from fraud import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["evaluate", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error:") and "run.py prepare" in message and "\n" not in message
