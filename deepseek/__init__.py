@@ -22,6 +22,21 @@ from deepseek.serve.server import Server, serve
 
 __version__ = "0.1.0"
 
+# The design documents' names (docs/design-names.md), loaded on first use so that `import deepseek` stays light:
+# ds.DynamicBatcher from deepseek.compat, the namespaces ds.amp / ds.prune / ... as their re-export modules.
+_COMPAT_NAMES = ("DynamicBatcher",)
+_COMPAT_MODULES = ("amp", "distill", "experiment", "prune", "quantization")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _COMPAT_NAMES:
+        return getattr(importlib.import_module("deepseek.compat"), name)
+    if name in _COMPAT_MODULES:
+        return importlib.import_module(f"deepseek.{name}")
+    raise AttributeError(f"module 'deepseek' has no attribute {name!r}")
+
 __all__ = [
     "ConfigError", "GenerationOutput", "KVCache", "SamplingParams", "generate", "generate_stream", "pipeline",
     "stream", "ModelConfig", "ModelDirectoryError", "MoETransformer", "PRESETS", "RouterStats",

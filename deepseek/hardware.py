@@ -386,3 +386,53 @@ def describe_for_benchmarks() -> dict:
     return {"cpu": name, "machine": platform.machine(), "flags": sorted(flags),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores_visible": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
+
+
+# -- ceilings: what MFU and MBU are quoted against ----------------------------------------------------
+
+PEAK_MATMUL_N = 2048     # docs/benchmarks.md's MFU peak: an n x n product, large enough to run at the BLAS's best
+SLOW_PEAK_MATMUL_N = 256  # where a precision's products are slow here (bf16 on AVX2: ~100x fp32), a smaller one
+STREAM_BYTES = 64 << 20   # per operand of the bandwidth stream: past any last-level cache of today's CPUs
+
+
+def _best_rate(fn: Callable[[], object], work: float, seconds: float) -> float:
+    """``work`` per second of ``fn``'s best burst (best of 3 bursts of ``seconds / 3``, after two warm-up calls):
+    the ceiling the hardware reaches right now, which a busy neighbour can only lower."""
+    fn()
+    fn()
+    best = 0.0
+    for _ in range(3):
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < seconds / 3:
+            fn()
+            count += 1
+        best = max(best, work * count / (time.perf_counter() - start))
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops(precision: str = "fp32", threads: int = 0, n: int = 0, seconds: float = 0.6) -> float:
+    """Measured FLOP/s of an ``n x n`` product in ``precision`` (fp32 or bf16): the peak MFU is quoted against.
+
+    ``n`` 0 = :data:`PEAK_MATMUL_N`, or :data:`SLOW_PEAK_MATMUL_N` for bf16 on a CPU without native bf16 (where one
+    2048² product takes seconds). Cached per process, precision, thread count (``threads`` is a cache key only) and
+    size.
+    """
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"precision {precision!r}: peaks are measured for fp32 and bf16")
+    if n <= 0:
+        slow = precision == "bf16" and not hardware_profile(measure=False).native_bf16
+        n = SLOW_PEAK_MATMUL_N if slow else PEAK_MATMUL_N
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
+    return _best_rate(lambda: a @ b, 2.0 * n ** 3, seconds)
+
+
+@functools.lru_cache(maxsize=None)
+def memory_bandwidth(threads: int = 0, nbytes: int = STREAM_BYTES, seconds: float = 0.6) -> float:
+    """Measured memory bandwidth in bytes/s: ``c = a + b`` over fp32 operands of ``nbytes`` each (STREAM's "add":
+    two operands read, one written, 3 x ``nbytes`` per pass). Cached like :func:`matmul_peak_flops`."""
+    n = max(nbytes // 4, 1)
+    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
+    return _best_rate(lambda: torch.add(a, b, out=c), 3.0 * 4 * n, seconds)

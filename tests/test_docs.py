@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/model.md", "docs/generation.md", "docs/interop.md", "docs/data.md", "docs/training.md", "docs/serving.md", "docs/compression.md", "docs/export.md", "docs/compression-pruning.md", "docs/compression-distill.md", "docs/hardware.md", "docs/finetuning.md", "docs/rag.md", "docs/operations.md"]
+DOCS = ["README.md", "docs/model.md", "docs/generation.md", "docs/interop.md", "docs/data.md", "docs/training.md", "docs/serving.md", "docs/compression.md", "docs/export.md", "docs/compression-pruning.md", "docs/compression-distill.md", "docs/hardware.md", "docs/finetuning.md", "docs/rag.md", "docs/operations.md", "docs/design-names.md"]
 
 
 def python_blocks(path: Path) -> list[str]:

@@ -11,7 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "deepseek"
 # as ds``), which re-exports generate/models/nn/data and serves ``ds.serve`` lazily.
 LAYERS = [
     ["cli"],  # the `ds` command: imports anything, imported by nothing
-    ["deepseek", "compat"],  # the public API; the seed programs' old names
+    # the public API, with the namespaces that re-export the design documents' names (ds.amp, ds.prune, ...)
+    ["deepseek", "amp", "distill", "experiment", "prune", "quantization"],
+    ["compat"],  # the seed programs' and design documents' names (docs/design-names.md)
     ["serve", "bench"],  # repository, backends, protocols; the load clients (client tools, never the server)
     # compress fine-tunes through the trainer; finetune: SFT/DPO/reward/GRPO runs; rag: the knowledge base;
     # ops: ds profile / ds logs / ds plan

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from deepseek.cli import (bench, checkpoint, compress, convert, data, evaluate, export, finetune, generate, init,
-                          logs, lora, plan, quickstart, rag, serve, train)
+                          logs, lora, plan, profile, quickstart, rag, serve, train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DeepSeek Framework: build, train, compress, export and serve MoE language models.")
@@ -42,6 +42,7 @@ lora.register(app)
 rag.register(app)
 logs.register(app)
 plan.register(app)
+profile.register(app)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ Legend: B batch, C channels, H/W image height/width.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -162,7 +163,7 @@ def quantize_static_int8(model: nn.Module, calibration_batches: Iterable[Any], e
     Returns the compiled :class:`StaticInt8Model` (``compile=False``: the uncompiled reference program).
     ``reduce_range``: 7-bit activations; None (default) chooses by this CPU (:func:`int8_saturates_here`).
     """
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     example, dynamic = _batch_dim(example_input.detach().float())
     was_training = model.training
@@ -183,6 +184,14 @@ def quantize_static_int8(model: nn.Module, calibration_batches: Iterable[Any], e
             n_batches += 1
     if n_batches == 0:
         raise ValueError("quantize_static_int8: no calibration batches (activation ranges would be empty)")
+    return _convert(prepared, example, dynamic, model, reduce_range, {"calibration_batches": n_batches}, compile)
+
+
+def _convert(prepared: torch.fx.GraphModule, example: torch.Tensor, dynamic, source: nn.Module, reduce_range: bool,
+             extra: dict[str, Any], compile: bool) -> StaticInt8Model:
+    """convert_pt2e a calibrated (or QAT-trained) graph into the saved-and-compiled :class:`StaticInt8Model`."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
     converted = convert_pt2e(prepared)
     _drop_unused_state(converted)
     # Exported once more: an ExportedProgram is what torch.export's JSON serializer writes.
@@ -193,11 +202,68 @@ def quantize_static_int8(model: nn.Module, calibration_batches: Iterable[Any], e
             "quantizer": "torchao X86InductorQuantizer, default config: int8 weights symmetric per output channel, "
                          f"uint8 activations affine per tensor ({'0..127' if reduce_range else '0..255'})",
             "reduce_range": bool(reduce_range),
-            "calibration_batches": n_batches, "input_shape": [None, *example.shape[1:]], "input_dtype": "float32",
-            "source_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "input_shape": [None, *example.shape[1:]], "input_dtype": "float32",
+            "source_class": f"{type(source).__module__}.{type(source).__qualname__}",
             "torch": torch.__version__, "torchao": torchao.__version__,
-            "program": PROGRAM, "weights": WEIGHTS}
+            "program": PROGRAM, "weights": WEIGHTS, **extra}
     return StaticInt8Model(exported, compile=compile, info=info)
+
+
+# -- quantization-aware training -----------------------------------------------------------------------
+
+class StaticInt8QAT(nn.Module):
+    """A model prepared for quantization-aware training (pt2e ``prepare_qat_pt2e``): train it like the original
+    (same input, same output; fake quantization of weights and activations in every forward, BatchNorm folded
+    into the convolutions the way the int8 model will have it), then :func:`convert_static_int8_qat`.
+
+    ``train()``/``eval()`` switch the exported graph's BatchNorm and fake-quantize observers (an exported graph
+    ignores the module flag), so the Trainer and its evaluation use it unchanged."""
+
+    def __init__(self, graph: torch.fx.GraphModule, example: torch.Tensor, dynamic, source: nn.Module,
+                 reduce_range: bool):
+        super().__init__()
+        self.graph = graph
+        self._example, self._dynamic, self._reduce_range = example, dynamic, reduce_range
+        self._source = type(source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> "StaticInt8QAT":
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+        self.training = mode
+        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
+        return self
+
+
+def prepare_static_int8_qat(model: nn.Module, example_input: torch.Tensor, *,
+                            reduce_range: Optional[bool] = None) -> StaticInt8QAT:
+    """``model`` (a trained float CNN, not modified) exported and prepared for QAT with the same quantizer as
+    :func:`quantize_static_int8` (``is_qat=True``: fake-quantize modules instead of observers). Fine-tune the
+    result for a few hundred steps at a small learning rate, then :func:`convert_static_int8_qat`."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    example, dynamic = _batch_dim(example_input.detach().float())
+    if reduce_range is None:
+        reduce_range = int8_saturates_here()
+    source = copy.deepcopy(model).train()  # QAT graphs are exported in training mode (BatchNorm batch statistics)
+    graph = torch.export.export(source, (example,), dynamic_shapes=dynamic).module()
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The input of .* is not quantized")
+        prepared = prepare_qat_pt2e(graph, quantizer)
+    return StaticInt8QAT(prepared, example, dynamic, model, reduce_range)
+
+
+def convert_static_int8_qat(qat: StaticInt8QAT, *, compile: bool = True) -> StaticInt8Model:
+    """The QAT-trained model as a real static int8 :class:`StaticInt8Model` (saved by :func:`save_static_int8`)."""
+    qat.eval()
+    return _convert(qat.graph, qat._example, qat._dynamic, qat, qat._reduce_range,
+                    {"qat": True, "source_class": f"{qat._source.__module__}.{qat._source.__qualname__}"}, compile)
 
 
 def _warn_if_saturating(info: dict[str, Any], folder: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from tokenizers import Tokenizer
 
+from deepseek.config import ConfigError
 from deepseek.generate.engine import generate, stream
 from deepseek.generate.params import SamplingParams
 from deepseek.hardware import resolve_precision
@@ -20,17 +21,31 @@ class TextGenerationPipeline:
     """``pipe(prompt, **sampling)`` -> ``[{"generated_text": ...}]``; a list of prompts gives a list of those.
 
     Defaults come from the model directory's ``generation.json`` when it has one; keyword arguments
-    override them per call. ``return_full_text=False`` returns only the completion.
+    override them per call. ``return_full_text=False`` returns only the completion. Besides the
+    :class:`SamplingParams` fields, Hugging Face's ``do_sample`` is understood (False: greedy; True: sample,
+    at temperature 1.0 unless given).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, defaults: Optional[dict[str, Any]] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
-        SamplingParams.from_dict(self.defaults)  # fail now, not at the first call
+        self._params({})  # fail now, not at the first call
 
     def _params(self, options: dict[str, Any]) -> SamplingParams:
-        return SamplingParams.from_dict({**self.defaults, **options})
+        merged = {**self.defaults, **options}
+        # Hugging Face's do_sample: False is greedy whatever the temperature; True samples, at temperature 1.0
+        # unless one is given (a temperature of 0 cannot sample).
+        do_sample = merged.pop("do_sample", None)
+        if do_sample is False:
+            merged["temperature"] = 0.0
+        elif do_sample is True:
+            merged.setdefault("temperature", 1.0)
+            if merged["temperature"] == 0:
+                raise ConfigError("do_sample=True needs temperature > 0 (temperature=0 is greedy decoding)")
+        elif do_sample is not None:
+            raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
+        return SamplingParams.from_dict(merged)
 
     def __call__(self, prompts: Union[str, Sequence[str]], return_full_text: bool = True, **options):
         single = isinstance(prompts, str)

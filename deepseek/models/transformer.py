@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from deepseek.config import ConfigError
 from deepseek.models.config import ModelConfig
 from deepseek.nn import (Attention, AttentionInputs, GroupedExperts, MoE, MoEConfig, RMSNorm, Router, RouterConfig,
                          RotaryEmbedding, SwiGLU)
@@ -112,6 +113,18 @@ class MoETransformer(nn.Module):
                 module.expert_bias.zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Hugging Face's name for setting :attr:`gradient_checkpointing` (what ``TrainConfig.gradient_checkpointing``
+        sets): each block is recomputed in backward (non-reentrant), trading time for activation memory."""
+        if gradient_checkpointing_kwargs not in (None, {}, {"use_reentrant": False}):
+            raise ConfigError(f"gradient_checkpointing_kwargs: only use_reentrant=False is supported (blocks are "
+                              f"recomputed by torch.utils.checkpoint, non-reentrant), got {gradient_checkpointing_kwargs!r}")
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Hugging Face's name for clearing :attr:`gradient_checkpointing`."""
+        self.gradient_checkpointing = False
 
     # -- forward ---------------------------------------------------------------------------------
 

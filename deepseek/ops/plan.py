@@ -187,4 +187,7 @@ def read_profile(path, kind: str) -> tuple[float, str]:
         raise PlanError(f"--profile {file}: {key} is missing or not a positive number")
     machine = data.get("machine")
     where = machine.get("cpu") or machine.get("device") if isinstance(machine, dict) else machine
-    return float(value), f"measured by ds profile ({file.name}{', ' + str(where) if where else ''})"
+    # a decode rate holds for the batch it was measured at: say which, so a plan for other --streams is read as such
+    batch = data.get("config", {}).get("batch") if isinstance(data.get("config"), dict) else None
+    at = f", profiled at batch {batch}" if kind == "generate" and batch else ""
+    return float(value), f"measured by ds profile ({file.name}{', ' + str(where) if where else ''}{at})"

@@ -184,6 +184,25 @@ class VersionPolicy:
 
 
 @dataclass
+class PreprocessConfig:
+    """A decoding step before the batcher: the BYTES input ``input`` (one encoded image per row, e.g. PNG bytes
+    as Triton's image client sends them) becomes the model's FP32 input ``output`` [B, C, H, W] through the
+    :class:`deepseek.vision.DeepseekImageProcessor` saved in ``processor`` (a preprocessor_config.json, relative
+    to the version folder, else the model folder). See :mod:`deepseek.serve.preprocess`."""
+
+    processor: str
+    input: str = "image"
+    output: str = "pixel_values"
+    kind: Literal["image"] = "image"
+
+    def __post_init__(self):
+        if not self.processor:
+            raise ConfigError("preprocess.processor must name a preprocessor_config.json")
+        if not self.input or not self.output:
+            raise ConfigError("preprocess.input and preprocess.output must not be empty")
+
+
+@dataclass
 class ServingConfig:
     backend: Literal["deepseek", "torch", "onnx", "embedding", "retrieval"]
     max_batch_size: int = 0
@@ -202,6 +221,8 @@ class ServingConfig:
     # ours)}; a relative path is read from this file's folder. Requests pick one with the OpenAI model
     # "<model>:<adapter>"; the management API adds and removes adapters at run time.
     adapters: dict[str, str] = field(default_factory=dict)
+    # torch/onnx models: decode a BYTES input of encoded images into the model's float input before batching
+    preprocess: Optional[PreprocessConfig] = None
 
     def __post_init__(self):
         if self.max_batch_size < 0:
@@ -226,6 +247,14 @@ class ServingConfig:
                 raise ConfigError(f"adapters: {name!r} needs a directory path, got {path!r}")
         if self.adapters and self.backend != "deepseek":
             raise ConfigError(f"adapters are served by the deepseek backend only, not {self.backend!r}")
+        if self.preprocess is not None:
+            spec = next((t for t in self.inputs if t.name == self.preprocess.input), None)
+            if spec is None or spec.datatype != "BYTES":
+                raise ConfigError(f"preprocess.input {self.preprocess.input!r} must be a declared BYTES input")
+            if self.backend not in ("torch", "onnx"):
+                raise ConfigError(f"preprocess is for the torch and onnx backends, not {self.backend!r}")
+            if self.max_batch_size < 1:
+                raise ConfigError("preprocess needs max_batch_size >= 1 (one encoded image per row)")
         if self.dynamic_batching is not None:
             if self.max_batch_size < 1:
                 raise ConfigError("dynamic_batching needs max_batch_size >= 1")

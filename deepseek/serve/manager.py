@@ -378,6 +378,7 @@ class ModelManager:
             backend, batcher = mv.backend, mv.batcher
             if backend is None or batcher is None:
                 raise ModelUnavailableError(f"model {mv.name!r} version {mv.version} is not ready: {mv.reason}")
+            inputs = backend.decode_inputs(inputs)
             backend.validate_inputs(inputs)
             outputs = await batcher.submit(inputs, timeout_ms=timeout_ms, priority=priority, trace=trace)
         except BaseException as exc:
@@ -449,7 +450,7 @@ def triton_model_config(mv: ModelVersion) -> dict[str, Any]:
     result: dict[str, Any] = {
         "name": mv.name, "platform": backend.platform, "backend": config.backend,
         "max_batch_size": config.max_batch_size,
-        "input": tensors(backend.inputs), "output": tensors(backend.outputs),
+        "input": tensors(backend.wire_inputs), "output": tensors(backend.outputs),
         "instance_group": [{"name": mv.name, "kind": "KIND_CPU", "count": config.instances}],
         "version_policy": ({"all": {}} if config.version_policy.kind == "all" else
                            {"specific": {"versions": list(config.version_policy.specific)}}

@@ -8,11 +8,12 @@ unless the config sets ``model.vocab_size``: ``vocab_from_tokenizer``), and hand
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from tokenizers import Tokenizer
@@ -143,26 +144,48 @@ def train_lm(config: TrainConfig) -> TrainResult:
 def train_lm_distributed(config: TrainConfig) -> TrainResult:
     """``train_lm`` on this rank of a torchrun job: process group, the plan, this rank's rows, clean teardown."""
     env = init_distributed(timeout_s=config.parallel.timeout_s)
-    config.parallel.degrees(env.world_size)  # a layout that does not fit fails before any work
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if restart not in ("", "0"):
         config.checkpoint.resume = True  # a restarted job continues from its last checkpoint
         if env.is_main:
             print(f"torchrun restart {restart}: resuming from the newest checkpoint in {config.run_dir}",
                   file=sys.stderr, flush=True)
+    with distributed_plan(config, env) as plan:
+        return _train_lm(config, plan)
+
+
+@contextlib.contextmanager
+def distributed_plan(config: TrainConfig, env=None) -> Iterator[ParallelPlan]:
+    """This rank's :class:`ParallelPlan` of a torchrun job (process group up, the data prepared by rank 0 before the
+    others go on), with collective timeouts named per rank; the process group goes down on exit. ``ds train`` and
+    ``ds profile train --nproc N`` both run inside it."""
+    env = env or init_distributed(timeout_s=config.parallel.timeout_s)
+    config.parallel.degrees(env.world_size)  # a layout that does not fit fails before any work
     try:
         with rank_errors(config.parallel.timeout_s):
             plan = build_plan(config.parallel, env, resolve_device(config.device))
             if env.is_main:
                 ensure_prepared(config.data, config.model.vocab_size, progress=config.progress)
             barrier()  # the other ranks wait here until rank 0 has prepared the data
-            return _train_lm(config, plan)
+            yield plan
     finally:
         destroy()
 
 
 def _train_lm(config: TrainConfig, plan: ParallelPlan) -> TrainResult:
     """The run itself; ``plan`` picks this rank's rows and applies the layout."""
+    trainer = build_trainer(config, plan)
+    try:
+        return trainer.fit()
+    finally:
+        plan.close()  # DDP reducers and pipeline stages go before the process group
+        trainer.parallel_model = trainer.step_fn = None
+
+
+def build_trainer(config: TrainConfig, plan: Optional[ParallelPlan] = None) -> Trainer:
+    """The :class:`Trainer` ``ds train`` runs for ``config``: data prepared, model built, loader, evaluation and
+    final save wired (``ds profile train`` steps the same one)."""
+    plan = plan or ParallelPlan()
     if plan.rank == 0:  # under torchrun rank 0 prepared the data already (train_lm_distributed)
         ensure_prepared(config.data, config.model.vocab_size, progress=config.progress)
     paths = [p for p, _ in data_paths(config.data).values()]
@@ -178,11 +201,6 @@ def _train_lm(config: TrainConfig, plan: ParallelPlan) -> TrainResult:
     def save_model(m: torch.nn.Module, path: Path) -> None:
         save(m, tokenizer, path, generation={"max_new_tokens": 128, "temperature": 0.8, "top_p": 0.95})
 
-    trainer = Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
-                      save_model=save_model, parallel=plan, work_per_step=tokens_per_step(config),
-                      trial_loss_fn=lm_loss)
-    try:
-        return trainer.fit()
-    finally:
-        plan.close()  # DDP reducers and pipeline stages go before the process group
-        trainer.parallel_model = trainer.step_fn = None
+    return Trainer(model, config, batches=loader, loss_fn=lm_loss, eval_fn=eval_fn, tokenizer=tokenizer,
+                   save_model=save_model, parallel=plan, work_per_step=tokens_per_step(config),
+                   trial_loss_fn=lm_loss)

@@ -158,3 +158,33 @@ def test_activations_are_7_bit_where_int8_products_saturate(digits, tmp_path, mo
     folder = save_static_int8(full, tmp_path / "int8")
     with pytest.warns(UserWarning, match="8-bit activations, but this CPU's int8 products saturate"):
         load_static_int8(folder)
+
+
+def test_qat_trains_through_fake_quantization_and_converts(digits, tmp_path):
+    """pt2e QAT: the prepared model trains (train/eval switch), converts to the same saved static-int8 format.
+    A conv net without BatchNorm keeps this fast (convert_pt2e's conv-BN QAT folding takes ~10 s per model)."""
+    from torch import nn
+
+    from deepseek.compress.static_int8 import convert_static_int8_qat, prepare_static_int8_qat
+
+    x_test, y_test = digits[2], digits[3]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    qat = prepare_static_int8_qat(model, x_test[:1])
+    assert isinstance(qat, nn.Module) and not any(isinstance(m, nn.Conv2d) for m in qat.modules())
+    optimizer = torch.optim.AdamW(qat.parameters(), lr=3e-3)
+    qat.train()
+    for images, labels in zip(x_test[:320].split(64), y_test[:320].split(64)):  # a few steps: it learns
+        loss = torch.nn.functional.cross_entropy(qat(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    with torch.no_grad():
+        fake = qat(x_test)
+    converted = convert_static_int8_qat(qat, compile=False)
+    assert converted.info["qat"] is True and converted.info["source_class"].endswith("Sequential")
+    assert (converted(x_test).argmax(-1) == fake.argmax(-1)).float().mean() >= 0.95
+    assert accuracy(fake, y_test) > 0.3  # chance is 0.1
+    loaded = load_static_int8(save_static_int8(converted, tmp_path / "qat"), compile=False)
+    torch.testing.assert_close(loaded(x_test), converted(x_test))

@@ -172,3 +172,17 @@ def running_server(manager, **app_kwargs: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=WAIT_S)
         assert not thread.is_alive(), "the server did not stop"
+
+
+def infer_scalar(netloc: str, value: float) -> list:
+    """One KServe v2 HTTP request with the real tritonclient: input ``x`` = [[value]] to model ``m``; its ``y``."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(netloc)
+    try:
+        inp = httpclient.InferInput("x", [1, 1], "FP32")
+        inp.set_data_from_numpy(np.full((1, 1), value, dtype=np.float32))
+        return client.infer("m", [inp]).as_numpy("y").tolist()
+    finally:
+        client.close()

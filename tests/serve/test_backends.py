@@ -163,6 +163,34 @@ def test_torch_entry_point_with_weights(tmp_path, linear, monkeypatch):
     sys.modules.pop("served_linear_model", None)
 
 
+def test_torch_entry_point_check_inputs_refuses_a_request_before_it_is_batched(tmp_path, monkeypatch):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "served_checked_model.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Checked(torch.nn.Module):
+            def check_inputs(self, inputs):
+                if bool((inputs["x"] < 0).any()):
+                    raise ValueError("x must be non-negative")
+
+            def forward(self, x):
+                return x[:, :10]
+
+        def build():
+            return Checked()
+    """))
+    monkeypatch.syspath_prepend(str(code))
+    backend = load_backend("m", 1, version_dir(tmp_path), linear_config(
+        parameters={"entry_point": "served_checked_model:build"}))
+    backend.validate_inputs({"x": torch.ones(2, 32)})
+    with pytest.raises(ValueError, match="non-negative"):  # the front ends' 400, before the batcher
+        backend.validate_inputs({"x": -torch.ones(2, 32)})
+    with pytest.raises(ValueError, match="datatype"):  # the declared checks still run first
+        backend.validate_inputs({"x": torch.ones(2, 32, dtype=torch.float64)})
+    sys.modules.pop("served_checked_model", None)
+
+
 @pytest.mark.parametrize("file", ["model.pt2", "model.pt"])
 def test_torch_corrupt_file_is_named(tmp_path, file):
     path = version_dir(tmp_path)

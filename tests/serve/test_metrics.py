@@ -3,7 +3,6 @@
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -14,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
-from .gated_model import GATE, model_config, running_server, wait_for, write_model  # noqa: E402
+from .gated_model import GATE, infer_scalar, model_config, running_server, wait_for, write_model  # noqa: E402
 
 REQUESTS, CLIENTS = 200, 32
 
@@ -28,17 +27,8 @@ def test_metrics_after_concurrent_requests(tmp_path):
         with running_server(manager) as base:
             netloc = urlparse(base).netloc
 
-            def call(i: int) -> list:
-                client = httpclient.InferenceServerClient(netloc)
-                try:
-                    inp = httpclient.InferInput("x", [1, 1], "FP32")
-                    inp.set_data_from_numpy(np.full((1, 1), i, dtype=np.float32))
-                    return client.infer("m", [inp]).as_numpy("y").tolist()
-                finally:
-                    client.close()
-
             with ThreadPoolExecutor(CLIENTS) as pool:
-                futures = [pool.submit(call, i) for i in range(REQUESTS)]
+                futures = [pool.submit(infer_scalar, netloc, i) for i in range(REQUESTS)]
                 batcher = manager.get("m").batcher
                 # the held batch may have taken more than one request if several arrived at once
                 wait_for(lambda: GATE.calls == 1 and len(GATE.values()[0]) + batcher.queue_size == CLIENTS,

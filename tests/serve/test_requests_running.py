@@ -4,7 +4,6 @@ together are what deploy/kubernetes/'s autoscaler scales on)."""
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from deepseek.serve.manager import ModelManager  # noqa: E402
 from deepseek.serve.repository import ModelRepository  # noqa: E402
 
-from .gated_model import GATE, model_config, running_server, wait_for, write_model  # noqa: E402
+from .gated_model import GATE, infer_scalar, model_config, running_server, wait_for, write_model  # noqa: E402
 
 CLIENTS = 5
 
@@ -37,17 +36,8 @@ def test_running_and_queued_requests_are_gauged_while_the_model_is_held(tmp_path
             assert gauges(base) == {"ds_inference_requests_running": 0, "ds_inference_queue_size": 0}
             netloc = urlparse(base).netloc
 
-            def call(i: int) -> list:
-                client = httpclient.InferenceServerClient(netloc)
-                try:
-                    inp = httpclient.InferInput("x", [1, 1], "FP32")
-                    inp.set_data_from_numpy(np.full((1, 1), i, dtype=np.float32))
-                    return client.infer("m", [inp]).as_numpy("y").tolist()
-                finally:
-                    client.close()
-
             with ThreadPoolExecutor(CLIENTS) as pool:
-                futures = [pool.submit(call, i) for i in range(CLIENTS)]
+                futures = [pool.submit(infer_scalar, netloc, i) for i in range(CLIENTS)]
                 batcher = manager.get("m").batcher
                 wait_for(lambda: GATE.calls == 1 and len(GATE.values()[0]) + batcher.queue_size == CLIENTS,
                          "every client to be held or queued")

@@ -35,8 +35,21 @@ class Backend(ABC):
         self.name, self.version, self.path, self.config = name, int(version), Path(path), config
         self.inputs: list[TensorSpec] = list(config.inputs)
         self.outputs: list[TensorSpec] = list(config.outputs)
+        self.preprocess = None
+        if config.preprocess is not None:
+            from deepseek.serve.preprocess import ImagePreprocess
+
+            self.preprocess = ImagePreprocess(config.preprocess, self.path)
+            self.inputs = [self.preprocess.model_input(s) if s.name == config.preprocess.input else s
+                           for s in self.inputs]
 
     # -- the contract --------------------------------------------------------------------------------
+
+    @property
+    def wire_inputs(self) -> list[TensorSpec]:
+        """What clients send (metadata, Triton config); ``inputs`` is what the model takes. They differ only where
+        config.yaml declares a ``preprocess`` step (a BYTES input of encoded images decoded before batching)."""
+        return self.inputs if self.preprocess is None else list(self.config.inputs)
 
     @property
     def batched(self) -> bool:
@@ -59,6 +72,11 @@ class Backend(ABC):
         manager then reports the version UNAVAILABLE, and a load request or a repository poll reloads it."""
         return None
 
+    def decode_inputs(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A request's inputs as the model takes them: the config's ``preprocess`` step applied (ValueError, a 400,
+        for an undecodable input); unchanged without one."""
+        return inputs if self.preprocess is None else self.preprocess(inputs)
+
     def input_spec(self, name: str) -> Optional[TensorSpec]:
         return next((s for s in self.inputs if s.name == name), None)
 
@@ -79,6 +97,9 @@ class Backend(ABC):
                 continue
             tensor = inputs[spec.name]
             if not isinstance(tensor, torch.Tensor):
+                if getattr(tensor, "dtype", None) == object:  # a BYTES input (numpy object array)
+                    raise ValueError(f"input {spec.name!r}: datatype must be {spec.datatype}, got BYTES (a model "
+                                     f"takes encoded images only through config.yaml's preprocess step)")
                 raise ValueError(f"input {spec.name!r}: expected a tensor, got {type(tensor).__name__}")
             if spec.dtype is None:
                 raise ValueError(f"input {spec.name!r}: datatype {spec.datatype} is not supported by "
@@ -100,7 +121,7 @@ class Backend(ABC):
             return [{"name": s.name, "datatype": s.datatype, "shape": batch + list(s.shape)} for s in specs]
 
         return {"name": self.name, "versions": [str(self.version)], "platform": self.platform,
-                "inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
+                "inputs": tensors(self.wire_inputs), "outputs": tensors(self.outputs)}
 
     def batcher_kwargs(self) -> dict[str, Any]:
         """``config.batcher_kwargs()`` with the pad values of the backend's (possibly derived) inputs."""

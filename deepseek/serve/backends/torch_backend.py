@@ -5,7 +5,9 @@
     model.pt2                                          # a torch.export program (torch.export.load)
     model.pt                                           # a TorchScript archive (torch.jit.load)
 
-Inputs are passed positionally in declared order; the model returns a tensor, a tuple (declared order) or
+An entry point's module may define ``check_inputs(inputs)``: it runs on each request before it is queued, and
+its ``ValueError`` is the client's 400 (e.g. an id outside the model's table), so one bad request never
+fails the others of its batch. Inputs are passed positionally in declared order; the model returns a tensor, a tuple (declared order) or
 a dict keyed by output name. Nothing is unpickled (no ``torch.load``). A TorchScript archive and an entry
 point both run code chosen by the model's owner: serve only a repository you trust, as the server's
 operator does for their own models.
@@ -84,6 +86,12 @@ class TorchBackend(Backend):
             except RuntimeError as exc:
                 raise BackendError(f"{file} does not fit the entry point's module: {exc}") from exc
         return module.eval()
+
+    def validate_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        super().validate_inputs(inputs)
+        check = getattr(self.module, "check_inputs", None)
+        if callable(check):
+            check(inputs)
 
     def _infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [inputs[s.name] if s.name in inputs else None for s in self.inputs]

@@ -117,8 +117,38 @@ def _tensor_from_json(data: Any, dtype: torch.dtype, shape: list[int], numel: in
     return torch.from_numpy(array.reshape(shape))
 
 
+def _bytes_elements(blob: bytes, numel: int, where: str) -> list[bytes]:
+    """BYTES binary data: ``numel`` elements, each a little-endian uint32 length and that many bytes."""
+    items, offset = [], 0
+    for _ in range(numel):
+        if offset + 4 > len(blob):
+            raise RequestError(f"{where}: BYTES binary data ends inside an element's 4-byte length")
+        size = int.from_bytes(blob[offset:offset + 4], "little")
+        offset += 4
+        if offset + size > len(blob):
+            raise RequestError(f"{where}: a BYTES element of {size} bytes runs past the binary data")
+        items.append(blob[offset:offset + size])
+        offset += size
+    if offset != len(blob):
+        raise RequestError(f"{where}: {len(blob) - offset} bytes of BYTES binary data left after {numel} elements")
+    return items
+
+
+def _bytes_tensor(items: list, shape: list[int], where: str) -> np.ndarray:
+    """BYTES elements as a numpy object array of ``bytes`` (JSON strings are UTF-8 encoded)."""
+    if len(items) != math.prod(shape):
+        raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} elements, data has {len(items)}")
+    if any(not isinstance(item, (str, bytes)) for item in items):
+        raise RequestError(f"{where}: BYTES data must be strings")
+    array = np.empty(len(items), dtype=object)
+    array[:] = [item.encode() if isinstance(item, str) else item for item in items]
+    return array.reshape(shape)
+
+
 def parse_inputs(header: dict, binary: bytes) -> dict[str, torch.Tensor]:
-    """The request's input tensors; RequestError (400) for anything malformed."""
+    """The request's input tensors; RequestError (400) for anything malformed. A BYTES input (Triton's strings,
+    e.g. encoded images) comes back as a numpy object array of ``bytes``, for a model whose config.yaml decodes
+    it (``preprocess``); any other model refuses it when validating its inputs."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError("request needs a non-empty 'inputs' list")
@@ -132,10 +162,22 @@ def parse_inputs(header: dict, binary: bytes) -> dict[str, torch.Tensor]:
         if name in tensors:
             raise RequestError(f"{where} is given twice")
         shape = _shape(spec.get("shape"), where)
-        dtype = _dtype(spec.get("datatype"), where)
         numel = math.prod(shape)
         params = spec.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if spec.get("datatype") == "BYTES":
+            if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                    raise RequestError(f"{where}: binary_data_size {size!r} exceeds the binary data sent")
+                items: list = _bytes_elements(binary[offset:offset + size], numel, where)
+                offset += size
+            elif "data" not in spec:
+                raise RequestError(f"{where} has no 'data' (and no binary_data_size)")
+            else:
+                items = _flatten(spec["data"])
+            tensors[name] = _bytes_tensor(items, shape, where)
+            continue
+        dtype = _dtype(spec.get("datatype"), where)
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise RequestError(f"{where}: binary_data_size {size!r} exceeds the binary data sent")
