@@ -130,7 +130,7 @@ def load_model(path: Path) -> nn.Module:
 
 def train_model(model: nn.Module, data: Dataset, run_dir: Path, *, steps: int, batch_size: int = 256,
                 lr: float = 2e-3, gamma: float = 2.0, alpha: Optional[float] = None, seed: int = 0,
-                teacher: Optional[nn.Module] = None, temperature: float = 2.0, distill_alpha: float = 0.7,
+                teacher: Optional[nn.Module] = None, temperature: float = 1.0, distill_alpha: float = 0.5,
                 overrides: tuple[str, ...] = ()) -> dict:
     """Train ``model`` in place (Trainer, class-balanced batches); with ``teacher``: distillation. Returns the
     final validation metrics; the weights land in ``run_dir/model``. ``overrides``: more TrainConfig
