@@ -98,6 +98,7 @@ def cmd_train(args) -> dict:
             raise FraudExampleError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
         kind, layers, hidden, steps = MODELS[name]
         steps = args.steps or steps
+        torch.manual_seed(args.seed)  # the initialisation: the same whichever models this run trains
         model = _build(kind, layers, hidden)
         _console().print(f"[bold]{name}[/]: {kind}, {layers} layers, hidden {hidden}, "
                          f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps")
@@ -212,6 +213,7 @@ def cmd_compress(args) -> dict:
     data = _data(args.out)
     teacher = training.load_model(_trained(args.out, "teacher"))
     hidden = teacher.hparams["hidden"]
+    torch.manual_seed(args.seed)
     student = FraudLSTM(N_FEATURES, hidden=hidden, layers=STUDENT_LAYERS)
     steps = args.steps or MODELS["teacher"][3]
     console.print(f"distilling the {teacher.hparams['layers']}-layer teacher into a {STUDENT_LAYERS}-layer student, "
