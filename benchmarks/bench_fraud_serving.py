@@ -17,7 +17,7 @@ Each round runs every (model, load) once, in a rotating order; rows per model ca
 ``ds_inference_batch_size`` histogram. Before the server starts, the three graphs are also timed alone in
 onnxruntime (1 thread) at batch 1 and 64, interleaved: the model's own compute, without HTTP and JSON.
 
-    python benchmarks/bench_fraud_serving.py                  # 3 rounds x 2 models x 2 loads x (3 + 10) s
+    python benchmarks/bench_fraud_serving.py                  # 3 rounds x 3 models x 2 loads x (3 + 10) s
     python benchmarks/bench_fraud_serving.py --tiny           # smoke: untrained models, 1 round of 0.5 + 1.5 s, 8 clients
 """
 
