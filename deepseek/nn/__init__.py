@@ -3,6 +3,7 @@
 from deepseek.nn.attention import Attention, AttentionInputs
 from deepseek.nn.dispatch import LocalDispatch
 from deepseek.nn.experts import GroupedExperts
+from deepseek.nn.focal_loss import FocalLoss
 from deepseek.nn.kv_cache import KVCache
 from deepseek.nn.loss import linear_cross_entropy
 from deepseek.nn.mlp import SwiGLU
@@ -18,7 +19,7 @@ from deepseek.nn.sparse_attention import (
 )
 
 __all__ = [
-    "Attention", "AttentionInputs", "GroupedExperts", "KVCache", "LocalDispatch", "MoE", "MoEConfig", "RMSNorm",
+    "Attention", "AttentionInputs", "FocalLoss", "GroupedExperts", "KVCache", "LocalDispatch", "MoE", "MoEConfig", "RMSNorm",
     "Router", "RouterConfig", "RotaryEmbedding", "SlotKVCache", "SwiGLU", "apply_rotary",
     "blocked_local_global_attention", "dense_local_global_attention", "linear_cross_entropy", "load_balancing_loss",
     "local_global_mask", "update_router_biases",

@@ -1,0 +1,1 @@
+"""The transaction-fraud example (README.md); run it as ``python examples/fraud/run.py COMMAND``."""
