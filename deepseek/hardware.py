@@ -414,16 +414,22 @@ def _best_rate(fn: Callable[[], object], work: float, seconds: float) -> float:
 def matmul_peak_flops(precision: str = "fp32", threads: int = 0, n: int = 0, seconds: float = 0.6) -> float:
     """Measured FLOP/s of an ``n x n`` product in ``precision`` (fp32 or bf16): the peak MFU is quoted against.
 
-    ``n`` 0 = :data:`PEAK_MATMUL_N`, or :data:`SLOW_PEAK_MATMUL_N` for bf16 on a CPU without native bf16 (where one
-    2048² product takes seconds). Cached per process, precision, thread count (``threads`` is a cache key only) and
-    size.
+    ``n`` 0 = :data:`PEAK_MATMUL_N`, unless one product of that size would take longer than a third of ``seconds``
+    at the rate of a :data:`SLOW_PEAK_MATMUL_N` product timed first (bf16 where the CPU runs it ~100x slower than
+    fp32: one 2048² product takes seconds); then :data:`SLOW_PEAK_MATMUL_N`. Decided by timing, not by CPU flags,
+    which an ISA-limited run (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``) does not change. Cached per process,
+    precision, thread count (``threads`` is a cache key only) and size.
     """
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
     if dtype is None:
         raise ValueError(f"precision {precision!r}: peaks are measured for fp32 and bf16")
     if n <= 0:
-        slow = precision == "bf16" and not hardware_profile(measure=False).native_bf16
-        n = SLOW_PEAK_MATMUL_N if slow else PEAK_MATMUL_N
+        small = torch.randn(SLOW_PEAK_MATMUL_N, SLOW_PEAK_MATMUL_N).to(dtype)
+        small @ small  # kernel selection, first-touch
+        start = time.perf_counter()
+        small @ small
+        rate = 2.0 * SLOW_PEAK_MATMUL_N ** 3 / max(time.perf_counter() - start, 1e-9)
+        n = PEAK_MATMUL_N if 2.0 * PEAK_MATMUL_N ** 3 / rate <= seconds / 3 else SLOW_PEAK_MATMUL_N
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
     return _best_rate(lambda: a @ b, 2.0 * n ** 3, seconds)

@@ -39,6 +39,8 @@ def train_command(
     steps: int = typer.Option(5, "--steps", min=1, help="Profiled steps (each paired with one plain step)."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Plain steps first (kernels, allocator, routing settle)."),
     out: Path = typer.Option(Path("runs/profile"), "--out", help="Folder for trace.json, summary.png, profile.json."),
+    peak_seconds: float = typer.Option(1.5, "--peak-seconds", min=0.05, help="Time spent measuring this device's "
+                                       "matmul peaks and memory bandwidth (each; best of 3 bursts)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine: >1 re-launches this command "
                                                         "under `torchrun --standalone`, as `ds train --nproc` does "
                                                         "(the config's parallel: section; gloo on CPU); each rank is "
@@ -48,7 +50,7 @@ def train_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deepseek.config import ConfigError
-    from deepseek.ops.profile_train import profile_train, profile_train_distributed
+    from deepseek.ops.profile_train import profile_train, profile_train_distributed, total_steps
     from deepseek.train.config import load_train_config
 
     cfg = load_train_config(config, list(overrides or []))  # a bad config fails here, before any launch
@@ -59,18 +61,19 @@ def train_command(
             raise ConfigError("ds profile train: parallel.mode=parameter_server is not supported (its workers do not "
                               "step together)")
         args = ["profile", "train", *([str(config)] if config is not None else []), *(overrides or []),
-                "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]  # no --nproc: torchrun reads it
+                "--steps", str(steps), "--warmup", str(warmup), "--out", str(out),
+                "--peak-seconds", str(peak_seconds)]  # no --nproc: torchrun would take it for its own
         raise typer.Exit(relaunch(nproc, args))
     _quiet_profiler()
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of the torchrun job: no progress bar, rank 0 prints
-        result = profile_train_distributed(cfg, steps=steps, warmup=warmup, out=out).result
+        result = profile_train_distributed(cfg, steps=steps, warmup=warmup, out=out, peak_seconds=peak_seconds).result
         if result["rank"] == 0:
             _print_outputs(result)
         return
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
-        task = bar.add_task("steps", total=warmup + 4 * steps)
-        result = profile_train(cfg, steps=steps, warmup=warmup, out=out,
+        task = bar.add_task("steps", total=total_steps(steps, warmup))
+        result = profile_train(cfg, steps=steps, warmup=warmup, out=out, peak_seconds=peak_seconds,
                                progress=lambda done, total: bar.update(task, completed=done)).result
     _print_outputs(result)
 

@@ -4,12 +4,15 @@ The run is built by :func:`deepseek.train.lm.build_trainer` (the same config loa
 optimizer and ``Trainer.train_step`` as ``ds train``; nothing is written to ``run_dir``). After ``warmup`` plain
 steps, each of ``steps`` cycles runs four steps under one profiler with the schedule ``wait=2, warmup=1,
 active=1``: a settling step (after the previous cycle's trace was processed, untimed), a *plain* step (the
-profiler idle), a profiler warm-up step (discarded), and a *profiled* step (``record_shapes``, ``with_flops``,
-``profile_memory``, the ``ds::`` scopes of :mod:`deepseek.ops.breakdown`). The plain and the profiled step each
-follow an ordinary step, so neither pays for the trace processing.
+profiler idle), a profiler warm-up step (discarded), and a *profiled* step (op names and times and the ``ds::``
+scopes of :mod:`deepseek.ops.breakdown` only: recording shapes, FLOPs and memory as well cost the step 5-13 % on the
+``small`` preset, most on the fastest, bf16 steps). The plain and the profiled step each follow an ordinary step, so
+neither pays for the trace processing. Then one more step is recorded with shapes, FLOPs and memory
+(``record_shapes``, ``with_flops``, ``profile_memory``) for the roofline points and the operand shapes in the
+trace; its time is not used.
 
 - tokens/s, step time and MFU come from the plain steps (median), so the profiler cannot inflate them;
-- the breakdown, the trace and the roofline come from the profiled steps;
+- the breakdown comes from the profiled steps, the roofline from the shapes step; the trace holds both;
 - the profiler's overhead is the median over cycles of profiled ÷ plain step time − 1: each pair of steps runs
   back to back, so a slow phase of a shared machine hits both.
 """
@@ -39,6 +42,12 @@ from deepseek.parallel import ParallelPlan
 from deepseek.train.lm import build_trainer, distributed_plan
 
 ProgressFn = Callable[[int, int], None]  # (steps done, steps in all)
+SHAPES_STEPS = 3  # after the cycles: settle, the profiler's warm-up, the step recorded with shapes and FLOPs
+
+
+def total_steps(steps: int, warmup: int) -> int:
+    """The training steps a profile of ``steps`` cycles after ``warmup`` plain steps runs (for progress bars)."""
+    return warmup + 4 * steps + SHAPES_STEPS
 
 
 @dataclass
@@ -69,7 +78,7 @@ def _tokens(batch) -> int:
 
 
 def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: Path = Path("runs/profile"),
-                  progress: Optional[ProgressFn] = None, peak_seconds: float = 0.6,
+                  progress: Optional[ProgressFn] = None, peak_seconds: float = 1.5,
                   profile_memory: bool = True, plan: Optional[ParallelPlan] = None) -> TrainProfile:
     """Profile ``steps`` training steps of ``config`` after ``warmup`` plain ones (see the module's docstring).
 
@@ -85,7 +94,7 @@ def profile_train(config: TrainConfig, *, steps: int = 5, warmup: int = 2, out: 
         out = out / f"rank{plan.rank}"
     trainer = build_trainer(config, plan)
     model, device = trainer.model, trainer.device
-    total, done = warmup + 4 * steps, 0
+    total, done = total_steps(steps, warmup), 0
 
     def sync() -> None:
         if device.type == "cuda":
@@ -141,20 +150,24 @@ def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, 
     plain, profiled, rss, tokens = [], [], [], []
     breakdowns, points, traces = [], {}, []
 
-    def on_trace_ready(prof) -> None:
-        events = prof.events()
-        breakdowns.extend(step_breakdowns(events, device_time=device.type == "cuda"))
-        accumulate_points(events, points)
+    def keep_trace(prof) -> None:
         path = scratch / f"cycle{len(traces)}.json"
         prof.export_chrome_trace(str(path))
         traces.append(path)
 
+    def on_cycle_ready(prof) -> None:
+        breakdowns.extend(step_breakdowns(prof.events(), device_time=device.type == "cuda"))
+        keep_trace(prof)
+
+    def on_shapes_ready(prof) -> None:
+        accumulate_points(prof.events(), points)
+        keep_trace(prof)
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out.mkdir(parents=True, exist_ok=True)
     with cuda_memory_history(device, out / "memory_snapshot.pickle") as snapshot:
-        with profile(activities=activities, record_shapes=True, with_flops=True, profile_memory=profile_memory,
-                     schedule=schedule(wait=2, warmup=1, active=1, repeat=steps),
-                     on_trace_ready=on_trace_ready) as prof:
+        with profile(activities=activities, schedule=schedule(wait=2, warmup=1, active=1, repeat=steps),
+                     on_trace_ready=on_cycle_ready) as prof:
             for _ in range(steps):
                 run_step(False)                    # wait: settles after the last cycle's trace was processed
                 prof.step()
@@ -170,6 +183,13 @@ def _profile_cycles(trainer, config: TrainConfig, run_step, counts, steps: int, 
                 profiled.append(took)
                 tokens.append(n)
                 rss.append(rss_bytes())
+                prof.step()
+        # One step recorded with shapes, FLOPs and memory: the roofline points and the trace's operand shapes.
+        with profile(activities=activities, record_shapes=True, with_flops=True, profile_memory=profile_memory,
+                     schedule=schedule(wait=1, warmup=1, active=1), on_trace_ready=on_shapes_ready) as prof:
+            for _ in range(SHAPES_STEPS):
+                with label_modules(model), _scoped_clipping(trainer):
+                    run_step(False)
                 prof.step()
 
     precision = trainer.precision.precision

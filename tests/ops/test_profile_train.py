@@ -77,8 +77,9 @@ def test_mfu_is_the_hand_count_over_time_over_peak(profiled):
 def test_trace_loads_with_one_profiler_step_per_profiled_step(profiled):
     _, out = profiled
     trace = json.loads((out / "trace.json").read_text())
-    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
-    assert len(steps) == STEPS
+    steps = [e for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#") and e.get("ph") == "X"]
+    assert len(steps) == STEPS + 1  # the profiled step of each cycle, then the one recorded with shapes and FLOPs
+    assert any(e.get("args", {}).get("Input Dims") for e in trace["traceEvents"])  # the shapes step's operands
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"ds::attention", "ds::moe_routing", "ds::loss_head", "ds::data_loading"} <= names
 
@@ -157,7 +158,8 @@ def test_two_processes_are_profiled_rank_by_rank_with_their_collectives(lm_data,
     out = tmp_path / "profile"
     run_cmd([sys.executable, "-m", "deepseek.cli.main", "profile", "train", "configs/tiny.yaml",
              f"run_dir={tmp_path / 'run'}", f"data.path={lm_data}", f"batch_size={BATCH}", f"data.seq_len={SEQ}",
-             "seed=0", "progress=false", "--steps", "1", "--warmup", "1", "--out", out, "--nproc", "2"])
+             "seed=0", "progress=false", "--steps", "1", "--warmup", "1", "--out", out, "--nproc", "2",
+             "--peak-seconds", PEAK_SECONDS])
     ranks = [json.loads((out / "profile.json").read_text()), json.loads((out / "rank1" / "profile.json").read_text())]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     for result in ranks:
