@@ -55,11 +55,16 @@ def worker_of_rank(pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {pid}")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir, config_file) -> Path:
+    """The uninterrupted 2-process run both victims are compared with (run once)."""
+    return train_torchrun(2, config_file, tmp_path_factory.mktemp("elastic") / "uninterrupted", data_dir, *EXTRA)
+
+
 @pytest.mark.dist_slow
 @pytest.mark.parametrize("victim", [0, 1])
 def test_sigkill_a_worker_and_the_restarted_job_ends_like_an_uninterrupted_one(tmp_path, data_dir, config_file,
-                                                                                 victim):
-    reference = train_torchrun(2, config_file, tmp_path / "uninterrupted", data_dir, *EXTRA)
+                                                                                 reference, victim):
 
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "deepseek.cli.main", "train", str(config_file), "--nproc", "2", "--max-restarts", "1",
