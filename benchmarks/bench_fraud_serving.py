@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (batched_load_rounds, interleaved, machine_info, median, print_machine, print_table,  # noqa: E402
+from common import (add_load_arguments, batched_load_rounds, interleaved, machine_info, median, print_machine, print_table,  # noqa: E402
                     setup_path, write_results)
 
 setup_path()
@@ -92,12 +92,8 @@ def compute_ms(repo: Path, window: int, features: int, rounds: int) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=Path("runs/fraud/repository"))
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--torch-threads", type=int, default=1, help="the server's intra-op threads")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: untrained models, 8 clients, 0.5 + 1.5 s")
+    add_load_arguments(parser, rounds=3, duration=10.0,
+                       tiny_help="smoke run: untrained models, 8 clients, 0.5 + 1.5 s")
     args = parser.parse_args()
     if args.tiny:
         args.clients, args.rounds, args.warmup, args.duration = 8, 1, 0.5, 1.5

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (load_batched_server, machine_info, print_machine, report_batched_rounds,  # noqa: E402
+from common import (add_load_arguments, load_batched_server, machine_info, print_machine, report_batched_rounds,  # noqa: E402
                     setup_path, write_results)
 
 
@@ -54,12 +54,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--torch-threads", type=int, default=1, help="the server's intra-op threads")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: 8 clients, 1 round of 0.5 + 2 s, 200 users")
+    add_load_arguments(parser, rounds=2, duration=10.0,
+                       tiny_help="smoke run: 8 clients, 1 round of 0.5 + 2 s, 200 users")
     args = parser.parse_args()
     if args.tiny:
         args.clients, args.rounds, args.warmup, args.duration = 8, 1, 0.5, 2.0

@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, machine_info, print_machine, print_table, setup_path, write_results  # noqa: E402
+from common import (REPO_ROOT, add_load_arguments, machine_info, print_machine, print_table, setup_path,  # noqa: E402
+                    write_results)
 
 setup_path()
 MODEL = "digits"
@@ -73,12 +74,7 @@ def repository(ex, run_dir: Path, tiny: bool, tmp: Path) -> tuple[Path, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "vision")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--torch-threads", type=int, default=1, help="the server's intra-op threads")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: 8 clients, 1 round of 0.5 + 2 s")
+    add_load_arguments(parser, rounds=3, duration=15.0, tiny_help="smoke run: 8 clients, 1 round of 0.5 + 2 s")
     args = parser.parse_args()
     if args.tiny:
         args.clients, args.rounds, args.warmup, args.duration = 8, 1, 0.5, 2.0

@@ -322,3 +322,14 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = 48, timeout: f
     request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())["choices"][0]["text"]
+
+
+def add_load_arguments(parser, *, rounds: int, duration: float, tiny_help: str) -> None:
+    """The options every serving benchmark takes: clients, rounds, warm-up and measured seconds per round, the
+    server's torch threads, and ``--tiny`` (a smoke run of the script itself)."""
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--duration", type=float, default=duration)
+    parser.add_argument("--torch-threads", type=int, default=1, help="the server's intra-op threads")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
