@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_load_arguments, batched_load_rounds, interleaved, machine_info, median, print_machine, print_table,  # noqa: E402
+from common import (add_load_arguments, start_repository_server, batched_load_rounds, interleaved, machine_info, median, print_machine, print_table,  # noqa: E402
                     setup_path, write_results)
 
 setup_path()
@@ -100,7 +100,6 @@ def main() -> None:
     info = machine_info()
     print_machine(info)
     from deepseek.bench import loadgen
-    from deepseek.cli.bench import free_port
     from fraud.features import N_FEATURES
     from fraud.training import WINDOW
 
@@ -115,12 +114,7 @@ def main() -> None:
         compute = compute_ms(repo, WINDOW, N_FEATURES, rounds=5 if args.tiny else 15)
         print_table(["model", "ms/call batch 1", "ms/call batch 64"],
                     [[m, f"{c[1]:.3f}", f"{c[64]:.3f}"] for m, c in compute.items()])
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "deepseek.cli.main", "serve", "--model-repository", str(repo),
-                   "--http-port", str(port), "--no-grpc", "--torch-threads", str(args.torch_threads)]
-        server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log",
-                                      timeout_s=300)
+        server, url = start_repository_server(repo, args.torch_threads, tmp)
         try:
             for model in MODELS:
                 results[model], calls[model] = batched_load_rounds(

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO_ROOT, add_load_arguments, machine_info, print_machine, print_table, setup_path,  # noqa: E402
+from common import (REPO_ROOT, add_load_arguments, start_repository_server, machine_info, print_machine, print_table, setup_path,  # noqa: E402
                     write_results)
 
 setup_path()
@@ -79,7 +79,6 @@ def main() -> None:
     if args.tiny:
         args.clients, args.rounds, args.warmup, args.duration = 8, 1, 0.5, 2.0
     from deepseek.bench import loadgen
-    from deepseek.cli.bench import free_port
     from deepseek.vision import encode_png
 
     info = machine_info()
@@ -90,12 +89,7 @@ def main() -> None:
         split = ex.digits_data.load(repo.parent)
         bodies = [png_body(encode_png(image)) for image in split["x_test"]]
         print(f"# model: {what}; {len(bodies)} one-PNG requests; 1 client vs {args.clients}")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "deepseek.cli.main", "serve", "--model-repository", str(repo),
-                   "--http-port", str(port), "--no-grpc", "--torch-threads", str(args.torch_threads)]
-        server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(tmp) / "server.log",
-                                      timeout_s=300)
+        server, url = start_repository_server(repo, args.torch_threads, tmp)
         loads = {"batch-1": 1, "concurrent": args.clients}
         results: dict[str, list] = {name: [] for name in loads}
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(HEADER_BYTES)}

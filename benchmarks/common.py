@@ -333,3 +333,18 @@ def add_load_arguments(parser, *, rounds: int, duration: float, tiny_help: str) 
     parser.add_argument("--duration", type=float, default=duration)
     parser.add_argument("--torch-threads", type=int, default=1, help="the server's intra-op threads")
     parser.add_argument("--tiny", action="store_true", help=tiny_help)
+
+
+def start_repository_server(repository, torch_threads: int, log_dir):
+    """``ds serve --model-repository`` on a free port (HTTP only), ready: ``(server, base url)``; stop the server
+    with ``loadgen.stop_server``."""
+    from deepseek.bench import loadgen
+    from deepseek.cli.bench import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "deepseek.cli.main", "serve", "--model-repository", str(repository),
+               "--http-port", str(port), "--no-grpc", "--torch-threads", str(torch_threads)]
+    server = loadgen.start_server(command, f"{url}/v2/health/ready", log_path=Path(log_dir) / "server.log",
+                                  timeout_s=300)
+    return server, url

@@ -1,12 +1,7 @@
 """Top-k recommendations from precomputed embeddings, as a module ``ds serve`` runs (torch backend, entry point).
 
-    # <repo>/recommender/config.yaml
-    backend: torch
-    parameters: {entry_point: "deepseek.graph.serving:TopKRecommender", weights: model.safetensors}
-    max_batch_size: 64
-    inputs:  [{name: user_id, datatype: INT64, shape: [1]}]
-    outputs: [{name: item_ids, datatype: INT64, shape: [-1]}, {name: scores, datatype: FP32, shape: [-1]}]
-    dynamic_batching: {max_queue_delay_ms: 2}
+    # <repo>/recommender/config.yaml is CONFIG_YAML below: the torch backend with this module's
+    # TopKRecommender as entry point, user_id INT64 [1] in, item_ids INT64 [-1] and scores FP32 [-1] out
 
 ``save_recommender(path, user_emb, item_emb, train_items, k)`` writes ``model.safetensors``: the embeddings, the
 users' training items (CSR: ``seen_offsets`` [n_users + 1], ``seen_items``), which are never recommended back,
