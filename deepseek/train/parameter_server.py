@@ -450,8 +450,9 @@ def _serve(config: TrainConfig, world_size: int) -> TrainResult:
                 evaluate()
                 next_eval += config.eval_every
             # no worker left: fail once all have joined and been lost (or a missing one had timeout_s to join)
-            if not server.live_workers() and (len(server.workers) == world_size - 1 or
-                                              time.perf_counter() - started > config.parallel.timeout_s):
+            # (done is read again: the last update may have landed, and the workers left, since it was read above)
+            if not server.live_workers() and not server.done and (
+                    len(server.workers) == world_size - 1 or time.perf_counter() - started > config.parallel.timeout_s):
                 raise RuntimeError(f"parameter server: no live worker at step {version} (joined: "
                                    f"{sorted(server.workers)} of {world_size - 1}); nothing left to train with")
         final_eval = evaluate()

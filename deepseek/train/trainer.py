@@ -29,7 +29,6 @@ from deepseek.train.checkpoint import is_sharded_checkpoint, latest_checkpoint, 
 from deepseek.train.clipping import GradientClipper
 from deepseek.train.metrics import MetricsLog, StepProgress
 from deepseek.parallel import ParallelPlan
-from deepseek.parallel.checkpoint import load_sharded_checkpoint
 from deepseek.train.config import TrainConfig
 from deepseek.train.optim import build_optimizer, build_scheduler, set_schedule_length
 from deepseek.train.step import ForwardBackward, LossFn, move_batch, split_batch
@@ -297,6 +296,9 @@ class Trainer:
         if path is None:
             return None
         if is_sharded_checkpoint(path):  # written by N ranks with DCP: read into this layout, whatever it is
+            # imported here: torch.distributed.checkpoint pulls in DTensor, half a second of every `ds` start
+            from deepseek.parallel.checkpoint import load_sharded_checkpoint
+
             state = load_sharded_checkpoint(path, states, verify=False,
                                             local_shards=self.parallel.checkpoint_shards(self.model))["state"]
         else:
