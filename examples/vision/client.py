@@ -120,7 +120,7 @@ def main(argv: list[str]) -> dict:
             return result
         result = query_test_images(url, split["x_test"][:args.n], split["y_test"][:args.n], args.protocol)
     except (OSError, RuntimeError, InferenceServerException) as exc:
-        raise SystemExit(f"error: cannot query {url} over {args.protocol} ({type(exc).__name__}: {exc})") from None
+        raise SystemExit(f"error: querying {url} over {args.protocol} failed ({type(exc).__name__}: {exc})") from None
     print(f"{result['n']} PNGs through {args.protocol} {url}: accuracy {result['accuracy']:.4f}, "
           f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (one request per image)")
     return result
