@@ -99,6 +99,10 @@ def test_typed_bytes_contents(served, stub):
     assert response.outputs[0].name == "logits" and list(response.outputs[0].shape) == [2, 10]
     logits = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
     np.testing.assert_allclose(logits, reference[:2], rtol=1e-4, atol=1e-4)
+    streamed = list(stub.ModelStreamInfer(iter([request])))  # the stream takes the same inputs
+    assert len(streamed) == 1 and not streamed[0].error_message
+    np.testing.assert_array_equal(np.frombuffer(streamed[0].infer_response.raw_output_contents[0], np.float32),
+                                  logits.ravel())
 
 
 def _raw(model: str, blob: bytes, shape=(1, 1)) -> service_pb2.ModelInferRequest:
