@@ -14,8 +14,12 @@ ModelInfer, ModelStreamInfer, RepositoryIndex, RepositoryModelLoad/Unload, and S
 (always empty). Shared-memory registration, trace and log settings answer UNIMPLEMENTED.
 
 ModelInfer takes ``raw_input_contents`` (one little-endian blob per input, in order, BOOL one byte; what
-tritonclient sends) or typed ``contents`` (FP16/BF16 only raw, BYTES not at all), honours the requested
-``outputs`` and answers with ``raw_output_contents``. Request parameters ``timeout`` (µs), ``priority`` and
+tritonclient sends) or typed ``contents`` (FP16/BF16 only raw), honours the requested ``outputs`` and answers
+with ``raw_output_contents``. A BYTES input (e.g. encoded images for a model whose config.yaml has a
+``preprocess`` step) comes raw in Triton's serialization (per element a little-endian uint32 length, then the
+bytes: what tritonclient's ``set_data_from_numpy`` sends) or typed, one ``contents.bytes_contents`` per element;
+it reaches the model exactly as over HTTP (a malformed blob, an image that does not decode, or BYTES for a model
+without ``preprocess``: INVALID_ARGUMENT). Request parameters ``timeout`` (µs), ``priority`` and
 ``routing_key`` (or the ``x-user-id`` metadata) work as over HTTP; the client's gRPC deadline shortens the
 queue timeout, and a request whose client cancels (or whose deadline passes) is dropped from the queue
 before it costs compute. An A/B-routed answer carries the ``routing_variant`` parameter. ModelStreamInfer
@@ -50,6 +54,7 @@ import time
 from typing import Any, Mapping, Optional
 
 import grpc
+import numpy as np
 import torch
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
@@ -63,6 +68,7 @@ from deepseek.serve.protocols.common import (API_KEY_ENV, EXTENSIONS, SERVER_NAM
                                              key_matches, kserve_datatype, presented_key, request_options,
                                              server_version, tensor_bytes)
 from deepseek.serve.protocols.http_context import DEFAULT_ROUTING_HEADER, is_decimal
+from deepseek.serve.protocols.kserve_tensors import bytes_elements, bytes_tensor
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +161,31 @@ def _from_contents(contents: service_pb2.InferTensorContents, datatype: str, dty
         raise ValueError(f"{where}: contents do not fit {datatype}: {exc}") from None
 
 
-def parse_inputs(request: service_pb2.ModelInferRequest) -> dict[str, torch.Tensor]:
-    """The request's input tensors by name; ValueError (INVALID_ARGUMENT) for anything malformed."""
+def _bytes_input(spec: service_pb2.ModelInferRequest.InferInputTensor, blob: Optional[bytes], shape: list[int],
+                 where: str) -> np.ndarray:
+    """A BYTES input as the numpy object array of ``bytes`` the HTTP front end makes, from a raw blob in Triton's
+    serialization (the HTTP binary extension's parser) or from typed ``contents.bytes_contents``."""
+    if blob is not None:
+        return bytes_tensor(bytes_elements(blob, math.prod(shape), where), shape, where)
+    if not spec.HasField("contents"):
+        raise ValueError(f"{where} has no data (neither raw_input_contents nor contents)")
+    stray = [f for f in _ALL_CONTENTS_FIELDS if f != "bytes_contents" and len(getattr(spec.contents, f))]
+    if stray:
+        raise ValueError(f"{where}: a BYTES input takes contents.bytes_contents, got {', '.join(stray)}")
+    return bytes_tensor(list(spec.contents.bytes_contents), shape, where)
+
+
+def parse_inputs(request: service_pb2.ModelInferRequest) -> dict[str, Any]:
+    """The request's input tensors by name; ValueError or RequestError (INVALID_ARGUMENT) for anything malformed.
+    A BYTES input (e.g. encoded images) comes back as a numpy object array of ``bytes``, as over HTTP: a model
+    whose config.yaml has a ``preprocess`` step decodes it, any other refuses it when validating its inputs."""
     if not request.inputs:
         raise ValueError("the request has no inputs")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise ValueError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per input, "
                          f"in the order of the inputs")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     for i, spec in enumerate(request.inputs):
         if not spec.name:
             raise ValueError(f"inputs[{i}] has no name")
@@ -175,10 +197,13 @@ def parse_inputs(request: service_pb2.ModelInferRequest) -> dict[str, torch.Tens
         shape = list(spec.shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"{where}: shape must be non-negative integers, got {shape}")
+        if raw and spec.HasField("contents"):
+            raise ValueError(f"{where}: typed contents cannot be mixed with raw_input_contents")
+        if spec.datatype == "BYTES":
+            tensors[spec.name] = _bytes_input(spec, raw[i] if raw else None, shape, where)
+            continue
         dtype = _dtype(spec.datatype, where)
         if raw:
-            if spec.HasField("contents"):
-                raise ValueError(f"{where}: typed contents cannot be mixed with raw_input_contents")
             tensor = _from_raw(raw[i], spec.datatype, dtype, shape, where)
         elif spec.HasField("contents"):
             tensor = _from_contents(spec.contents, spec.datatype, dtype, shape, where)

@@ -117,8 +117,9 @@ def _tensor_from_json(data: Any, dtype: torch.dtype, shape: list[int], numel: in
     return torch.from_numpy(array.reshape(shape))
 
 
-def _bytes_elements(blob: bytes, numel: int, where: str) -> list[bytes]:
-    """BYTES binary data: ``numel`` elements, each a little-endian uint32 length and that many bytes."""
+def bytes_elements(blob: bytes, numel: int, where: str) -> list[bytes]:
+    """BYTES binary data: ``numel`` elements, each a little-endian uint32 length and that many bytes (Triton's
+    serialization, what tritonclient sends over HTTP and in gRPC's ``raw_input_contents``)."""
     items, offset = [], 0
     for _ in range(numel):
         if offset + 4 > len(blob):
@@ -134,7 +135,7 @@ def _bytes_elements(blob: bytes, numel: int, where: str) -> list[bytes]:
     return items
 
 
-def _bytes_tensor(items: list, shape: list[int], where: str) -> np.ndarray:
+def bytes_tensor(items: list, shape: list[int], where: str) -> np.ndarray:
     """BYTES elements as a numpy object array of ``bytes`` (JSON strings are UTF-8 encoded)."""
     if len(items) != math.prod(shape):
         raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} elements, data has {len(items)}")
@@ -169,13 +170,13 @@ def parse_inputs(header: dict, binary: bytes) -> dict[str, torch.Tensor]:
             if size is not None:
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                     raise RequestError(f"{where}: binary_data_size {size!r} exceeds the binary data sent")
-                items: list = _bytes_elements(binary[offset:offset + size], numel, where)
+                items: list = bytes_elements(binary[offset:offset + size], numel, where)
                 offset += size
             elif "data" not in spec:
                 raise RequestError(f"{where} has no 'data' (and no binary_data_size)")
             else:
                 items = _flatten(spec["data"])
-            tensors[name] = _bytes_tensor(items, shape, where)
+            tensors[name] = bytes_tensor(items, shape, where)
             continue
         dtype = _dtype(spec.get("datatype"), where)
         if size is not None:
