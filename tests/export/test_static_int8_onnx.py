@@ -1,5 +1,6 @@
 """ONNX export of a pt2e static int8 model: a QDQ graph with int8 weights and a symbolic batch, equal to the
-reference program under onnxruntime, a third of the fp32 bytes, and the 0..127 activation clamp kept."""
+reference program under onnxruntime, a third of the fp32 bytes, the 0..127 activation clamp kept, and served by
+the onnx backend."""
 
 import json
 
@@ -111,3 +112,40 @@ def test_clear_errors(quantized, tmp_path):
     with pytest.raises(ExportError, match="one input and one output"):
         export_static_int8_onnx(int8, tmp_path / "m.onnx", (torch.randn(2, 1, 8, 8),), input_names=["a", "b"])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_served_by_the_onnx_backend(quantized, exported):
+    """The int8 graph as ``model.onnx`` of a repository version: the server's onnx backend answers as the
+    reference program does, and a wrongly shaped input gets a 400 with a message."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    import shutil
+
+    import yaml
+
+    from deepseek.export import serving_config
+    from deepseek.serve.manager import ModelManager
+    from deepseek.serve.repository import ModelRepository
+    from serve.gated_model import running_server  # tests/serve: the real uvicorn server in a thread
+
+    path, _ = exported
+    repo = path.parent / "repo"
+    (repo / "digits-int8" / "1").mkdir(parents=True)
+    shutil.copyfile(path, repo / "digits-int8" / "1" / "model.onnx")
+    config = {**serving_config(path.parent / "export.json", max_batch_size=8), "parameters": {"threads": 1}}
+    assert config["inputs"] == [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 8, 8]}]
+    (repo / "digits-int8" / "config.yaml").write_text(yaml.safe_dump(config))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = quantized[1].program(x).numpy()
+    with running_server(ModelManager(ModelRepository(repo))) as base, httpx.Client(base_url=base, timeout=30) as http:
+        body = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [3, 1, 8, 8],
+                            "data": x.flatten().tolist()}]}
+        r = http.post("/v2/models/digits-int8/infer", json=body)
+        assert r.status_code == 200, r.text
+        logits = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(expected.shape)
+        np.testing.assert_allclose(logits, expected, atol=1e-2 * max(1.0, float(np.abs(expected).max())), rtol=0)
+        assert (logits.argmax(-1) == expected.argmax(-1)).all()
+        bad = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 8, 8], "data": [0.0] * 64}]}
+        r = http.post("/v2/models/digits-int8/infer", json=bad)
+        assert r.status_code == 400 and "shape" in r.json()["error"]
