@@ -61,7 +61,9 @@ class ExportReport:
 
     ``inputs`` / ``outputs``: ``{"name", "dtype", "shape"}`` as stored in the graph (dynamic dims are names);
     ``validation``: one row per checked shape with ``max_abs_diff``, ``eager_ms`` and ``ort_ms``;
-    ``int8``: the quantized file, its size and its agreement with the fp32 graph.
+    ``int8``: the quantized file, its size and its agreement with the fp32 graph;
+    ``static_int8``: for :func:`~deepseek.export.static_int8_onnx.export_static_int8_onnx`, the QDQ graph's
+    activation ranges, added Clips, operator counts and int8 initializer bytes.
     """
 
     path: Path
@@ -75,6 +77,7 @@ class ExportReport:
     validation: list[dict] = field(default_factory=list)
     greedy_match: Optional[bool] = None
     int8: Optional[dict] = None
+    static_int8: Optional[dict] = None
 
     @property
     def max_abs_diff(self) -> Optional[float]:
@@ -204,6 +207,31 @@ def _graph_signature(path: Path) -> tuple[int, list[dict], list[dict]]:
     return opset, describe(graph_model.graph.input), describe(graph_model.graph.output)
 
 
+def strip_metadata(path: Path) -> None:
+    """Drop what the dynamo exporter records for debugging: per-node ``metadata_props`` (stack traces, FX node
+    strings) and doc strings, the graph's ``value_info`` (intermediate shapes, which onnxruntime infers again) and
+    the model's ``metadata_props``. Up to half of a small model's file; the inputs, outputs, initializers and
+    operators are unchanged. External weights (``<file>.data``) stay where they are."""
+    import onnx
+
+    graph_model = onnx.load(str(path), load_external_data=False)
+    graphs = [graph_model.graph]
+    while graphs:  # subgraphs (If / Loop bodies) carry metadata too
+        graph = graphs.pop()
+        del graph.value_info[:]
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+    for function in graph_model.functions:
+        for node in function.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    del graph_model.metadata_props[:]
+    graph_model.graph.doc_string = ""
+    onnx.save(graph_model, str(path))
+
+
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -261,6 +289,7 @@ def export_onnx(model_dir_or_model, out_path: str | Path, *, kv_cache: bool = Fa
                 program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outputs,
                                             dynamic_shapes=dims, opset_version=opset, verbose=False)
                 program.save(str(out_path), external_data=_weight_bytes(model) > EXTERNAL_DATA_BYTES)
+            strip_metadata(out_path)
         except Exception as exc:  # the exporter raises its own error types; keep the first line of its story
             raise ExportError(f"torch.onnx.export failed for {source}: {str(exc).strip().splitlines()[0]}") from exc
 
@@ -473,7 +502,8 @@ def _quantize(path: Path, cases: list[tuple], names: list[str]) -> dict:
     return result
 
 
-def _write_metadata(report: ExportReport, validated: bool, quantized: bool) -> Path:
+def _write_metadata(report: ExportReport, validated: bool, quantized: bool,
+                    tolerance: float = FP32_TOLERANCE) -> Path:
     data = {
         "source": report.source,
         "file": report.path.name,
@@ -483,10 +513,11 @@ def _write_metadata(report: ExportReport, validated: bool, quantized: bool) -> P
         "outputs": report.outputs,
         "dynamic_axes": {name: {str(k): v for k, v in spec.items()} for name, spec in report.dynamic_axes.items()},
         "file_bytes": report.file_bytes,
-        "validation": ({"tolerance": FP32_TOLERANCE, "max_abs_diff": report.max_abs_diff, "shapes": report.validation,
+        "validation": ({"tolerance": tolerance, "max_abs_diff": report.max_abs_diff, "shapes": report.validation,
                         "greedy_match": report.greedy_match} if validated else None),
         "int8": report.int8 is not None,
         "int8_file": None if not quantized else {**report.int8, "path": Path(report.int8["path"]).name},
+        "static_int8": report.static_int8,
         "torch": torch.__version__,
     }
     path = report.path.parent / METADATA_FILE

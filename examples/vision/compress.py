@@ -4,9 +4,12 @@
 2. QAT: ``prepare_static_int8_qat`` (fake-quantized weights and activations, BatchNorm folded as the int8 model
    will have it), fine-tuned with the same Trainer and augmentation at a tenth of the learning rate, then
    ``convert_static_int8_qat`` -> the inductor-compiled int8 model, saved (``int8/``, no pickle);
-3. ``export_onnx`` of the float model (``onnx/model.onnx``, validated against eager by onnxruntime), the file
-   the server loads.
-Reports test accuracy, bytes of the weights files and batch-1 latency of each form.
+3. ``export_onnx`` of the float model (``onnx/model.onnx``, validated against eager by onnxruntime), served as
+   ``digits``;
+4. ``export_static_int8_onnx`` of the QAT int8 model (``onnx-int8/model.onnx``: a QDQ graph with int8 weights,
+   validated against the int8 reference program), served as ``digits-int8``.
+Reports test accuracy, bytes of the weights files and batch-1 latency of each form (the ONNX files' accuracy
+and latency under onnxruntime, one thread).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 
 from deepseek.compress.static_int8 import (convert_static_int8_qat, prepare_static_int8_qat, quantize_static_int8,
                                            save_static_int8)
-from deepseek.export import export_onnx
+from deepseek.export import export_onnx, export_static_int8_onnx
 
 
 def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> float:
@@ -39,6 +42,26 @@ def median_ms(model: nn.Module, x: torch.Tensor, calls: int = 100) -> float:
             model(x)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def onnx_accuracy_and_ms(path: Path, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Test accuracy and median batch-1 latency of an ONNX file under onnxruntime (one thread, as served)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    predicted = torch.from_numpy(session.run(None, {name: pixels.numpy()})[0]).argmax(-1)
+    one = {name: pixels[:1].numpy()}
+    for _ in range(5):
+        session.run(None, one)
+    times = []
+    for _ in range(100):
+        start = time.perf_counter()
+        session.run(None, one)
+        times.append(time.perf_counter() - start)
+    return float((predicted == labels).float().mean()), statistics.median(times) * 1e3
 
 
 def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Tensor], *, train_classifier,
@@ -78,6 +101,22 @@ def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Te
 
     report = export_onnx(model, run_dir / "onnx" / "model.onnx", example_inputs=(x_test[:2],),
                          input_names=["pixel_values"], output_names=["logits"])
-    results["onnx"] = {"file_bytes": report.file_bytes, "max_abs_diff": report.max_abs_diff}
+    onnx_accuracy, onnx_ms = onnx_accuracy_and_ms(report.path, x_test, y_test)
+    results["onnx"] = {"file_bytes": report.file_bytes, "max_abs_diff": report.max_abs_diff,
+                       "accuracy": onnx_accuracy, "batch1_ms": round(onnx_ms, 3)}
     out.print(f"ONNX: {report.path} ({report.file_bytes:,} B, max |onnx - eager| {report.max_abs_diff:.2e})")
+
+    int8_report = export_static_int8_onnx(int8, run_dir / "onnx-int8" / "model.onnx", (x_test[:2],),
+                                          input_names=["pixel_values"], output_names=["logits"])
+    int8_accuracy, int8_ms = onnx_accuracy_and_ms(int8_report.path, x_test, y_test)
+    results["onnx-int8"] = {"file_bytes": int8_report.file_bytes, "accuracy": int8_accuracy,
+                            "batch1_ms": round(int8_ms, 3), "max_abs_diff": int8_report.max_abs_diff,
+                            "clips_added": int8_report.static_int8["clips_added"],
+                            "ratio_vs_fp32_safetensors": round(int8_report.file_bytes / fp32_bytes, 3),
+                            "ratio_vs_fp32_onnx": round(int8_report.file_bytes / report.file_bytes, 3)}
+    out.print(f"int8 ONNX: {int8_report.path} ({int8_report.file_bytes:,} B = "
+              f"{results['onnx-int8']['ratio_vs_fp32_safetensors']}x of the fp32 weights, "
+              f"{results['onnx-int8']['ratio_vs_fp32_onnx']}x of the fp32 ONNX), accuracy under onnxruntime "
+              f"{int8_accuracy:.4f} (fp32 ONNX {onnx_accuracy:.4f}), max |onnx - int8 reference| "
+              f"{int8_report.max_abs_diff:.2e}")
     return results

@@ -3,9 +3,10 @@
     python examples/vision/run.py prepare                # the split -> runs/vision/data.npz (+ the image processor)
     python examples/vision/run.py train                  # ours (ResNet-style, MoE-ViT) + baselines, same split
     python examples/vision/run.py evaluate               # accuracy table, confusion matrix PNG
-    python examples/vision/run.py compress               # QAT -> static int8 (pt2e), ONNX export
-    python examples/vision/run.py serve                  # `ds serve` the ONNX model: PNG bytes in (KServe v2 BYTES)
+    python examples/vision/run.py compress               # QAT -> static int8 (pt2e), fp32 and int8 ONNX exports
+    python examples/vision/run.py serve                  # `ds serve` both ONNX models: PNG bytes in (KServe v2 BYTES)
     python examples/vision/run.py query                  # tritonclient sends test PNGs, checks the answers
+    python examples/vision/run.py query --model digits-int8   # the same through the int8 model
 
 Common options: ``--run-dir`` (default runs/vision), ``--threads`` (torch CPU threads, default 1). Every command
 reads what the one before it wrote under the run directory and adds its numbers to ``results.json``.
@@ -49,7 +50,7 @@ from deepseek.vision.augment import RandomAffine  # noqa: E402
 
 digits_data = sibling("data")
 
-MODEL_NAME = "digits"  # the served model's name
+MODEL_NAME = "digits"  # the served fp32 model; its QAT int8 ONNX twin is served as "digits-int8"
 OURS = {  # the framework's classifiers, by the name the run gives them
     "ours-resnet": VisionConfig(arch="resnet", widths=[16, 32, 64], blocks=1),
     "ours-moe-vit": VisionConfig(arch="moe-vit", patch_size=4, d_model=64, depth=2, n_heads=4, n_experts=4,
@@ -235,12 +236,15 @@ def cmd_query(args) -> dict[str, Any]:
     from tritonclient.utils import InferenceServerException
 
     split = digits_data.load(args.run_dir)
+    client = sibling("client")
+    client.MODEL_NAME = args.model  # client.py addresses the model by this module constant
     try:
-        result = sibling("client").query_test_images(args.url, split["x_test"][:args.n], split["y_test"][:args.n])
+        result = client.query_test_images(args.url, split["x_test"][:args.n], split["y_test"][:args.n])
     except (OSError, RuntimeError, InferenceServerException) as exc:
         raise SystemExit(f"error: cannot query {args.url} ({type(exc).__name__}: {exc}); is "
                          f"`python examples/vision/run.py serve` running?") from None
-    console().print(f"{result['n']} PNGs through {args.url}: accuracy {result['accuracy']:.4f}, "
+    result["model"] = args.model
+    console().print(f"{result['n']} PNGs through {args.url}/{args.model}: accuracy {result['accuracy']:.4f}, "
                     f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms (one request per image)")
     return result
 
@@ -267,6 +271,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="serve: HTTP port")
     parser.add_argument("--url", default="127.0.0.1:8000", help="query: the server (host:port)")
     parser.add_argument("-n", type=int, default=100, help="query: how many test images to send")
+    parser.add_argument("--model", default=MODEL_NAME, choices=[MODEL_NAME, f"{MODEL_NAME}-int8"],
+                        help="query: the served model (fp32 ONNX, or the QAT int8 ONNX graph)")
     return parser.parse_args(argv)
 
 

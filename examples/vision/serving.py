@@ -1,8 +1,10 @@
-"""The served model: a KServe v2 model repository whose config.yaml decodes PNG bytes before batching.
+"""The served models: a KServe v2 model repository whose config.yaml decodes PNG bytes before batching.
 
     repository/digits/config.yaml
-    repository/digits/1/model.onnx                 # from `run.py compress` (deepseek.export)
+    repository/digits/1/model.onnx                 # fp32, from `run.py compress` (deepseek.export.export_onnx)
     repository/digits/1/preprocessor_config.json   # the DeepseekImageProcessor the model was trained with
+    repository/digits-int8/...                     # the same, model.onnx the QAT int8 QDQ graph
+                                                   # (deepseek.export.export_static_int8_onnx)
 
 Clients send a BYTES input ``image`` [B, 1], one encoded image per row (as Triton's image client does); the
 server's ``preprocess`` step turns it into ``pixel_values`` [B, 1, 32, 32] FP32 per request, and the dynamic
@@ -17,6 +19,8 @@ from pathlib import Path
 import yaml
 
 MODEL_NAME = "digits"
+INT8_MODEL_NAME = "digits-int8"
+ONNX_FILES = {MODEL_NAME: "onnx/model.onnx", INT8_MODEL_NAME: "onnx-int8/model.onnx"}  # under the run directory
 
 
 def serving_config(backend: str = "onnx", max_batch_size: int = 64, max_queue_delay_ms: float = 2.0,
@@ -33,37 +37,51 @@ def serving_config(backend: str = "onnx", max_batch_size: int = 64, max_queue_de
 
 
 def build_repository(run_dir: Path, backend: str = "onnx", model=None) -> Path:
-    """``run_dir/repository`` with the digits model (rebuilt from the run's files each time); returns its path.
+    """``run_dir/repository`` with the digits models (rebuilt from the run's files each time); returns its path.
 
-    ``backend="onnx"``: the graph ``run.py compress`` exported. ``backend="torch"``: ``model`` (an nn.Module, in
+    ``backend="onnx"``: ``digits`` and ``digits-int8``, the fp32 and int8 graphs ``run.py compress`` exported,
+    with the same preprocessing and batching. ``backend="torch"``: ``digits`` only, ``model`` (an nn.Module, in
     eval mode) written as a torch.export program ``model.pt2`` with a dynamic batch (seconds, where the ONNX
-    export and its validation take longer: the miniature test serves this way)."""
+    exports and their validation take longer: the miniature test serves this way)."""
     repo = run_dir / "repository"
-    version = repo / MODEL_NAME / "1"
-    if version.exists():
-        shutil.rmtree(version)
-    version.mkdir(parents=True)
     if backend == "onnx":
-        onnx_file = run_dir / "onnx" / "model.onnx"
-        if not onnx_file.is_file():
-            raise FileNotFoundError(f"{onnx_file} is missing: run `python examples/vision/run.py compress` first")
-        shutil.copyfile(onnx_file, version / "model.onnx")
-    else:
-        import torch
+        for file in ONNX_FILES.values():
+            if not (run_dir / file).is_file():
+                raise FileNotFoundError(f"{run_dir / file} is missing: run `python examples/vision/run.py compress` "
+                                        f"first")
+        for name, file in ONNX_FILES.items():
+            version = _fresh_version(repo, name, run_dir)
+            shutil.copyfile(run_dir / file, version / "model.onnx")
+        return repo
+    import torch
 
-        from deepseek.vision import DeepseekImageProcessor
+    from deepseek.vision import DeepseekImageProcessor
 
-        example = torch.zeros(2, *DeepseekImageProcessor.from_pretrained(run_dir).output_shape)
-        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        torch.export.save(program, str(version / "model.pt2"))
-    shutil.copyfile(run_dir / "preprocessor_config.json", version / "preprocessor_config.json")
-    (repo / MODEL_NAME / "config.yaml").write_text(yaml.safe_dump(serving_config(backend), sort_keys=False))
+    if (repo / INT8_MODEL_NAME).exists():  # from an earlier onnx build: this repository serves the torch model only
+        shutil.rmtree(repo / INT8_MODEL_NAME)
+    version = _fresh_version(repo, MODEL_NAME, run_dir, backend)
+    example = torch.zeros(2, *DeepseekImageProcessor.from_pretrained(run_dir).output_shape)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(version / "model.pt2"))
     return repo
 
 
-def start_server(repo: Path, port: int = 8000, block: bool = True):
-    """``ds serve <repo>`` in this process (the same server as the CLI); ``block=False`` returns it started."""
+def _fresh_version(repo: Path, name: str, run_dir: Path, backend: str = "onnx") -> Path:
+    """``repo/name/1`` emptied, with the run's preprocessor config, and ``repo/name/config.yaml``."""
+    version = repo / name / "1"
+    if version.exists():
+        shutil.rmtree(version)
+    version.mkdir(parents=True)
+    shutil.copyfile(run_dir / "preprocessor_config.json", version / "preprocessor_config.json")
+    (repo / name / "config.yaml").write_text(yaml.safe_dump(serving_config(backend), sort_keys=False))
+    return version
+
+
+def start_server(repo: Path, port: int = 8000, block: bool = True, grpc_port: int | None = 8081):
+    """``ds serve <repo>`` in this process (the same server as the CLI), HTTP on ``port`` and gRPC on ``grpc_port``
+    (None: HTTP only; 0: any free port); ``block=False`` returns it started."""
     from deepseek.serve.server import serve
 
-    print(f"serving {repo} on http://127.0.0.1:{port} (Ctrl-C stops)" if block else "", end="\n" if block else "")
-    return serve(str(repo), port=port, block=block, torch_threads=1)
+    if block:
+        print(f"serving {repo} on http://127.0.0.1:{port} and gRPC 127.0.0.1:{grpc_port} (Ctrl-C stops)")
+    return serve(str(repo), port=port, block=block, torch_threads=1, grpc_port=grpc_port)

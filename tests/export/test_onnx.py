@@ -204,6 +204,8 @@ def test_cnn_classifier_with_dynamic_batch(tmp_path):
         ["batch 1", "batch 2", "batch 5"]
     sess = session(tmp_path / "cnn.onnx")
     assert sess.get_inputs()[0].name == "image" and sess.get_inputs()[0].shape == ["batch", 1, 8, 8]
+    graph_model = onnx.load(str(tmp_path / "cnn.onnx"))  # the exporter's debugging metadata is stripped
+    assert not graph_model.graph.value_info and not any(node.metadata_props for node in graph_model.graph.node)
     for batch in (1, 3, 7):
         x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(batch))
         (logits,) = sess.run(["logits"], {"image": x.numpy()})

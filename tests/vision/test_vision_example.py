@@ -100,3 +100,24 @@ def test_bad_images_get_a_400_with_a_message(server):
     with pytest.raises(InferenceServerException, match="BYTES") as caught:
         client.infer("digits", [floats])
     assert caught.value.status() == "400"
+
+
+def test_onnx_repository_serves_fp32_and_int8_twins(example, tmp_path):
+    """``run.py serve``'s repository: digits (fp32 ONNX) and digits-int8 (the QAT int8 ONNX graph), configured
+    alike; a run without the int8 export is told to run compress."""
+    import yaml
+
+    serving = example.sibling("serving")
+    example.processor(16).save_pretrained(tmp_path)
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"fp32 graph")
+    with pytest.raises(FileNotFoundError, match=r"onnx-int8/model\.onnx is missing: run .*run\.py compress"):
+        serving.build_repository(tmp_path)
+    (tmp_path / "onnx-int8").mkdir()
+    (tmp_path / "onnx-int8" / "model.onnx").write_bytes(b"int8 graph")
+    repo = serving.build_repository(tmp_path)
+    assert sorted(p.name for p in repo.iterdir()) == ["digits", "digits-int8"]
+    assert (repo / "digits-int8" / "1" / "model.onnx").read_bytes() == b"int8 graph"
+    configs = [yaml.safe_load((repo / name / "config.yaml").read_text()) for name in ("digits", "digits-int8")]
+    assert configs[0] == configs[1] and configs[0]["backend"] == "onnx"
+    assert (repo / "digits-int8" / "1" / "preprocessor_config.json").is_file()
