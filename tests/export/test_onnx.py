@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(1, 1), (1, 7), (2, 16), (3, 33), (4, 5)]  # (batch, tokens): batch > 1 and odd lengths included
 INT8_ARGMAX_AGREEMENT = 0.9  # measured 95-97% on the random tiny models; int8 flips near-ties of their flat logits
 INT8_MAX_ABS_DIFF = 0.1  # vs the fp32 graph (measured 0.016-0.036); the tiny models' logits span about +-0.7
+# Every exported LM here has 4 routed experts (top-2), not the tiny preset's 8: the export unrolls one branch per
+# expert, and 4 take ~6.5 s instead of ~9.5 s (test_exportable_experts_match_reference covers up to 16 on that path).
+TEST_EXPERTS = 4
 
 
 def session(path) -> "ort.InferenceSession":
@@ -76,7 +79,7 @@ def test_exportable_experts_match_reference(E, K):
 # -- language models ----------------------------------------------------------------------------------------
 
 def sigmoid_with_bias(**overrides):
-    model = ds.MoETransformer(ds.preset("tiny", router="sigmoid", **overrides))
+    model = ds.MoETransformer(ds.preset("tiny", router="sigmoid", n_routed_experts=TEST_EXPERTS, **overrides))
     with torch.no_grad():  # a balancing bias that really changes the choice of experts
         for router in model.routers():
             router.expert_bias.copy_(torch.randn(router.n_experts, generator=torch.Generator().manual_seed(3)) * 0.3)
@@ -84,12 +87,13 @@ def sigmoid_with_bias(**overrides):
 
 
 # The softmax router (the tiny preset's default) is exported by the CLI test below. One model holds the sigmoid
-# router with a balancing bias, a dense first layer, a shared expert and tied embeddings (each export costs ~10 s).
+# router with a balancing bias, a dense first layer, a shared expert and tied embeddings.
 LM_CONFIGS = {
     "sigmoid-bias-dense-shared-tied": lambda: sigmoid_with_bias(first_k_dense=1, n_shared_experts=1,
                                                                 tie_embeddings=True),
     # window 8 < the checked lengths: the sparse pattern really differs from causal attention
-    "sparse-attention": lambda: ds.MoETransformer(ds.preset("tiny", attention="sparse", window=8, n_global_tokens=2)),
+    "sparse-attention": lambda: ds.MoETransformer(ds.preset("tiny", attention="sparse", window=8, n_global_tokens=2,
+                                                                  n_routed_experts=TEST_EXPERTS)),
 }
 
 
@@ -118,7 +122,7 @@ def test_lm_matches_eager_on_dynamic_shapes(exported_lm):
 
 
 def test_export_restores_training_mode_and_eager_still_runs(tmp_path):
-    model = ds.MoETransformer(ds.preset("tiny", n_layers=1)).train()
+    model = ds.MoETransformer(ds.preset("tiny", n_layers=1, n_routed_experts=TEST_EXPERTS)).train()
     export_onnx(model, tmp_path / "m.onnx", validate=False)
     assert model.training
     assert json.loads((tmp_path / "export.json").read_text())["validation"] is None
@@ -263,7 +267,7 @@ def cli_export(tmp_path_factory):
     """``ds export onnx DIR repo/lm/1/model.onnx --int8``: the tiny softmax LM, straight into a repository."""
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    model = ds.MoETransformer(ds.preset("tiny")).eval()
+    model = ds.MoETransformer(ds.preset("tiny", n_routed_experts=TEST_EXPERTS)).eval()
     ds.save(model, ds.byte_tokenizer(), root / "tiny")
     out = root / "repo" / "lm" / "1" / "model.onnx"
     result = CliRunner().invoke(app, ["export", "onnx", str(root / "tiny"), str(out), "--int8"])
