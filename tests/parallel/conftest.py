@@ -16,3 +16,11 @@ def config_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "run.yaml"
     path.write_text("seed: 0\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def two_rank_layouts(tmp_path_factory):
+    """What each of 2 ranks holds under tensor, expert and pipeline parallelism (one torchrun job for the three)."""
+    from .runs import TWO_RANK_LAYOUTS, rank_layouts
+
+    return rank_layouts(tmp_path_factory.mktemp("layouts"), TWO_RANK_LAYOUTS)

@@ -77,7 +77,8 @@ def assert_same_model(dir_a, dir_b, atol: float = 1e-5) -> None:
 
 
 # What each rank holds after the plan of ``parallel.*`` is applied to the run's model, exactly as training applies
-# it (build_plan + wrap): every parameter's local shape and DTensor placements, written to DIR/rank{r}.json.
+# it (build_plan + wrap): every parameter's local shape and DTensor placements, written to DIR/<layout>/rank{r}.json.
+# One torchrun job builds every layout of TWO_RANK_LAYOUTS in turn (a launch costs ~4 s before any work).
 LAYOUT_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -89,36 +90,46 @@ from deepseek.models import MoETransformer
 from deepseek.parallel import build_plan, destroy, init_distributed
 from deepseek.train.config import load_train_config
 
-config = load_train_config(None, sys.argv[2:])
+out_dir, layouts = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
 env = init_distributed(timeout_s=120)
 try:
-    torch.manual_seed(0)
-    model = MoETransformer(config.model_config())
-    plan = build_plan(config.parallel, env, torch.device("cpu"))
-    wrapped = plan.wrap(model)
-    parameters = {}
-    for name, p in model.named_parameters():
-        dtensor = isinstance(p, DTensor)
-        parameters[name] = {"shape": list((p.to_local() if dtensor else p).shape),
-                            "placements": [str(x) for x in p.placements] if dtensor else None}
-    layout = {"rank": env.rank, "layout": plan.describe(), "parameters": parameters}
-    (Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(json.dumps(layout))
-    plan.close()
-    del wrapped, model, plan
+    for name, extra in layouts.items():
+        config = load_train_config(None, ["device=cpu", *extra])
+        torch.manual_seed(0)
+        model = MoETransformer(config.model_config())
+        plan = build_plan(config.parallel, env, torch.device("cpu"))
+        wrapped = plan.wrap(model)
+        parameters = {}
+        for param_name, p in model.named_parameters():
+            dtensor = isinstance(p, DTensor)
+            parameters[param_name] = {"shape": list((p.to_local() if dtensor else p).shape),
+                                      "placements": [str(x) for x in p.placements] if dtensor else None}
+        layout = {"rank": env.rank, "layout": plan.describe(), "parameters": parameters}
+        (out_dir / name).mkdir(exist_ok=True)
+        (out_dir / name / f"rank{env.rank}.json").write_text(json.dumps(layout))
+        plan.close()
+        del wrapped, model, plan
 finally:
     destroy()
 """
 
+# The 2-rank layouts the tests inspect: the model.* and parallel.* overrides of each.
+FULL_MODEL = ("model.first_k_dense=1", "model.n_shared_experts=1", "model.shared_ffn_dim=64", "optimizer.eps=1e-6")
+TWO_RANK_LAYOUTS = {"tp": (*FULL_MODEL, "parallel.tp=2"), "ep": ("parallel.ep=2",),
+                    "pp": ("parallel.pp=2", "parallel.pp_schedule=GPipe")}
 
-def rank_layouts(nproc: int, out_dir, *extra) -> list[dict]:
-    """Each rank's parameters (local shape, placements) under ``parallel.*`` overrides in ``extra``: rank order."""
+
+def rank_layouts(out_dir, layouts: dict[str, tuple[str, ...]], nproc: int = 2) -> dict[str, list[dict]]:
+    """Each rank's parameters (local shape, placements) under each layout's overrides: ``{name: [rank 0, ...]}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    script = out_dir / "layout.py"
+    script, spec = out_dir / "layout.py", out_dir / "layouts.json"
     script.write_text(LAYOUT_SCRIPT)
+    spec.write_text(json.dumps({name: list(extra) for name, extra in layouts.items()}))
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, out_dir,
-             "device=cpu", *extra])
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
+             spec])
+    return {name: [json.loads((out_dir / name / f"rank{r}.json").read_text()) for r in range(nproc)]
+            for name in layouts}
 
 
 def full_shapes(*extra) -> dict[str, list[int]]:

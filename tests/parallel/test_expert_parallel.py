@@ -12,7 +12,7 @@ from deepseek.config import ConfigError
 from deepseek.parallel.expert_parallel import apply_expert_parallel, check_expert_split
 from deepseek.nn.moe import GroupedExperts
 from deepseek.train.checkpoint import is_sharded_checkpoint
-from .runs import assert_same_model, full_shapes, losses, rank_layouts, train_single, train_torchrun
+from .runs import assert_same_model, full_shapes, losses, train_single, train_torchrun
 
 # optimizer.eps=1e-6 in every run here (like the tensor-parallel tests): ep ranks sum each expert's gradient from
 # other token groups, so near-zero gradients differ from the 1-process sums in the last bits, and Adam's
@@ -43,14 +43,14 @@ def assert_matches(run_dir, single):
     assert_same_model(run_dir / "model", single / "model")
 
 
-def test_ep2_matches_one_process(tmp_path, data_dir, single, config_file):
+def test_ep2_matches_one_process(tmp_path, data_dir, single, config_file, two_rank_layouts):
     run_dir = train_torchrun(2, config_file, tmp_path / "ep2", data_dir, "parallel.ep=2", *NO_CHECKPOINTS)
     assert_matches(run_dir, single)
     # The layout: each ep rank keeps E/2 of every MoE layer's routed experts and the rest whole.
     full = full_shapes()
     experts = [name for name in full if name.endswith(("experts.gate_up", "experts.down"))]
     assert experts
-    for layout in rank_layouts(2, tmp_path / "layout", "parallel.ep=2"):
+    for layout in two_rank_layouts["ep"]:
         assert layout["layout"] == "ep=2"
         for name, shape in full.items():
             want = [shape[0] // 2, *shape[1:]] if name in experts else shape

@@ -6,13 +6,12 @@ import pytest
 from deepseek.config import ConfigError
 from deepseek.parallel.tensor_parallel import check_tensor_parallel
 from deepseek.models import ModelConfig, MoETransformer
-from .runs import assert_same_model, full_shapes, losses, rank_layouts, train_single, train_torchrun
+from .runs import FULL_MODEL, assert_same_model, full_shapes, losses, train_single, train_torchrun
 
 NO_CHECKPOINTS = ("checkpoint.every=0",)
 # A dense first layer and a shared expert: attention, dense MLP, shared and routed experts all go through tp.
 # optimizer.eps=1e-6: Adam's g / (sqrt(v) + eps) turns last-bit differences of a near-zero gradient (the tp
 # ranks sum partial products in another order) into visible weight differences at eps=1e-8.
-FULL_MODEL = ("model.first_k_dense=1", "model.n_shared_experts=1", "model.shared_ffn_dim=64", "optimizer.eps=1e-6")
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +58,10 @@ def assert_tensor_parallel_layout(layouts, tp, *extra):
                 assert local["placements"][-1].lstrip("_").startswith("S("), (name, local)
 
 
-def test_tensor_parallel_matches_one_process(tmp_path, data_dir, config_file, single_full):
+def test_tensor_parallel_matches_one_process(tmp_path, data_dir, config_file, single_full, two_rank_layouts):
     run_dir = train_torchrun(2, config_file, tmp_path / "tp", data_dir, *NO_CHECKPOINTS, *FULL_MODEL, "parallel.tp=2")
     assert_same_run(run_dir, single_full)
-    assert_tensor_parallel_layout(rank_layouts(2, tmp_path / "layout", *FULL_MODEL, "parallel.tp=2"), 2, *FULL_MODEL)
+    assert_tensor_parallel_layout(two_rank_layouts["tp"], 2, *FULL_MODEL)
 
 
 def test_fsdp_times_tensor_parallel_matches_one_process(tmp_path, data_dir, config_file, single_full):

@@ -14,7 +14,7 @@ from deepseek.parallel.pipeline import PipelineStageModule, check_pipeline_model
 from deepseek.models import MoETransformer
 from deepseek.models.config import ModelConfig
 from deepseek.train.checkpoint import is_sharded_checkpoint
-from .runs import assert_same_model, full_shapes, losses, rank_layouts, train_single, train_torchrun
+from .runs import assert_same_model, full_shapes, losses, train_single, train_torchrun
 
 STEP5 = "checkpoints/step-00000005"
 
@@ -62,14 +62,13 @@ def test_two_stages_1f1b_match_one_process(two_stages, single):
     assert_matches(two_stages, single)
 
 
-def test_two_stages_gpipe_match_one_process(tmp_path, data_dir, single, config_file):
+def test_two_stages_gpipe_match_one_process(tmp_path, data_dir, single, config_file, two_rank_layouts):
     run_dir = train_torchrun(2, config_file, tmp_path / "gpipe", data_dir, "checkpoint.every=0", "parallel.pp=2",
                              "parallel.pp_schedule=GPipe")
     assert_matches(run_dir, single)
     # The layout: the pp ranks see the same rows, so the losses alone would not notice a run that ignored parallel.pp.
     # Stage 0 holds the embedding and block 0, stage 1 block 1, the final norm and the head, under their own names.
-    stages = [set(layout["parameters"]) for layout in rank_layouts(2, tmp_path / "layout", "parallel.pp=2",
-                                                                    "parallel.pp_schedule=GPipe")]
+    stages = [set(layout["parameters"]) for layout in two_rank_layouts["pp"]]
     full = set(full_shapes())
     assert stages[0] == {n for n in full if n.startswith(("embed.", "blocks.0."))}
     assert stages[1] == {n for n in full if n.startswith(("blocks.1.", "norm.", "lm_head."))}
