@@ -60,3 +60,30 @@ def few_row_arrangement(monkeypatch):
         monkeypatch.setattr(few_rows, "_fastest", lambda x, w, w_t, names: name if name in names else "linear")
 
     return force
+
+
+@pytest.fixture
+def ds_main(monkeypatch, capsys):
+    """``ds <args>`` through the console script's entry point (``deepseek.cli.main.main``: its one-line error
+    handling and exit codes) in this process, for the error paths that fail before any work: a
+    ``subprocess.CompletedProcess`` without the interpreter's two-second start-up. Tests of a whole run, of
+    ``--debug`` tracebacks and of signals keep a real subprocess."""
+    import subprocess
+
+    from deepseek.cli import main as cli
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = ["ds", *map(str, args)]
+        monkeypatch.setattr(sys, "argv", argv)
+        capsys.readouterr()  # what the test printed before is not this command's output
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            cli._debug = False
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+    return run

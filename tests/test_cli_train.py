@@ -68,14 +68,14 @@ def test_train_help_documents_every_field():
         assert key in out.stdout, key
 
 
-def test_usage_and_runtime_errors_are_one_line_with_exit_codes(tmp_path):
-    bad_key = run_ds("train", "configs/tiny.yaml", "max_step=3", check=False)
+def test_usage_and_runtime_errors_are_one_line_with_exit_codes(tmp_path, ds_main):
+    bad_key = ds_main("train", "configs/tiny.yaml", "max_step=3")
     assert bad_key.returncode == 2 and "valid keys" in bad_key.stderr and "Traceback" not in bad_key.stderr
-    missing = run_ds("train", "configs/tiny.yaml", f"run_dir={tmp_path}/r", f"data.path={tmp_path}/none",
-                     "data.prepare_from=[]", check=False)
+    missing = ds_main("train", "configs/tiny.yaml", f"run_dir={tmp_path}/r", f"data.path={tmp_path}/none",
+                      "data.prepare_from=[]")
     assert missing.returncode == 1 and "not a prepared data directory" in missing.stderr
     assert "Traceback" not in missing.stderr
-    debug = run_ds("--debug", "train", "configs/tiny.yaml", f"run_dir={tmp_path}/r", f"data.path={tmp_path}/none",
+    debug = run_ds("--debug", "train",  # a real process: --debug lets the traceback out "configs/tiny.yaml", f"run_dir={tmp_path}/r", f"data.path={tmp_path}/none",
                    "data.prepare_from=[]", check=False)
     assert "Traceback" in debug.stderr
 

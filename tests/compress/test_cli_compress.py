@@ -66,12 +66,12 @@ def test_compress_prune_channels_with_finetune(tmp_path, trained_tiny, lm_data):
     assert ds.generate(pruned, tokenizer, "def ", max_new_tokens=4, temperature=0.0).completion_tokens == 4
 
 
-def test_compress_errors_are_one_line(tmp_path, trained_tiny):
-    result = run_ds("compress", trained_tiny, "--method", "int3", "--out", tmp_path / "x")
+def test_compress_errors_are_one_line(tmp_path, trained_tiny, ds_main):
+    result = ds_main("compress", trained_tiny, "--method", "int3", "--out", tmp_path / "x")
     assert result.returncode == 2 and "methods: int8-dynamic" in result.stderr
-    result = run_ds("compress", trained_tiny, "--method", "qat", "--out", tmp_path / "x")
+    result = ds_main("compress", trained_tiny, "--method", "qat", "--out", tmp_path / "x")
     assert result.returncode == 2 and "needs a prepared data directory" in result.stderr
-    result = run_ds("compress", tmp_path / "missing", "--method", "int8-weight", "--out", tmp_path / "x")
+    result = ds_main("compress", tmp_path / "missing", "--method", "int8-weight", "--out", tmp_path / "x")
     assert result.returncode == 1 and "is not a directory" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
 

@@ -53,12 +53,25 @@ def test_infinite_loop_and_sleep_time_out():
 @pytest.mark.parametrize("then, status", [("while True:\n    pass\n", "timeout"), ("", "passed")])
 def test_left_over_children_are_killed_with_their_group(tmp_path, then, status):
     # the code starts a grandchild that would outlive it (at a timeout, or after exiting); the group kill takes it
-    marker = tmp_path / "alive"
-    grandchild = f"import time; time.sleep(3); open({str(marker)!r}, 'w')"
-    source = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\n{then}"
-    assert run_python(source, timeout_s=1.0).status == status
-    time.sleep(3.5)
-    assert not marker.exists()
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    source = (f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
+              f"while not os.path.exists({str(pid_file)!r}):\n    time.sleep(0.01)\n{then}")
+    assert run_python(source, timeout_s=5.0 if status == "passed" else 1.0).status == status
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling for the kill to land, not timing the test
+    assert not process_alive(pid), f"the grandchild {pid} outlived the sandbox"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("bomb", ["x = bytearray(2**34)\n",

@@ -130,15 +130,15 @@ def test_cli_run_and_lora_merge_match_the_adapted_model(setup, tmp_path):
     assert not any("lora" in name for name in merged.state_dict())
 
 
-def test_bad_key_and_missing_init_are_one_line_errors(setup, tmp_path):
+def test_bad_key_and_missing_init_are_one_line_errors(setup, tmp_path, ds_main):
     base_dir, data = setup
     with pytest.raises(ConfigError, match="valid keys"):
         load_finetune_config(None, ["max_step=3"])
-    bad = run_ds("finetune", "run", "configs/finetune-lora.yaml", "max_step=3", check=False)
+    bad = ds_main("finetune", "run", "configs/finetune-lora.yaml", "max_step=3")
     assert bad.returncode == 2 and "valid keys" in bad.stderr and "init" in bad.stderr
     assert "Traceback" not in bad.stderr
-    missing = run_ds("finetune", "run", "configs/finetune-lora.yaml", f"init={tmp_path / 'none'}",
-                     f"data.train={data}", check=False)
+    missing = ds_main("finetune", "run", "configs/finetune-lora.yaml", f"init={tmp_path / 'none'}",
+                      f"data.train={data}")
     assert missing.returncode == 2 and "not a model directory" in missing.stderr
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 

@@ -47,8 +47,7 @@ def test_cli_generate(model_dir, tiny):
     assert run.stdout == "hi" + expected + "\n"
 
 
-def test_cli_generate_missing_model_is_one_line_error(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "generate", str(tmp_path / "nope"), "hi"],
-                         capture_output=True, text=True)
+def test_cli_generate_missing_model_is_one_line_error(tmp_path, ds_main):
+    run = ds_main("generate", tmp_path / "nope", "hi")
     assert run.returncode == 1
     assert "is not a directory" in run.stderr and "Traceback" not in run.stderr
