@@ -32,7 +32,7 @@ every export (:func:`~deepseek.export.onnx.strip_metadata`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,15 +40,12 @@ import torch
 from deepseek.export.onnx import (ExportError, ExportReport, _file_bytes, _graph_signature, _median_ms,
                                   _quiet_exporter, _session, _write_metadata, strip_metadata)
 
-if TYPE_CHECKING:
-    from deepseek.compress.static_int8 import StaticInt8Model
-
 INT8_TOLERANCE = 1e-2  # max |ORT - reference| allowed, as a fraction of max(1, max |reference output|)
 INT8_BATCH_SIZES = (1, 5, 64)  # batch sizes validated (the symbolic batch axis is exercised by all three)
 _QUANTIZE = "quantized_decomposed.quantize_per_tensor"
 
 
-def _activation_ranges(model: "StaticInt8Model") -> dict[str, tuple[int, int]]:
+def _activation_ranges(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{fx node name: (quant_min, quant_max)}`` of every activation quantization in the pt2e program."""
     ranges = {}
     for node in model.exported.graph.nodes:
@@ -122,7 +119,7 @@ def _cases(example: torch.Tensor, batch_sizes: Sequence[int]) -> list[tuple[str,
     return cases
 
 
-def _validate_int8(report: ExportReport, model: "StaticInt8Model", example: torch.Tensor, tolerance: float,
+def _validate_int8(report: ExportReport, model: torch.nn.Module, example: torch.Tensor, tolerance: float,
                    batch_sizes: Sequence[int]) -> None:
     session = _session(report.path)
     name = report.inputs[0]["name"]
@@ -143,7 +140,7 @@ def _validate_int8(report: ExportReport, model: "StaticInt8Model", example: torc
                               f"at {label} (allowed {allowed:.3g})")
 
 
-def export_static_int8_onnx(model: "StaticInt8Model", out_path: str | Path, example_inputs: Sequence[torch.Tensor],
+def export_static_int8_onnx(model: torch.nn.Module, out_path: str | Path, example_inputs: Sequence[torch.Tensor],
                             *, input_names: Optional[Sequence[str]] = None,
                             output_names: Optional[Sequence[str]] = None, opset: Optional[int] = None,
                             validate: bool = True, tolerance: float = INT8_TOLERANCE,
