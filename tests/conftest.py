@@ -65,9 +65,10 @@ def few_row_arrangement(monkeypatch):
 @pytest.fixture
 def ds_main(monkeypatch, capsys):
     """``ds <args>`` through the console script's entry point (``deepseek.cli.main.main``: its one-line error
-    handling and exit codes) in this process, for the error paths that fail before any work: a
-    ``subprocess.CompletedProcess`` without the interpreter's two-second start-up. Tests of a whole run, of
-    ``--debug`` tracebacks and of signals keep a real subprocess."""
+    handling and exit codes) in this process: a ``subprocess.CompletedProcess`` without the interpreter's
+    two-second start-up, for error paths and short commands (a merge, a report, a few steps of compression).
+    ``ds train`` runs (killed, resumed, under torchrun), ``--debug`` tracebacks, signals and servers keep a real
+    subprocess. The thread count a command sets is put back."""
     import subprocess
 
     from deepseek.cli import main as cli
@@ -76,6 +77,7 @@ def ds_main(monkeypatch, capsys):
         argv = ["ds", *map(str, args)]
         monkeypatch.setattr(sys, "argv", argv)
         capsys.readouterr()  # what the test printed before is not this command's output
+        threads = torch.get_num_threads()
         try:
             cli.main()
             code = 0
@@ -83,6 +85,7 @@ def ds_main(monkeypatch, capsys):
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         finally:
             cli._debug = False
+            torch.set_num_threads(threads)
         out = capsys.readouterr()
         return subprocess.CompletedProcess(argv, code, out.out, out.err)
 

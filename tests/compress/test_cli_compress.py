@@ -1,27 +1,22 @@
-"""``ds compress`` and ``ds compress report`` as a user runs them (subprocesses), on the trained tiny model."""
+"""``ds compress`` and ``ds compress report`` as a user runs them (the console entry point, in this process), on the
+trained tiny model."""
 
 import json
-import subprocess
-import sys
 
 import deepseek as ds
 from deepseek.nn.quantized import is_quantized
 
 
-def run_ds(*args):
-    return subprocess.run([sys.executable, "-m", "deepseek.cli.main", *map(str, args)], capture_output=True, text=True)
-
-
-def test_compress_int8_then_report(tmp_path, trained_tiny, lm_data):
+def test_compress_int8_then_report(tmp_path, trained_tiny, lm_data, ds_main):
     out = tmp_path / "int8"
-    result = run_ds("compress", trained_tiny, "--method", "int8-dynamic", "--out", out)
+    result = ds_main("compress", trained_tiny, "--method", "int8-dynamic", "--out", out)
     assert result.returncode == 0, result.stderr
     model, _ = ds.load(out)
     assert is_quantized(model)
     record = json.loads((out / "compression.json").read_text())
     assert record["method"] == "int8-dynamic" and record["source"] == str(trained_tiny)
 
-    result = run_ds("compress", "report", trained_tiny, out, "--data", lm_data, "--rounds", "1")
+    result = ds_main("compress", "report", trained_tiny, out, "--data", lm_data, "--rounds", "1")
     assert result.returncode == 0, result.stderr
     assert "bytes on disk" in result.stdout and "validation perplexity" in result.stdout
     report = json.loads((out / "compression-report.json").read_text())
@@ -39,13 +34,13 @@ def test_compress_int8_then_report(tmp_path, trained_tiny, lm_data):
     assert len(report["notes"]) == int(slower)  # a slower compressed model always carries its note
     assert not slower or kernel["reason"].removeprefix("auto: ") in report["notes"][0]
 
-    generated = run_ds("generate", out, "def ", "--max-new-tokens", "5", "--temperature", "0")
+    generated = ds_main("generate", out, "def ", "--max-new-tokens", "5", "--temperature", "0")
     assert generated.returncode == 0, generated.stderr
 
 
-def test_compress_qat_trains_and_converts(tmp_path, trained_tiny, lm_data):
+def test_compress_qat_trains_and_converts(tmp_path, trained_tiny, lm_data, ds_main):
     out = tmp_path / "qat"
-    result = run_ds("compress", trained_tiny, "--method", "qat", "--scheme", "int4-weight", "--data", lm_data,
+    result = ds_main("compress", trained_tiny, "--method", "qat", "--scheme", "int4-weight", "--data", lm_data,
                     "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--out", out)
     assert result.returncode == 0, result.stderr
     model, _ = ds.load(out)
@@ -55,9 +50,9 @@ def test_compress_qat_trains_and_converts(tmp_path, trained_tiny, lm_data):
     assert (tmp_path / "qat.run" / "metrics.jsonl").is_file()  # the ordinary trainer ran it
 
 
-def test_compress_prune_channels_with_finetune(tmp_path, trained_tiny, lm_data):
+def test_compress_prune_channels_with_finetune(tmp_path, trained_tiny, lm_data, ds_main):
     out = tmp_path / "pruned"
-    result = run_ds("compress", trained_tiny, "--method", "prune-channels", "--ratio", "0.5", "--data", lm_data,
+    result = ds_main("compress", trained_tiny, "--method", "prune-channels", "--ratio", "0.5", "--data", lm_data,
                     "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--out", out)
     assert result.returncode == 0, result.stderr
     original, _ = ds.load(trained_tiny)
@@ -76,9 +71,9 @@ def test_compress_errors_are_one_line(tmp_path, trained_tiny, ds_main):
     assert not (tmp_path / "x").exists()
 
 
-def test_compress_distill_writes_a_smaller_student(tmp_path, trained_tiny, lm_data):
+def test_compress_distill_writes_a_smaller_student(tmp_path, trained_tiny, lm_data, ds_main):
     out = tmp_path / "student"
-    result = run_ds("compress", trained_tiny, "--method", "distill", "--student-layers", "1", "--data", lm_data,
+    result = ds_main("compress", trained_tiny, "--method", "distill", "--student-layers", "1", "--data", lm_data,
                     "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--out", out)
     assert result.returncode == 0, result.stderr
     student, _ = ds.load(out)

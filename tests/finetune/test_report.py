@@ -1,8 +1,6 @@
 """`ds finetune report RUN_DIR`: a PNG of loss terms, rewards and KL from metrics.jsonl."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,10 +43,8 @@ def test_a_run_dir_without_metrics_is_a_one_line_error(tmp_path):
         plot_finetune_report(tmp_path)
 
 
-def test_the_cli_writes_the_png_where_asked(tmp_path):
+def test_the_cli_writes_the_png_where_asked(tmp_path, ds_main):
     write_metrics(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "finetune", "report", str(tmp_path / "run"),
-                             "--out", str(tmp_path / "r.png")], capture_output=True, text=True, cwd=ROOT,
-                            check=False)
+    result = ds_main("finetune", "report", tmp_path / "run", "--out", tmp_path / "r.png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "r.png").read_bytes().startswith(PNG)

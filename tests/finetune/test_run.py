@@ -116,12 +116,13 @@ def test_resume_reaches_the_uninterrupted_runs_adapter(setup, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_cli_run_and_lora_merge_match_the_adapted_model(setup, tmp_path):
+def test_cli_run_and_lora_merge_match_the_adapted_model(setup, tmp_path, ds_main):
     base_dir, data = setup
     run = tmp_path / "run"
     out = run_ds("finetune", "run", "configs/finetune-lora.yaml", *overrides(base_dir, data, run, "max_steps=2"))
     assert "fine-tuned 2 steps" in out.stdout and "parameters train" in out.stdout
-    out = run_ds("lora", "merge", base_dir, run / "adapter", tmp_path / "merged")
+    merge = ds_main("lora", "merge", base_dir, run / "adapter", tmp_path / "merged")
+    assert merge.returncode == 0, merge.stderr
     merged, _ = ds.load(tmp_path / "merged")
     adapted, _ = ds.load(base_dir)
     load_adapter(adapted, run / "adapter")

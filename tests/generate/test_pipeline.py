@@ -1,7 +1,5 @@
 """``ds.pipeline`` and ``ds generate`` on a model directory."""
 
-import subprocess
-import sys
 
 import pytest
 
@@ -39,11 +37,11 @@ def test_pipeline_rejects_unknown_task_and_bad_defaults(model_dir, tiny):
         ds.pipeline("text-generation", model=model, tokenizer=tok, max_tokens=3)
 
 
-def test_cli_generate(model_dir, tiny):
+def test_cli_generate(model_dir, tiny, ds_main):
     model, tok = tiny
     expected = ds.generate(model, tok, "hi", max_new_tokens=5, ignore_eos=True).text
-    run = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "generate", str(model_dir), "hi",
-                          "--max-new-tokens", "5"], capture_output=True, text=True, check=True)
+    run = ds_main("generate", model_dir, "hi", "--max-new-tokens", "5")
+    assert run.returncode == 0, run.stderr
     assert run.stdout == "hi" + expected + "\n"
 
 

@@ -180,12 +180,8 @@ def test_ds_rag_query_prints_json_and_a_table(mini_index):
     assert table.exit_code == 0 and "slugify" in table.stdout and "rank" in table.stdout
 
 
-def test_a_bad_mode_is_a_usage_error_before_the_index_is_opened(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "deepseek.cli.main", "rag", "query", str(tmp_path / "none"), "q",
-                             "--mode", "fuzzy"], capture_output=True, text=True)
+def test_a_bad_mode_is_a_usage_error_before_the_index_is_opened(tmp_path, ds_main):
+    result = ds_main("rag", "query", tmp_path / "none", "q", "--mode", "fuzzy")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: unknown retrieval mode 'fuzzy'; choose one of hybrid, "
                                                       "dense, bm25")
