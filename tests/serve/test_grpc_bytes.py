@@ -33,14 +33,13 @@ MAX_REQUEST_MB = 0.25
 
 
 def _example(name: str):
-    """examples/vision/<name>.py under the name run.py gives it (``vision_example.<name>``)."""
-    key = f"vision_example.{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, EXAMPLE / f"{name}.py")
+    """examples/vision/<name>.py, imported by run.py's own ``sibling`` (as ``vision_example.<name>``)."""
+    if "vision_example.run" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("vision_example.run", EXAMPLE / "run.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
+        sys.modules["vision_example.run"] = module
         spec.loader.exec_module(module)
-    return sys.modules[key]
+    return sys.modules["vision_example.run"].sibling(name)
 
 
 def _serialized(items: list[bytes]) -> bytes:
