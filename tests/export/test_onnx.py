@@ -86,14 +86,14 @@ def sigmoid_with_bias(**overrides):
     return model
 
 
-# The softmax router (the tiny preset's default) is exported by the CLI test below. One model holds the sigmoid
-# router with a balancing bias, a dense first layer, a shared expert and tied embeddings.
+# The softmax router (the tiny preset's default) is exported by the CLI test below, dense attention by the KV-cache
+# test. One model holds everything else (an export costs seconds): the sigmoid router with a balancing bias, a dense
+# first layer, a shared expert, tied embeddings and sparse attention (window 8 < the checked lengths: the sparse
+# pattern really differs from causal attention).
 LM_CONFIGS = {
-    "sigmoid-bias-dense-shared-tied": lambda: sigmoid_with_bias(first_k_dense=1, n_shared_experts=1,
-                                                                tie_embeddings=True),
-    # window 8 < the checked lengths: the sparse pattern really differs from causal attention
-    "sparse-attention": lambda: ds.MoETransformer(ds.preset("tiny", attention="sparse", window=8, n_global_tokens=2,
-                                                                  n_routed_experts=TEST_EXPERTS)),
+    "sigmoid-bias-dense-shared-tied-sparse": lambda: sigmoid_with_bias(first_k_dense=1, n_shared_experts=1,
+                                                                       tie_embeddings=True, attention="sparse",
+                                                                       window=8, n_global_tokens=2),
 }
 
 
