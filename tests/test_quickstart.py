@@ -13,12 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_trains_compares_with_gzip_and_leaves_a_model(tmp_path):
     run = tmp_path / "qs"
-    # A 6-second budget on the json and email packages with the tiny model: every stage runs, in seconds.
+    # A 3-second budget on the json and email packages with the tiny model: every stage runs, in seconds.
     result = subprocess.run(
         [sys.executable, "-m", "deepseek.cli.main", "quickstart", "--run-dir", str(run), "--no-serve",
          'data.prepare_from=["{stdlib}/json/*.py", "{stdlib}/email/*.py"]', "data.val_fraction=0.2",
          "model.preset=tiny", "model.d_model=64", "model.n_heads=4", "model.ffn_dim=256", "model.moe_ffn_dim=128",
-         "model.vocab_size=512", "time_limit_minutes=0.1", "progress=false",
+         "model.vocab_size=512", "time_limit_minutes=0.05", "progress=false",
          "data.eval_batches=4"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     out = result.stdout
