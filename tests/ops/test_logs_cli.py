@@ -2,34 +2,26 @@
 errors for a missing file or a bad option."""
 
 import json
-import sys
 
 import pytest
 
-from deepseek.cli import main as cli
 from deepseek.ops.logs.synthetic import BadVersion, SlowQueue, write_synthetic_log
 
 T0 = 1_796_000_400.0
 
 
-def run_ds(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["ds", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def run_ds(ds_main, *args) -> tuple[int, str, str]:
+    result = ds_main(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
-def test_logs_prints_tables_and_writes_json_and_plots(tmp_path, monkeypatch, capsys):
+def test_logs_prints_tables_and_writes_json_and_plots(tmp_path, ds_main):
     log = write_synthetic_log(tmp_path / "access.jsonl", 3_000, seed=5, start=T0,
                               slow_queue=SlowQueue("digits", T0 + 20, T0 + 22, 300.0),
                               bad_version=BadVersion("chat", 2, 2.0, 0.1))
     with open(log, "ab") as f:
         f.write(b"oops\n")
-    code, out, err = run_ds(monkeypatch, capsys, "logs", log, "--by", "version", "--window", "30s", "--json",
+    code, out, err = run_ds(ds_main, "logs", log, "--by", "version", "--window", "30s", "--json",
                             tmp_path / "r.json", "--plots", tmp_path / "plots", "--top", "3", "--compare",
                             "model=chat,version=1", "model=chat,version=2", "--quiet")
     assert code == 0, err
@@ -50,9 +42,9 @@ def test_logs_prints_tables_and_writes_json_and_plots(tmp_path, monkeypatch, cap
     (["{log}", "--since", "yesterday"], "bad time"),
     (["{log}", "--by", "colour"], "group by one of"),
 ])
-def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, says):
+def test_bad_input_is_one_line(tmp_path, ds_main, args, says):
     log = tmp_path / "access.jsonl"
     log.write_text('{"time": 1, "total_ms": 2}\n')
     args = [str(tmp_path / a) if a == "missing.jsonl" else a.format(log=log) for a in args]
-    code, out, err = run_ds(monkeypatch, capsys, "logs", *args)
+    code, out, err = run_ds(ds_main, "logs", *args)
     assert code != 0 and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
