@@ -215,6 +215,12 @@ def strip_metadata(path: Path) -> None:
     import onnx
 
     graph_model = onnx.load(str(path), load_external_data=False)
+    strip_model_metadata(graph_model)
+    onnx.save(graph_model, str(path))
+
+
+def strip_model_metadata(graph_model) -> None:
+    """:func:`strip_metadata` on a loaded ``onnx.ModelProto``, in place."""
     graphs = [graph_model.graph]
     while graphs:  # subgraphs (If / Loop bodies) carry metadata too
         graph = graphs.pop()
@@ -229,7 +235,16 @@ def strip_metadata(path: Path) -> None:
             node.doc_string = ""
     del graph_model.metadata_props[:]
     graph_model.graph.doc_string = ""
-    onnx.save(graph_model, str(path))
+
+
+def checked_out_path(out_path: str | Path) -> Path:
+    """``out_path`` as a Path; ExportError unless it names a ``.onnx`` file (not a directory)."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise ExportError(f"{out_path}: the output file name must end in .onnx")
+    if out_path.is_dir():
+        raise ExportError(f"{out_path} is a directory; give the .onnx file to write")
+    return out_path
 
 
 def _file_bytes(path: Path) -> int:
@@ -256,11 +271,7 @@ def export_onnx(model_dir_or_model, out_path: str | Path, *, kv_cache: bool = Fa
     ``ModelDirectoryError``.
     """
     model, source = _resolve(model_dir_or_model)
-    out_path = Path(out_path)
-    if out_path.suffix != ".onnx":
-        raise ExportError(f"{out_path}: the output file name must end in .onnx")
-    if out_path.is_dir():
-        raise ExportError(f"{out_path} is a directory; give the .onnx file to write")
+    out_path = checked_out_path(out_path)
     is_lm = isinstance(model, MoETransformer)
     if kv_cache and not is_lm:
         raise ExportError("kv_cache=True needs a deepseek language model (MoETransformer)")

@@ -26,7 +26,7 @@ Two differences from a plain export:
   reported too.
 
 The debugging metadata the exporter writes (stack traces per node, intermediate shapes) is stripped, as for
-every export (:func:`~deepseek.export.onnx.strip_metadata`).
+every export (:func:`~deepseek.export.onnx.strip_model_metadata`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from deepseek.export.onnx import (ExportError, ExportReport, _file_bytes, _graph_signature, _median_ms,
-                                  _quiet_exporter, _session, _write_metadata, strip_metadata)
+                                  _quiet_exporter, _session, _write_metadata, checked_out_path,
+                                  strip_model_metadata)
 
 INT8_TOLERANCE = 1e-2  # max |ORT - reference| allowed, as a fraction of max(1, max |reference output|)
 INT8_BATCH_SIZES = (1, 5, 64)  # batch sizes validated (the symbolic batch axis is exercised by all three)
@@ -55,15 +56,15 @@ def _activation_ranges(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def _clamp_reduced_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> int:
-    """Put a ``Clip`` before each uint8 QuantizeLinear whose pt2e range is narrower than 0..255; returns how many.
+def _clamp_reduced_ranges(graph_model, ranges: dict[str, tuple[int, int]], path: Path) -> int:
+    """Put a ``Clip`` before each uint8 QuantizeLinear whose pt2e range is narrower than 0..255 (in the loaded
+    ``graph_model``, to be written to ``path``); returns how many.
 
     The exporter names a QuantizeLinear's output after the FX node it came from; where a name is not found and
     the program used a single range, that range applies."""
     import onnx
     from onnx import numpy_helper
 
-    graph_model = onnx.load(str(path))
     graph = graph_model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     only_range = next(iter(set(ranges.values()))) if len(set(ranges.values())) == 1 else None
@@ -92,15 +93,14 @@ def _clamp_reduced_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> int
         del graph.node[:]
         graph.node.extend(nodes)
         onnx.checker.check_model(graph_model)
-        onnx.save(graph_model, str(path))
     return clipped
 
 
-def _graph_summary(path: Path) -> dict:
-    """Operator counts and int8 initializer bytes of the written graph."""
+def _graph_summary(graph_model) -> dict:
+    """Operator counts and int8 initializer bytes of the graph."""
     import onnx
 
-    graph = onnx.load(str(path)).graph
+    graph = graph_model.graph
     ops: dict[str, int] = {}
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -159,11 +159,7 @@ def export_static_int8_onnx(model: torch.nn.Module, out_path: str | Path, exampl
     if not (hasattr(model, "exported") and hasattr(model, "program") and hasattr(model, "info")):
         raise ExportError(f"expected a StaticInt8Model (quantize_static_int8 / convert_static_int8_qat), got "
                           f"{type(model).__name__}; export a float model with export_onnx")
-    out_path = Path(out_path)
-    if out_path.suffix != ".onnx":
-        raise ExportError(f"{out_path}: the output file name must end in .onnx")
-    if out_path.is_dir():
-        raise ExportError(f"{out_path} is a directory; give the .onnx file to write")
+    out_path = checked_out_path(out_path)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if len(example_inputs) != 1 or not isinstance(example_inputs[0], torch.Tensor):
@@ -188,9 +184,14 @@ def export_static_int8_onnx(model: torch.nn.Module, out_path: str | Path, exampl
     except Exception as exc:  # the exporter raises its own error types; keep the first line of its story
         raise ExportError(f"torch.onnx.export failed for the static int8 model: "
                           f"{str(exc).strip().splitlines()[0]}") from exc
-    strip_metadata(out_path)
+    import onnx
+
+    graph_model = onnx.load(str(out_path))  # stripped and clamped in memory, written once
+    strip_model_metadata(graph_model)
     ranges = _activation_ranges(model)
-    clipped = _clamp_reduced_ranges(out_path, ranges) if clip_reduced_range else 0
+    clipped = _clamp_reduced_ranges(graph_model, ranges, out_path) if clip_reduced_range else 0
+    summary = _graph_summary(graph_model)
+    onnx.save(graph_model, str(out_path))
 
     graph_opset, graph_inputs, graph_outputs = _graph_signature(out_path)
     if not isinstance(graph_inputs[0]["shape"][0], str):
@@ -201,7 +202,7 @@ def export_static_int8_onnx(model: torch.nn.Module, out_path: str | Path, exampl
                           file_bytes=_file_bytes(out_path))
     report.static_int8 = {"activation_ranges": [list(r) for r in sorted(set(ranges.values()))],
                           "reduce_range": bool(model.info.get("reduce_range", False)), "clips_added": clipped,
-                          "quantize_nodes": len(ranges), **_graph_summary(out_path)}
+                          "quantize_nodes": len(ranges), **summary}
     if validate:
         _validate_int8(report, model, example, tolerance, batch_sizes)
     _write_metadata(report, validate, False, tolerance=tolerance)

@@ -50,23 +50,24 @@ def png_input(pngs: list[bytes], protocol: str = "http"):
     return tensor
 
 
-def logits(url: str, pngs: list[bytes], client=None, protocol: str = "http") -> np.ndarray:
-    """Logits [n, 10] for encoded images; tritonclient's InferenceServerException carries the server's message
-    (a 4xx over HTTP, INVALID_ARGUMENT over gRPC, for a malformed image)."""
+def logits(url: str, pngs: list[bytes], client=None, protocol: str = "http", model: str = MODEL_NAME) -> np.ndarray:
+    """Logits [n, 10] of the served ``model`` for encoded images; tritonclient's InferenceServerException carries
+    the server's message (a 4xx over HTTP, INVALID_ARGUMENT over gRPC, for a malformed image)."""
     module = triton(protocol)
     client = client or module.InferenceServerClient(url)
     kwargs = {"binary_data": True} if protocol == "http" else {}
-    result = client.infer(MODEL_NAME, [png_input(pngs, protocol)],
+    result = client.infer(model, [png_input(pngs, protocol)],
                           outputs=[module.InferRequestedOutput("logits", **kwargs)])
     return result.as_numpy("logits")
 
 
-def classify(url: str, pngs: list[bytes], client=None, protocol: str = "http") -> np.ndarray:
+def classify(url: str, pngs: list[bytes], client=None, protocol: str = "http", model: str = MODEL_NAME) -> np.ndarray:
     """Predicted classes [n] for encoded images (see :func:`logits`)."""
-    return logits(url, pngs, client, protocol).argmax(-1)
+    return logits(url, pngs, client, protocol, model).argmax(-1)
 
 
-def query_test_images(url: str, images: np.ndarray, labels: np.ndarray, protocol: str = "http") -> dict:
+def query_test_images(url: str, images: np.ndarray, labels: np.ndarray, protocol: str = "http",
+                      model: str = MODEL_NAME) -> dict:
     """Send each test image alone (batch 1), as PNG; accuracy and latency percentiles."""
     from deepseek.vision.processor import encode_png
 
@@ -75,7 +76,7 @@ def query_test_images(url: str, images: np.ndarray, labels: np.ndarray, protocol
     predicted, times = [], []
     for png in pngs:
         start = time.perf_counter()
-        predicted.append(int(classify(url, [png], client, protocol)[0]))
+        predicted.append(int(classify(url, [png], client, protocol, model)[0]))
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return {"n": len(pngs), "accuracy": float(np.mean(np.array(predicted) == labels)),

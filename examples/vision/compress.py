@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,7 +32,8 @@ def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> fl
         return float((model(pixels).argmax(-1) == labels).float().mean())
 
 
-def median_ms(model: nn.Module, x: torch.Tensor, calls: int = 100) -> float:
+def median_ms(model: Callable[[torch.Tensor], Any], x: torch.Tensor, calls: int = 100) -> float:
+    """Median latency of ``model(x)`` (a module or any callable) over ``calls`` calls after 5 warm-up calls."""
     with torch.no_grad():
         for _ in range(5):
             model(x)
@@ -52,16 +53,12 @@ def onnx_accuracy_and_ms(path: Path, pixels: torch.Tensor, labels: torch.Tensor)
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    predicted = torch.from_numpy(session.run(None, {name: pixels.numpy()})[0]).argmax(-1)
-    one = {name: pixels[:1].numpy()}
-    for _ in range(5):
-        session.run(None, one)
-    times = []
-    for _ in range(100):
-        start = time.perf_counter()
-        session.run(None, one)
-        times.append(time.perf_counter() - start)
-    return float((predicted == labels).float().mean()), statistics.median(times) * 1e3
+
+    def run(x: torch.Tensor):
+        return session.run(None, {name: x.numpy()})[0]
+
+    predicted = torch.from_numpy(run(pixels)).argmax(-1)
+    return float((predicted == labels).float().mean()), median_ms(run, pixels[:1])
 
 
 def compress_served_model(run_dir: Path, model: nn.Module, t: dict[str, torch.Tensor], *, train_classifier,

@@ -236,10 +236,9 @@ def cmd_query(args) -> dict[str, Any]:
     from tritonclient.utils import InferenceServerException
 
     split = digits_data.load(args.run_dir)
-    client = sibling("client")
-    client.MODEL_NAME = args.model  # client.py addresses the model by this module constant
     try:
-        result = client.query_test_images(args.url, split["x_test"][:args.n], split["y_test"][:args.n])
+        result = sibling("client").query_test_images(args.url, split["x_test"][:args.n], split["y_test"][:args.n],
+                                                     model=args.model)
     except (OSError, RuntimeError, InferenceServerException) as exc:
         raise SystemExit(f"error: cannot query {args.url} ({type(exc).__name__}: {exc}); is "
                          f"`python examples/vision/run.py serve` running?") from None
